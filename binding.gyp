@@ -1,0 +1,22 @@
+{
+  "targets": [
+    {
+      "target_name": "scalekv",
+      "sources": [
+        "csrc/addon.cc",
+        "csrc/engine_core.cc",
+        "kernels/cpu/thread_pool.cc",
+        "kernels/cpu/attention.cc",
+        "kernels/cpu/evict_compact.cc",
+        "kernels/cpu/selection.cc",
+        "kernels/cpu/backend_cpu.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+      "cflags_cc": ["-std=c++17", "-fexceptions", "-O3", "-Wall", "-Wextra"],
+      "xcode_settings": {"GCC_ENABLE_CPP_EXCEPTIONS": "YES", "CLANG_CXX_LANGUAGE_STANDARD": "c++17"}
+    }
+  ]
+}

@@ -1,0 +1,55 @@
+// The CPU backend: host memory and the C++ kernels. Ops run on the caller (the engine's queue thread) and
+// spread over the intra-op pool; they complete before returning, so synchronize has nothing to wait for.
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "../backend.h"
+#include "ops.h"
+#include "thread_pool.h"
+
+namespace scalekv {
+namespace {
+
+constexpr size_t kAlignment = 256;
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : pool_(threads) {}
+
+  const char* name() const override { return "cpu"; }
+  std::string device_description() const override {
+    return "CPU, " + std::to_string(pool_.size()) + " threads";
+  }
+
+  void* alloc(size_t bytes) override {
+    const size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+    void* p = std::aligned_alloc(kAlignment, rounded == 0 ? kAlignment : rounded);
+    if (!p) throw BackendError(StatusCode::out_of_memory, "cpu: cannot allocate " + std::to_string(bytes) + " bytes");
+    return p;
+  }
+  void free(void* ptr) override { std::free(ptr); }
+  void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
+  void fill_u8(void* dst, uint8_t value, size_t bytes) override { std::memset(dst, value, bytes); }
+
+  void attention(const AttentionArgs& a) override { cpu::attention(pool_, a); }
+  void evict_compact(const EvictCompactArgs& a) override { cpu::evict_compact(pool_, a); }
+  void selection(const SelectionArgs& a) override { cpu::selection(pool_, a); }
+  void synchronize() override {}
+
+ private:
+  cpu::ThreadPool pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int threads) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return std::make_unique<CpuBackend>(threads);
+}
+
+}  // namespace scalekv

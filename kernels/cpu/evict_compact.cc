@@ -1,0 +1,57 @@
+// In-place eviction on the CPU. Every keep list is checked before any row moves, so a bad list changes
+// nothing. Moving rows front-to-back is safe because a strictly increasing list has keep[i] >= i: the
+// destination of row i never holds a source that a later i still has to read.
+#include <cstring>
+#include <string>
+
+#include "ops.h"
+
+namespace scalekv::cpu {
+
+void evict_compact(ThreadPool& pool, const EvictCompactArgs& a) {
+  const int64_t pairs = int64_t(a.rows) * a.heads;
+  const int total = a.hist_len + a.lc;
+  if (a.n_keep > a.hist_cap)
+    throw BackendError(StatusCode::index_out_of_range, "evictCompact: " + std::to_string(a.n_keep) +
+                                                           " kept rows exceed the history capacity " +
+                                                           std::to_string(a.hist_cap));
+  for (int64_t rh = 0; rh < pairs; ++rh) {
+    const int32_t* keep = a.keep + rh * a.n_keep;
+    for (int i = 0; i < a.n_keep; ++i) {
+      if (keep[i] < 0 || keep[i] >= total)
+        throw BackendError(StatusCode::index_out_of_range,
+                           "evictCompact: keep index " + std::to_string(keep[i]) + " of (row, head) " +
+                               std::to_string(rh / a.heads) + "," + std::to_string(rh % a.heads) +
+                               " is outside [0, " + std::to_string(total) + ")");
+      if (i > 0 && keep[i] <= keep[i - 1])
+        throw BackendError(StatusCode::index_not_sorted,
+                           "evictCompact: keep indices of (row, head) " + std::to_string(rh / a.heads) + "," +
+                               std::to_string(rh % a.heads) + " must be strictly increasing (position " +
+                               std::to_string(i) + ": " + std::to_string(keep[i - 1]) + " then " +
+                               std::to_string(keep[i]) + ")");
+    }
+  }
+  const size_t row_bytes = size_t(a.head_dim) * dtype_size(a.dtype);
+  pool.parallel_for(pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int32_t* keep = a.keep + rh * a.n_keep;
+      char* hk = static_cast<char*>(a.hist_k) + rh * a.hist_cap * row_bytes;
+      char* hv = static_cast<char*>(a.hist_v) + rh * a.hist_cap * row_bytes;
+      const char* ck = static_cast<const char*>(a.cur_k) + rh * a.lc * row_bytes;
+      const char* cv = static_cast<const char*>(a.cur_v) + rh * a.lc * row_bytes;
+      for (int i = 0; i < a.n_keep; ++i) {
+        const int src = keep[i];
+        if (src < a.hist_len) {
+          if (src == i) continue;
+          std::memcpy(hk + i * row_bytes, hk + src * row_bytes, row_bytes);
+          std::memcpy(hv + i * row_bytes, hv + src * row_bytes, row_bytes);
+        } else {
+          std::memcpy(hk + i * row_bytes, ck + (src - a.hist_len) * row_bytes, row_bytes);
+          std::memcpy(hv + i * row_bytes, cv + (src - a.hist_len) * row_bytes, row_bytes);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace scalekv::cpu

@@ -1,0 +1,224 @@
+import { availableParallelism } from 'node:os';
+import { bf16ToF32Array, DType, DTYPES, f16ToF32Array } from './dtype.js';
+import { fail, rethrowNative, ScaleKVError } from './errors.js';
+import { loadNative, NativeEngine, NativeTensor } from './native.js';
+import { Ops } from './ops.js';
+
+export type BackendName = 'cpu' | 'cuda' | 'emu';
+export type BackendChoice = BackendName | 'auto';
+export type MemoryCategory = 'weights' | 'kv' | 'activations' | 'scratch';
+export const MEMORY_CATEGORIES: readonly MemoryCategory[] = ['weights', 'kv', 'activations', 'scratch'];
+
+export interface EngineOptions {
+  /** 'auto' (default, or env SCALEKV_BACKEND) takes CUDA when a device is usable, else the CPU. */
+  backend?: BackendChoice;
+  /** CPU backend: intra-op threads (default: all cores). */
+  threads?: number;
+}
+
+export interface MemoryStats {
+  /** Bytes currently allocated, by category. */
+  inUse: Record<MemoryCategory, number>;
+  /** Highest bytes allocated at once, by category, since the engine was created. */
+  peak: Record<MemoryCategory, number>;
+  totalInUse: number;
+  totalPeak: number;
+}
+
+export type HostArray = Float32Array | Uint16Array | Int32Array | Uint8Array;
+
+export interface TensorOptions {
+  /** Which memory counter the tensor is charged to (default 'activations'). */
+  category?: MemoryCategory;
+}
+
+/** A contiguous tensor on an engine's device. Its contents are read back asynchronously. */
+export class Tensor {
+  readonly shape: readonly number[];
+  readonly dtype: DType;
+  /** @internal */
+  readonly native: NativeTensor;
+  readonly engine: Engine;
+
+  /** @internal */
+  constructor(engine: Engine, native: NativeTensor, shape: readonly number[], dtype: DType) {
+    this.engine = engine;
+    this.native = native;
+    this.shape = Object.freeze([...shape]);
+    this.dtype = dtype;
+  }
+
+  get size(): number {
+    return this.shape.reduce((a, b) => a * b, 1);
+  }
+  get bytes(): number {
+    return this.native.bytes;
+  }
+  get disposed(): boolean {
+    return this.native.disposed;
+  }
+
+  /** The contents after all work queued before this call: f32/bf16/f16 as Float32Array, i32, u8. */
+  async read(): Promise<Float32Array | Int32Array | Uint8Array> {
+    const raw = await this.readRaw();
+    if (this.dtype === 'bf16') return bf16ToF32Array(raw as Uint16Array);
+    if (this.dtype === 'f16') return f16ToF32Array(raw as Uint16Array);
+    return raw as Float32Array | Int32Array | Uint8Array;
+  }
+
+  /** The stored bits: Uint16Array for bf16/f16. */
+  async readRaw(): Promise<HostArray> {
+    let buffer: ArrayBuffer;
+    try {
+      buffer = await this.native.read();
+    } catch (e) {
+      rethrowNative(e);
+    }
+    switch (this.dtype) {
+      case 'f32':
+        return new Float32Array(buffer);
+      case 'bf16':
+      case 'f16':
+        return new Uint16Array(buffer);
+      case 'i32':
+        return new Int32Array(buffer);
+      case 'u8':
+        return new Uint8Array(buffer);
+    }
+  }
+
+  /** Replaces the contents (in queue order). bf16/f16 take a Float32Array (rounded) or raw Uint16Array bits. */
+  write(data: HostArray): void {
+    try {
+      this.native.write(data);
+    } catch (e) {
+      rethrowNative(e);
+    }
+  }
+
+  /** Releases the memory once the work already queued on it has finished. Idempotent. */
+  dispose(): void {
+    this.native.dispose();
+  }
+}
+
+function resolveChoice(opts: EngineOptions): BackendChoice {
+  const fromEnv = process.env.SCALEKV_BACKEND;
+  const choice = opts.backend ?? (fromEnv as BackendChoice | undefined) ?? 'auto';
+  if (!['auto', 'cpu', 'cuda', 'emu'].includes(choice))
+    fail('ERR_INVALID_ARG', `unknown backend '${choice}' (auto, cpu, cuda, emu)`);
+  return choice;
+}
+
+/** Which backends this build of the addon contains, and whether a CUDA device is usable now. */
+export function backendInfo(): { built: BackendName[]; cuda: { available: boolean; reason: string } } {
+  const addon = loadNative();
+  return { built: addon.backends() as BackendName[], cuda: addon.cudaProbe() };
+}
+
+/**
+ * Creates an engine: one backend, one device, one ordered op queue. Ops validate their arguments at the
+ * call and run in order; `sync()` and `Tensor.read()` wait for them without blocking the event loop.
+ */
+export async function createEngine(opts: EngineOptions = {}): Promise<Engine> {
+  const addon = loadNative();
+  const choice = resolveChoice(opts);
+  let backend: BackendName;
+  let fallbackReason: string | undefined;
+  if (choice === 'auto') {
+    const probe = addon.cudaProbe();
+    backend = probe.available ? 'cuda' : 'cpu';
+    if (!probe.available) fallbackReason = probe.reason;
+  } else {
+    backend = choice;
+  }
+  const threads = opts.threads ?? availableParallelism();
+  if (!Number.isInteger(threads) || threads < 1) fail('ERR_INVALID_ARG', `threads must be a positive integer, got ${threads}`);
+  let native: NativeEngine;
+  try {
+    native = new addon.NativeEngine(backend, threads);
+  } catch (e) {
+    rethrowNative(e);
+  }
+  return new Engine(native, backend, fallbackReason);
+}
+
+export class Engine {
+  readonly backend: BackendName;
+  /** A description of the device (name, memory, threads). */
+  readonly device: string;
+  /** With backend 'auto', why CUDA was not chosen. */
+  readonly fallbackReason?: string;
+  /** Kernel-level ops (see ops.ts). */
+  readonly ops: Ops;
+  /** @internal */
+  readonly native: NativeEngine;
+  #disposed = false;
+
+  /** @internal */
+  constructor(native: NativeEngine, backend: BackendName, fallbackReason?: string) {
+    this.native = native;
+    this.backend = backend;
+    this.device = native.device;
+    this.fallbackReason = fallbackReason;
+    this.ops = new Ops(this);
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  /** A tensor holding `data` (converted to `dtype`: a Float32Array rounds into bf16/f16). */
+  tensor(data: HostArray, shape: readonly number[], dtype: DType, opts: TensorOptions = {}): Tensor {
+    return this.#create(dtype, shape, data, opts.category, undefined);
+  }
+
+  /** An uninitialised tensor; `fill` sets every byte (0xff makes f32/bf16 NaN: a poisoned output). */
+  empty(shape: readonly number[], dtype: DType, opts: TensorOptions & { fillByte?: number } = {}): Tensor {
+    return this.#create(dtype, shape, null, opts.category, opts.fillByte);
+  }
+
+  #create(dtype: DType, shape: readonly number[], data: HostArray | null, category?: MemoryCategory, fillByte?: number): Tensor {
+    if (!DTYPES.includes(dtype)) fail('ERR_DTYPE', `unknown dtype '${dtype}' (${DTYPES.join(', ')})`);
+    if (!Array.isArray(shape)) fail('ERR_SHAPE', 'shape must be an array of integers');
+    try {
+      const t = this.native.tensor(dtype, [...shape], data, category, fillByte);
+      return new Tensor(this, t, shape, dtype);
+    } catch (e) {
+      rethrowNative(e);
+    }
+  }
+
+  /** Resolves when every op queued so far has finished; rejects with the first error one of them raised. */
+  async sync(): Promise<void> {
+    try {
+      await this.native.sync();
+    } catch (e) {
+      rethrowNative(e);
+    }
+  }
+
+  memory(): MemoryStats {
+    const m = this.native.memory();
+    return {
+      inUse: m.inUse as Record<MemoryCategory, number>,
+      peak: m.peak as Record<MemoryCategory, number>,
+      totalInUse: m.totalInUse,
+      totalPeak: m.totalPeak,
+    };
+  }
+
+  /** Stops the queue after the work already queued; tensors still alive release their memory when disposed. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.native.dispose();
+  }
+
+  /** @internal */
+  checkOwn(t: Tensor, what: string): void {
+    if (!(t instanceof Tensor)) fail('ERR_INVALID_ARG', `${what} must be a Tensor`);
+    if (t.engine !== this) fail('ERR_INVALID_ARG', `${what} belongs to another engine`);
+    if (t.disposed) throw new ScaleKVError('ERR_DISPOSED', `${what}: tensor was disposed`);
+  }
+}

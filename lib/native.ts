@@ -1,0 +1,76 @@
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ScaleKVError } from './errors.js';
+
+/** The raw addon surface (csrc/addon.cc). Library code goes through Engine and Tensor instead. */
+export interface NativeTensor {
+  readonly shape: number[];
+  readonly dtype: string;
+  readonly bytes: number;
+  readonly disposed: boolean;
+  read(): Promise<ArrayBuffer>;
+  write(data: ArrayBufferView): void;
+  dispose(): void;
+}
+
+export interface NativeMemory {
+  inUse: Record<string, number>;
+  peak: Record<string, number>;
+  totalInUse: number;
+  totalPeak: number;
+}
+
+export interface NativeEngine {
+  readonly backend: string;
+  readonly device: string;
+  tensor(dtype: string, shape: number[], data?: ArrayBufferView | null, category?: string, fillByte?: number): NativeTensor;
+  sync(): Promise<void>;
+  memory(): NativeMemory;
+  dispose(): void;
+  attention(args: Record<string, unknown>): void;
+  evictCompact(args: Record<string, unknown>): void;
+  selection(args: Record<string, unknown>): void;
+}
+
+export interface NativeAddon {
+  NativeEngine: new (backend: string, threads: number) => NativeEngine;
+  NativeTensor: new () => NativeTensor;
+  backends(): string[];
+  cudaProbe(): { available: boolean; reason: string };
+  path: string;
+}
+
+const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+/** Where the addon may be, in order: SCALEKV_ADDON, the cmake-js build, the node-gyp build. */
+export function addonCandidates(): string[] {
+  const list: string[] = [];
+  if (process.env.SCALEKV_ADDON) list.push(process.env.SCALEKV_ADDON);
+  list.push(join(packageRoot, 'build-cmake', 'Release', 'scalekv.node'));
+  list.push(join(packageRoot, 'build', 'Release', 'scalekv.node'));
+  return list;
+}
+
+let cached: NativeAddon | undefined;
+
+export function loadNative(): NativeAddon {
+  if (cached) return cached;
+  const require = createRequire(import.meta.url);
+  const tried: string[] = [];
+  for (const path of addonCandidates()) {
+    if (!existsSync(path)) {
+      tried.push(`${path} (absent)`);
+      continue;
+    }
+    try {
+      const addon = require(path) as Omit<NativeAddon, 'path'>;
+      cached = { ...addon, path };
+      return cached;
+    } catch (e) {
+      tried.push(`${path} (${(e as Error).message})`);
+    }
+  }
+  throw new ScaleKVError('ERR_NATIVE_MISSING', `scalekv native addon not found; run \`npm install\` (or \`npm run build:native\`). Tried: ${tried.join('; ')}`);
+}
