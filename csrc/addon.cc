@@ -523,7 +523,7 @@ Napi::Value JsEngine::Attention(const Napi::CallbackInfo& info) {
     expect_dim(env, *cv->state, 2, ck->state->shape[2], "curV", "Lc");
     a.lc = int(ck->state->shape[2]);
   }
-  const int n_keys = a.n_keys();
+  const int n_keys = (gather ? a.n_gather : a.hist_len) + a.lc;  // a.gather is set only at enqueue
   if (n_keys <= 0) throw_coded(env, "ERR_SHAPE", "attention needs at least one key (history or current)");
   if (out) {
     expect_rank(env, *out->state, 4, "out", "[rows, heads, Lq, headDim]");

@@ -116,7 +116,8 @@ enum class ScoreMode : int32_t { logits = 0, probs = 1 };
 enum class Pooling : int32_t { none = 0, max = 1, avg = 2 };
 
 // selection, per (r, h):
-//   s[j] = sum_w (mode == logits ? L[r,h,w,j] : exp(L[r,h,w,j] - lse[r,h,w]))  with L[.,.,.,window_keys[*]] = -inf
+//   s[j] = sum_w (mode == logits ? L[r,h,w,j] : exp(L[r,h,w,j] - lse[r,h,w]))   (summed in window order)
+//   s[window_keys[*]] = -inf      (in both modes, so pooling spreads the mask as the reference does)
 //   s    = pool1d(s, kernel, stride 1, padding kernel/2; max pads with -inf, avg divides by kernel always)
 //   s[window_keys[*]] = -inf
 //   top  = the (budget - n_window) largest of s, ties to the lowest index (-inf entries are eligible)

@@ -1,0 +1,265 @@
+// The CUDA backend: device memory, one non-blocking stream, and the launchers of kernels/cuda/*.cu.
+// Everything is queued on the stream; `synchronize` waits, then reports the first error of the queued work:
+// a runtime failure (ERR_DEVICE) or a data error the kernels recorded in the device status word
+// {code, detail} (bad index lists, see ops.cuh), which it then clears. nvcc only: the emulator brings its
+// own backend around the same launchers.
+#include <algorithm>
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "ops.cuh"
+
+namespace scalekv {
+namespace {
+
+std::string cuda_message(const char* what, cudaError_t err) {
+  return std::string("cuda: ") + what + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw BackendError(StatusCode::device, cuda_message(what, err));
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    void* status = nullptr;
+    if (cudaMalloc(&status, 2 * sizeof(int32_t)) != cudaSuccess) {
+      cudaGetLastError();
+      cudaStreamDestroy(stream_);
+      throw BackendError(StatusCode::out_of_memory, "cuda: cannot allocate the status word");
+    }
+    status_ = static_cast<int32_t*>(status);
+    check(cudaMemsetAsync(status_, 0, 2 * sizeof(int32_t), stream_), "cudaMemsetAsync(status)");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
+
+  ~CudaBackend() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);
+    if (workspace_) cudaFree(workspace_);
+    cudaFree(status_);
+    cudaStreamDestroy(stream_);
+    cudaGetLastError();
+  }
+
+  const char* name() const override { return "cuda"; }
+
+  std::string device_description() const override {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, device_) != cudaSuccess) {
+      cudaGetLastError();
+      return "CUDA device " + std::to_string(device_);
+    }
+    char buf[384];
+    std::snprintf(buf, sizeof(buf), "%s (device %d), %d SMs, %.1f GiB, compute capability %d.%d", prop.name, device_,
+                  prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0),
+                  prop.major, prop.minor);
+    return buf;
+  }
+
+  void* alloc(size_t bytes) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    void* p = nullptr;
+    const cudaError_t err = cudaMalloc(&p, bytes == 0 ? 1 : bytes);  // never hand out null
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it so the next launch check does not see it
+      throw BackendError(StatusCode::out_of_memory,
+                         "cuda: cannot allocate " + std::to_string(bytes) + " bytes: " + cudaGetErrorString(err));
+    }
+    return p;
+  }
+
+  void free(void* ptr) override {
+    if (!ptr) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    // cudaFree waits for the device, so queued work that still reads ptr finishes first.
+    check(cudaFree(ptr), "cudaFree");
+  }
+
+  void upload(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    // From pageable host memory the call returns once `src` has been staged, so the caller may reuse it.
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload (cudaMemcpyAsync)");
+  }
+
+  void download(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download (cudaMemcpyAsync)");
+    check(cudaStreamSynchronize(stream_), "download (cudaStreamSynchronize)");
+  }
+
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0 || dst == src) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+    if (d < s + bytes && s < d + bytes) {
+      // Overlapping ranges (memmove semantics): cudaMemcpy does not allow them, so go through scratch.
+      void* tmp = workspace(bytes);
+      check(cudaMemcpyAsync(tmp, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy (cudaMemcpyAsync)");
+      check(cudaMemcpyAsync(dst, tmp, bytes, cudaMemcpyDeviceToDevice, stream_), "copy (cudaMemcpyAsync)");
+    } else {
+      check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy (cudaMemcpyAsync)");
+    }
+  }
+
+  void fill_u8(void* dst, uint8_t value, size_t bytes) override {
+    if (bytes == 0) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    check(cudaMemsetAsync(dst, value, bytes, stream_), "fill (cudaMemsetAsync)");
+  }
+
+  void attention(const AttentionArgs& a) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    void* ws = workspace(cuda_ops::attention_workspace_bytes(a));
+    note_pending("attention");
+    cuda_ops::attention(a, stream_, status_, ws);
+    check(cudaGetLastError(), "attention launch");
+  }
+
+  void evict_compact(const EvictCompactArgs& a) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    void* ws = workspace(cuda_ops::evict_compact_workspace_bytes(a));
+    note_pending("evictCompact");
+    cuda_ops::evict_compact(a, stream_, status_, ws);
+    check(cudaGetLastError(), "evictCompact launch");
+  }
+
+  void selection(const SelectionArgs& a) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    void* ws = workspace(cuda_ops::selection_workspace_bytes(a));
+    note_pending("selection");
+    cuda_ops::selection(a, stream_, status_, ws);
+    check(cudaGetLastError(), "selection launch");
+  }
+
+  void synchronize() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    const std::vector<std::string> pending = std::move(pending_);
+    pending_.clear();
+    check(cudaStreamSynchronize(stream_), "synchronize");
+    int32_t st[2] = {0, 0};
+    check(cudaMemcpyAsync(st, status_, sizeof(st), cudaMemcpyDeviceToHost, stream_), "synchronize (read status)");
+    check(cudaStreamSynchronize(stream_), "synchronize (read status)");
+    if (st[0] == 0) return;
+    check(cudaMemsetAsync(status_, 0, sizeof(st), stream_), "synchronize (clear status)");
+    check(cudaStreamSynchronize(stream_), "synchronize (clear status)");
+    throw BackendError(static_cast<StatusCode>(st[0]), status_message(st[0], st[1], pending));
+  }
+
+ private:
+  void bind() const { check(cudaSetDevice(device_), "cudaSetDevice"); }  // calls may come from any thread
+
+  // Grows the cached workspace; the old buffer may still be read by queued kernels, so wait first.
+  void* workspace(size_t bytes) {
+    if (bytes == 0) return workspace_;
+    if (bytes <= workspace_bytes_) return workspace_;
+    const size_t want = std::max(bytes, workspace_bytes_ * 2);  // amortise growth
+    check(cudaStreamSynchronize(stream_), "workspace (cudaStreamSynchronize)");
+    if (workspace_) check(cudaFree(workspace_), "workspace (cudaFree)");
+    workspace_ = nullptr;
+    workspace_bytes_ = 0;
+    if (cudaMalloc(&workspace_, want) != cudaSuccess) {
+      cudaGetLastError();
+      workspace_ = nullptr;
+      throw BackendError(StatusCode::out_of_memory, "cuda: cannot allocate " + std::to_string(want) +
+                                                        " bytes of op workspace");
+    }
+    workspace_bytes_ = want;
+    return workspace_;
+  }
+
+  void note_pending(const char* op) {
+    if (std::find(pending_.begin(), pending_.end(), op) == pending_.end()) pending_.emplace_back(op);
+  }
+
+  // The status word says what went wrong and at which flat entry, not which op; name the queued ops that
+  // could have reported it (in queue order; only the first bad op reports, later ones write nothing).
+  static std::string status_message(int32_t code, int32_t detail, const std::vector<std::string>& pending) {
+    const auto has = [&](const char* op) { return std::find(pending.begin(), pending.end(), op) != pending.end(); };
+    const std::string at = " (flat entry " + std::to_string(detail) + ")";
+    switch (static_cast<StatusCode>(code)) {
+      case StatusCode::index_not_sorted:
+        return "evictCompact: keep indices must be strictly increasing per (row, head)" + at;
+      case StatusCode::budget_invalid:
+        return "selection: budget " + std::to_string(detail) + " must lie in [number of window keys, number of keys]";
+      case StatusCode::index_out_of_range: {
+        std::string msg;
+        if (has("attention"))
+          msg += "attention: gather indices must lie in [0, hist_len) and window rows in [0, lq); ";
+        if (has("evictCompact"))
+          msg += "evictCompact: keep indices must lie in [0, hist_len + lc) and n_keep <= hist_cap; ";
+        if (has("selection")) msg += "selection: window keys must lie in [0, n_keys); ";
+        if (msg.empty()) msg = "index out of range; ";
+        return msg + "an index was out of range" + at;
+      }
+      default:
+        return "cuda: kernel reported status " + std::to_string(code) + at;
+    }
+  }
+
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  int32_t* status_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::vector<std::string> pending_;  // ops queued since the last synchronize that may set the status
+  mutable std::mutex mutex_;
+};
+
+}  // namespace
+
+bool cuda_probe(std::string* reason) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    if (reason) *reason = std::string("no CUDA device: ") + cudaGetErrorString(err);
+    return false;
+  }
+  if (count == 0) {
+    if (reason) *reason = "no CUDA device: none found";
+    return false;
+  }
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0) != cudaSuccess) {
+    cudaGetLastError();
+    if (reason) *reason = "no CUDA device: cannot query device 0";
+    return false;
+  }
+  if (major < 8) {
+    if (reason)
+      *reason = "CUDA device 0 has compute capability " + std::to_string(major) + "." + std::to_string(minor) +
+                "; the kernels need 8.0 or newer (bf16 tensor cores, cp.async)";
+    return false;
+  }
+  return true;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  int count = 0;
+  check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (device < 0 || device >= count)
+    throw BackendError(StatusCode::device, "cuda: device " + std::to_string(device) + " does not exist (" +
+                                               std::to_string(count) + " devices)");
+  return std::make_unique<CudaBackend>(device);
+}
+
+}  // namespace scalekv

@@ -1,0 +1,88 @@
+#!/usr/bin/env node
+import { parseArgs } from 'node:util';
+import { backendInfo, BackendChoice } from './engine.js';
+import { ScaleKVError } from './errors.js';
+import { verifyFixture, VERIFY_KINDS } from './verify/index.js';
+
+const USAGE = `usage: scalekv <command> [options]
+
+commands:
+  verify <dir> [--backend auto|cpu|cuda|emu] [--json]
+      Run a conformance fixture directory (manifest.json + io.safetensors, the format of the official
+      golden fixtures) and print the agreement of every recorded quantity. Exit code 1 when any check is
+      outside tolerance. Kinds: ${VERIFY_KINDS.join(', ')}.
+  info [--json]
+      Backends built into the addon, and whether a CUDA device is usable.
+`;
+
+function formatValue(metric: string, v: number): string {
+  if (metric === 'maxRelErr') return Number.isFinite(v) ? v.toExponential(2) : String(v);
+  if (metric === 'match') return v ? 'yes' : 'NO';
+  return String(v);
+}
+
+async function verify(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { backend: { type: 'string', default: 'auto' }, json: { type: 'boolean', default: false } },
+  });
+  if (positionals.length !== 1) {
+    process.stderr.write(USAGE);
+    return 2;
+  }
+  const report = await verifyFixture(positionals[0], { backend: values.backend as BackendChoice });
+  if (values.json) {
+    process.stdout.write(JSON.stringify(report, (_, v) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2) + '\n');
+  } else {
+    const width = Math.max(...report.checks.map((c) => c.name.length), 8);
+    process.stdout.write(`${report.kind} on ${report.backend}: ${report.dir}\n`);
+    for (const c of report.checks) {
+      const status = c.pass ? 'ok  ' : 'FAIL';
+      const tol = c.metric === 'maxRelErr' ? ` (tol ${c.tolerance.toExponential(0)})` : '';
+      process.stdout.write(`  ${status} ${c.name.padEnd(width)} ${c.metric.padEnd(11)} ${formatValue(c.metric, c.value)}${tol}${c.note && !c.pass ? `  ${c.note}` : ''}\n`);
+    }
+    const failed = report.checks.filter((c) => !c.pass).length;
+    process.stdout.write(`${report.checks.length - failed} passed, ${failed} failed\n`);
+  }
+  return report.pass ? 0 : 1;
+}
+
+function info(argv: string[]): number {
+  const { values } = parseArgs({ args: argv, options: { json: { type: 'boolean', default: false } } });
+  const i = backendInfo();
+  if (values.json) process.stdout.write(JSON.stringify(i, null, 2) + '\n');
+  else
+    process.stdout.write(`backends built: ${i.built.join(', ')}\ncuda device: ${i.cuda.available ? 'available' : `unavailable (${i.cuda.reason})`}\n`);
+  return 0;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'verify':
+      return verify(rest);
+    case 'info':
+      return info(rest);
+    case undefined:
+    case '-h':
+    case '--help':
+    case 'help':
+      process.stdout.write(USAGE);
+      return command === undefined ? 2 : 0;
+    default:
+      process.stderr.write(`scalekv: unknown command '${command}'\n${USAGE}`);
+      return 2;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e: unknown) => {
+    const code = e instanceof ScaleKVError ? ` [${e.code}]` : '';
+    process.stderr.write(`scalekv: ${(e as Error).message}${code}\n`);
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,13 @@
+export { createEngine, backendInfo, Engine, Tensor, MEMORY_CATEGORIES } from './engine.js';
+export type { BackendChoice, BackendName, EngineOptions, HostArray, MemoryCategory, MemoryStats, TensorOptions } from './engine.js';
+export type { AttentionArgs, EvictCompactArgs, IndexInput, KVPair, Ops, PoolingMode, ScoreMode, SelectionArgs } from './ops.js';
+export { DTYPES, dtypeSize, f32ToBf16Bits, bf16BitsToF32, roundToBf16 } from './dtype.js';
+export type { DType } from './dtype.js';
+export { ScaleKVError } from './errors.js';
+export type { ErrorCode } from './errors.js';
+export { SafetensorsFile } from './safetensors.js';
+export { selectKeepIndices, ReferenceScaleKVCluster } from './scalekv/reference.js';
+export type { SelectKeepOptions, SelectKeepResult, ReferenceClusterOptions, ReferencePooling, ReferenceUpdate } from './scalekv/reference.js';
+export { observationWindow, SCALE_TOKENS_1M_SQUARE } from './scalekv/window.js';
+export { verifyFixture, VERIFY_KINDS } from './verify/index.js';
+export type { Check, VerifyReport } from './verify/index.js';

@@ -1,0 +1,133 @@
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import { fail } from './errors.js';
+
+/** dtypes of the safetensors format that scalekv reads. */
+export type SafetensorsDType = 'F32' | 'F16' | 'BF16' | 'I32' | 'I64' | 'U8' | 'F64' | 'I8' | 'BOOL';
+
+const SIZES: Record<SafetensorsDType, number> = { F32: 4, F16: 2, BF16: 2, I32: 4, I64: 8, U8: 1, F64: 8, I8: 1, BOOL: 1 };
+
+export interface SafetensorsEntry {
+  name: string;
+  dtype: SafetensorsDType;
+  shape: number[];
+  /** Byte range inside the data section. */
+  begin: number;
+  end: number;
+}
+
+const MAX_HEADER = 100 << 20;
+
+/**
+ * A safetensors file opened lazily: the header is parsed and checked at open; tensor bytes are read on
+ * demand, one tensor at a time, so multi-GB files are never read whole.
+ */
+export class SafetensorsFile {
+  readonly path: string;
+  readonly metadata: Record<string, string>;
+  readonly #entries = new Map<string, SafetensorsEntry>();
+  readonly #dataStart: number;
+  #fd: number | null;
+
+  constructor(path: string) {
+    this.path = path;
+    this.#fd = openSync(path, 'r');
+    try {
+      const size = fstatSync(this.#fd).size;
+      const head = Buffer.alloc(8);
+      if (size < 8 || readSync(this.#fd, head, 0, 8, 0) !== 8) fail('ERR_FORMAT', `${path}: too short for a safetensors header`);
+      const n = head.readBigUInt64LE(0);
+      if (n > BigInt(MAX_HEADER) || Number(n) + 8 > size) fail('ERR_FORMAT', `${path}: header length ${n} does not fit the file (${size} bytes)`);
+      const headerBytes = Buffer.alloc(Number(n));
+      readSync(this.#fd, headerBytes, 0, headerBytes.length, 8);
+      let header: Record<string, unknown>;
+      try {
+        header = JSON.parse(headerBytes.toString('utf8'));
+      } catch (e) {
+        fail('ERR_FORMAT', `${path}: header is not JSON (${(e as Error).message})`);
+      }
+      this.#dataStart = 8 + Number(n);
+      const dataBytes = size - this.#dataStart;
+      this.metadata = (header.__metadata__ ?? {}) as Record<string, string>;
+      for (const [name, raw] of Object.entries(header)) {
+        if (name === '__metadata__') continue;
+        const info = raw as { dtype?: string; shape?: unknown; data_offsets?: unknown };
+        const dtype = info.dtype as SafetensorsDType;
+        if (!(dtype in SIZES)) fail('ERR_FORMAT', `${path}: tensor ${name} has unsupported dtype ${info.dtype}`);
+        const shape = info.shape;
+        if (!Array.isArray(shape) || !shape.every((d) => Number.isInteger(d) && d >= 0))
+          fail('ERR_FORMAT', `${path}: tensor ${name} has a malformed shape`);
+        const off = info.data_offsets;
+        if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isInteger(d) && d >= 0))
+          fail('ERR_FORMAT', `${path}: tensor ${name} has malformed data_offsets`);
+        const [begin, end] = off as [number, number];
+        const numel = (shape as number[]).reduce((a, b) => a * b, 1);
+        if (end - begin !== numel * SIZES[dtype] || end > dataBytes || begin > end)
+          fail('ERR_FORMAT', `${path}: tensor ${name} (${dtype} ${JSON.stringify(shape)}) has offsets [${begin}, ${end}) that do not match its size or the file`);
+        this.#entries.set(name, { name, dtype, shape: shape as number[], begin, end });
+      }
+    } catch (e) {
+      this.close();
+      throw e;
+    }
+  }
+
+  get names(): string[] {
+    return [...this.#entries.keys()];
+  }
+
+  entry(name: string): SafetensorsEntry {
+    const e = this.#entries.get(name);
+    if (!e) fail('ERR_FORMAT', `${this.path}: no tensor named ${name}`);
+    return e;
+  }
+
+  has(name: string): boolean {
+    return this.#entries.has(name);
+  }
+
+  /** The raw little-endian bytes of one tensor. */
+  bytes(name: string): Buffer {
+    if (this.#fd === null) fail('ERR_DISPOSED', `${this.path}: file was closed`);
+    const e = this.entry(name);
+    const buf = Buffer.alloc(e.end - e.begin);
+    let done = 0;
+    while (done < buf.length) {
+      const n = readSync(this.#fd, buf, done, buf.length - done, this.#dataStart + e.begin + done);
+      if (n <= 0) fail('ERR_FORMAT', `${this.path}: tensor ${name} is truncated`);
+      done += n;
+    }
+    return buf;
+  }
+
+  /** A tensor as a typed array: F32 -> Float32Array, I32 -> Int32Array, I64 -> Int32Array (range-checked). */
+  f32(name: string): Float32Array {
+    const e = this.entry(name);
+    const b = this.bytes(name);
+    if (e.dtype === 'F32') return new Float32Array(b.buffer, b.byteOffset, b.length / 4).slice();
+    if (e.dtype === 'F64') return Float32Array.from(new Float64Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.length)));
+    fail('ERR_FORMAT', `${this.path}: tensor ${name} is ${e.dtype}, not a float tensor`);
+  }
+
+  i32(name: string): Int32Array {
+    const e = this.entry(name);
+    const b = this.bytes(name);
+    if (e.dtype === 'I32') return new Int32Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.length));
+    if (e.dtype === 'I64') {
+      const wide = new BigInt64Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.length));
+      const out = new Int32Array(wide.length);
+      for (let i = 0; i < wide.length; i++) {
+        if (wide[i] > 2147483647n || wide[i] < -2147483648n) fail('ERR_FORMAT', `${this.path}: ${name}[${i}] does not fit int32`);
+        out[i] = Number(wide[i]);
+      }
+      return out;
+    }
+    fail('ERR_FORMAT', `${this.path}: tensor ${name} is ${e.dtype}, not an integer tensor`);
+  }
+
+  close(): void {
+    if (this.#fd !== null) {
+      closeSync(this.#fd);
+      this.#fd = null;
+    }
+  }
+}

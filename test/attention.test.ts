@@ -1,0 +1,141 @@
+import test from 'ava';
+import type { Engine } from '../lib/engine.js';
+import { bf16BitsToF32, f32ToBf16Bits } from '../lib/dtype.js';
+import { attentionRef, AttentionProblem, windowRef } from './reference.js';
+import { bf16Round, maxAbs, maxAbsDiff, Rng, seedFor, testBackends, withEngine } from './helpers.js';
+
+const roundBf16 = (x: number) => bf16BitsToF32(f32ToBf16Bits(x));
+
+interface Case {
+  rows: number;
+  heads: number;
+  lq: number;
+  d: number;
+  len: number;
+  extraCap: number;
+  lc: number;
+  gathered: boolean;
+  window: number;
+}
+
+// Shapes chosen to hit every path: Lq = 1, lengths off every tile size, empty history or current, both
+// head dims, gathered and contiguous history, with and without the window output.
+const CASES: Case[] = [
+  { rows: 1, heads: 1, lq: 1, d: 64, len: 0, extraCap: 0, lc: 1, gathered: false, window: 0 },
+  { rows: 2, heads: 2, lq: 1, d: 128, len: 37, extraCap: 5, lc: 0, gathered: false, window: 1 },
+  { rows: 1, heads: 3, lq: 17, d: 64, len: 65, extraCap: 3, lc: 19, gathered: true, window: 4 },
+  { rows: 2, heads: 1, lq: 70, d: 128, len: 130, extraCap: 0, lc: 64, gathered: false, window: 16 },
+  { rows: 1, heads: 2, lq: 64, d: 64, len: 64, extraCap: 64, lc: 64, gathered: true, window: 0 },
+  { rows: 1, heads: 1, lq: 33, d: 128, len: 0, extraCap: 7, lc: 129, gathered: false, window: 3 },
+  { rows: 3, heads: 2, lq: 5, d: 64, len: 200, extraCap: 0, lc: 7, gathered: true, window: 5 },
+  { rows: 1, heads: 1, lq: 129, d: 128, len: 300, extraCap: 1, lc: 1, gathered: false, window: 16 },
+];
+
+function makeProblem(rng: Rng, c: Case, dtype: 'f32' | 'bf16'): AttentionProblem & { windowRows: Int32Array } {
+  const cap = c.len + c.extraCap;
+  const round = dtype === 'bf16' ? bf16Round : (a: Float32Array) => a;
+  const n = (x: number) => round(rng.normals(x));
+  const pairs = c.rows * c.heads;
+  let gather: Int32Array | undefined;
+  if (c.gathered && c.len > 0) {
+    const g = rng.int(1, c.len);
+    gather = new Int32Array(pairs * g);
+    for (let i = 0; i < gather.length; i++) gather[i] = rng.int(0, c.len - 1);
+  }
+  const windowRows = Int32Array.from({ length: c.window }, () => rng.int(0, c.lq - 1));
+  return {
+    rows: c.rows, heads: c.heads, lq: c.lq, d: c.d, cap, len: c.len, lc: c.lc, gather,
+    q: n(pairs * c.lq * c.d), hk: n(pairs * cap * c.d), hv: n(pairs * cap * c.d),
+    ck: n(pairs * c.lc * c.d), cv: n(pairs * c.lc * c.d), scale: 1 / Math.sqrt(c.d), windowRows,
+  };
+}
+
+async function runAttention(e: Engine, p: AttentionProblem & { windowRows: Int32Array }, dtype: 'f32' | 'bf16', withOut = true) {
+  const sh = (l: number) => [p.rows, p.heads, l, p.d];
+  const nKeys = (p.gather ? p.gather.length / (p.rows * p.heads) : p.len) + p.lc;
+  const q = e.tensor(p.q, sh(p.lq), dtype);
+  const hk = p.cap > 0 ? e.tensor(p.hk, sh(p.cap), dtype) : undefined;
+  const hv = p.cap > 0 ? e.tensor(p.hv, sh(p.cap), dtype) : undefined;
+  const ck = p.lc > 0 ? e.tensor(p.ck, sh(p.lc), dtype) : undefined;
+  const cv = p.lc > 0 ? e.tensor(p.cv, sh(p.lc), dtype) : undefined;
+  const out = withOut ? e.empty(sh(p.lq), dtype, { fillByte: 0xff }) : undefined;
+  const nw = p.windowRows.length;
+  const logits = nw ? e.empty([p.rows, p.heads, nw, nKeys], 'f32', { fillByte: 0xff }) : undefined;
+  const lse = nw ? e.empty([p.rows, p.heads, nw], 'f32', { fillByte: 0xff }) : undefined;
+  e.ops.attention({
+    q,
+    history: hk && hv ? { k: hk, v: hv, len: p.len, gather: p.gather } : undefined,
+    current: ck && cv ? { k: ck, v: cv } : undefined,
+    out,
+    scale: p.scale,
+    window: nw && logits ? { rows: p.windowRows, logits, lse } : undefined,
+  });
+  const result = {
+    out: out ? ((await out.read()) as Float32Array) : undefined,
+    logits: logits ? ((await logits.read()) as Float32Array) : undefined,
+    lse: lse ? ((await lse.read()) as Float32Array) : undefined,
+  };
+  for (const t of [q, hk, hv, ck, cv, out, logits, lse]) t?.dispose();
+  return result;
+}
+
+for (const backend of testBackends()) {
+  for (const dtype of ['f32', 'bf16'] as const) {
+    test(`attention ${backend} ${dtype}: matches a float64 reference over many shapes`, async (t) => {
+      const rng = new Rng(seedFor(t));
+      await withEngine(backend, async (e) => {
+        for (const c of CASES) {
+          const p = makeProblem(rng, c, dtype);
+          const r = await runAttention(e, p, dtype);
+          const ref = attentionRef(p, dtype === 'bf16' ? roundBf16 : undefined);
+          const label = `${JSON.stringify(c)}`;
+          const err = maxAbsDiff(r.out!, ref.out);
+          if (dtype === 'f32') {
+            t.true(err <= 1e-5 * Math.max(1, maxAbs(ref.out)), `${label}: out error ${err}`);
+          } else {
+            // Within twice the error of a bf16 pipeline (probabilities and output rounded to bf16).
+            const refErr = maxAbsDiff(ref.outBf16!, ref.out);
+            t.true(err <= 2 * refErr + 1e-6, `${label}: out error ${err} vs bf16 reference error ${refErr}`);
+          }
+          if (c.window) {
+            const w = windowRef(p, p.windowRows);
+            const lerr = maxAbsDiff(r.logits!, w.logits);
+            t.true(lerr <= 1e-5 * Math.max(1, maxAbs(w.logits)), `${label}: window logits error ${lerr}`);
+            const serr = maxAbsDiff(r.lse!, w.lse);
+            t.true(serr <= 1e-5 * Math.max(1, maxAbs(w.lse)), `${label}: window lse error ${serr}`);
+          }
+        }
+      });
+    });
+  }
+
+  test(`attention ${backend}: window output alone (no out) matches the reference`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    await withEngine(backend, async (e) => {
+      const c = { rows: 2, heads: 2, lq: 40, d: 64, len: 90, extraCap: 2, lc: 0, gathered: false, window: 16 };
+      const p = makeProblem(rng, c, 'f32');
+      const r = await runAttention(e, p, 'f32', false);
+      const w = windowRef(p, p.windowRows);
+      t.true(maxAbsDiff(r.logits!, w.logits) <= 1e-5 * Math.max(1, maxAbs(w.logits)));
+    });
+  });
+
+  test(`attention ${backend}: bad inputs throw coded errors at the call or the next await`, async (t) => {
+    await withEngine(backend, async (e) => {
+      const q = e.tensor(new Float32Array(2 * 64).fill(0.5), [1, 1, 2, 64], 'f32');
+      const k = e.tensor(new Float32Array(3 * 64).fill(0.25), [1, 1, 3, 64], 'f32');
+      const kb = e.tensor(new Float32Array(3 * 64).fill(0.25), [1, 1, 3, 64], 'bf16');
+      const out = e.empty([1, 1, 2, 64], 'f32');
+      t.throws(() => e.ops.attention({ q, current: { k, v: kb }, out, scale: 1 }), { code: 'ERR_DTYPE' });
+      t.throws(() => e.ops.attention({ q, current: { k, v: k }, out: e.empty([1, 1, 3, 64], 'f32'), scale: 1 }), { code: 'ERR_SHAPE' });
+      t.throws(() => e.ops.attention({ q, current: { k, v: k }, out: q, scale: 1 }), { code: 'ERR_INVALID_ARG' });
+      t.throws(() => e.ops.attention({ q, out, scale: 1 }), { code: 'ERR_SHAPE' });
+      t.throws(() => e.ops.attention({ q, history: { k, v: k, len: 4 }, out, scale: 1 }), { code: 'ERR_SHAPE' });
+      // Gather indices are data: they are checked where the data lives and reported at the next await.
+      e.ops.attention({ q, history: { k, v: k, len: 2, gather: new Int32Array([0, 2]) }, out, scale: 1 });
+      await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_RANGE' });
+      e.ops.attention({ q, current: { k, v: k }, out, scale: 1 });
+      await t.notThrowsAsync(e.sync());
+    });
+  });
+}

@@ -1,0 +1,115 @@
+import test from 'ava';
+import { backendInfo, createEngine } from '../lib/engine.js';
+import { bf16BitsToF32, f32ToBf16Bits } from '../lib/dtype.js';
+import { Rng, seedFor, testBackends, withEngine } from './helpers.js';
+
+test('auto picks CUDA only when a device is usable, and says why not', async (t) => {
+  const info = backendInfo();
+  const e = await createEngine({ backend: 'auto' });
+  try {
+    if (info.cuda.available) t.is(e.backend, 'cuda');
+    else {
+      t.is(e.backend, 'cpu');
+      t.truthy(e.fallbackReason && e.fallbackReason.length > 0);
+    }
+  } finally {
+    e.dispose();
+  }
+});
+
+test('SCALEKV_BACKEND chooses the backend; unknown names and unbuilt backends throw with codes', async (t) => {
+  const saved = process.env.SCALEKV_BACKEND;
+  try {
+    process.env.SCALEKV_BACKEND = 'cpu';
+    const e = await createEngine();
+    t.is(e.backend, 'cpu');
+    e.dispose();
+    process.env.SCALEKV_BACKEND = 'tpu';
+    await t.throwsAsync(createEngine(), { code: 'ERR_INVALID_ARG' });
+  } finally {
+    if (saved === undefined) delete process.env.SCALEKV_BACKEND;
+    else process.env.SCALEKV_BACKEND = saved;
+  }
+  if (!backendInfo().cuda.available) await t.throwsAsync(createEngine({ backend: 'cuda' }), { code: 'ERR_BACKEND_UNAVAILABLE' });
+});
+
+for (const backend of testBackends()) {
+  test(`tensors ${backend}: every dtype round-trips, bf16 rounds to nearest even`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    await withEngine(backend, async (e) => {
+      const f = rng.normals(1000, 10);
+      t.deepEqual(await e.tensor(f, [10, 100], 'f32').read(), f);
+      const b = await e.tensor(f, [1000], 'bf16').read();
+      t.deepEqual(b, f.map((x) => bf16BitsToF32(f32ToBf16Bits(x))));
+      const h = (await e.tensor(f, [1000], 'f16').read()) as Float32Array;
+      for (let i = 0; i < f.length; i++) t.true(Math.abs(h[i] - f[i]) <= Math.abs(f[i]) * 2 ** -11 + 2 ** -24, `f16 ${f[i]} -> ${h[i]}`);
+      const i32 = Int32Array.from({ length: 77 }, () => rng.int(-1e9, 1e9));
+      t.deepEqual(await e.tensor(i32, [7, 11], 'i32').read(), i32);
+      const u8 = Uint8Array.from({ length: 33 }, () => rng.int(0, 255));
+      t.deepEqual(await e.tensor(u8, [33], 'u8').read(), u8);
+      const w = e.empty([4], 'f32', { fillByte: 0xff });
+      t.true(Number.isNaN(((await w.read()) as Float32Array)[0]));
+      w.write(new Float32Array([1, 2, 3, 4]));
+      t.deepEqual(Array.from((await w.read()) as Float32Array), [1, 2, 3, 4]);
+    });
+  });
+
+  test(`tensors ${backend}: bad shapes, dtypes and disposed handles throw coded errors`, async (t) => {
+    await withEngine(backend, async (e) => {
+      t.throws(() => e.tensor(new Float32Array(5), [2, 2], 'f32'), { code: 'ERR_SHAPE' });
+      t.throws(() => e.tensor(new Float32Array(4), [2, -2], 'f32'), { code: 'ERR_SHAPE' });
+      t.throws(() => e.tensor(new Float32Array(4), [2, 1.5], 'f32'), { code: 'ERR_SHAPE' });
+      t.throws(() => e.tensor(new Int32Array(4), [4], 'f32'), { code: 'ERR_DTYPE' });
+      t.throws(() => e.tensor(new Float32Array(4), [4], 'q4' as never), { code: 'ERR_DTYPE' });
+      const x = e.tensor(new Float32Array(4), [4], 'f32');
+      x.dispose();
+      x.dispose();
+      await t.throwsAsync(x.read(), { code: 'ERR_DISPOSED' });
+      t.throws(() => x.write(new Float32Array(4)), { code: 'ERR_DISPOSED' });
+      const other = await createEngine({ backend });
+      const y = other.tensor(new Float32Array(64).fill(1), [1, 1, 1, 64], 'f32');
+      t.throws(() => e.ops.attention({ q: y, current: { k: y, v: y }, scale: 1, out: e.empty([1, 1, 1, 64], 'f32') }), { code: 'ERR_INVALID_ARG' });
+      other.dispose();
+    });
+  });
+
+  test(`memory ${backend}: counters by category, peak, and back to baseline after dispose`, async (t) => {
+    await withEngine(backend, async (e) => {
+      const base = e.memory();
+      const a = e.empty([1024], 'f32', { category: 'kv' });
+      const b = e.empty([512], 'bf16', { category: 'weights' });
+      const c = e.empty([100], 'i32');
+      const m = e.memory();
+      t.is(m.inUse.kv - base.inUse.kv, 4096);
+      t.is(m.inUse.weights - base.inUse.weights, 1024);
+      t.is(m.inUse.activations - base.inUse.activations, 400);
+      t.is(m.totalInUse - base.totalInUse, 5520);
+      a.dispose();
+      b.dispose();
+      c.dispose();
+      await e.sync();
+      const after = e.memory();
+      t.is(after.totalInUse, base.totalInUse);
+      t.is(after.peak.kv, Math.max(base.peak.kv, base.inUse.kv + 4096));
+    });
+  });
+
+  test(`queue ${backend}: ops run in order and the event loop keeps turning while they run`, async (t) => {
+    await withEngine(backend, async (e) => {
+      const [L, D] = [2048, 128];
+      const q = e.tensor(new Float32Array(L * D).fill(0.01), [1, 4, L / 4, D], 'f32');
+      const out = e.empty([1, 4, L / 4, D], 'f32');
+      for (let i = 0; i < 4; i++) e.ops.attention({ q, current: { k: q, v: q }, out, scale: 1 });
+      let ticks = 0;
+      const timer = setInterval(() => ticks++, 1);
+      const before = Date.now();
+      await e.sync();
+      clearInterval(timer);
+      const elapsed = Date.now() - before;
+      if (elapsed > 20) t.true(ticks > 0, `no timer tick during ${elapsed} ms of compute`);
+      // In order: a write queued after an op is seen by a read queued after both.
+      out.write(new Float32Array(L * D).fill(7));
+      t.is(((await out.read()) as Float32Array)[123], 7);
+    });
+  });
+}

@@ -1,0 +1,96 @@
+import test from 'ava';
+import type { Engine } from '../lib/engine.js';
+import { Rng, seedFor, testBackends, withEngine } from './helpers.js';
+
+function sortedSample(rng: Rng, n: number, total: number): number[] {
+  const all = Array.from({ length: total }, (_, i) => i);
+  for (let i = total - 1; i > 0; i--) {
+    const j = rng.int(0, i);
+    [all[i], all[j]] = [all[j], all[i]];
+  }
+  return all.slice(0, n).sort((a, b) => a - b);
+}
+
+/** Expected buffer after compaction: rows [0, nKeep) gathered from [history ‖ current], the rest untouched. */
+function expected(hist: Uint16Array | Float32Array, cur: Uint16Array | Float32Array, keep: Int32Array, pairs: number, cap: number, len: number, lc: number, d: number, n: number) {
+  const out = hist.slice();
+  for (let p = 0; p < pairs; p++) {
+    for (let i = 0; i < n; i++) {
+      const s = keep[p * n + i];
+      const src = s < len ? hist.subarray((p * cap + s) * d, (p * cap + s + 1) * d) : cur.subarray((p * lc + s - len) * d, (p * lc + s - len + 1) * d);
+      out.set(src, (p * cap + i) * d);
+    }
+  }
+  return out;
+}
+
+async function roundTrip(e: Engine, rng: Rng, dtype: 'f32' | 'bf16', rows: number, heads: number, cap: number, len: number, lc: number, d: number, n: number) {
+  const pairs = rows * heads;
+  const mk = (count: number) => {
+    if (dtype === 'f32') return rng.normals(count);
+    return Uint16Array.from({ length: count }, () => rng.int(0, 0x7f7f)); // raw bits: every pattern must move intact
+  };
+  const hk = mk(pairs * cap * d), hv = mk(pairs * cap * d), ck = mk(pairs * lc * d), cv = mk(pairs * lc * d);
+  const keep = new Int32Array(pairs * n);
+  for (let p = 0; p < pairs; p++) keep.set(sortedSample(rng, n, len + lc), p * n);
+  const T = (a: Float32Array | Uint16Array, l: number) => e.tensor(a, [rows, heads, l, d], dtype, { category: 'kv' });
+  const [HK, HV] = [T(hk, cap), T(hv, cap)];
+  const cur = lc > 0 ? { k: T(ck, lc), v: T(cv, lc) } : undefined;
+  const newLen = e.ops.evictCompact({ history: { k: HK, v: HV, len }, current: cur, keep });
+  const [gotK, gotV] = [await HK.readRaw(), await HV.readRaw()];
+  for (const x of [HK, HV, cur?.k, cur?.v]) x?.dispose();
+  return { newLen, gotK, gotV, wantK: expected(hk, ck, keep, pairs, cap, len, lc, d, n), wantV: expected(hv, cv, keep, pairs, cap, len, lc, d, n) };
+}
+
+for (const backend of testBackends()) {
+  test(`evictCompact ${backend}: moves exactly the kept rows, in place, for many shapes`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    await withEngine(backend, async (e) => {
+      const shapes = [
+        // rows, heads, cap, len, lc, d, nKeep
+        [1, 1, 8, 5, 3, 64, 4],
+        [2, 3, 40, 33, 17, 128, 40],
+        [1, 2, 300, 290, 0, 64, 123],
+        [2, 1, 64, 0, 64, 64, 30],
+        [1, 1, 650, 632, 400, 128, 632],
+        [3, 2, 20, 20, 5, 8, 0],
+        [1, 4, 100, 100, 0, 64, 100],
+      ];
+      for (const dtype of ['f32', 'bf16'] as const) {
+        for (const [rows, heads, cap, len, lc, d, n] of shapes) {
+          const r = await roundTrip(e, rng, dtype, rows, heads, cap, len, lc, d, n);
+          t.is(r.newLen, n);
+          t.deepEqual(r.gotK, r.wantK, `${dtype} K ${[rows, heads, cap, len, lc, d, n]}`);
+          t.deepEqual(r.gotV, r.wantV, `${dtype} V ${[rows, heads, cap, len, lc, d, n]}`);
+        }
+      }
+    });
+  });
+
+  test(`evictCompact ${backend}: a bad keep list anywhere changes nothing and rejects with a code`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    await withEngine(backend, async (e) => {
+      const [rows, heads, cap, len, lc, d] = [2, 2, 12, 10, 4, 64];
+      const hk = rng.normals(rows * heads * cap * d), ck = rng.normals(rows * heads * lc * d);
+      const HK = e.tensor(hk, [rows, heads, cap, d], 'f32'), HV = e.tensor(hk, [rows, heads, cap, d], 'f32');
+      const CK = e.tensor(ck, [rows, heads, lc, d], 'f32'), CV = e.tensor(ck, [rows, heads, lc, d], 'f32');
+      const good = [0, 3, 5, 11];
+      const cases: [number[], string][] = [
+        [[0, 3, 3, 11], 'ERR_INDEX_ORDER'],
+        [[0, 5, 3, 11], 'ERR_INDEX_ORDER'],
+        [[0, 3, 5, 14], 'ERR_INDEX_RANGE'],
+        [[-1, 3, 5, 11], 'ERR_INDEX_RANGE'],
+      ];
+      for (const [bad, code] of cases) {
+        // Only the last (row, head) is bad: the good ones must not move either.
+        const keep = new Int32Array([...good, ...good, ...good, ...bad]);
+        e.ops.evictCompact({ history: { k: HK, v: HV, len }, current: { k: CK, v: CV }, keep });
+        await t.throwsAsync(e.sync(), { code }, `${bad}`);
+        t.deepEqual(await HK.read(), hk, `history changed by a rejected list ${bad}`);
+      }
+      t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HV, len }, keep: new Int32Array(rows * heads * 13) }), { code: 'ERR_SHAPE' });
+      t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HV, len: 13 }, keep: new Int32Array(4) }), { code: 'ERR_SHAPE' });
+      t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HK, len }, keep: new Int32Array(4) }), { code: 'ERR_INVALID_ARG' });
+    });
+  });
+}
