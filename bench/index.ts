@@ -1,0 +1,196 @@
+// Kernel benchmarks (tinybench). Each row: the engine's kernel and a naive reference run in the same process,
+// with work rates (GFLOP/s, GB/s, Melem/s) and the ratio kernel / naive. `npm run bench [-- --backend cuda]`,
+// `--quick` skips the Infinity-2B last-scale shapes (seconds each on a CPU).
+import { parseArgs } from 'node:util';
+import { Bench } from 'tinybench';
+import { createEngine, Engine, Tensor } from '../lib/engine.js';
+import type { BackendChoice } from '../lib/engine.js';
+
+const { values } = parseArgs({
+  args: process.argv.slice(2),
+  options: { backend: { type: 'string', default: 'auto' }, quick: { type: 'boolean', default: false }, json: { type: 'boolean', default: false } },
+});
+
+function rand(n: number, seed: number): Float32Array {
+  const a = new Float32Array(n);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    a[i] = s / 2 ** 31 - 1;
+  }
+  return a;
+}
+
+// --- naive references (plain loops, f32 storage, f64 math) -----------------------------------------------
+function naiveAttention(q: Float32Array, k: Float32Array, v: Float32Array, pairs: number, lq: number, nk: number, d: number, out: Float32Array) {
+  const s = new Float64Array(nk);
+  for (let p = 0; p < pairs; p++)
+    for (let i = 0; i < lq; i++) {
+      let m = -Infinity;
+      for (let j = 0; j < nk; j++) {
+        let acc = 0;
+        for (let x = 0; x < d; x++) acc += q[(p * lq + i) * d + x] * k[(p * nk + j) * d + x];
+        s[j] = acc / Math.sqrt(d);
+        m = Math.max(m, s[j]);
+      }
+      let z = 0;
+      for (let j = 0; j < nk; j++) z += s[j] = Math.exp(s[j] - m);
+      for (let x = 0; x < d; x++) {
+        let acc = 0;
+        for (let j = 0; j < nk; j++) acc += s[j] * v[(p * nk + j) * d + x];
+        out[(p * lq + i) * d + x] = acc / z;
+      }
+    }
+}
+
+function naiveCompact(buf: Float32Array, keep: Int32Array, pairs: number, cap: number, n: number, d: number) {
+  for (let p = 0; p < pairs; p++)
+    for (let i = 0; i < n; i++) buf.copyWithin((p * cap + i) * d, (p * cap + keep[p * n + i]) * d, (p * cap + keep[p * n + i] + 1) * d);
+}
+
+function naiveSelection(logits: Float32Array, pairs: number, nw: number, nk: number, budget: number, kernel: number, out: Int32Array) {
+  const s = new Float64Array(nk);
+  const pooled = new Float64Array(nk);
+  const idx = Array.from({ length: nk }, (_, j) => j);
+  for (let p = 0; p < pairs; p++) {
+    s.fill(0);
+    for (let w = 0; w < nw; w++) for (let j = 0; j < nk; j++) s[j] += logits[(p * nw + w) * nk + j];
+    for (let j = 0; j < nk; j++) {
+      let m = -Infinity;
+      for (let t = Math.max(0, j - (kernel >> 1)); t <= Math.min(nk - 1, j + (kernel >> 1)); t++) m = Math.max(m, s[t]);
+      pooled[j] = m;
+    }
+    idx.sort((a, b) => pooled[b] - pooled[a] || a - b);
+    out.set(idx.slice(0, budget).sort((a, b) => a - b), p * budget);
+  }
+}
+
+// --- cases ------------------------------------------------------------------------------------------------
+interface Row {
+  kernel: string;
+  shape: string;
+  impl: string;
+  ms: number;
+  rate: string;
+  ratio?: string;
+  note?: string;
+}
+
+async function timeIt(name: string, fn: () => Promise<void> | void, iterations: number): Promise<number> {
+  const bench = new Bench({ name, iterations, time: 0, warmup: iterations > 2, warmupIterations: 1 });
+  bench.add(name, fn);
+  await bench.run();
+  const r = bench.tasks[0].result;
+  if (r.state !== 'completed') throw new Error(`${name}: ${r.state} ${'error' in r ? String(r.error) : ''}`);
+  return r.latency.mean;
+}
+
+async function attentionCase(e: Engine, rows: Row[], o: { pairs: number; heads: number; lq: number; hist: number; lc: number; d: number; dtype: 'f32' | 'bf16'; naive: boolean; iterations: number }) {
+  const { pairs, lq, hist, lc, d } = o;
+  const shape = `rows ${pairs / o.heads} × heads ${o.heads}, Lq ${lq}, keys ${hist}+${lc}, D ${d}, ${o.dtype}`;
+  const flops = 4 * pairs * lq * (hist + lc) * d;
+  const sh = (l: number) => [pairs / o.heads, o.heads, l, d];
+  const q = e.tensor(rand(pairs * lq * d, 1), sh(lq), o.dtype);
+  const hk = e.tensor(rand(pairs * hist * d, 2), sh(hist), o.dtype);
+  const hv = e.tensor(rand(pairs * hist * d, 3), sh(hist), o.dtype);
+  const ck = e.tensor(rand(pairs * lc * d, 4), sh(lc), o.dtype);
+  const cv = e.tensor(rand(pairs * lc * d, 5), sh(lc), o.dtype);
+  const out = e.empty(sh(lq), o.dtype);
+  const ms = await timeIt('attention', async () => {
+    e.ops.attention({ q, history: { k: hk, v: hv, len: hist }, current: { k: ck, v: cv }, out, scale: 1 / Math.sqrt(d) });
+    await e.sync();
+  }, o.iterations);
+  const gflops = flops / ms / 1e6;
+  const row: Row = { kernel: 'attention', shape, impl: `${e.backend} kernel`, ms, rate: `${gflops.toFixed(2)} GFLOP/s` };
+  rows.push(row);
+  if (o.naive) {
+    const nk = hist + lc;
+    const [qa, ka, va] = [rand(pairs * lq * d, 1), rand(pairs * nk * d, 2), rand(pairs * nk * d, 3)];
+    const outA = new Float32Array(pairs * lq * d);
+    const nms = await timeIt('naive', () => naiveAttention(qa, ka, va, pairs, lq, nk, d, outA), 2);
+    const ngflops = flops / nms / 1e6;
+    rows.push({ kernel: 'attention', shape, impl: 'naive JS', ms: nms, rate: `${ngflops.toFixed(2)} GFLOP/s` });
+    row.ratio = `${(gflops / ngflops).toFixed(1)}×`;
+    naiveGflops = ngflops;
+  } else if (naiveGflops) {
+    row.ratio = `${(gflops / naiveGflops).toFixed(1)}×`;
+    row.note = 'ratio vs the naive GFLOP/s measured above at the small shape';
+  }
+  for (const t of [q, hk, hv, ck, cv, out]) t.dispose();
+}
+let naiveGflops = 0;
+
+async function compactCase(e: Engine, rows: Row[], o: { b: number; heads: number; cap: number; keep: number; d: number }) {
+  const pairs = o.b * o.heads;
+  const shape = `rows ${o.b} × heads ${o.heads}, ${o.keep} of ${o.cap} kept, D ${o.d}, bf16 K+V`;
+  const keep = new Int32Array(pairs * o.keep);
+  for (let p = 0; p < pairs; p++) for (let i = 0; i < o.keep; i++) keep[p * o.keep + i] = Math.floor((i * o.cap) / o.keep);
+  const keepT = e.tensor(keep, [o.b, o.heads, o.keep], 'i32');
+  const data = rand(pairs * o.cap * o.d, 7);
+  const k = e.tensor(data, [o.b, o.heads, o.cap, o.d], 'bf16');
+  const v = e.tensor(data, [o.b, o.heads, o.cap, o.d], 'bf16');
+  const bytes = 2 * 2 * pairs * o.keep * o.d * 2; // K and V, read + write, 2 bytes each
+  const ms = await timeIt('evictCompact', async () => {
+    e.ops.evictCompact({ history: { k, v, len: o.cap }, keep: keepT });
+    await e.sync();
+  }, 20);
+  const gbs = bytes / ms / 1e6;
+  const naiveBuf = rand(pairs * o.cap * o.d, 7);
+  const nms = await timeIt('naive', () => {
+    naiveCompact(naiveBuf, keep, pairs, o.cap, o.keep, o.d);
+    naiveCompact(naiveBuf, keep, pairs, o.cap, o.keep, o.d);
+  }, 20);
+  const ngbs = (bytes * 2) / nms / 1e6; // naive moves f32: twice the bytes per element
+  rows.push({ kernel: 'evictCompact', shape, impl: `${e.backend} kernel`, ms, rate: `${gbs.toFixed(2)} GB/s`, ratio: `${(gbs / ngbs).toFixed(1)}×` });
+  rows.push({ kernel: 'evictCompact', shape, impl: 'naive JS', ms: nms, rate: `${ngbs.toFixed(2)} GB/s` });
+  for (const t of [keepT, k, v]) t.dispose();
+}
+
+async function selectionCase(e: Engine, rows: Row[], o: { b: number; heads: number; nw: number; nk: number; budget: number }) {
+  const pairs = o.b * o.heads;
+  const shape = `rows ${o.b} × heads ${o.heads}, window ${o.nw}, keys ${o.nk}, budget ${o.budget}, maxpool 5`;
+  const logitsA = rand(pairs * o.nw * o.nk, 9);
+  const logits = e.tensor(logitsA, [o.b, o.heads, o.nw, o.nk], 'f32');
+  const windowKeys = Int32Array.from({ length: o.nw }, (_, i) => o.nk - o.nw + i);
+  const out = e.empty([o.b, o.heads, o.budget], 'i32');
+  const elems = pairs * o.nw * o.nk;
+  const ms = await timeIt('selection', async () => {
+    e.ops.selection({ logits, windowKeys, budget: o.budget, mode: 'logits', pooling: 'max', kernel: 5, out });
+    await e.sync();
+  }, 20);
+  const outA = new Int32Array(pairs * o.budget);
+  const nms = await timeIt('naive', () => naiveSelection(logitsA, pairs, o.nw, o.nk, o.budget, 5, outA), 3);
+  const rate = elems / ms / 1e3;
+  const nrate = elems / nms / 1e3;
+  rows.push({ kernel: 'selection', shape, impl: `${e.backend} kernel`, ms, rate: `${rate.toFixed(1)} Melem/s`, ratio: `${(rate / nrate).toFixed(1)}×` });
+  rows.push({ kernel: 'selection', shape, impl: 'naive JS', ms: nms, rate: `${nrate.toFixed(1)} Melem/s` });
+  for (const t of [logits, out]) t.dispose();
+}
+
+const engine = await createEngine({ backend: values.backend as BackendChoice });
+const rows: Row[] = [];
+try {
+  process.stderr.write(`scalekv bench on ${engine.backend}: ${engine.device}\n`);
+  await attentionCase(engine, rows, { pairs: 2 * 4, heads: 4, lq: 64, hist: 650, lc: 64, d: 128, dtype: 'f32', naive: true, iterations: 5 });
+  await attentionCase(engine, rows, { pairs: 2 * 4, heads: 4, lq: 64, hist: 650, lc: 64, d: 128, dtype: 'bf16', naive: false, iterations: 5 });
+  if (!values.quick) {
+    const iterations = engine.backend === 'cuda' ? 20 : 1;
+    for (const hist of [650, 6425])
+      await attentionCase(engine, rows, { pairs: 16, heads: 16, lq: 4096, hist, lc: 4096, d: 128, dtype: 'bf16', naive: false, iterations });
+  }
+  await compactCase(engine, rows, { b: 2, heads: 16, cap: 6425 + 4096, keep: 650, d: 128 });
+  await selectionCase(engine, rows, { b: 2, heads: 16, nw: 16, nk: 10521, budget: 650 });
+} finally {
+  engine.dispose();
+}
+
+if (values.json) {
+  process.stdout.write(JSON.stringify({ backend: engine.backend, device: engine.device, rows }, null, 2) + '\n');
+} else {
+  const header = ['kernel', 'shape', 'impl', 'mean ms', 'rate', 'vs naive'];
+  const table = rows.map((r) => [r.kernel, r.shape, r.impl, r.ms.toFixed(3), r.rate, r.ratio ?? '']);
+  const widths = header.map((h, i) => Math.max(h.length, ...table.map((row) => row[i].length)));
+  const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i])).join(' | ')} |`;
+  process.stdout.write([line(header), line(widths.map((w) => '-'.repeat(w))), ...table.map(line)].join('\n') + '\n');
+  for (const r of rows) if (r.note) process.stdout.write(`note: ${r.kernel} ${r.shape}: ${r.note}\n`);
+}
