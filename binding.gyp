@@ -5,11 +5,7 @@
       "sources": [
         "csrc/addon.cc",
         "csrc/engine_core.cc",
-        "kernels/cpu/thread_pool.cc",
-        "kernels/cpu/attention.cc",
-        "kernels/cpu/evict_compact.cc",
-        "kernels/cpu/selection.cc",
-        "kernels/cpu/backend_cpu.cc"
+        "<!@(node -p \"require('fs').readdirSync('kernels/cpu').filter(f => f.endsWith('.cc')).map(f => 'kernels/cpu/' + f).join(' ')\")"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],

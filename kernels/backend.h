@@ -157,6 +157,14 @@ class Backend {
 
   // Waits for all queued work and throws the first error raised by it (then clears it).
   virtual void synchronize() = 0;
+
+  // --- Model ops (Infinity). A backend overrides what it implements; the rest report themselves as
+  // unavailable there rather than failing to build, so backends can gain ops one at a time.
+
+ protected:
+  [[noreturn]] void unavailable(const char* op) const {
+    throw BackendError(StatusCode::internal, std::string(op) + " is not available on the " + name() + " backend");
+  }
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int threads);
