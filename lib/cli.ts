@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 import { parseArgs } from 'node:util';
+import { openCheckpoint } from './checkpoint/index.js';
 import { backendInfo, BackendChoice } from './engine.js';
 import { ScaleKVError } from './errors.js';
 import { verifyFixture, VERIFY_KINDS } from './verify/index.js';
@@ -11,6 +12,10 @@ commands:
       Run a conformance fixture directory (manifest.json + io.safetensors, the format of the official
       golden fixtures) and print the agreement of every recorded quantity. Exit code 1 when any check is
       outside tolerance. Kinds: ${VERIFY_KINDS.join(', ')}.
+  inspect <file|dir> [--prefix P] [--json]
+      List the tensors of a checkpoint (.safetensors, a sharded set's directory or model.safetensors.index.json,
+      or a torch.save .pth/.pt/.bin, whose nested dicts are flattened to dotted names) with dtype, shape and byte
+      size, plus totals. Only headers are read. --prefix keeps the names under P (e.g. 'vae.') and strips it.
   info [--json]
       Backends built into the addon, and whether a CUDA device is usable.
 `;
@@ -48,6 +53,56 @@ async function verify(argv: string[]): Promise<number> {
   return report.pass ? 0 : 1;
 }
 
+function inspect(argv: string[]): number {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { json: { type: 'boolean', default: false }, prefix: { type: 'string' } },
+  });
+  if (positionals.length !== 1) {
+    process.stderr.write(USAGE);
+    return 2;
+  }
+  const ckpt = openCheckpoint(positionals[0], { prefix: values.prefix });
+  try {
+    const tensors = ckpt.names.map((name) => ({ name, ...ckpt.entry(name) }));
+    const byDtype: Record<string, { count: number; bytes: number }> = {};
+    let bytes = 0;
+    for (const t of tensors) {
+      bytes += t.bytes;
+      const d = (byDtype[t.dtype] ??= { count: 0, bytes: 0 });
+      d.count++;
+      d.bytes += t.bytes;
+    }
+    if (values.json) {
+      process.stdout.write(JSON.stringify({ path: ckpt.path, format: ckpt.format, tensors, total: { count: tensors.length, bytes, byDtype } }, null, 2) + '\n');
+      return 0;
+    }
+    const shapes = tensors.map((t) => `[${t.shape.join(', ')}]`);
+    const wName = Math.max(4, ...tensors.map((t) => t.name.length));
+    const wShape = Math.max(5, ...shapes.map((s) => s.length));
+    process.stdout.write(`${ckpt.path} (${ckpt.format})\n`);
+    process.stdout.write(`  ${'name'.padEnd(wName)}  dtype  ${'shape'.padEnd(wShape)}  bytes\n`);
+    tensors.forEach((t, i) => process.stdout.write(`  ${t.name.padEnd(wName)}  ${t.dtype.padEnd(5)}  ${shapes[i].padEnd(wShape)}  ${t.bytes}\n`));
+    const parts = Object.entries(byDtype).map(([d, v]) => `${d}: ${v.count} (${formatBytes(v.bytes)})`);
+    process.stdout.write(`${tensors.length} tensors, ${bytes} bytes (${formatBytes(bytes)})${parts.length ? `; ${parts.join(', ')}` : ''}\n`);
+    return 0;
+  } finally {
+    ckpt.close();
+  }
+}
+
+function formatBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${n} B` : `${v.toFixed(2)} ${units[i]}`;
+}
+
 function info(argv: string[]): number {
   const { values } = parseArgs({ args: argv, options: { json: { type: 'boolean', default: false } } });
   const i = backendInfo();
@@ -64,6 +119,8 @@ async function main(argv: string[]): Promise<number> {
       return verify(rest);
     case 'info':
       return info(rest);
+    case 'inspect':
+      return inspect(rest);
     case undefined:
     case '-h':
     case '--help':

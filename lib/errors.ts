@@ -12,6 +12,8 @@ export type ErrorCode =
   | 'ERR_DEVICE'
   | 'ERR_OUT_OF_MEMORY'
   | 'ERR_FORMAT'
+  /** A pickle (.pth) asked for a global or opcode outside the state-dict whitelist; nothing was executed. */
+  | 'ERR_UNSAFE_PICKLE'
   | 'ERR_FIXTURE'
   | 'ERR_INTERNAL';
 

@@ -1,4 +1,5 @@
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, read, readSync } from 'node:fs';
+import { bf16ToF32Array, f16ToF32Array } from './dtype.js';
 import { fail } from './errors.js';
 
 /** dtypes of the safetensors format that scalekv reads. */
@@ -38,21 +39,23 @@ export class SafetensorsFile {
       const n = head.readBigUInt64LE(0);
       if (n > BigInt(MAX_HEADER) || Number(n) + 8 > size) fail('ERR_FORMAT', `${path}: header length ${n} does not fit the file (${size} bytes)`);
       const headerBytes = Buffer.alloc(Number(n));
-      readSync(this.#fd, headerBytes, 0, headerBytes.length, 8);
+      if (readSync(this.#fd, headerBytes, 0, headerBytes.length, 8) !== headerBytes.length) fail('ERR_FORMAT', `${path}: header could not be read`);
       let header: Record<string, unknown>;
       try {
         header = JSON.parse(headerBytes.toString('utf8'));
       } catch (e) {
         fail('ERR_FORMAT', `${path}: header is not JSON (${(e as Error).message})`);
       }
+      if (header === null || typeof header !== 'object' || Array.isArray(header)) fail('ERR_FORMAT', `${path}: header is not a JSON object`);
       this.#dataStart = 8 + Number(n);
       const dataBytes = size - this.#dataStart;
       this.metadata = (header.__metadata__ ?? {}) as Record<string, string>;
       for (const [name, raw] of Object.entries(header)) {
         if (name === '__metadata__') continue;
+        if (raw === null || typeof raw !== 'object') fail('ERR_FORMAT', `${path}: tensor ${name} has a malformed header entry`);
         const info = raw as { dtype?: string; shape?: unknown; data_offsets?: unknown };
         const dtype = info.dtype as SafetensorsDType;
-        if (!(dtype in SIZES)) fail('ERR_FORMAT', `${path}: tensor ${name} has unsupported dtype ${info.dtype}`);
+        if (typeof dtype !== 'string' || !Object.hasOwn(SIZES, dtype)) fail('ERR_FORMAT', `${path}: tensor ${name} has unsupported dtype ${info.dtype}`);
         const shape = info.shape;
         if (!Array.isArray(shape) || !shape.every((d) => Number.isInteger(d) && d >= 0))
           fail('ERR_FORMAT', `${path}: tensor ${name} has a malformed shape`);
@@ -65,6 +68,11 @@ export class SafetensorsFile {
           fail('ERR_FORMAT', `${path}: tensor ${name} (${dtype} ${JSON.stringify(shape)}) has offsets [${begin}, ${end}) that do not match its size or the file`);
         this.#entries.set(name, { name, dtype, shape: shape as number[], begin, end });
       }
+      // Overlapping tensors would alias each other's bytes: never written by a correct writer, so a forged file.
+      const sorted = [...this.#entries.values()].filter((e) => e.end > e.begin).sort((a, b) => a.begin - b.begin);
+      for (let i = 1; i < sorted.length; i++)
+        if (sorted[i].begin < sorted[i - 1].end)
+          fail('ERR_FORMAT', `${path}: tensors ${sorted[i - 1].name} [${sorted[i - 1].begin}, ${sorted[i - 1].end}) and ${sorted[i].name} [${sorted[i].begin}, ${sorted[i].end}) overlap`);
     } catch (e) {
       this.close();
       throw e;
@@ -99,11 +107,35 @@ export class SafetensorsFile {
     return buf;
   }
 
-  /** A tensor as a typed array: F32 -> Float32Array, I32 -> Int32Array, I64 -> Int32Array (range-checked). */
+  /** The same bytes as `bytes`, read without blocking the event loop (for large tensors). */
+  async bytesAsync(name: string): Promise<Buffer> {
+    if (this.#fd === null) fail('ERR_DISPOSED', `${this.path}: file was closed`);
+    const fd = this.#fd;
+    const e = this.entry(name);
+    const buf = Buffer.alloc(e.end - e.begin);
+    for (let done = 0; done < buf.length; ) {
+      const want = Math.min(buf.length - done, 64 << 20);
+      const n = await new Promise<number>((res, rej) =>
+        read(fd, buf, done, want, this.#dataStart + e.begin + done, (err, bytes) => (err ? rej(err) : res(bytes))),
+      );
+      if (n <= 0) fail('ERR_FORMAT', `${this.path}: tensor ${name} is truncated`);
+      done += n;
+    }
+    return buf;
+  }
+
+  /**
+   * A tensor as a typed array: F32 -> Float32Array (F64, BF16, F16 converted), I32 -> Int32Array,
+   * I64 -> Int32Array (range-checked).
+   */
   f32(name: string): Float32Array {
     const e = this.entry(name);
     const b = this.bytes(name);
     if (e.dtype === 'F32') return new Float32Array(b.buffer, b.byteOffset, b.length / 4).slice();
+    if (e.dtype === 'BF16' || e.dtype === 'F16') {
+      const bits = new Uint16Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.length));
+      return e.dtype === 'BF16' ? bf16ToF32Array(bits) : f16ToF32Array(bits);
+    }
     if (e.dtype === 'F64') return Float32Array.from(new Float64Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.length)));
     fail('ERR_FORMAT', `${this.path}: tensor ${name} is ${e.dtype}, not a float tensor`);
   }
