@@ -1,0 +1,181 @@
+import { fail } from '../errors.js';
+import { SCALE_TOKENS_1M_SQUARE } from './window.js';
+
+/**
+ * A ScaleKV budget plan in the official JSON's terms. `Scale N` (1-based N) names the scale that *reads* the
+ * compressed cache: the cache is compressed right after 0-based scale N − 2 (the last scale reuses the entry
+ * of the one before it).
+ */
+export interface ScaleBudget {
+  /** 1-based official scale number N. */
+  scale: number;
+  /** Layers that are drafters at this scale ("Block b": 1). */
+  drafters: number[];
+  /** Drafter budget (tokens per head, per layer, per sequence). */
+  max: number;
+  /** Refiner budget. */
+  min: number;
+  /** Upper bound on Max: a drafter's cache length before this compression (informational, as shipped). */
+  limit: number;
+}
+
+export interface BudgetPlan {
+  depth: number;
+  scales: ScaleBudget[];
+}
+
+/** Per-layer budget of (layer, 0-based scale index) or undefined when that scale is not compressed. */
+export function layerBudget(plan: BudgetPlan, layer: number, scaleIndex: number): number | undefined {
+  const s = plan.scales.find((x) => x.scale === scaleIndex + 2);
+  if (!s) return undefined;
+  return s.drafters.includes(layer) ? s.max : s.min;
+}
+
+/** Parses the official JSON (`{"Scale N": {"Block b": 0|1, ..., "High", "Max", "Min", "Limit"}}`). */
+export function parseBudgetPlan(json: string | Record<string, unknown>): BudgetPlan {
+  const raw = typeof json === 'string' ? (JSON.parse(json) as Record<string, unknown>) : json;
+  const scales: ScaleBudget[] = [];
+  let depth = -1;
+  for (const [key, value] of Object.entries(raw)) {
+    const m = /^Scale (\d+)$/.exec(key);
+    if (!m || typeof value !== 'object' || value === null) fail('ERR_FORMAT', `budget plan: unexpected entry '${key}'`);
+    const entry = value as Record<string, unknown>;
+    const blocks = Object.keys(entry).filter((k) => /^Block \d+$/.test(k));
+    const layers = blocks.length;
+    if (depth >= 0 && layers !== depth) fail('ERR_FORMAT', `budget plan: ${key} lists ${layers} blocks, earlier scales ${depth}`);
+    depth = layers;
+    for (let b = 0; b < layers; b++) if (!(`Block ${b}` in entry)) fail('ERR_FORMAT', `budget plan: ${key} lacks Block ${b}`);
+    const num = (f: string) => {
+      const v = entry[f];
+      if (!Number.isInteger(v) || (v as number) < 0) fail('ERR_FORMAT', `budget plan: ${key}.${f} must be a non-negative integer`);
+      return v as number;
+    };
+    const drafters = Array.from({ length: layers }, (_, b) => b).filter((b) => entry[`Block ${b}`] === 1);
+    const high = num('High');
+    if (high !== drafters.length) fail('ERR_FORMAT', `budget plan: ${key}.High = ${high} but ${drafters.length} blocks are drafters`);
+    scales.push({ scale: Number(m[1]), drafters, max: num('Max'), min: num('Min'), limit: num('Limit') });
+  }
+  if (!scales.length) fail('ERR_FORMAT', 'budget plan: no "Scale N" entries');
+  scales.sort((a, b) => a.scale - b.scale);
+  return { depth, scales };
+}
+
+/** The official JSON text: same key order and formatting as the shipped files. */
+export function budgetPlanToJson(plan: BudgetPlan): string {
+  const out: Record<string, Record<string, number>> = {};
+  for (const s of plan.scales) {
+    const entry: Record<string, number> = {};
+    for (let b = 0; b < plan.depth; b++) entry[`Block ${b}`] = s.drafters.includes(b) ? 1 : 0;
+    entry.High = s.drafters.length;
+    entry.Max = s.max;
+    entry.Min = s.min;
+    entry.Limit = s.limit;
+    out[`Scale ${s.scale}`] = entry;
+  }
+  return JSON.stringify(out, null, 2);
+}
+
+/**
+ * Average tokens per layer for a budget fraction. The paper's 4 / 10 / 20 % are 265 / 650 / 1300 tokens (the
+ * published memory figures reproduce only with these); other fractions take that share of the largest
+ * history (6425 tokens, read by the last 1M scale).
+ */
+export function budgetTokens(fraction: number, largestHistory = 6425): number {
+  if (!(fraction > 0 && fraction <= 1)) fail('ERR_BUDGET', `budget fraction must be in (0, 1], got ${fraction}`);
+  const published: Record<string, number> = { '0.04': 265, '0.1': 650, '0.2': 1300 };
+  return published[String(fraction)] ?? Math.max(1, Math.round(fraction * largestHistory));
+}
+
+export interface PlanOptions {
+  depth: number;
+  /** Average tokens per layer (see budgetTokens). */
+  tokensPerLayer: number;
+  /** Drafter layers per official scale number N (a layer list, or one list for every compressed scale). */
+  drafters: Record<number, number[]> | number[];
+  /** Tokens per 0-based scale (default: the 1M 1:1 schedule). */
+  scaleTokens?: readonly number[];
+  /** Smallest refiner budget. */
+  refinerFloor?: number;
+}
+
+function compressedScales(tokensPerLayer: number, scaleTokens: readonly number[]): { first: number; cumulative: number[] } {
+  const cumulative: number[] = [];
+  scaleTokens.reduce((acc, n, i) => (cumulative[i] = acc + n), 0);
+  // Compression starts at the first scale whose cumulative cache exceeds the base capacity.
+  const first = cumulative.findIndex((c) => c > tokensPerLayer);
+  if (first < 0 || first > scaleTokens.length - 2) fail('ERR_BUDGET', `a budget of ${tokensPerLayer} tokens never compresses this schedule`);
+  return { first, cumulative };
+}
+
+function draftersFor(o: PlanOptions, scale: number): number[] {
+  const list = Array.isArray(o.drafters) ? o.drafters : o.drafters[scale] ?? [];
+  for (const b of list) if (!Number.isInteger(b) || b < 0 || b >= o.depth) fail('ERR_INVALID_ARG', `drafter layer ${b} is outside [0, ${o.depth})`);
+  return [...new Set(list)].sort((a, b) => a - b);
+}
+
+/**
+ * The rule behind the shipped 10 % files (spec §2.3), which reproduces both field for field: every compressed
+ * scale holds L × B tokens in all; drafters keep the most they can (Max ≤ Limit = their cache length before
+ * this compression) such that the refiners' equal share Min is an integer; Min has a floor, and when the floor
+ * binds, Max takes what is left.
+ */
+export function officialRulePlan(o: PlanOptions): BudgetPlan {
+  const table = o.scaleTokens ?? SCALE_TOKENS_1M_SQUARE;
+  const floor = o.refinerFloor ?? 200;
+  const { first, cumulative } = compressedScales(o.tokensPerLayer, table);
+  const L = o.depth;
+  const total = L * o.tokensPerLayer;
+  const scales: ScaleBudget[] = [];
+  let prevMax = 0;
+  for (let si = first; si <= table.length - 2; si++) {
+    const scale = si + 2;
+    const drafters = draftersFor(o, scale);
+    const high = drafters.length;
+    const limit = si === first ? cumulative[si] : prevMax + table[si];
+    let max: number;
+    let min: number;
+    if (high === 0) {
+      min = Math.floor(total / L);
+      max = min;
+    } else if (high === L) {
+      max = Math.min(limit, Math.floor(total / L));
+      min = max;
+    } else {
+      max = limit;
+      while (max > 0 && (total - high * max) % (L - high) !== 0) max--;
+      min = (total - high * max) / (L - high);
+      if (min < floor) {
+        min = floor;
+        max = Math.floor((total - (L - high) * floor) / high);
+      }
+    }
+    scales.push({ scale, drafters, max, min, limit });
+    prevMax = max;
+  }
+  return { depth: L, scales };
+}
+
+/**
+ * The paper's rule (Eq. 4): refiners decay linearly, B_r(k) = B_r(0) − δ·k, with k counting compressed scales
+ * from 0; drafters get what is left of the per-scale total L × B, capped by their cache length.
+ */
+export function linearDecayPlan(o: PlanOptions & { refinerStart: number; delta: number }): BudgetPlan {
+  const table = o.scaleTokens ?? SCALE_TOKENS_1M_SQUARE;
+  const floor = o.refinerFloor ?? 1;
+  const { first, cumulative } = compressedScales(o.tokensPerLayer, table);
+  const L = o.depth;
+  const total = L * o.tokensPerLayer;
+  const scales: ScaleBudget[] = [];
+  let prevMax = 0;
+  for (let si = first; si <= table.length - 2; si++) {
+    const scale = si + 2;
+    const drafters = draftersFor(o, scale);
+    const high = drafters.length;
+    const limit = si === first ? cumulative[si] : prevMax + table[si];
+    const min = Math.max(floor, Math.round(o.refinerStart - o.delta * (si - first)));
+    const max = high === 0 ? min : Math.max(min, Math.min(limit, Math.floor((total - (L - high) * min) / high)));
+    scales.push({ scale, drafters, max, min, limit });
+    prevMax = max;
+  }
+  return { depth: L, scales };
+}
