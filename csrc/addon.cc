@@ -3,6 +3,7 @@
 // (sync, read) come back to the JS thread through one thread-safe function per engine.
 #include <napi.h>
 
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -128,6 +129,25 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
   Napi::Value Attention(const Napi::CallbackInfo& info);
   Napi::Value EvictCompact(const Napi::CallbackInfo& info);
   Napi::Value Selection(const Napi::CallbackInfo& info);
+  Napi::Value Gemm(const Napi::CallbackInfo& info);
+  Napi::Value LayerNorm(const Napi::CallbackInfo& info);
+  Napi::Value GatedResidual(const Napi::CallbackInfo& info);
+  Napi::Value Activation(const Napi::CallbackInfo& info);
+  Napi::Value QkNormRope(const Napi::CallbackInfo& info);
+  Napi::Value CrossAttention(const Napi::CallbackInfo& info);
+  Napi::Value CfgTau(const Napi::CallbackInfo& info);
+  Napi::Value TopkTopPMask(const Napi::CallbackInfo& info);
+  Napi::Value SampleBits(const Napi::CallbackInfo& info);
+  // Latent and VAE-decoder ops (latent_ops.inc).
+  Napi::Value BitsToCodes(const Napi::CallbackInfo& info);
+  Napi::Value ResizeBilinear(const Napi::CallbackInfo& info);
+  Napi::Value Conv2d(const Napi::CallbackInfo& info);
+  Napi::Value GroupNorm(const Napi::CallbackInfo& info);
+  Napi::Value UpsampleNearest2x(const Napi::CallbackInfo& info);
+  Napi::Value PixelShuffle2x(const Napi::CallbackInfo& info);
+  Napi::Value PixelUnshuffle2x(const Napi::CallbackInfo& info);
+  Napi::Value Add(const Napi::CallbackInfo& info);
+  Napi::Value ImageToU8(const Napi::CallbackInfo& info);
   Napi::Value GetBackend(const Napi::CallbackInfo& info);
   Napi::Value GetDevice(const Napi::CallbackInfo& info);
 
@@ -159,6 +179,24 @@ Napi::Function JsEngine::Init(Napi::Env env) {
                                      InstanceMethod("attention", &JsEngine::Attention),
                                      InstanceMethod("evictCompact", &JsEngine::EvictCompact),
                                      InstanceMethod("selection", &JsEngine::Selection),
+                                     InstanceMethod("gemm", &JsEngine::Gemm),
+                                     InstanceMethod("layerNorm", &JsEngine::LayerNorm),
+                                     InstanceMethod("gatedResidual", &JsEngine::GatedResidual),
+                                     InstanceMethod("activation", &JsEngine::Activation),
+                                     InstanceMethod("qkNormRope", &JsEngine::QkNormRope),
+                                     InstanceMethod("crossAttention", &JsEngine::CrossAttention),
+                                     InstanceMethod("cfgTau", &JsEngine::CfgTau),
+                                     InstanceMethod("topkTopPMask", &JsEngine::TopkTopPMask),
+                                     InstanceMethod("sampleBits", &JsEngine::SampleBits),
+                                     InstanceMethod("bitsToCodes", &JsEngine::BitsToCodes),
+                                     InstanceMethod("resizeBilinear", &JsEngine::ResizeBilinear),
+                                     InstanceMethod("conv2d", &JsEngine::Conv2d),
+                                     InstanceMethod("groupNorm", &JsEngine::GroupNorm),
+                                     InstanceMethod("upsampleNearest2x", &JsEngine::UpsampleNearest2x),
+                                     InstanceMethod("pixelShuffle2x", &JsEngine::PixelShuffle2x),
+                                     InstanceMethod("pixelUnshuffle2x", &JsEngine::PixelUnshuffle2x),
+                                     InstanceMethod("add", &JsEngine::Add),
+                                     InstanceMethod("imageToU8", &JsEngine::ImageToU8),
                                      InstanceAccessor("backend", &JsEngine::GetBackend, nullptr),
                                      InstanceAccessor("device", &JsEngine::GetDevice, nullptr),
                                  });
@@ -714,6 +752,537 @@ Napi::Value JsEngine::Selection(const Napi::CallbackInfo& info) {
   }
   Backend* backend = &c.backend();
   c.enqueue([backend, a, hold] { backend->selection(a); });
+  return env.Undefined();
+}
+
+#include "latent_ops.inc"
+
+// ------------------------------------------------------------------------------------- transformer ops
+
+double get_number(Napi::Env env, Napi::Object o, const char* key, std::optional<double> fallback = std::nullopt) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) {
+    if (fallback) return *fallback;
+    throw_coded(env, "ERR_INVALID_ARG", std::string(key) + " is required");
+  }
+  if (!v.IsNumber() || !std::isfinite(v.As<Napi::Number>().DoubleValue()))
+    throw_coded(env, "ERR_INVALID_ARG", std::string(key) + " must be a finite number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+void expect_float(Napi::Env env, const TensorState& t, const char* what) {
+  if (t.dtype != DType::f32 && t.dtype != DType::bf16)
+    throw_coded(env, "ERR_DTYPE", std::string(what) + " must be f32 or bf16, got " + dtype_name(t.dtype));
+}
+
+void expect_same_shape(Napi::Env env, const TensorState& t, const std::vector<int64_t>& shape, const char* what,
+                       const char* other) {
+  if (t.shape != shape)
+    throw_coded(env, "ERR_SHAPE", std::string(what) + " must have the shape of " + other + " " + shape_string(shape) +
+                                      ", got " + shape_string(t.shape));
+}
+
+// The operands of one op call: buffers are held until it has run.
+struct Holder {
+  std::vector<std::shared_ptr<Buffer>> hold;
+  void* ptr(JsTensor* t) {
+    if (!t) return nullptr;
+    hold.push_back(t->state->buffer);
+    return t->state->buffer->data();
+  }
+};
+
+const TensorState* state_of(JsTensor* t) { return t ? t->state.get() : nullptr; }
+
+// A per-batch-row f32 vector: `key` is [B, C], or [B, S, C] with `slotKey` picking the slot.
+struct RowVectors {
+  JsTensor* tensor = nullptr;
+  int64_t offset = 0, stride = 0;
+};
+
+RowVectors row_vectors(Napi::Env env, JsEngine* engine, Napi::Object o, const char* key, const char* slot_key,
+                       int64_t batch, int64_t channels) {
+  RowVectors r;
+  r.tensor = engine->unwrap_tensor(env, o.Get(key), key, true);
+  if (!r.tensor) return r;
+  const TensorState& t = *r.tensor->state;
+  expect_dtype(env, t, DType::f32, key);
+  if (t.shape.size() == 2) {
+    expect_dim(env, t, 0, batch, key, "batch");
+    expect_dim(env, t, 1, channels, key, "channels");
+    r.stride = channels;
+  } else if (t.shape.size() == 3) {
+    expect_dim(env, t, 0, batch, key, "batch");
+    expect_dim(env, t, 2, channels, key, "channels");
+    const int slot = get_int(env, o, slot_key);
+    if (slot < 0 || slot >= t.shape[1])
+      throw_coded(env, "ERR_SHAPE", std::string(slot_key) + " " + std::to_string(slot) + " is outside [0, " +
+                                        std::to_string(t.shape[1]) + ")");
+    r.offset = int64_t(slot) * channels;
+    r.stride = t.shape[1] * channels;
+  } else {
+    throw_coded(env, "ERR_SHAPE", std::string(key) + " must be [batch, channels] or [batch, slots, channels], got " +
+                                      shape_string(t.shape));
+  }
+  return r;
+}
+
+const float* row_vectors_ptr(Holder& h, const RowVectors& r) {
+  return r.tensor ? static_cast<const float*>(h.ptr(r.tensor)) + r.offset : nullptr;
+}
+
+// [batch, tokens, C] from a rank-3 tensor, or [rows, C] read as rows batches of one token.
+void batch_tokens_channels(Napi::Env env, const TensorState& t, const char* what, int* batch, int* tokens,
+                           int* channels) {
+  if (t.shape.size() == 3) {
+    *batch = int(t.shape[0]);
+    *tokens = int(t.shape[1]);
+    *channels = int(t.shape[2]);
+  } else if (t.shape.size() == 2) {
+    *batch = int(t.shape[0]);
+    *tokens = 1;
+    *channels = int(t.shape[1]);
+  } else {
+    throw_coded(env, "ERR_SHAPE", std::string(what) + " must be [batch, tokens, channels] or [rows, channels], got " +
+                                      shape_string(t.shape));
+  }
+  if (*channels <= 0) throw_coded(env, "ERR_SHAPE", std::string(what) + " has no channels");
+}
+
+// An output that may be the input itself (an in-place call) but must not overlap any other operand.
+void check_output(Napi::Env env, JsTensor* out, JsTensor* in, std::initializer_list<const TensorState*> others,
+                  const char* what) {
+  if (out->state->buffer == in->state->buffer) {
+    if (out->state->dtype != in->state->dtype)
+      throw_coded(env, "ERR_INVALID_ARG", std::string(what) + " may be the input itself only with the same dtype");
+  }
+  check_not_alias(env, out->state.get(), others, what);
+}
+
+// gemm({ x, w, bias?, y, epilogue?: 'none'|'gelu_tanh'|'silu' })
+Napi::Value JsEngine::Gemm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "gemm(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* x = unwrap_tensor(env, o.Get("x"), "x", false);
+  JsTensor* w = unwrap_tensor(env, o.Get("w"), "w", false);
+  JsTensor* bias = unwrap_tensor(env, o.Get("bias"), "bias", true);
+  JsTensor* y = unwrap_tensor(env, o.Get("y"), "y", false);
+  const TensorState& X = *x->state;
+  const TensorState& W = *w->state;
+  if (X.shape.empty()) throw_coded(env, "ERR_SHAPE", "x must be [..., K], got a scalar");
+  expect_rank(env, W, 2, "w", "[N, K]");
+  expect_float(env, X, "x");
+  expect_float(env, W, "w");
+  if (X.dtype == DType::bf16 && W.dtype != DType::bf16)
+    throw_coded(env, "ERR_DTYPE", "gemm takes x/w as f32/f32, bf16/bf16 or f32/bf16, not bf16 x with f32 w");
+  GemmArgs a;
+  a.k = int(W.shape[1]);
+  a.n = int(W.shape[0]);
+  expect_dim(env, X, X.shape.size() - 1, a.k, "x", "K (the last axis)");
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < X.shape.size(); ++i) m *= X.shape[i];
+  if (m > INT32_MAX || W.shape[0] > INT32_MAX || W.shape[1] > INT32_MAX)
+    throw_coded(env, "ERR_SHAPE", "gemm dimensions must each be below 2^31");
+  a.m = int(m);
+  std::vector<int64_t> y_shape = X.shape;
+  y_shape.back() = a.n;
+  expect_float(env, *y->state, "y");
+  expect_same_shape(env, *y->state, y_shape, "y", "x with N as the last axis");
+  if (bias) {
+    expect_rank(env, *bias->state, 1, "bias", "[N]");
+    expect_float(env, *bias->state, "bias");
+    expect_dim(env, *bias->state, 0, a.n, "bias", "N");
+    a.bias_dtype = bias->state->dtype;
+  }
+  const std::string ep = o.Get("epilogue").IsString() ? o.Get("epilogue").ToString().Utf8Value() : "none";
+  if (ep == "none") a.epilogue = Epilogue::none;
+  else if (ep == "gelu_tanh") a.epilogue = Epilogue::gelu_tanh;
+  else if (ep == "silu") a.epilogue = Epilogue::silu;
+  else throw_coded(env, "ERR_INVALID_ARG", "epilogue must be 'none', 'gelu_tanh' or 'silu'");
+  check_not_alias(env, y->state.get(), {&X, &W, state_of(bias)}, "gemm output y");
+  a.x_dtype = X.dtype;
+  a.w_dtype = W.dtype;
+  a.y_dtype = y->state->dtype;
+  Holder h;
+  a.x = h.ptr(x);
+  a.w = h.ptr(w);
+  a.bias = h.ptr(bias);
+  a.y = h.ptr(y);
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->gemm(a); });
+  return env.Undefined();
+}
+
+// layerNorm({ x, y, eps?, scale?, scaleSlot?, shift?, shiftSlot?, weight?, bias? })
+Napi::Value JsEngine::LayerNorm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "layerNorm(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* x = unwrap_tensor(env, o.Get("x"), "x", false);
+  JsTensor* y = unwrap_tensor(env, o.Get("y"), "y", false);
+  JsTensor* weight = unwrap_tensor(env, o.Get("weight"), "weight", true);
+  JsTensor* bias = unwrap_tensor(env, o.Get("bias"), "bias", true);
+  const TensorState& X = *x->state;
+  LayerNormArgs a;
+  batch_tokens_channels(env, X, "x", &a.batch, &a.tokens, &a.channels);
+  expect_float(env, X, "x");
+  expect_float(env, *y->state, "y");
+  expect_same_shape(env, *y->state, X.shape, "y", "x");
+  a.eps = float(get_number(env, o, "eps", 1e-6));
+  const RowVectors scale = row_vectors(env, this, o, "scale", "scaleSlot", a.batch, a.channels);
+  const RowVectors shift = row_vectors(env, this, o, "shift", "shiftSlot", a.batch, a.channels);
+  if ((scale.tensor == nullptr) != (shift.tensor == nullptr))
+    throw_coded(env, "ERR_INVALID_ARG", "scale and shift go together");
+  if ((weight == nullptr) != (bias == nullptr)) throw_coded(env, "ERR_INVALID_ARG", "weight and bias go together");
+  if (scale.tensor && weight) throw_coded(env, "ERR_INVALID_ARG", "give scale/shift (AdaLN) or weight/bias, not both");
+  for (JsTensor* t : {weight, bias}) {
+    if (!t) continue;
+    expect_rank(env, *t->state, 1, "weight/bias", "[channels]");
+    expect_dtype(env, *t->state, DType::f32, "weight/bias");
+    expect_dim(env, *t->state, 0, a.channels, "weight/bias", "channels");
+  }
+  a.mode = scale.tensor ? NormMode::modulate : weight ? NormMode::affine : NormMode::plain;
+  check_output(env, y, x, {state_of(scale.tensor), state_of(shift.tensor), state_of(weight), state_of(bias)},
+               "layerNorm output y");
+  a.x_dtype = X.dtype;
+  a.y_dtype = y->state->dtype;
+  a.scale_stride = scale.stride;
+  a.shift_stride = shift.stride;
+  Holder h;
+  a.x = h.ptr(x);
+  a.y = h.ptr(y);
+  a.scale = row_vectors_ptr(h, scale);
+  a.shift = row_vectors_ptr(h, shift);
+  a.weight = static_cast<const float*>(h.ptr(weight));
+  a.bias = static_cast<const float*>(h.ptr(bias));
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->layer_norm(a); });
+  return env.Undefined();
+}
+
+// gatedResidual({ x, y, gate?, gateSlot? })
+Napi::Value JsEngine::GatedResidual(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "gatedResidual(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* x = unwrap_tensor(env, o.Get("x"), "x", false);
+  JsTensor* y = unwrap_tensor(env, o.Get("y"), "y", false);
+  const TensorState& X = *x->state;
+  GatedResidualArgs a;
+  batch_tokens_channels(env, X, "x", &a.batch, &a.tokens, &a.channels);
+  expect_float(env, X, "x");
+  expect_float(env, *y->state, "y");
+  expect_same_shape(env, *y->state, X.shape, "y", "x");
+  const RowVectors gate = row_vectors(env, this, o, "gate", "gateSlot", a.batch, a.channels);
+  check_not_alias(env, &X, {y->state.get(), state_of(gate.tensor)}, "gatedResidual's x (updated in place)");
+  a.x_dtype = X.dtype;
+  a.y_dtype = y->state->dtype;
+  a.gate_stride = gate.stride;
+  Holder h;
+  a.x = h.ptr(x);
+  a.y = h.ptr(y);
+  a.gate = row_vectors_ptr(h, gate);
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->gated_residual(a); });
+  return env.Undefined();
+}
+
+// activation({ x, out, fn: 'silu'|'gelu_tanh' })
+Napi::Value JsEngine::Activation(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "activation(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* x = unwrap_tensor(env, o.Get("x"), "x", false);
+  JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
+  expect_float(env, *x->state, "x");
+  expect_float(env, *out->state, "out");
+  expect_same_shape(env, *out->state, x->state->shape, "out", "x");
+  ActivationArgs a;
+  const std::string fn = o.Get("fn").IsString() ? o.Get("fn").ToString().Utf8Value() : "";
+  if (fn == "silu") a.fn = Epilogue::silu;
+  else if (fn == "gelu_tanh") a.fn = Epilogue::gelu_tanh;
+  else throw_coded(env, "ERR_INVALID_ARG", "fn must be 'silu' or 'gelu_tanh'");
+  check_output(env, out, x, {}, "activation output");
+  a.count = x->state->numel();
+  a.x_dtype = x->state->dtype;
+  a.y_dtype = out->state->dtype;
+  Holder h;
+  a.x = h.ptr(x);
+  a.y = h.ptr(out);
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->activation(a); });
+  return env.Undefined();
+}
+
+// qkNormRope({ qkv, qBias?, vBias?, scaleMul?, normalize?, positions?, q, k, v, kvOffset? })
+Napi::Value JsEngine::QkNormRope(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "qkNormRope(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* qkv = unwrap_tensor(env, o.Get("qkv"), "qkv", false);
+  JsTensor* q_bias = unwrap_tensor(env, o.Get("qBias"), "qBias", true);
+  JsTensor* v_bias = unwrap_tensor(env, o.Get("vBias"), "vBias", true);
+  JsTensor* scale_mul = unwrap_tensor(env, o.Get("scaleMul"), "scaleMul", true);
+  JsTensor* positions = unwrap_tensor(env, o.Get("positions"), "positions", true);
+  JsTensor* q = unwrap_tensor(env, o.Get("q"), "q", false);
+  JsTensor* k = unwrap_tensor(env, o.Get("k"), "k", false);
+  JsTensor* v = unwrap_tensor(env, o.Get("v"), "v", false);
+  const TensorState& Q = *q->state;
+  expect_rank(env, Q, 4, "q", "[batch, heads, tokens, headDim]");
+  expect_float(env, Q, "q");
+  QkNormRopeArgs a;
+  a.batch = int(Q.shape[0]);
+  a.heads = int(Q.shape[1]);
+  a.tokens = int(Q.shape[2]);
+  a.head_dim = int(Q.shape[3]);
+  if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.head_dim > 256)
+    throw_coded(env, "ERR_SHAPE", "headDim must be even and in [2, 256], got " + std::to_string(a.head_dim));
+  const TensorState& QKV = *qkv->state;
+  expect_rank(env, QKV, 3, "qkv", "[batch, tokens, 3 * heads * headDim]");
+  expect_float(env, QKV, "qkv");
+  expect_dim(env, QKV, 0, a.batch, "qkv", "batch");
+  expect_dim(env, QKV, 1, a.tokens, "qkv", "tokens");
+  expect_dim(env, QKV, 2, int64_t(3) * a.heads * a.head_dim, "qkv", "3 * heads * headDim");
+  expect_rank(env, *k->state, 4, "k", "[batch, heads, capacity, headDim]");
+  expect_float(env, *k->state, "k");
+  expect_dim(env, *k->state, 0, a.batch, "k", "batch");
+  expect_dim(env, *k->state, 1, a.heads, "k", "heads");
+  expect_dim(env, *k->state, 3, a.head_dim, "k", "headDim");
+  expect_dtype(env, *v->state, k->state->dtype, "v (the dtype of k)");
+  expect_same_shape(env, *v->state, k->state->shape, "v", "k");
+  a.kv_cap = int(k->state->shape[2]);
+  a.kv_offset = get_int(env, o, "kvOffset", 0);
+  if (a.kv_offset < 0 || int64_t(a.kv_offset) + a.tokens > a.kv_cap)
+    throw_coded(env, "ERR_SHAPE", "kvOffset " + std::to_string(a.kv_offset) + " + tokens " + std::to_string(a.tokens) +
+                                      " exceeds the K/V capacity " + std::to_string(a.kv_cap));
+  for (JsTensor* t : {q_bias, v_bias}) {
+    if (!t) continue;
+    expect_rank(env, *t->state, 1, "qBias/vBias", "[heads * headDim]");
+    expect_dtype(env, *t->state, DType::f32, "qBias/vBias");
+    expect_dim(env, *t->state, 0, int64_t(a.heads) * a.head_dim, "qBias/vBias", "heads * headDim");
+  }
+  if (scale_mul) {
+    expect_rank(env, *scale_mul->state, 1, "scaleMul", "[heads]");
+    expect_dtype(env, *scale_mul->state, DType::f32, "scaleMul");
+    expect_dim(env, *scale_mul->state, 0, a.heads, "scaleMul", "heads");
+  }
+  if (positions) {
+    if (a.head_dim % 4 != 0)
+      throw_coded(env, "ERR_SHAPE", "2-D RoPE needs headDim a multiple of 4, got " + std::to_string(a.head_dim));
+    expect_rank(env, *positions->state, 2, "positions", "[tokens, 2]");
+    expect_dtype(env, *positions->state, DType::i32, "positions");
+    expect_dim(env, *positions->state, 0, a.tokens, "positions", "tokens");
+    expect_dim(env, *positions->state, 1, 2, "positions", "the (y, x) axis");
+  }
+  Napi::Value norm = o.Get("normalize");
+  if (!norm.IsUndefined() && !norm.IsBoolean()) throw_coded(env, "ERR_INVALID_ARG", "normalize must be a boolean");
+  a.normalize = norm.IsUndefined() || norm.As<Napi::Boolean>().Value();
+  if (!a.normalize && scale_mul) throw_coded(env, "ERR_INVALID_ARG", "scaleMul applies only with normalize");
+  const auto ins = {&QKV, state_of(q_bias), state_of(v_bias), state_of(scale_mul), state_of(positions)};
+  for (JsTensor* out : {q, k, v}) check_not_alias(env, out->state.get(), ins, "a qkNormRope output");
+  if (q->state->buffer == k->state->buffer || q->state->buffer == v->state->buffer ||
+      k->state->buffer == v->state->buffer)
+    throw_coded(env, "ERR_INVALID_ARG", "q, k and v must be distinct tensors");
+  a.qkv_dtype = QKV.dtype;
+  a.q_dtype = Q.dtype;
+  a.kv_dtype = k->state->dtype;
+  Holder h;
+  a.qkv = h.ptr(qkv);
+  a.q_bias = static_cast<const float*>(h.ptr(q_bias));
+  a.v_bias = static_cast<const float*>(h.ptr(v_bias));
+  a.scale_mul = static_cast<const float*>(h.ptr(scale_mul));
+  a.positions = static_cast<const int32_t*>(h.ptr(positions));
+  a.q = h.ptr(q);
+  a.k = h.ptr(k);
+  a.v = h.ptr(v);
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->qk_norm_rope(a); });
+  return env.Undefined();
+}
+
+// crossAttention({ q, kv? | k?, v?, cuSeqlens, out, scale? })
+Napi::Value JsEngine::CrossAttention(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "crossAttention(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* q = unwrap_tensor(env, o.Get("q"), "q", false);
+  JsTensor* kv = unwrap_tensor(env, o.Get("kv"), "kv", true);
+  JsTensor* k = unwrap_tensor(env, o.Get("k"), "k", true);
+  JsTensor* v = unwrap_tensor(env, o.Get("v"), "v", true);
+  JsTensor* cu = unwrap_tensor(env, o.Get("cuSeqlens"), "cuSeqlens", false);
+  JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
+  const TensorState& Q = *q->state;
+  expect_rank(env, Q, 4, "q", "[batch, tokens, heads, headDim]");
+  expect_float(env, Q, "q");
+  CrossAttentionArgs a;
+  a.batch = int(Q.shape[0]);
+  a.tokens = int(Q.shape[1]);
+  a.heads = int(Q.shape[2]);
+  a.head_dim = int(Q.shape[3]);
+  a.dtype = Q.dtype;
+  if (a.head_dim <= 0 || a.head_dim > 256)
+    throw_coded(env, "ERR_SHAPE", "headDim must be in [1, 256], got " + std::to_string(a.head_dim));
+  if (kv) {
+    if (k || v) throw_coded(env, "ERR_INVALID_ARG", "give kv (fused) or k and v, not both");
+    expect_rank(env, *kv->state, 4, "kv", "[nText, 2, heads, headDim]");
+    expect_dtype(env, *kv->state, a.dtype, "kv (the dtype of q)");
+    expect_dim(env, *kv->state, 1, 2, "kv", "the K/V axis");
+    expect_dim(env, *kv->state, 2, a.heads, "kv", "heads");
+    expect_dim(env, *kv->state, 3, a.head_dim, "kv", "headDim");
+    a.n_text = int(kv->state->shape[0]);
+    a.kv_row_stride = int64_t(2) * a.heads * a.head_dim;
+  } else {
+    if (!k || !v) throw_coded(env, "ERR_INVALID_ARG", "crossAttention needs kv, or k and v");
+    for (JsTensor* t : {k, v}) {
+      expect_rank(env, *t->state, 3, "k/v", "[nText, heads, headDim]");
+      expect_dtype(env, *t->state, a.dtype, "k/v (the dtype of q)");
+      expect_dim(env, *t->state, 1, a.heads, "k/v", "heads");
+      expect_dim(env, *t->state, 2, a.head_dim, "k/v", "headDim");
+    }
+    expect_dim(env, *v->state, 0, k->state->shape[0], "v", "nText");
+    a.n_text = int(k->state->shape[0]);
+    a.kv_row_stride = int64_t(a.heads) * a.head_dim;
+  }
+  expect_rank(env, *cu->state, 1, "cuSeqlens", "[batch + 1]");
+  expect_dtype(env, *cu->state, DType::i32, "cuSeqlens");
+  expect_dim(env, *cu->state, 0, int64_t(a.batch) + 1, "cuSeqlens", "batch + 1");
+  expect_dtype(env, *out->state, a.dtype, "out (the dtype of q)");
+  expect_same_shape(env, *out->state, Q.shape, "out", "q");
+  a.scale = float(get_number(env, o, "scale", 1.0 / std::sqrt(double(a.head_dim))));
+  check_not_alias(env, out->state.get(), {&Q, state_of(kv), state_of(k), state_of(v), cu->state.get()},
+                  "crossAttention output");
+  Holder h;
+  a.q = h.ptr(q);
+  if (kv) {
+    a.k = h.ptr(kv);
+    a.v = static_cast<const uint8_t*>(a.k) + size_t(a.heads) * a.head_dim * dtype_size(a.dtype);
+  } else {
+    a.k = h.ptr(k);
+    a.v = h.ptr(v);
+  }
+  a.cu_seqlens = static_cast<const int32_t*>(h.ptr(cu));
+  a.out = h.ptr(out);
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->cross_attention(a); });
+  return env.Undefined();
+}
+
+// cfgTau({ logits, out, cfg?, tau? })
+Napi::Value JsEngine::CfgTau(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "cfgTau(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* z = unwrap_tensor(env, o.Get("logits"), "logits", false);
+  JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
+  const TensorState& Z = *z->state;
+  const TensorState& O = *out->state;
+  expect_dtype(env, Z, DType::f32, "logits");
+  expect_dtype(env, O, DType::f32, "out");
+  if (Z.shape.empty() || O.shape.size() != Z.shape.size())
+    throw_coded(env, "ERR_SHAPE", "logits [rows, ...] and out [batch, ...] must have the same rank (at least 1)");
+  for (size_t i = 1; i < Z.shape.size(); ++i) expect_dim(env, O, i, Z.shape[i], "out", "a trailing axis of logits");
+  CfgTauArgs a;
+  const double cfg = get_number(env, o, "cfg", 1.0);
+  const double tau = get_number(env, o, "tau", 1.0);
+  if (tau == 0.0) throw_coded(env, "ERR_INVALID_ARG", "tau must not be 0");
+  if (Z.shape[0] == 2 * O.shape[0]) {
+    a.mixed = true;
+  } else if (Z.shape[0] == O.shape[0]) {
+    if (cfg != 1.0)
+      throw_coded(env, "ERR_SHAPE", "cfg " + std::to_string(cfg) + " needs logits with 2 * batch rows (conditional first)");
+    a.mixed = false;
+  } else {
+    throw_coded(env, "ERR_SHAPE", "logits must have batch or 2 * batch rows (out has " + std::to_string(O.shape[0]) +
+                                      "), got " + std::to_string(Z.shape[0]));
+  }
+  check_not_alias(env, &O, {&Z}, "cfgTau output");
+  a.batch = int(O.shape[0]);
+  a.row_size = O.shape[0] > 0 ? O.numel() / O.shape[0] : 0;
+  a.cfg = float(cfg);
+  a.uncond_weight = float(1.0 - cfg);
+  a.tau = float(tau);
+  Holder h;
+  a.z = static_cast<const float*>(h.ptr(z));
+  a.out = static_cast<float*>(h.ptr(out));
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->cfg_tau(a); });
+  return env.Undefined();
+}
+
+void top_k_top_p(Napi::Env env, Napi::Object o, int* top_k, double* top_p) {
+  *top_k = get_int(env, o, "topK", 0);
+  *top_p = get_number(env, o, "topP", 0.0);
+  if (*top_p >= 1.0) throw_coded(env, "ERR_INVALID_ARG", "topP must be below 1 (0 or less: off)");
+}
+
+// topkTopPMask({ logits, out, topK?, topP? })
+Napi::Value JsEngine::TopkTopPMask(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "topkTopPMask(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* z = unwrap_tensor(env, o.Get("logits"), "logits", false);
+  JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
+  const TensorState& Z = *z->state;
+  if (Z.shape.empty() || Z.shape.back() <= 0) throw_coded(env, "ERR_SHAPE", "logits must be [..., V] with V >= 1");
+  expect_dtype(env, Z, DType::f32, "logits");
+  expect_dtype(env, *out->state, DType::f32, "out");
+  expect_same_shape(env, *out->state, Z.shape, "out", "logits");
+  TopkToppMaskArgs a;
+  top_k_top_p(env, o, &a.top_k, &a.top_p);
+  a.vocab = int(Z.shape.back());
+  a.rows = Z.numel() / a.vocab;
+  Holder h;
+  a.logits = static_cast<const float*>(h.ptr(z));
+  a.out = static_cast<float*>(h.ptr(out));
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->topk_topp_mask(a); });
+  return env.Undefined();
+}
+
+// sampleBits({ logits, out, topK?, topP?, seed, scaleIndex })
+Napi::Value JsEngine::SampleBits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "sampleBits(args: object)");
+  Napi::Object o = info[0].As<Napi::Object>();
+  JsTensor* z = unwrap_tensor(env, o.Get("logits"), "logits", false);
+  JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
+  const TensorState& Z = *z->state;
+  const TensorState& O = *out->state;
+  expect_dtype(env, Z, DType::f32, "logits");
+  if (Z.shape.size() < 2 || Z.shape.back() % 2 != 0)
+    throw_coded(env, "ERR_SHAPE", "logits must be [batch, ..., 2k] (pairs of bit logits), got " + shape_string(Z.shape));
+  if (O.dtype != DType::u8 && O.dtype != DType::i32)
+    throw_coded(env, "ERR_DTYPE", std::string("out must be u8 or i32, got ") + dtype_name(O.dtype));
+  if (O.shape.empty() || O.shape[0] != Z.shape[0] || O.numel() * 2 != Z.numel())
+    throw_coded(env, "ERR_SHAPE", "out must be [batch, ...] with one entry per logit pair (" +
+                                      std::to_string(Z.numel() / 2) + "), got " + shape_string(O.shape));
+  SampleBitsArgs a;
+  top_k_top_p(env, o, &a.top_k, &a.top_p);
+  const double seed = get_number(env, o, "seed");
+  if (seed < 0 || seed > 9007199254740991.0 || seed != std::floor(seed))
+    throw_coded(env, "ERR_INVALID_ARG", "seed must be an integer in [0, 2^53)");
+  a.seed = uint64_t(seed);
+  const int scale_index = get_int(env, o, "scaleIndex");
+  if (scale_index < 0) throw_coded(env, "ERR_INVALID_ARG", "scaleIndex must be >= 0");
+  a.scale_index = uint32_t(scale_index);
+  a.batch = int(Z.shape[0]);
+  a.pairs = a.batch > 0 ? Z.numel() / 2 / a.batch : 0;
+  a.out_dtype = O.dtype;
+  Holder h;
+  a.logits = static_cast<const float*>(h.ptr(z));
+  a.out = h.ptr(out);
+  Backend* backend = &c.backend();
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->sample_bits(a); });
   return env.Undefined();
 }
 

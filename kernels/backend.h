@@ -136,6 +136,250 @@ struct SelectionArgs {
   float* pooled_scores = nullptr;     // [rows, heads, n_keys] (optional)
 };
 
+// ---------------------------------------------------------------------------------------------------------
+// Latent and VAE-decoder ops (Infinity spec sec. 7.1, 9, 10). Float tensors are f32 or bf16 and every op
+// computes in f32; "NCHW" is [batch, channels, height, width], contiguous. Unless an entry says otherwise,
+// outputs must not overlap inputs.
+
+// bits_to_codes: codes[b,c,y,x] = bits[b,y,x,c] != 0 ? value : -value  (channels-last bits -> NCHW f32 codes).
+// `value` is the official code magnitude, computed once by the caller: with s = 1/sqrt(dim) in f32, the code
+// 2s - s L2-normalised over the dim channels (every code vector has the same norm, so one value serves all).
+struct BitsToCodesArgs {
+  int batch = 0, height = 0, width = 0, dim = 0;
+  DType bits_dtype = DType::u8;  // u8 or i32
+  float value = 0.0f;
+  const void* bits = nullptr;    // [batch, height, width, dim]
+  float* codes = nullptr;        // [batch, dim, height, width]
+};
+
+// resize_bilinear: PyTorch interpolate(mode='bilinear', or 'trilinear' with T = 1; align_corners=False, no
+// antialias), up or down. Per axis, with scale = float(in) / float(out):
+//   src = max(0, float((dst + 0.5) * scale - 0.5))  (the product in double, as torch 1.13; rounded once)
+//   i0 = floor(src), i1 = min(i0 + 1, in - 1), w1 = src - i0, w0 = 1 - w1
+//   row value r(y) = x[y,i0(x)]*w0x + x[y,i1(x)]*w1x;  out = r(i0(y))*w0y + r(i1(y))*w1y   (f32)
+// accumulate: out += resized (the running sum of codes) instead of out = resized.
+struct ResizeBilinearArgs {
+  int batch = 0, channels = 0, in_h = 0, in_w = 0, out_h = 0, out_w = 0;
+  bool accumulate = false;
+  const float* in = nullptr;  // NCHW [batch, channels, in_h, in_w]
+  float* out = nullptr;       // NCHW [batch, channels, out_h, out_w]
+};
+
+// conv2d: out[b,o,y,x] = bias[o] + sum_{i,ky,kx} w[o,i,ky,kx] * x[b,i,y+ky-p,x+kx-p], p = (k-1)/2, zero padding,
+// stride 1, k = 1 or 3. f32 accumulation. x/out share `dtype`; weight/bias share `weight_dtype`.
+struct Conv2dArgs {
+  int batch = 0, in_channels = 0, out_channels = 0, height = 0, width = 0, kernel = 3;
+  DType dtype = DType::f32;         // f32 or bf16
+  DType weight_dtype = DType::f32;  // f32 or bf16
+  const void* x = nullptr;          // NCHW [batch, in_channels, height, width]
+  const void* weight = nullptr;     // [out_channels, in_channels, kernel, kernel]
+  const void* bias = nullptr;       // [out_channels], optional
+  void* out = nullptr;              // NCHW [batch, out_channels, height, width]
+};
+
+// group_norm: per (b, g) over the channels_per_group * spatial values of group g: mean and biased variance
+// (f32 results), y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]; with `swish`, y = y * sigmoid(y).
+// out may be x (in place).
+struct GroupNormArgs {
+  int batch = 0, channels = 0, groups = 0;
+  int64_t spatial = 0;             // height * width
+  float eps = 1e-6f;
+  bool swish = false;
+  DType dtype = DType::f32;        // x and out: f32 or bf16
+  DType param_dtype = DType::f32;  // weight and bias: f32 or bf16
+  const void* x = nullptr;         // [batch, channels, spatial]
+  const void* weight = nullptr;    // [channels]
+  const void* bias = nullptr;      // [channels]
+  void* out = nullptr;             // [batch, channels, spatial]
+};
+
+// upsample_nearest2x: out[b,c,y,x] = in[b,c,y/2,x/2]. Any dtype (elements are moved, not converted).
+struct UpsampleNearest2xArgs {
+  int batch = 0, channels = 0, height = 0, width = 0;  // of the input
+  DType dtype = DType::f32;
+  const void* in = nullptr;  // NCHW [batch, channels, height, width]
+  void* out = nullptr;       // NCHW [batch, channels, 2*height, 2*width]
+};
+
+// pixel_shuffle2x (spec sec. 9.3, transformer -> VAE, channels-last on both sides):
+//   out[b, 2r+dy, 2q+dx, c] = in[b, r, q, c*4 + dy*2 + dx]. Any dtype.
+struct PixelShuffle2xArgs {
+  int batch = 0, height = 0, width = 0;  // the token grid (r, q)
+  int channels = 0;                      // per output pixel; the input has 4 * channels
+  DType dtype = DType::f32;
+  const void* in = nullptr;  // [batch, height, width, 4*channels]
+  void* out = nullptr;       // [batch, 2*height, 2*width, channels]
+};
+
+// pixel_unshuffle2x (VAE latent -> transformer tokens, the exact inverse of the channel mapping above):
+//   out[b, r*width + q, c*4 + dy*2 + dx] = in[b, c, 2r+dy, 2q+dx]. Any dtype.
+struct PixelUnshuffle2xArgs {
+  int batch = 0, height = 0, width = 0;  // the token grid (r, q)
+  int channels = 0;                      // of the latent; a token has 4 * channels
+  DType dtype = DType::f32;
+  const void* in = nullptr;  // NCHW [batch, channels, 2*height, 2*width]
+  void* out = nullptr;       // [batch, height*width, 4*channels]
+};
+
+// add: out[i] = a[i] + b[i] (f32 sum, rounded to dtype). out may be a or b (in place).
+struct AddArgs {
+  int64_t count = 0;
+  DType dtype = DType::f32;  // f32 or bf16
+  const void* a = nullptr;
+  const void* b = nullptr;
+  void* out = nullptr;
+};
+
+// image_to_u8: out[b,y,x,k] = uint8(trunc((clamp(img[b,c,y,x], -1, 1) + 1) / 2 * 255)) in f32, with c = k, or
+// c = 2 - k when `bgr` (the official output order, for OpenCV). NCHW in, NHWC out.
+struct ImageToU8Args {
+  int batch = 0, height = 0, width = 0;  // 3 channels
+  DType dtype = DType::f32;              // f32 or bf16
+  bool bgr = false;
+  const void* image = nullptr;  // [batch, 3, height, width]
+  uint8_t* out = nullptr;       // [batch, height, width, 3]
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Infinity transformer ops. Modulation vectors (AdaLN scale/shift, gates) are f32 rows of length C, one per
+// batch row b, found at `ptr + b * stride` so a slot of a [B, S, C] table is used without a copy.
+
+enum class Epilogue : int32_t { none = 0, gelu_tanh = 1, silu = 2 };
+
+// gemm: y[m, n] = epilogue(sum_k x[m, k] * w[n, k] + bias[n]) (PyTorch Linear layout), f32 accumulation.
+// x/w: both f32, both bf16, or f32 x with bf16 w; bias (optional) f32 or bf16; y f32 or bf16. y must not
+// alias x, w or bias.
+struct GemmArgs {
+  int m = 0, n = 0, k = 0;
+  DType x_dtype = DType::f32, w_dtype = DType::f32, bias_dtype = DType::f32, y_dtype = DType::f32;
+  Epilogue epilogue = Epilogue::none;
+  const void* x = nullptr;     // [m, k]
+  const void* w = nullptr;     // [n, k]
+  const void* bias = nullptr;  // [n] (optional)
+  void* y = nullptr;           // [m, n]
+};
+
+// layer_norm over the last dim C of x [rows = B * L, C], statistics in f32 (two passes: mean, then variance):
+//   n = (x - mean) / sqrt(var + eps)            (biased variance, as F.layer_norm)
+//   modulate: y = n * (1 + scale[b]) + shift[b]  with b = row / tokens
+//   affine:   y = n * weight + bias
+//   plain:    y = n
+// y may be x itself (same dtype); x/y are f32 or bf16, every vector is f32.
+enum class NormMode : int32_t { plain = 0, modulate = 1, affine = 2 };
+struct LayerNormArgs {
+  int batch = 0, tokens = 0, channels = 0;
+  float eps = 1e-6f;
+  NormMode mode = NormMode::plain;
+  DType x_dtype = DType::f32, y_dtype = DType::f32;
+  const void* x = nullptr;  // [batch, tokens, C]
+  void* y = nullptr;        // [batch, tokens, C]
+  const float* scale = nullptr;  // modulate: row b at scale + b * scale_stride
+  const float* shift = nullptr;
+  int64_t scale_stride = 0, shift_stride = 0;
+  const float* weight = nullptr;  // affine: [C]
+  const float* bias = nullptr;    // affine: [C]
+};
+
+// gated_residual: x[b, l, :] += gate[b] ⊙ y[b, l, :] in place (gate null: 1), f32 math, one rounding to x's
+// dtype. x/y f32 or bf16 (independently); y must not alias x.
+struct GatedResidualArgs {
+  int batch = 0, tokens = 0, channels = 0;
+  DType x_dtype = DType::f32, y_dtype = DType::f32;
+  void* x = nullptr;        // [batch, tokens, C]
+  const void* y = nullptr;  // [batch, tokens, C]
+  const float* gate = nullptr;  // row b at gate + b * gate_stride (optional)
+  int64_t gate_stride = 0;
+};
+
+// activation: y[i] = f(x[i]) elementwise, f32 math; f = silu (x * sigmoid(x)) or gelu_tanh
+// (0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))). x/y f32 or bf16; y may be x itself (same dtype).
+struct ActivationArgs {
+  int64_t count = 0;
+  Epilogue fn = Epilogue::silu;  // silu or gelu_tanh
+  DType x_dtype = DType::f32, y_dtype = DType::f32;
+  const void* x = nullptr;
+  void* y = nullptr;
+};
+
+// qk_norm_rope: splits a fused projection qkv [B, L, 3, H, c] into attention operands, per (b, l, h):
+//   q = qkv[.., 0, h, :] + q_bias[h, :]   k = qkv[.., 1, h, :]   v = qkv[.., 2, h, :] + v_bias[h, :]
+//   normalize: q = q / max(|q|, 1e-12) * exp(min(scale_mul[h], ln 100)),  k = k / max(|k|, 1e-12)
+//   rope (positions non-null): pair p = (2p, 2p+1) of q and k rotated by theta = pos * inv_freq[p mod c/4],
+//     pos = positions[l].y for p < c/4, positions[l].x otherwise; inv_freq[i] = 1 / 10000^(2i / (c/2)) (f32)
+//   q_out[b, h, l, :] = q;  k_out[b, h, kv_offset + l, :] = k;  v_out[b, h, kv_offset + l, :] = v
+// Math in f32; c even (a multiple of 4 with rope), <= 256. Biases and scale_mul optional (absent: 0 / no scale).
+struct QkNormRopeArgs {
+  int batch = 0, tokens = 0, heads = 0, head_dim = 0;
+  bool normalize = true;
+  DType qkv_dtype = DType::f32, q_dtype = DType::f32, kv_dtype = DType::f32;
+  const void* qkv = nullptr;        // [B, L, 3 * H * c]
+  const float* q_bias = nullptr;    // [H * c]
+  const float* v_bias = nullptr;    // [H * c]
+  const float* scale_mul = nullptr; // [H], natural-log scale
+  const int32_t* positions = nullptr;  // [L, 2] (y, x); null: no rotation
+  void* q = nullptr;                // [B, H, L, c]
+  void* k = nullptr;                // [B, H, kv_cap, c]
+  void* v = nullptr;                // [B, H, kv_cap, c]
+  int kv_cap = 0, kv_offset = 0;    // kv_offset + L <= kv_cap
+};
+
+// cross_attention (varlen): out[b, l, h, :] = softmax_j(scale * q[b, l, h, :] . k[j, h, :]) . v[j, h, :] over
+// the text tokens j in [cu_seqlens[b], cu_seqlens[b + 1]); a row with no text gets zeros. K/V rows of token j
+// start at k + j * kv_row_stride (elements), so a fused [Ntext, 2, H, c] projection is read in place.
+// q/k/v/out share `dtype` (f32 or bf16); f32 accumulation; c <= 256.
+struct CrossAttentionArgs {
+  int batch = 0, tokens = 0, heads = 0, head_dim = 0, n_text = 0;
+  DType dtype = DType::f32;
+  float scale = 1.0f;
+  const void* q = nullptr;   // [B, L, H, c]
+  const void* k = nullptr;   // token j, head h at k + j * kv_row_stride + h * c
+  const void* v = nullptr;
+  int64_t kv_row_stride = 0;
+  const int32_t* cu_seqlens = nullptr;  // [B + 1], non-decreasing, cu[0] = 0, cu[B] <= n_text
+  void* out = nullptr;       // [B, L, H, c]
+};
+
+// cfg_tau: out[b, i] = cfg * (z[b, i] / tau) + uncond_weight * (z[B + b, i] / tau) when `mixed` (z has 2B
+// rows, conditional first), else out[b, i] = z[b, i] / tau. uncond_weight = 1 - cfg, rounded to f32 from
+// the exact value as torch does with a Python scalar. f32; out must not alias z.
+struct CfgTauArgs {
+  int batch = 0;          // B (rows of out)
+  int64_t row_size = 0;   // elements per row
+  bool mixed = true;
+  float cfg = 1.0f, uncond_weight = 0.0f, tau = 1.0f;
+  const float* z = nullptr;  // [2B or B, row_size]
+  float* out = nullptr;      // [B, row_size]
+};
+
+// topk_topp_mask: per row of V logits, as sample_with_top_k_top_p_also_inplace_modifying_logits_:
+//   top_k > 0: remove x_i < the k-th largest value (k = min(top_k, V); ties with it survive)
+//   top_p > 0: on the result, sort ascending (ties: lower index first), remove where the running sum of
+//              softmax (f32) <= 1 - top_p (f32), never the last (largest)
+// removed entries become -inf. out may be logits itself. f32.
+struct TopkToppMaskArgs {
+  int64_t rows = 0;
+  int vocab = 0;
+  int top_k = 0;       // <= 0: off
+  double top_p = 0.0;  // <= 0: off
+  const float* logits = nullptr;  // [rows, V]
+  float* out = nullptr;           // [rows, V]
+};
+
+// sample_bits: for each pair (z0, z1) = logits[b, t, 0:2]: the top-k / top-p mask above with V = 2, then
+// p1 = the softmax probability of class 1 (f64), u = philox_uniform(seed, b, scale_index, t), bit = u < p1.
+// `u` depends only on (seed, image, scale, pair), so every backend draws the same bits for a seed.
+struct SampleBitsArgs {
+  int batch = 0;
+  int64_t pairs = 0;  // T per image
+  int top_k = 0;
+  double top_p = 0.0;
+  uint64_t seed = 0;
+  uint32_t scale_index = 0;
+  const float* logits = nullptr;  // [B, T, 2]
+  DType out_dtype = DType::u8;    // u8 or i32
+  void* out = nullptr;            // [B, T]
+};
+
 // A device: memory, copies and the ops. Every call is ordered on the backend's single queue (the CUDA
 // stream, or the calling worker thread on CPU); `synchronize` waits and reports the first pending error.
 class Backend {
@@ -160,6 +404,26 @@ class Backend {
 
   // --- Model ops (Infinity). A backend overrides what it implements; the rest report themselves as
   // unavailable there rather than failing to build, so backends can gain ops one at a time.
+  virtual void gemm(const GemmArgs&) { unavailable("gemm"); }
+  virtual void layer_norm(const LayerNormArgs&) { unavailable("layerNorm"); }
+  virtual void gated_residual(const GatedResidualArgs&) { unavailable("gatedResidual"); }
+  virtual void activation(const ActivationArgs&) { unavailable("activation"); }
+  virtual void qk_norm_rope(const QkNormRopeArgs&) { unavailable("qkNormRope"); }
+  virtual void cross_attention(const CrossAttentionArgs&) { unavailable("crossAttention"); }
+  virtual void cfg_tau(const CfgTauArgs&) { unavailable("cfgTau"); }
+  virtual void topk_topp_mask(const TopkToppMaskArgs&) { unavailable("topkTopPMask"); }
+  virtual void sample_bits(const SampleBitsArgs&) { unavailable("sampleBits"); }
+
+  // Latent and VAE-decoder ops (structs above).
+  virtual void bits_to_codes(const BitsToCodesArgs&) { unavailable("bitsToCodes"); }
+  virtual void resize_bilinear(const ResizeBilinearArgs&) { unavailable("resizeBilinear"); }
+  virtual void conv2d(const Conv2dArgs&) { unavailable("conv2d"); }
+  virtual void group_norm(const GroupNormArgs&) { unavailable("groupNorm"); }
+  virtual void upsample_nearest2x(const UpsampleNearest2xArgs&) { unavailable("upsampleNearest2x"); }
+  virtual void pixel_shuffle2x(const PixelShuffle2xArgs&) { unavailable("pixelShuffle2x"); }
+  virtual void pixel_unshuffle2x(const PixelUnshuffle2xArgs&) { unavailable("pixelUnshuffle2x"); }
+  virtual void add(const AddArgs&) { unavailable("add"); }
+  virtual void image_to_u8(const ImageToU8Args&) { unavailable("imageToU8"); }
 
  protected:
   [[noreturn]] void unavailable(const char* op) const {

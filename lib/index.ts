@@ -1,6 +1,16 @@
 export { createEngine, backendInfo, Engine, Tensor, MEMORY_CATEGORIES } from './engine.js';
 export type { BackendChoice, BackendName, EngineOptions, HostArray, MemoryCategory, MemoryStats, TensorOptions } from './engine.js';
 export type { AttentionArgs, EvictCompactArgs, IndexInput, KVPair, Ops, PoolingMode, ScoreMode, SelectionArgs } from './ops.js';
+export type {
+  ActivationArgs, CfgTauArgs, CrossAttentionArgs, Epilogue, GatedResidualArgs, GemmArgs, LayerNormArgs, QkNormRopeArgs,
+  RowVectors, SampleBitsArgs, TopkTopPMaskArgs,
+} from './ops.js';
+export { final1MGrid, rope2dPositions } from './model/rope2d.js';
+export type { ScaleGrid } from './model/rope2d.js';
+export { bsqCodeValue } from './ops.js';
+export type { BitsToCodesArgs, Conv2dArgs, GroupNormArgs, ImageToU8Args, ResizeBilinearArgs } from './ops.js';
+export { VaeDecoder, normalizeVaeDecoderKey, vaeDecoderConfigFromManifest } from './model/vae.js';
+export type { VaeDecoderConfig, VaeWeightSource } from './model/vae.js';
 export { DTYPES, dtypeSize, f32ToBf16Bits, bf16BitsToF32, roundToBf16 } from './dtype.js';
 export type { DType } from './dtype.js';
 export { ScaleKVError } from './errors.js';

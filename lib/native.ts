@@ -32,6 +32,24 @@ export interface NativeEngine {
   attention(args: Record<string, unknown>): void;
   evictCompact(args: Record<string, unknown>): void;
   selection(args: Record<string, unknown>): void;
+  gemm(args: Record<string, unknown>): void;
+  layerNorm(args: Record<string, unknown>): void;
+  gatedResidual(args: Record<string, unknown>): void;
+  activation(args: Record<string, unknown>): void;
+  qkNormRope(args: Record<string, unknown>): void;
+  crossAttention(args: Record<string, unknown>): void;
+  cfgTau(args: Record<string, unknown>): void;
+  topkTopPMask(args: Record<string, unknown>): void;
+  sampleBits(args: Record<string, unknown>): void;
+  bitsToCodes(args: Record<string, unknown>): void;
+  resizeBilinear(args: Record<string, unknown>): void;
+  conv2d(args: Record<string, unknown>): void;
+  groupNorm(args: Record<string, unknown>): void;
+  upsampleNearest2x(args: Record<string, unknown>): void;
+  pixelShuffle2x(args: Record<string, unknown>): void;
+  pixelUnshuffle2x(args: Record<string, unknown>): void;
+  add(args: Record<string, unknown>): void;
+  imageToU8(args: Record<string, unknown>): void;
 }
 
 export interface NativeAddon {
@@ -64,12 +82,14 @@ export function loadNative(): NativeAddon {
       tried.push(`${path} (absent)`);
       continue;
     }
+    // A build that exists but does not load is an error, never a reason to fall back silently to a
+    // build with fewer backends.
     try {
       const addon = require(path) as Omit<NativeAddon, 'path'>;
       cached = { ...addon, path };
       return cached;
     } catch (e) {
-      tried.push(`${path} (${(e as Error).message})`);
+      throw new ScaleKVError('ERR_NATIVE_MISSING', `scalekv native addon ${path} failed to load: ${(e as Error).message}`, { cause: e });
     }
   }
   throw new ScaleKVError('ERR_NATIVE_MISSING', `scalekv native addon not found; run \`npm install\` (or \`npm run build:native\`). Tried: ${tried.join('; ')}`);

@@ -67,6 +67,211 @@ export interface SelectionArgs {
   pooledScores?: Tensor;
 }
 
+// ---- Latent and VAE-decoder ops (Infinity spec sec. 7.1, 9, 10). "NCHW" is [batch, channels, height, width].
+
+type LatentOpName =
+  | 'bitsToCodes' | 'resizeBilinear' | 'conv2d' | 'groupNorm' | 'upsampleNearest2x'
+  | 'pixelShuffle2x' | 'pixelUnshuffle2x' | 'add' | 'imageToU8';
+
+/**
+ * The magnitude of every BSQ code entry for `dim` channels, computed as the official
+ * `indices_to_codes(bits, 'bit_label')` does in f32: s = 1/sqrt(dim), code = 2s - s, then divided by the L2 norm
+ * of the dim-vector (summed in order). Every code vector has the same norm, so one value serves all; the
+ * normalisation moves it by an ulp (1/sqrt(32) -> 0.1767767071723938), which is why it is kept.
+ */
+export function bsqCodeValue(dim: number): number {
+  const f = Math.fround;
+  const s = f(1 / Math.sqrt(dim));
+  const code = f(f(2 * s) - s);
+  let sq = 0;
+  for (let i = 0; i < dim; i++) sq = f(sq + f(code * code));
+  return f(code / Math.max(f(Math.sqrt(sq)), 1e-12));
+}
+
+export interface BitsToCodesArgs {
+  /** [B, h, w, d] u8 or i32 sampled bits, channels-last (nonzero counts as 1). */
+  bits: Tensor;
+  /** [B, d, h, w] f32, channels-first: +bsqCodeValue(d) for a 1 bit, -bsqCodeValue(d) for a 0 bit. */
+  out: Tensor;
+}
+
+export interface ResizeBilinearArgs {
+  /** NCHW f32. */
+  input: Tensor;
+  /** NCHW f32 with the input's batch and channels; any height and width (up or down). */
+  out: Tensor;
+  /** Add the resized input to `out` instead of overwriting it (the running code sum). Default false. */
+  accumulate?: boolean;
+}
+
+export interface Conv2dArgs {
+  /** NCHW [B, I, H, W], f32 or bf16. */
+  input: Tensor;
+  /** [O, I, k, k] with k = 1 or 3 (padding (k-1)/2, stride 1), f32 or bf16. */
+  weight: Tensor;
+  /** [O], the weight's dtype. Default: no bias. */
+  bias?: Tensor;
+  /** NCHW [B, O, H, W], the input's dtype. Must not alias an input. */
+  out: Tensor;
+}
+
+export interface GroupNormArgs {
+  /** NCHW, f32 or bf16. */
+  input: Tensor;
+  /** [C] scale and shift, f32 or bf16 (both the same dtype). */
+  weight: Tensor;
+  bias: Tensor;
+  /** The input's shape and dtype; may be `input` itself (in place). */
+  out: Tensor;
+  /** Number of groups, dividing C. Default 32. */
+  groups?: number;
+  /** Added to the variance. Default 1e-6 (the VAE's). */
+  eps?: number;
+  /** Apply swish y*sigmoid(y) after the affine step. Default false. */
+  swish?: boolean;
+}
+
+export interface ImageToU8Args {
+  /** NCHW [B, 3, H, W] image in [-1, 1] (values outside are clamped), f32 or bf16. */
+  image: Tensor;
+  /** NHWC [B, H, W, 3] u8: trunc((x + 1) / 2 * 255), evaluated in f32. */
+  out: Tensor;
+  /** Channel order BGR instead of RGB (what the official pipeline returns, for OpenCV). Default false. */
+  bgr?: boolean;
+}
+
+// ---- Infinity transformer ops (spec sec. 5, 6, 8). Float tensors are f32 or bf16 unless stated; math is f32.
+
+type TransformerOpName =
+  | 'gemm' | 'layerNorm' | 'gatedResidual' | 'activation' | 'qkNormRope' | 'crossAttention'
+  | 'cfgTau' | 'topkTopPMask' | 'sampleBits';
+
+/** An elementwise function fused after a GEMM's bias, or run alone by `activation`. */
+export type Epilogue = 'none' | 'gelu_tanh' | 'silu';
+
+/**
+ * One f32 vector of C channels per image: a [B, C] tensor, or slot `slot` of a [B, S, C] table (e.g. the six
+ * AdaLN vectors of a block, `ada_gss + cond6`), read in place.
+ */
+export type RowVectors = Tensor | { table: Tensor; slot: number };
+
+export interface GemmArgs {
+  /** [..., K], f32 or bf16; the leading axes are flattened into M. */
+  x: Tensor;
+  /** [N, K], PyTorch Linear layout: x's dtype, or bf16 with an f32 x. */
+  w: Tensor;
+  /** [N], f32 or bf16, added before the epilogue. */
+  bias?: Tensor;
+  /** [..., N] with x's leading axes, f32 or bf16. Must not overlap an input. */
+  y: Tensor;
+  /** Applied after the bias. Default 'none'. */
+  epilogue?: Epilogue;
+}
+
+export interface LayerNormArgs {
+  /** [B, L, C], or [rows, C] (each row its own image). */
+  x: Tensor;
+  /** x's shape, f32 or bf16; may be x itself when the dtypes match. */
+  y: Tensor;
+  /** Default 1e-6 (the model's norm_eps). */
+  eps?: number;
+  /** AdaLN: y = LN(x) * (1 + scale[b]) + shift[b]. Give both or neither. */
+  scale?: RowVectors;
+  shift?: RowVectors;
+  /** Affine LayerNorm: y = LN(x) * weight + bias, both [C] f32. Excludes scale/shift. */
+  weight?: Tensor;
+  bias?: Tensor;
+}
+
+export interface GatedResidualArgs {
+  /** [B, L, C] or [rows, C], updated in place: x += gate[b] ⊙ y. */
+  x: Tensor;
+  /** x's shape, any float dtype. */
+  y: Tensor;
+  /** Per-image gate; absent: 1 (a plain residual add). */
+  gate?: RowVectors;
+}
+
+export interface ActivationArgs {
+  x: Tensor;
+  /** x's shape; may be x itself when the dtypes match. */
+  out: Tensor;
+  fn: 'silu' | 'gelu_tanh';
+}
+
+export interface QkNormRopeArgs {
+  /** [B, L, 3 * H * c]: the fused q/k/v projection, viewed as [B, L, 3, H, c]. */
+  qkv: Tensor;
+  /** [H * c] f32 biases of q and v (k has none). */
+  qBias?: Tensor;
+  vBias?: Tensor;
+  /** [H] f32 per-head log scale: q is multiplied by exp(min(scaleMul, ln 100)). Needs normalize. */
+  scaleMul?: Tensor;
+  /** L2-normalise q and k (F.normalize, eps 1e-12) before scaling and rotating. Default true. */
+  normalize?: boolean;
+  /** [L, 2] int32 (y, x) RoPE grid positions of this scale's tokens (see rope2dPositions); absent: no rotation. */
+  positions?: IndexInput;
+  /** [B, H, L, c] output, f32 or bf16. */
+  q: Tensor;
+  /** [B, H, capacity, c] K/V (one dtype): this scale's tokens are written at rows kvOffset .. kvOffset + L. */
+  k: Tensor;
+  v: Tensor;
+  /** Default 0. */
+  kvOffset?: number;
+}
+
+export interface CrossAttentionArgs {
+  /** [B, L, H, c] (the q projection's natural layout). */
+  q: Tensor;
+  /** [Ntext, 2, H, c]: the fused K/V projection of the text, read in place. Or give k and v. */
+  kv?: Tensor;
+  /** [Ntext, H, c] each. */
+  k?: Tensor;
+  v?: Tensor;
+  /** [B + 1] int32: image b attends to text tokens cuSeqlens[b] .. cuSeqlens[b + 1]. */
+  cuSeqlens: IndexInput;
+  /** [B, L, H, c], q's dtype. Rows with no text are zeros. */
+  out: Tensor;
+  /** Softmax scale. Default 1 / sqrt(c). */
+  scale?: number;
+}
+
+export interface CfgTauArgs {
+  /** [2B, ...] f32 (conditional rows first), or [B, ...] when cfg is 1. */
+  logits: Tensor;
+  /** [B, ...] f32: cfg * (z_cond / tau) + (1 - cfg) * (z_uncond / tau). */
+  out: Tensor;
+  /** Default 1. */
+  cfg?: number;
+  /** Default 1. */
+  tau?: number;
+}
+
+export interface TopkTopPMaskArgs {
+  /** [..., V] f32. */
+  logits: Tensor;
+  /** logits' shape, f32; may be logits itself. Removed entries become -Infinity. */
+  out: Tensor;
+  /** Keep values >= the k-th largest (ties kept). Default 0: off. */
+  topK?: number;
+  /** Then drop the smallest entries whose cumulative softmax is <= 1 - topP. Default 0: off. */
+  topP?: number;
+}
+
+export interface SampleBitsArgs {
+  /** [B, ..., 2k] f32 bit-logit pairs: (z0, z1) = logits of bit value 0 and 1 (after cfgTau). */
+  logits: Tensor;
+  /** [B, ...] u8 or i32 with one entry per pair: the sampled bits. */
+  out: Tensor;
+  /** As topkTopPMask with V = 2 (the official defaults 900 / 0.97). Default 0: off. */
+  topK?: number;
+  topP?: number;
+  /** Integer in [0, 2^53): with scaleIndex, image and pair it keys the Philox4x32-10 draw. */
+  seed: number;
+  /** The scale being sampled, so every scale draws fresh numbers. */
+  scaleIndex: number;
+}
+
 /** The kernel-level ops of an engine. Each validates at the call, then runs in queue order. */
 export class Ops {
   readonly #engine: Engine;
@@ -91,7 +296,7 @@ export class Ops {
     return { tensor: x, temp: false };
   }
 
-  #run(name: 'attention' | 'evictCompact' | 'selection', args: Record<string, unknown>, temps: { tensor?: Tensor; temp: boolean }[]) {
+  #run(name: 'attention' | 'evictCompact' | 'selection' | LatentOpName | TransformerOpName, args: Record<string, unknown>, temps: { tensor?: Tensor; temp: boolean }[]) {
     try {
       (this.#engine.native[name] as (a: Record<string, unknown>) => void)(args);
     } catch (e) {
@@ -173,5 +378,181 @@ export class Ops {
       },
       [windowKeys],
     );
+  }
+
+  #rowVectors(x: RowVectors | undefined, what: string): { tensor?: NativeTensor; slot?: number } {
+    if (x === undefined || x === null) return {};
+    if ('table' in x) return { tensor: this.#own(x.table, `${what}.table`), slot: x.slot };
+    return { tensor: this.#own(x, what) };
+  }
+
+  /** y = epilogue(x · wᵀ + bias), f32 accumulation (tensor cores for bf16 on CUDA). */
+  gemm(a: GemmArgs): void {
+    this.#run(
+      'gemm',
+      { x: this.#own(a?.x, 'x'), w: this.#own(a?.w, 'w'), bias: this.#own(a?.bias, 'bias'), y: this.#own(a?.y, 'y'), epilogue: a?.epilogue ?? 'none' },
+      [],
+    );
+  }
+
+  /** LayerNorm over the last axis: plain, AdaLN-modulated (scale/shift) or affine (weight/bias). */
+  layerNorm(a: LayerNormArgs): void {
+    const scale = this.#rowVectors(a?.scale, 'scale');
+    const shift = this.#rowVectors(a?.shift, 'shift');
+    this.#run(
+      'layerNorm',
+      {
+        x: this.#own(a?.x, 'x'), y: this.#own(a?.y, 'y'), eps: a?.eps ?? 1e-6,
+        scale: scale.tensor, scaleSlot: scale.slot, shift: shift.tensor, shiftSlot: shift.slot,
+        weight: this.#own(a?.weight, 'weight'), bias: this.#own(a?.bias, 'bias'),
+      },
+      [],
+    );
+  }
+
+  /** x += gate ⊙ y in place (the gated residual of the attention and FFN branches). */
+  gatedResidual(a: GatedResidualArgs): void {
+    const gate = this.#rowVectors(a?.gate, 'gate');
+    this.#run('gatedResidual', { x: this.#own(a?.x, 'x'), y: this.#own(a?.y, 'y'), gate: gate.tensor, gateSlot: gate.slot }, []);
+  }
+
+  /** out = fn(x) elementwise. */
+  activation(a: ActivationArgs): void {
+    this.#run('activation', { x: this.#own(a?.x, 'x'), out: this.#own(a?.out, 'out'), fn: a?.fn }, []);
+  }
+
+  /** out = SiLU(x) = x * sigmoid(x). */
+  silu(x: Tensor, out: Tensor): void {
+    this.activation({ x, out, fn: 'silu' });
+  }
+
+  /** out = GELU(x) with the tanh approximation. */
+  geluTanh(x: Tensor, out: Tensor): void {
+    this.activation({ x, out, fn: 'gelu_tanh' });
+  }
+
+  /**
+   * Cosine self-attention operands from the fused projection: bias, L2-normalise and scale, 2-D RoPE; q to its own
+   * tensor, k and v appended to the KV cache at kvOffset.
+   */
+  qkNormRope(a: QkNormRopeArgs): void {
+    const tokens = a?.qkv?.shape?.[1] ?? 0;
+    const positions = this.#indices(a?.positions, [tokens, 2], 'positions');
+    this.#run(
+      'qkNormRope',
+      {
+        qkv: this.#own(a?.qkv, 'qkv'), qBias: this.#own(a?.qBias, 'qBias'), vBias: this.#own(a?.vBias, 'vBias'),
+        scaleMul: this.#own(a?.scaleMul, 'scaleMul'), normalize: a?.normalize ?? true, positions: positions.tensor?.native,
+        q: this.#own(a?.q, 'q'), k: this.#own(a?.k, 'k'), v: this.#own(a?.v, 'v'), kvOffset: a?.kvOffset ?? 0,
+      },
+      [positions],
+    );
+  }
+
+  /** Varlen cross-attention of each image's tokens over its own text segment (no mask, no RoPE). */
+  crossAttention(a: CrossAttentionArgs): void {
+    const cu = this.#indices(a?.cuSeqlens, null, 'cuSeqlens');
+    this.#run(
+      'crossAttention',
+      {
+        q: this.#own(a?.q, 'q'), kv: this.#own(a?.kv, 'kv'), k: this.#own(a?.k, 'k'), v: this.#own(a?.v, 'v'),
+        cuSeqlens: cu.tensor?.native, out: this.#own(a?.out, 'out'), scale: a?.scale,
+      },
+      [cu],
+    );
+  }
+
+  /** Classifier-free guidance on logits after the temperature: out = cfg * z_c / tau + (1 - cfg) * z_u / tau. */
+  cfgTau(a: CfgTauArgs): void {
+    this.#run('cfgTau', { logits: this.#own(a?.logits, 'logits'), out: this.#own(a?.out, 'out'), cfg: a?.cfg ?? 1, tau: a?.tau ?? 1 }, []);
+  }
+
+  /** The deterministic part of the official top-k / top-p sampler over the last axis: removed logits become -Infinity. */
+  topkTopPMask(a: TopkTopPMaskArgs): void {
+    this.#run('topkTopPMask', { logits: this.#own(a?.logits, 'logits'), out: this.#own(a?.out, 'out'), topK: a?.topK ?? 0, topP: a?.topP ?? 0 }, []);
+  }
+
+  /** Samples one bit per logit pair after top-k / top-p, with a counter-based RNG: the same bits on every backend. */
+  sampleBits(a: SampleBitsArgs): void {
+    this.#run(
+      'sampleBits',
+      {
+        logits: this.#own(a?.logits, 'logits'), out: this.#own(a?.out, 'out'), topK: a?.topK ?? 0, topP: a?.topP ?? 0,
+        seed: a?.seed, scaleIndex: a?.scaleIndex,
+      },
+      [],
+    );
+  }
+
+  /** BSQ bits to codes (spec sec. 9.1): channels-last {0,1} bits -> channels-first f32 +-value codes. */
+  bitsToCodes(a: BitsToCodesArgs): void {
+    const dim = a?.bits?.shape?.[3];
+    if (!Number.isInteger(dim)) fail('ERR_SHAPE', 'bitsToCodes: bits must be [batch, height, width, dim]');
+    this.#run('bitsToCodes', { bits: this.#own(a.bits, 'bits'), out: this.#own(a.out, 'out'), value: bsqCodeValue(dim as number) }, []);
+  }
+
+  /**
+   * Bilinear resize as PyTorch's interpolate(mode='bilinear' or 'trilinear' with T = 1, align_corners=False,
+   * no antialias), up or down (spec sec. 9.2): downsampling point-samples, it does not average areas.
+   */
+  resizeBilinear(a: ResizeBilinearArgs): void {
+    this.#run('resizeBilinear', { input: this.#own(a?.input, 'input'), out: this.#own(a?.out, 'out'), accumulate: a?.accumulate ?? false }, []);
+  }
+
+  /** 2-D convolution, stride 1, zero padding (k-1)/2, k = 1 or 3, f32 accumulation. */
+  conv2d(a: Conv2dArgs): void {
+    this.#run(
+      'conv2d',
+      { input: this.#own(a?.input, 'input'), weight: this.#own(a?.weight, 'weight'), bias: this.#own(a?.bias, 'bias'), out: this.#own(a?.out, 'out') },
+      [],
+    );
+  }
+
+  /** GroupNorm with f32 statistics and an optional fused swish (the VAE's norm -> swish pairs). */
+  groupNorm(a: GroupNormArgs): void {
+    this.#run(
+      'groupNorm',
+      {
+        input: this.#own(a?.input, 'input'),
+        weight: this.#own(a?.weight, 'weight'),
+        bias: this.#own(a?.bias, 'bias'),
+        out: this.#own(a?.out, 'out'),
+        groups: a?.groups ?? 32,
+        eps: a?.eps ?? 1e-6,
+        swish: a?.swish ?? false,
+      },
+      [],
+    );
+  }
+
+  /** Nearest-neighbour x2 upsampling, NCHW [B, C, H, W] -> [B, C, 2H, 2W], any dtype. */
+  upsampleNearest2x(a: { input: Tensor; out: Tensor }): void {
+    this.#run('upsampleNearest2x', { input: this.#own(a?.input, 'input'), out: this.#own(a?.out, 'out') }, []);
+  }
+
+  /**
+   * Spatial un-patchify of sampled bits (spec sec. 9.3, 8B): [B, h, w, 4c] -> [B, 2h, 2w, c], both channels-last;
+   * channel c*4 + dy*2 + dx of token (r, q) becomes channel c of pixel (2r+dy, 2q+dx). Any dtype.
+   */
+  pixelShuffle2x(a: { input: Tensor; out: Tensor }): void {
+    this.#run('pixelShuffle2x', { input: this.#own(a?.input, 'input'), out: this.#own(a?.out, 'out') }, []);
+  }
+
+  /**
+   * Spatial patchify of the next-scale input (the inverse mapping): NCHW latent [B, c, 2h, 2w] -> tokens
+   * [B, h*w, 4c] (token r*w + q, channel c*4 + dy*2 + dx = latent[c, 2r+dy, 2q+dx]). Any dtype.
+   */
+  pixelUnshuffle2x(a: { input: Tensor; out: Tensor }): void {
+    this.#run('pixelUnshuffle2x', { input: this.#own(a?.input, 'input'), out: this.#own(a?.out, 'out') }, []);
+  }
+
+  /** out = a + b elementwise (same shape and dtype, f32 or bf16); out may be a or b. */
+  add(a: { a: Tensor; b: Tensor; out: Tensor }): void {
+    this.#run('add', { a: this.#own(a?.a, 'a'), b: this.#own(a?.b, 'b'), out: this.#own(a?.out, 'out') }, []);
+  }
+
+  /** The decoded image as 8-bit pixels, exactly as the official clamp -> (x+1)/2*255 -> truncate. */
+  imageToU8(a: ImageToU8Args): void {
+    this.#run('imageToU8', { image: this.#own(a?.image, 'image'), out: this.#own(a?.out, 'out'), bgr: a?.bgr ?? false }, []);
   }
 }

@@ -3,7 +3,7 @@
 // its Boost.Context dependency is present), node-gyp CPU-only as the fallback. Prints one line saying
 // which backends were built; the full build log goes to <build dir>/build.log.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -44,7 +44,13 @@ if (has('cmake')) {
   const jobs = process.env.SCALEKV_BUILD_JOBS;
   if (jobs) args.push('--parallel', jobs);
   const r = run(bin('cmake-js'), args, logFile);
-  if (r.ok) {
+  // A build that links but cannot be loaded (e.g. static TLS exhausted) must fail here, not at first use.
+  const loads = r.ok && run(process.execPath, ['-e', "require('./build-cmake/Release/scalekv.node')"], logFile).ok;
+  if (r.ok && !loads) {
+    failure = 'the cmake-js addon does not load (see build-cmake/build.log)';
+    rmSync(join(root, 'build-cmake', 'Release', 'scalekv.node'), { force: true });
+  }
+  if (loads) {
     const backends = readFileSync(join(root, 'build-cmake', 'backends.txt'), 'utf8').trim().split('+');
     const notes = [];
     if (!backends.includes('cuda')) notes.push('nvcc not found: CPU-only build');
@@ -53,7 +59,7 @@ if (has('cmake')) {
       (notes.length ? ` (${notes.join('; ')})` : ''));
     process.exit(0);
   }
-  failure = `cmake-js failed (see build-cmake/build.log)`;
+  failure ||= `cmake-js failed (see build-cmake/build.log)`;
   process.stderr.write(r.log.split('\n').slice(-40).join('\n') + '\n');
 } else {
   failure = 'cmake not found';

@@ -10,8 +10,13 @@ export function testBackends(): BackendName[] {
   const list: BackendName[] = ['cpu'];
   if (info.built.includes('emu')) list.push('emu');
   if (info.built.includes('cuda') && info.cuda.available) list.push('cuda');
-  const only = process.env.SCALEKV_TEST_BACKENDS;
-  return only ? list.filter((b) => only.split(',').includes(b)) : list;
+  const only = process.env.SCALEKV_TEST_BACKENDS?.split(',');
+  if (!only) return list;
+  // A suite asked for by name must run: a missing backend is a failure, not an empty run.
+  for (const b of only)
+    if (!list.includes(b as BackendName))
+      throw new Error(`SCALEKV_TEST_BACKENDS asks for '${b}', which is not usable here (built: ${info.built.join(', ')}; cuda: ${info.cuda.reason || 'ok'})`);
+  return list.filter((b) => only.includes(b));
 }
 
 export async function withEngine<T>(backend: BackendName, fn: (e: Engine) => Promise<T>): Promise<T> {

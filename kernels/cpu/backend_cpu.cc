@@ -9,6 +9,7 @@
 #include "../backend.h"
 #include "ops.h"
 #include "thread_pool.h"
+#include "transformer_ops.h"
 
 namespace scalekv {
 namespace {
@@ -39,6 +40,24 @@ class CpuBackend final : public Backend {
   void attention(const AttentionArgs& a) override { cpu::attention(pool_, a); }
   void evict_compact(const EvictCompactArgs& a) override { cpu::evict_compact(pool_, a); }
   void selection(const SelectionArgs& a) override { cpu::selection(pool_, a); }
+  void gemm(const GemmArgs& a) override { cpu::gemm(pool_, a); }
+  void layer_norm(const LayerNormArgs& a) override { cpu::layer_norm(pool_, a); }
+  void gated_residual(const GatedResidualArgs& a) override { cpu::gated_residual(pool_, a); }
+  void activation(const ActivationArgs& a) override { cpu::activation(pool_, a); }
+  void qk_norm_rope(const QkNormRopeArgs& a) override { cpu::qk_norm_rope(pool_, a); }
+  void cross_attention(const CrossAttentionArgs& a) override { cpu::cross_attention(pool_, a); }
+  void cfg_tau(const CfgTauArgs& a) override { cpu::cfg_tau(pool_, a); }
+  void topk_topp_mask(const TopkToppMaskArgs& a) override { cpu::topk_topp_mask(pool_, a); }
+  void sample_bits(const SampleBitsArgs& a) override { cpu::sample_bits(pool_, a); }
+  void bits_to_codes(const BitsToCodesArgs& a) override { cpu::bits_to_codes(pool_, a); }
+  void resize_bilinear(const ResizeBilinearArgs& a) override { cpu::resize_bilinear(pool_, a); }
+  void conv2d(const Conv2dArgs& a) override { cpu::conv2d(pool_, a); }
+  void group_norm(const GroupNormArgs& a) override { cpu::group_norm(pool_, a); }
+  void upsample_nearest2x(const UpsampleNearest2xArgs& a) override { cpu::upsample_nearest2x(pool_, a); }
+  void pixel_shuffle2x(const PixelShuffle2xArgs& a) override { cpu::pixel_shuffle2x(pool_, a); }
+  void pixel_unshuffle2x(const PixelUnshuffle2xArgs& a) override { cpu::pixel_unshuffle2x(pool_, a); }
+  void add(const AddArgs& a) override { cpu::add(pool_, a); }
+  void image_to_u8(const ImageToU8Args& a) override { cpu::image_to_u8(pool_, a); }
   void synchronize() override {}
 
  private:

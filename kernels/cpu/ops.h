@@ -10,4 +10,15 @@ void attention(ThreadPool& pool, const AttentionArgs& a);
 void evict_compact(ThreadPool& pool, const EvictCompactArgs& a);
 void selection(ThreadPool& pool, const SelectionArgs& a);
 
+// Latent and VAE-decoder ops, one file each (kernels/cpu/<op>.cc).
+void bits_to_codes(ThreadPool& pool, const BitsToCodesArgs& a);
+void resize_bilinear(ThreadPool& pool, const ResizeBilinearArgs& a);
+void conv2d(ThreadPool& pool, const Conv2dArgs& a);
+void group_norm(ThreadPool& pool, const GroupNormArgs& a);
+void upsample_nearest2x(ThreadPool& pool, const UpsampleNearest2xArgs& a);
+void pixel_shuffle2x(ThreadPool& pool, const PixelShuffle2xArgs& a);
+void pixel_unshuffle2x(ThreadPool& pool, const PixelUnshuffle2xArgs& a);
+void add(ThreadPool& pool, const AddArgs& a);
+void image_to_u8(ThreadPool& pool, const ImageToU8Args& a);
+
 }  // namespace scalekv::cpu

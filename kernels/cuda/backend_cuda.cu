@@ -148,6 +148,43 @@ class CudaBackend final : public Backend {
     check(cudaGetLastError(), "selection launch");
   }
 
+  // Transformer ops: none needs workspace; only crossAttention can set the status word.
+  void gemm(const GemmArgs& a) override { run_op([&] { cuda_ops::gemm(a, stream_, status_); }); }
+  void layer_norm(const LayerNormArgs& a) override { run_op([&] { cuda_ops::layer_norm(a, stream_, status_); }); }
+  void gated_residual(const GatedResidualArgs& a) override {
+    run_op([&] { cuda_ops::gated_residual(a, stream_, status_); });
+  }
+  void activation(const ActivationArgs& a) override { run_op([&] { cuda_ops::activation(a, stream_, status_); }); }
+  void qk_norm_rope(const QkNormRopeArgs& a) override { run_op([&] { cuda_ops::qk_norm_rope(a, stream_, status_); }); }
+  void cross_attention(const CrossAttentionArgs& a) override {
+    run_op([&] {
+      note_pending("crossAttention");
+      cuda_ops::cross_attention(a, stream_, status_);
+    });
+  }
+  void cfg_tau(const CfgTauArgs& a) override { run_op([&] { cuda_ops::cfg_tau(a, stream_, status_); }); }
+  void topk_topp_mask(const TopkToppMaskArgs& a) override {
+    run_op([&] { cuda_ops::topk_topp_mask(a, stream_, status_); });
+  }
+  void sample_bits(const SampleBitsArgs& a) override { run_op([&] { cuda_ops::sample_bits(a, stream_, status_); }); }
+
+  // Latent and VAE-decoder ops: no status word; group_norm takes workspace.
+  void bits_to_codes(const BitsToCodesArgs& a) override { run_op([&] { cuda_ops::bits_to_codes(a, stream_); }); }
+  void resize_bilinear(const ResizeBilinearArgs& a) override { run_op([&] { cuda_ops::resize_bilinear(a, stream_); }); }
+  void conv2d(const Conv2dArgs& a) override { run_op([&] { cuda_ops::conv2d(a, stream_); }); }
+  void group_norm(const GroupNormArgs& a) override {
+    run_op([&] { cuda_ops::group_norm(a, stream_, workspace(cuda_ops::group_norm_workspace_bytes(a))); });
+  }
+  void upsample_nearest2x(const UpsampleNearest2xArgs& a) override {
+    run_op([&] { cuda_ops::upsample_nearest2x(a, stream_); });
+  }
+  void pixel_shuffle2x(const PixelShuffle2xArgs& a) override { run_op([&] { cuda_ops::pixel_shuffle2x(a, stream_); }); }
+  void pixel_unshuffle2x(const PixelUnshuffle2xArgs& a) override {
+    run_op([&] { cuda_ops::pixel_unshuffle2x(a, stream_); });
+  }
+  void add(const AddArgs& a) override { run_op([&] { cuda_ops::add(a, stream_); }); }
+  void image_to_u8(const ImageToU8Args& a) override { run_op([&] { cuda_ops::image_to_u8(a, stream_); }); }
+
   void synchronize() override {
     std::lock_guard<std::mutex> lock(mutex_);
     bind();
@@ -165,6 +202,14 @@ class CudaBackend final : public Backend {
 
  private:
   void bind() const { check(cudaSetDevice(device_), "cudaSetDevice"); }  // calls may come from any thread
+
+  // Runs a launcher under the backend lock on this device (the launchers check their own launches).
+  template <typename Launch>
+  void run_op(Launch&& launch) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    launch();
+  }
 
   // Grows the cached workspace; the old buffer may still be read by queued kernels, so wait first.
   void* workspace(size_t bytes) {
@@ -206,6 +251,8 @@ class CudaBackend final : public Backend {
         if (has("evictCompact"))
           msg += "evictCompact: keep indices must lie in [0, hist_len + lc) and n_keep <= hist_cap; ";
         if (has("selection")) msg += "selection: window keys must lie in [0, n_keys); ";
+        if (has("crossAttention"))
+          msg += "crossAttention: cuSeqlens must be non-decreasing within [0, nText] (flat entry = image); ";
         if (msg.empty()) msg = "index out of range; ";
         return msg + "an index was out of range" + at;
       }

@@ -21,4 +21,29 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
 size_t selection_workspace_bytes(const SelectionArgs& a);
 void selection(const SelectionArgs& a, cudaStream_t stream, int32_t* status, void* workspace);
 
+// Transformer ops (gemm.cu, layer_norm.cu, ...): no workspace. Only cross_attention reports data errors
+// (cuSeqlens out of order or range: index_out_of_range, the output untouched).
+void gemm(const GemmArgs& a, cudaStream_t stream, int32_t* status);
+void layer_norm(const LayerNormArgs& a, cudaStream_t stream, int32_t* status);
+void gated_residual(const GatedResidualArgs& a, cudaStream_t stream, int32_t* status);
+void activation(const ActivationArgs& a, cudaStream_t stream, int32_t* status);
+void qk_norm_rope(const QkNormRopeArgs& a, cudaStream_t stream, int32_t* status);
+void cross_attention(const CrossAttentionArgs& a, cudaStream_t stream, int32_t* status);
+void cfg_tau(const CfgTauArgs& a, cudaStream_t stream, int32_t* status);
+void topk_topp_mask(const TopkToppMaskArgs& a, cudaStream_t stream, int32_t* status);
+void sample_bits(const SampleBitsArgs& a, cudaStream_t stream, int32_t* status);
+
+// Latent and VAE-decoder ops (bits_to_codes.cu, resize_bilinear.cu, ...): no data errors, so no status word.
+// group_norm needs group_norm_workspace_bytes(a) of workspace (per-chunk moments, then mean/rstd per group).
+void bits_to_codes(const BitsToCodesArgs& a, cudaStream_t stream);
+void resize_bilinear(const ResizeBilinearArgs& a, cudaStream_t stream);
+void conv2d(const Conv2dArgs& a, cudaStream_t stream);
+size_t group_norm_workspace_bytes(const GroupNormArgs& a);
+void group_norm(const GroupNormArgs& a, cudaStream_t stream, void* workspace);
+void upsample_nearest2x(const UpsampleNearest2xArgs& a, cudaStream_t stream);
+void pixel_shuffle2x(const PixelShuffle2xArgs& a, cudaStream_t stream);
+void pixel_unshuffle2x(const PixelUnshuffle2xArgs& a, cudaStream_t stream);
+void add(const AddArgs& a, cudaStream_t stream);
+void image_to_u8(const ImageToU8Args& a, cudaStream_t stream);
+
 }  // namespace scalekv::cuda_ops

@@ -10,6 +10,10 @@
 
 #if defined(SCALEKV_EMU)
 #include "../emu/emu_runtime.h"
+// One addon links both the nvcc and the emulator builds of these sources: everything they define lives in
+// scalekv::cuda_ops, which the emulator build renames so that no symbol (launcher, kernel, inline host
+// helper) is defined twice or silently bound to the other build's copy.
+#define cuda_ops cuda_ops_emu
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

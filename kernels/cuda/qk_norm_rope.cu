@@ -1,0 +1,97 @@
+// qk_norm_rope: per (b, l, h) one warp splits q/k/v [c] out of qkv [B, L, 3, H, c], adds the biases,
+// L2-normalises q and k (x / max(|x|, 1e-12), the norm by a warp sum) and scales q by
+// exp(min(scale_mul[h], ln 100)), rotates adjacent pairs (2p, 2p+1) by theta = pos * inv_freq[p mod c/4]
+// (pos = y for the first c/4 pairs, x after; inv_freq in f32 as torch builds it, accurate sinf/cosf), and
+// stores q [B,H,L,c] and k/v at row kv_offset + l of [B,H,cap,c]. Lane j owns pairs j, j+32, .. (c <= 256).
+// Cost: ~12*B*L*H*c FLOP + B*L*H*c/2 sin/cos pairs; reads 3 and writes 3 c-vectors per (b, l, h).
+#include "transformer_common.cuh"
+
+namespace scalekv::cuda_ops {
+namespace {
+
+constexpr int kWarps = 4, kMaxPairsPerLane = 4;  // c / 2 <= 128 pairs
+
+// Loads, transforms and stores q or k (at `src` of qkv) of the warp's (b, l, h) to `dst` of `out`.
+__device__ void norm_rope_one(const QkNormRopeArgs& a, int64_t src, int64_t dst, DType out_dtype,
+                              void* out, const float* bias, float mul, float pos_y, float pos_x) {
+  const int lane = threadIdx.x % 32, pairs = a.head_dim / 2, quarter = a.head_dim / 4;
+  float x0[kMaxPairsPerLane], x1[kMaxPairsPerLane];
+  float sq = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxPairsPerLane; ++j) {
+    const int p = lane + 32 * j;
+    x0[j] = x1[j] = 0.0f;
+    if (p < pairs) {
+      x0[j] = tx::load_f32(a.qkv, a.qkv_dtype, src + 2 * p);
+      x1[j] = tx::load_f32(a.qkv, a.qkv_dtype, src + 2 * p + 1);
+      if (bias) {
+        x0[j] += bias[2 * p];
+        x1[j] += bias[2 * p + 1];
+      }
+      sq += x0[j] * x0[j] + x1[j] * x1[j];
+    }
+  }
+  if (a.normalize) {
+    const float denom = fmaxf(sqrtf(tx::warp_sum(sq)), 1e-12f);
+#pragma unroll
+    for (int j = 0; j < kMaxPairsPerLane; ++j) {
+      x0[j] = x0[j] / denom * mul;
+      x1[j] = x1[j] / denom * mul;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxPairsPerLane; ++j) {
+    const int p = lane + 32 * j;
+    if (p >= pairs) continue;
+    float y0 = x0[j], y1 = x1[j];
+    if (a.positions) {
+      const int i = p % quarter;
+      const float inv_freq = 1.0f / powf(10000.0f, static_cast<float>(2 * i) / static_cast<float>(pairs));
+      const float theta = (p < quarter ? pos_y : pos_x) * inv_freq;
+      const float cs = cosf(theta), sn = sinf(theta);
+      y0 = x0[j] * cs - x1[j] * sn;
+      y1 = x1[j] * cs + x0[j] * sn;
+    }
+    tx::store_f32(out, out_dtype, dst + 2 * p, y0);
+    tx::store_f32(out, out_dtype, dst + 2 * p + 1, y1);
+  }
+}
+
+__global__ void __launch_bounds__(32 * kWarps) qk_norm_rope_kernel(const QkNormRopeArgs a, float ln100) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;  // (b, l, h), h fastest
+  if (item >= static_cast<int64_t>(a.batch) * a.tokens * a.heads) return;  // whole warps: shuffles stay full
+  const int H = a.heads, c = a.head_dim, L = a.tokens, lane = threadIdx.x % 32;
+  const int h = static_cast<int>(item % H);
+  const int64_t bl = item / H;
+  const int l = static_cast<int>(bl % L);
+  const int64_t b = bl / L;
+  const float pos_y = a.positions ? static_cast<float>(a.positions[2 * l]) : 0.0f;
+  const float pos_x = a.positions ? static_cast<float>(a.positions[2 * l + 1]) : 0.0f;
+  const int64_t src = (bl * 3 * H + h) * c;  // q; k is H*c later, v 2*H*c later
+  const int64_t q_dst = ((b * H + h) * L + l) * c;
+  const int64_t kv_dst = ((b * H + h) * a.kv_cap + a.kv_offset + l) * c;
+  const float mul = a.scale_mul ? expf(fminf(a.scale_mul[h], ln100)) : 1.0f;
+  norm_rope_one(a, src, q_dst, a.q_dtype, a.q, a.q_bias ? a.q_bias + h * c : nullptr, mul, pos_y, pos_x);
+  norm_rope_one(a, src + static_cast<int64_t>(H) * c, kv_dst, a.kv_dtype, a.k, nullptr, 1.0f, pos_y, pos_x);
+  for (int d = lane; d < c; d += 32) {
+    float v = tx::load_f32(a.qkv, a.qkv_dtype, src + 2 * static_cast<int64_t>(H) * c + d);
+    if (a.v_bias) v += a.v_bias[h * c + d];
+    tx::store_f32(a.v, a.kv_dtype, kv_dst + d, v);
+  }
+}
+
+}  // namespace
+
+void qk_norm_rope(const QkNormRopeArgs& a, cudaStream_t stream, int32_t* /*status*/) {
+  const int64_t items = static_cast<int64_t>(a.batch) * a.tokens * a.heads;
+  if (items == 0) return;
+  if (a.head_dim > 2 * 32 * kMaxPairsPerLane)
+    throw BackendError(StatusCode::internal, "qkNormRope: headDim " + std::to_string(a.head_dim) + " exceeds 256");
+  const int64_t blocks = (items + kWarps - 1) / kWarps;
+  if (blocks > 0x7fffffff) throw BackendError(StatusCode::internal, "qkNormRope: too many tokens");
+  SKV_LAUNCH(qk_norm_rope_kernel, dim3(static_cast<unsigned>(blocks)), dim3(32 * kWarps), 0, stream, a,
+             logf(100.0f));
+  tx::check_launch("qkNormRope");
+}
+
+}  // namespace scalekv::cuda_ops

@@ -1,0 +1,72 @@
+// Device helpers shared by the transformer-op kernels (gemm.cu, layer_norm.cu, ...): dtype-dispatched loads
+// and stores in f32, the activations as torch computes them, warp/block sums, the status word, launch checks.
+#pragma once
+
+#include <string>
+
+#include "ops.cuh"
+
+namespace scalekv::cuda_ops::tx {
+
+using bf16 = __nv_bfloat16;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+
+// Element i of an f32 or bf16 tensor whose dtype is only known at run time (uniform across the grid).
+__device__ __forceinline__ float load_f32(const void* p, DType t, int64_t i) {
+  return t == DType::f32 ? static_cast<const float*>(p)[i] : __bfloat162float(static_cast<const bf16*>(p)[i]);
+}
+__device__ __forceinline__ void store_f32(void* p, DType t, int64_t i, float v) {
+  if (t == DType::f32) static_cast<float*>(p)[i] = v;
+  else static_cast<bf16*>(p)[i] = __float2bfloat16(v);
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float gelu_tanh(float x) {
+  return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+__device__ __forceinline__ float apply_epilogue(Epilogue e, float x) {
+  return e == Epilogue::gelu_tanh ? gelu_tanh(x) : e == Epilogue::silu ? silu(x) : x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); `scratch` holds 32 floats of shared memory
+// and may be reused after the call returns (its last read is fenced by the trailing barrier).
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  x = warp_sum(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < warps; ++w) total += scratch[w];  // same order in every thread: one value for all
+  __syncthreads();
+  return total;
+}
+
+__device__ __forceinline__ void report_status(int32_t* status, StatusCode code, int32_t detail) {
+  if (atomicCAS(reinterpret_cast<int*>(status), 0, static_cast<int>(code)) == 0) status[1] = detail;
+}
+
+// Grid-stride loops: enough blocks to fill the device, capped so the index arithmetic stays in range.
+inline unsigned elementwise_blocks(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+}
+
+inline void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw BackendError(StatusCode::device, std::string("cuda: ") + what + " launch: " + cudaGetErrorName(err) + ": " +
+                                               cudaGetErrorString(err));
+}
+
+}  // namespace scalekv::cuda_ops::tx

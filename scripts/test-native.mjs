@@ -1,0 +1,35 @@
+#!/usr/bin/env node
+// The native half of `npm test`: the SIMT emulator's own tests (planted bugs: missing barriers, divergent
+// barriers, wrong fragment indices, out-of-bounds shared writes, bad shuffle masks — built with
+// AddressSanitizer) and the real kernels/cuda sources on the emulator against the CPU kernels. Skipped, with
+// a notice, when the addon was built without the emulator (no Boost.Context).
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const buildDir = join(root, 'build-cmake');
+const programs = ['emu_selftest', 'emu_kernel_check'];
+const found = programs.map((p) => [p, [join(buildDir, p), join(buildDir, 'Release', p)].find(existsSync)]);
+if (found.every(([, path]) => !path)) {
+  console.log('NOTICE: emulator test programs not built (install libboost-context-dev and rerun npm install); emu native suite skipped');
+  process.exit(0);
+}
+let failed = 0;
+for (const [name, path] of found) {
+  if (!path) {
+    console.error(`test-native: ${name} was not built`);
+    failed++;
+    continue;
+  }
+  const started = Date.now();
+  const r = spawnSync(path, [], { stdio: 'inherit', env: { ...process.env, ASAN_OPTIONS: process.env.ASAN_OPTIONS ?? 'detect_leaks=1' } });
+  const seconds = ((Date.now() - started) / 1000).toFixed(1);
+  if (r.status === 0) console.log(`test-native: ${name} passed (${seconds} s)`);
+  else {
+    console.error(`test-native: ${name} FAILED (exit ${r.status ?? r.signal}, ${seconds} s)`);
+    failed++;
+  }
+}
+process.exit(failed ? 1 : 0);

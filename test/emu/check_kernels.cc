@@ -1,0 +1,288 @@
+// Runs the real kernels/cuda kernels through the emu backend (under the test sanitizer) and compares them
+// with the CPU backend on small random cases, including shapes that are not tile multiples, the tensor-core
+// and SIMT paths, and bad index lists (both backends must report the same status code).
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../../kernels/emu/emu_backend.h"
+#include "selftest.h"
+
+namespace {
+
+using scalekv::Backend;
+using scalekv::DType;
+
+uint16_t to_bf16(float f) { return skv_emu::float_to_bf16_bits(f); }
+float from_bf16(uint16_t b) { return skv_emu::bf16_bits_to_float(b); }
+
+// A host tensor of f32 values, stored on a backend as f32 or bf16.
+struct HostTensor {
+  std::vector<float> v;
+  DType dtype = DType::f32;
+  std::vector<unsigned char> bytes() const {
+    std::vector<unsigned char> out(v.size() * scalekv::dtype_size(dtype));
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (dtype == DType::f32) std::memcpy(&out[i * 4], &v[i], 4);
+      else { const uint16_t b = to_bf16(v[i]); std::memcpy(&out[i * 2], &b, 2); }
+    }
+    return out;
+  }
+};
+
+std::vector<float> decode(const std::vector<unsigned char>& raw, DType dtype) {
+  std::vector<float> v(raw.size() / scalekv::dtype_size(dtype));
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (dtype == DType::f32) std::memcpy(&v[i], &raw[i * 4], 4);
+    else { uint16_t b; std::memcpy(&b, &raw[i * 2], 2); v[i] = from_bf16(b); }
+  }
+  return v;
+}
+
+// Buffers on one backend, freed with it.
+struct Device {
+  std::unique_ptr<Backend> be;
+  std::vector<void*> owned;
+  explicit Device(std::unique_ptr<Backend> b) : be(std::move(b)) {}
+  ~Device() { for (void* p : owned) be->free(p); }
+  void* put(const void* src, size_t bytes) {
+    void* p = be->alloc(bytes);
+    owned.push_back(p);
+    if (src) be->upload(p, src, bytes);
+    return p;
+  }
+  void* put(const HostTensor& t) { const auto b = t.bytes(); return put(b.data(), b.size()); }
+  template <class T> T* put(const std::vector<T>& v) { return static_cast<T*>(put(v.data(), v.size() * sizeof(T))); }
+  void* zeros(size_t bytes) { void* p = put(nullptr, bytes); be->fill_u8(p, 0, bytes); return p; }
+  std::vector<unsigned char> get(const void* p, size_t bytes) {
+    std::vector<unsigned char> out(bytes);
+    be->download(out.data(), p, bytes);
+    return out;
+  }
+  std::vector<float> get_f32(const void* p, size_t n) { return decode(get(p, n * 4), DType::f32); }
+  // Runs `op`, synchronizes, and returns the status code (0 when fine).
+  template <class F> int run(F op) {
+    try {
+      op();
+      be->synchronize();
+    } catch (const scalekv::BackendError& e) {
+      return static_cast<int>(e.code);
+    }
+    return 0;
+  }
+};
+
+std::vector<float> random_vec(std::mt19937& rng, size_t n, float lo = -1, float hi = 1) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+int count_mismatches(const std::vector<float>& a, const std::vector<float>& b, double atol, double rtol,
+                     const std::string& what) {
+  int bad = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    const bool both_nan = std::isnan(a[i]) && std::isnan(b[i]);
+    const bool same_inf = std::isinf(a[i]) && a[i] == b[i];
+    if (both_nan || same_inf || std::fabs(a[i] - b[i]) <= atol + rtol * std::fabs(b[i])) continue;
+    if (bad++ < 3) std::fprintf(stderr, "  %s[%zu]: emu %.7g cpu %.7g\n", what.c_str(), i, a[i], b[i]);
+  }
+  if (a.size() != b.size()) ++bad;
+  return bad;
+}
+
+struct AttnCase {
+  DType dtype;
+  int rows, heads, head_dim, lq, hist_cap, hist_len, n_gather, lc, n_window;
+  bool bad_gather = false;
+};
+
+void check_attention(const AttnCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const size_t pairs = static_cast<size_t>(c.rows) * c.heads;
+  HostTensor q{random_vec(rng, pairs * c.lq * c.head_dim), c.dtype};
+  HostTensor hk{random_vec(rng, pairs * c.hist_cap * c.head_dim), c.dtype};
+  HostTensor hv{random_vec(rng, pairs * c.hist_cap * c.head_dim), c.dtype};
+  HostTensor ck{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
+  HostTensor cv{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
+  std::vector<int32_t> gather(pairs * c.n_gather), window_rows(static_cast<size_t>(c.n_window));
+  for (auto& g : gather) g = static_cast<int32_t>(rng() % static_cast<unsigned>(c.hist_len));
+  if (c.bad_gather && !gather.empty()) gather[gather.size() / 2] = c.hist_len;
+  for (auto& w : window_rows) w = static_cast<int32_t>(rng() % static_cast<unsigned>(c.lq));
+  const int n_keys = (c.n_gather ? c.n_gather : c.hist_len) + c.lc;
+  const size_t out_n = pairs * c.lq * c.head_dim, wl_n = pairs * c.n_window * n_keys, lse_n = pairs * c.n_window;
+
+  std::vector<float> outs[2][3];
+  int codes[2];
+  for (int b = 0; b < 2; ++b) {
+    Device d(b == 0 ? scalekv::make_emu_backend(2) : scalekv::make_cpu_backend(2));
+    scalekv::AttentionArgs a;
+    a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.lq = c.lq;
+    a.hist_cap = c.hist_cap; a.hist_len = c.hist_len; a.n_gather = c.n_gather; a.lc = c.lc;
+    a.dtype = c.dtype; a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    a.q = d.put(q); a.hist_k = d.put(hk); a.hist_v = d.put(hv);
+    a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
+    a.gather = c.n_gather ? d.put(gather) : nullptr;
+    a.out = d.zeros(out_n * scalekv::dtype_size(c.dtype));
+    a.n_window = c.n_window;
+    if (c.n_window) {
+      a.window_rows = d.put(window_rows);
+      a.window_logits = static_cast<float*>(d.zeros(wl_n * 4));
+      a.window_lse = static_cast<float*>(d.zeros(lse_n * 4));
+    }
+    codes[b] = d.run([&] { d.be->attention(a); });
+    outs[b][0] = decode(d.get(a.out, out_n * scalekv::dtype_size(c.dtype)), c.dtype);
+    if (c.n_window) {
+      outs[b][1] = d.get_f32(a.window_logits, wl_n);
+      outs[b][2] = d.get_f32(a.window_lse, lse_n);
+    }
+  }
+  CHECK(codes[0] == codes[1]);
+  if (codes[1] != 0) return;
+  const double tol = c.dtype == DType::bf16 ? 1e-2 : 1e-5;
+  CHECK(count_mismatches(outs[0][0], outs[1][0], tol, tol, "out") == 0);
+  CHECK(count_mismatches(outs[0][1], outs[1][1], 1e-5, 1e-5, "window_logits") == 0);
+  CHECK(count_mismatches(outs[0][2], outs[1][2], 1e-5, 1e-5, "window_lse") == 0);
+}
+
+struct EvictCase {
+  DType dtype;
+  int rows, heads, head_dim, hist_cap, hist_len, lc, n_keep;
+  bool unsorted = false;
+};
+
+void check_evict(const EvictCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const size_t pairs = static_cast<size_t>(c.rows) * c.heads;
+  HostTensor hk{random_vec(rng, pairs * c.hist_cap * c.head_dim), c.dtype};
+  HostTensor hv{random_vec(rng, pairs * c.hist_cap * c.head_dim), c.dtype};
+  HostTensor ck{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
+  HostTensor cv{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
+  std::vector<int32_t> keep;
+  for (size_t p = 0; p < pairs; ++p) {  // a sorted random subset of [0, hist_len + lc)
+    std::vector<int32_t> all(static_cast<size_t>(c.hist_len + c.lc));
+    for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int32_t>(i);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(static_cast<size_t>(c.n_keep));
+    std::sort(all.begin(), all.end());
+    keep.insert(keep.end(), all.begin(), all.end());
+  }
+  if (c.unsorted && c.n_keep > 1) std::swap(keep[keep.size() - 1], keep[keep.size() - 2]);
+  const size_t hist_bytes = pairs * c.hist_cap * c.head_dim * scalekv::dtype_size(c.dtype);
+  std::vector<unsigned char> got[2][2];
+  int codes[2];
+  for (int b = 0; b < 2; ++b) {
+    Device d(b == 0 ? scalekv::make_emu_backend(2) : scalekv::make_cpu_backend(2));
+    scalekv::EvictCompactArgs a;
+    a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.hist_cap = c.hist_cap;
+    a.hist_len = c.hist_len; a.lc = c.lc; a.n_keep = c.n_keep; a.dtype = c.dtype;
+    a.hist_k = d.put(hk); a.hist_v = d.put(hv);
+    a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
+    a.keep = d.put(keep);
+    codes[b] = d.run([&] { d.be->evict_compact(a); });
+    got[b][0] = d.get(a.hist_k, hist_bytes);
+    got[b][1] = d.get(a.hist_v, hist_bytes);
+  }
+  CHECK(codes[0] == codes[1]);
+  CHECK(got[0][0] == got[1][0]);  // a pure move: bit-exact
+  CHECK(got[0][1] == got[1][1]);
+}
+
+struct SelCase {
+  int rows, heads, n_window, n_keys, budget, kernel;
+  scalekv::ScoreMode mode;
+  scalekv::Pooling pooling;
+  bool bad_window = false;
+};
+
+void check_selection(const SelCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const size_t pairs = static_cast<size_t>(c.rows) * c.heads;
+  const std::vector<float> logits = random_vec(rng, pairs * c.n_window * c.n_keys, -4, 4);
+  std::vector<float> lse(pairs * c.n_window);
+  for (size_t pw = 0; pw < lse.size(); ++pw) {
+    double s = 0;
+    for (int j = 0; j < c.n_keys; ++j) s += std::exp(static_cast<double>(logits[pw * c.n_keys + j]));
+    lse[pw] = static_cast<float>(std::log(s));
+  }
+  std::vector<int32_t> window_keys(static_cast<size_t>(c.n_window));
+  for (size_t i = 0; i < window_keys.size(); ++i) window_keys[i] = c.n_keys - 1 - static_cast<int32_t>(3 * i);
+  if (c.bad_window) window_keys[0] = c.n_keys;
+  std::vector<int32_t> out[2];
+  std::vector<float> pooled[2];
+  int codes[2];
+  for (int b = 0; b < 2; ++b) {
+    Device d(b == 0 ? scalekv::make_emu_backend(2) : scalekv::make_cpu_backend(2));
+    scalekv::SelectionArgs a;
+    a.rows = c.rows; a.heads = c.heads; a.n_window = c.n_window; a.n_keys = c.n_keys; a.budget = c.budget;
+    a.mode = c.mode; a.pooling = c.pooling; a.kernel = c.kernel;
+    a.logits = d.put(logits); a.lse = d.put(lse); a.window_keys = d.put(window_keys);
+    a.out = static_cast<int32_t*>(d.zeros(pairs * c.budget * 4));
+    a.pooled_scores = static_cast<float*>(d.zeros(pairs * c.n_keys * 4));
+    codes[b] = d.run([&] { d.be->selection(a); });
+    const auto raw = d.get(a.out, pairs * c.budget * 4);
+    out[b].resize(pairs * c.budget);
+    std::memcpy(out[b].data(), raw.data(), raw.size());
+    pooled[b] = d.get_f32(a.pooled_scores, pairs * c.n_keys);
+  }
+  CHECK(codes[0] == codes[1]);
+  if (codes[1] != 0) return;
+  CHECK(out[0] == out[1]);
+  CHECK(count_mismatches(pooled[0], pooled[1], 1e-5, 1e-5, "pooled") == 0);
+}
+
+}  // namespace
+
+EMU_TEST(attention_emu_matches_cpu) {
+  const AttnCase cases[] = {
+      {DType::bf16, 2, 2, 64, 37, 48, 33, 0, 7, 3},      // tensor cores, dense history
+      {DType::bf16, 1, 3, 128, 20, 70, 65, 30, 5, 2},    // tensor cores, gathered history
+      {DType::bf16, 1, 2, 40, 19, 24, 17, 0, 3, 0},      // SIMT bf16 (head dim not 64/128)
+      {DType::f32, 2, 1, 64, 23, 40, 40, 12, 9, 4},      // SIMT f32, gathered
+      {DType::f32, 1, 1, 100, 5, 8, 0, 0, 6, 1},         // no history at all
+      {DType::bf16, 1, 2, 64, 16, 16, 16, 0, 0, 0},      // exact tile multiples
+  };
+  uint32_t seed = 1;
+  for (const AttnCase& c : cases) check_attention(c, seed++);
+}
+
+EMU_TEST(attention_bad_gather_reports_like_cpu) {
+  check_attention({DType::bf16, 1, 2, 64, 9, 20, 12, 8, 3, 0, true}, 99);
+}
+
+EMU_TEST(evict_compact_emu_matches_cpu) {
+  const EvictCase cases[] = {
+      {DType::bf16, 2, 2, 64, 40, 33, 7, 25},
+      {DType::f32, 1, 3, 3, 12, 10, 4, 9},   // odd head dim: 4-byte vectors
+      {DType::bf16, 1, 1, 5, 9, 9, 2, 9},    // 2-byte vectors, keep everything of a full cache
+      {DType::f32, 2, 1, 64, 300, 280, 30, 250},
+  };
+  uint32_t seed = 10;
+  for (const EvictCase& c : cases) check_evict(c, seed++);
+}
+
+EMU_TEST(evict_compact_unsorted_changes_nothing) { check_evict({DType::f32, 2, 2, 16, 30, 25, 5, 12, true}, 77); }
+
+EMU_TEST(selection_emu_matches_cpu) {
+  using scalekv::Pooling;
+  using scalekv::ScoreMode;
+  const SelCase cases[] = {
+      {2, 2, 4, 300, 40, 5, ScoreMode::logits, Pooling::max},
+      {1, 3, 3, 1000, 100, 7, ScoreMode::probs, Pooling::avg},
+      {1, 1, 2, 17, 17, 1, ScoreMode::logits, Pooling::none},
+      {1, 2, 5, 64, 5, 3, ScoreMode::probs, Pooling::max},
+  };
+  uint32_t seed = 20;
+  for (const SelCase& c : cases) check_selection(c, seed++);
+}
+
+EMU_TEST(selection_bad_inputs_report_like_cpu) {
+  using scalekv::Pooling;
+  using scalekv::ScoreMode;
+  check_selection({1, 2, 3, 50, 10, 3, ScoreMode::logits, Pooling::max, true}, 30);
+  check_selection({1, 2, 3, 50, 2, 3, ScoreMode::logits, Pooling::max}, 31);  // budget < window
+}
