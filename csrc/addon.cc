@@ -147,6 +147,7 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
   Napi::Value PixelShuffle2x(const Napi::CallbackInfo& info);
   Napi::Value PixelUnshuffle2x(const Napi::CallbackInfo& info);
   Napi::Value Add(const Napi::CallbackInfo& info);
+  Napi::Value Transpose12(const Napi::CallbackInfo& info);
   Napi::Value ImageToU8(const Napi::CallbackInfo& info);
   Napi::Value GetBackend(const Napi::CallbackInfo& info);
   Napi::Value GetDevice(const Napi::CallbackInfo& info);
@@ -196,6 +197,7 @@ Napi::Function JsEngine::Init(Napi::Env env) {
                                      InstanceMethod("pixelShuffle2x", &JsEngine::PixelShuffle2x),
                                      InstanceMethod("pixelUnshuffle2x", &JsEngine::PixelUnshuffle2x),
                                      InstanceMethod("add", &JsEngine::Add),
+                                     InstanceMethod("transpose12", &JsEngine::Transpose12),
                                      InstanceMethod("imageToU8", &JsEngine::ImageToU8),
                                      InstanceAccessor("backend", &JsEngine::GetBackend, nullptr),
                                      InstanceAccessor("device", &JsEngine::GetDevice, nullptr),

@@ -230,6 +230,18 @@ struct AddArgs {
   void* out = nullptr;
 };
 
+// transpose12: the input, viewed as contiguous [A, B, C, D], is written to the output viewed as [A, C, B, D]
+// from element out_offset on: out[out_offset + ((a*C + c)*B + b)*D + d] = in[((a*B + b)*C + c)*D + d]. With B or
+// C = 1 it is a plain copy (a reshape, or a write into a slice of a larger tensor). Any dtype (raw words);
+// in and out do not overlap.
+struct Transpose12Args {
+  int64_t a = 0, b = 0, c = 0, d = 0;
+  int64_t out_offset = 0;  // elements
+  DType dtype = DType::f32;
+  const void* in = nullptr;
+  void* out = nullptr;
+};
+
 // image_to_u8: out[b,y,x,k] = uint8(trunc((clamp(img[b,c,y,x], -1, 1) + 1) / 2 * 255)) in f32, with c = k, or
 // c = 2 - k when `bgr` (the official output order, for OpenCV). NCHW in, NHWC out.
 struct ImageToU8Args {
@@ -423,6 +435,7 @@ class Backend {
   virtual void pixel_shuffle2x(const PixelShuffle2xArgs&) { unavailable("pixelShuffle2x"); }
   virtual void pixel_unshuffle2x(const PixelUnshuffle2xArgs&) { unavailable("pixelUnshuffle2x"); }
   virtual void add(const AddArgs&) { unavailable("add"); }
+  virtual void transpose12(const Transpose12Args&) { unavailable("transpose12"); }
   virtual void image_to_u8(const ImageToU8Args&) { unavailable("imageToU8"); }
 
  protected:

@@ -3,12 +3,13 @@ import { parseArgs } from 'node:util';
 import { openCheckpoint } from './checkpoint/index.js';
 import { backendInfo, BackendChoice } from './engine.js';
 import { ScaleKVError } from './errors.js';
+import { demoCommand, generateCommand, GENERATION_USAGE } from './cli/generation.js';
 import { verifyFixture, VERIFY_KINDS } from './verify/index.js';
 
 const USAGE = `usage: scalekv <command> [options]
 
 commands:
-  verify <dir> [--backend auto|cpu|cuda|emu] [--json]
+${GENERATION_USAGE}  verify <dir> [--backend auto|cpu|cuda|emu] [--json]
       Run a conformance fixture directory (manifest.json + io.safetensors, the format of the official
       golden fixtures) and print the agreement of every recorded quantity. Exit code 1 when any check is
       outside tolerance. Kinds: ${VERIFY_KINDS.join(', ')}.
@@ -119,6 +120,10 @@ async function main(argv: string[]): Promise<number> {
       return verify(rest);
     case 'info':
       return info(rest);
+    case 'demo':
+      return demoCommand(rest);
+    case 'generate':
+      return generateCommand(rest);
     case 'inspect':
       return inspect(rest);
     case undefined:

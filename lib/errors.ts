@@ -15,6 +15,8 @@ export type ErrorCode =
   /** A pickle (.pth) asked for a global or opcode outside the state-dict whitelist; nothing was executed. */
   | 'ERR_UNSAFE_PICKLE'
   | 'ERR_FIXTURE'
+  /** A generation was cancelled through its AbortSignal; everything it allocated was freed. */
+  | 'ERR_ABORTED'
   | 'ERR_INTERNAL';
 
 export class ScaleKVError extends Error {

@@ -11,6 +11,24 @@ export { bsqCodeValue } from './ops.js';
 export type { BitsToCodesArgs, Conv2dArgs, GroupNormArgs, ImageToU8Args, ResizeBilinearArgs } from './ops.js';
 export { VaeDecoder, normalizeVaeDecoderKey, vaeDecoderConfigFromManifest } from './model/vae.js';
 export type { VaeDecoderConfig, VaeWeightSource } from './model/vae.js';
+export { listAspectRatios, officialTriples, scaleSchedule, PN_SCALE_COUNTS, VAE_STRIDE } from './model/schedule.js';
+export type { PixelBudget, ScaleSchedule, ScheduleOptions } from './model/schedule.js';
+export {
+  blockPrefix, checkWeightShapes, expectedVaeShapes, expectedWeightShapes, infinityConfig, infinityConfigFromManifest, isBufferKey,
+  parameterCount, preset, PRESET_NAMES, VAE_2B, VAE_8B,
+} from './model/presets.js';
+export type { ConfigInput, InfinityConfig, ParameterCount, PresetName, ShapeProblems } from './model/presets.js';
+export { createTinyModel, tinyConfig, GeneratedCheckpoint, TINY_VAE } from './model/tiny.js';
+export type { TextFeatures, TinyModel } from './model/tiny.js';
+export { configFromManifest } from './model/config.js';
+export { InfinityModel, TextContext } from './model/infinity.js';
+export type { InfinityLoadOptions, TextCapture, WeightSource as InfinityWeightSource } from './model/infinity.js';
+export { generate, decodeImage } from './model/generate.js';
+export type { CaptureOptions, DecodedImage, GenerateOptions, GenerateResult, ScaleTiming } from './model/generate.js';
+export { FullKvPolicy, KvCache } from './model/kv-cache.js';
+export type { AfterAttentionContext, KvCacheOptions, KvPolicy } from './model/kv-cache.js';
+export { crc32, decodePng, encodePng, pngChunks } from './image/png.js';
+export type { EncodeOptions as PngEncodeOptions, PngChunk, RawImage } from './image/png.js';
 export { DTYPES, dtypeSize, f32ToBf16Bits, bf16BitsToF32, roundToBf16 } from './dtype.js';
 export type { DType } from './dtype.js';
 export { ScaleKVError } from './errors.js';

@@ -49,6 +49,7 @@ export interface NativeEngine {
   pixelShuffle2x(args: Record<string, unknown>): void;
   pixelUnshuffle2x(args: Record<string, unknown>): void;
   add(args: Record<string, unknown>): void;
+  transpose12(args: Record<string, unknown>): void;
   imageToU8(args: Record<string, unknown>): void;
 }
 

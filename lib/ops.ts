@@ -71,7 +71,7 @@ export interface SelectionArgs {
 
 type LatentOpName =
   | 'bitsToCodes' | 'resizeBilinear' | 'conv2d' | 'groupNorm' | 'upsampleNearest2x'
-  | 'pixelShuffle2x' | 'pixelUnshuffle2x' | 'add' | 'imageToU8';
+  | 'pixelShuffle2x' | 'pixelUnshuffle2x' | 'add' | 'imageToU8' | 'transpose12';
 
 /**
  * The magnitude of every BSQ code entry for `dim` channels, computed as the official
@@ -549,6 +549,21 @@ export class Ops {
   /** out = a + b elementwise (same shape and dtype, f32 or bf16); out may be a or b. */
   add(a: { a: Tensor; b: Tensor; out: Tensor }): void {
     this.#run('add', { a: this.#own(a?.a, 'a'), b: this.#own(a?.b, 'b'), out: this.#own(a?.out, 'out') }, []);
+  }
+
+  /**
+   * Moves data between layouts: `input` (dims[0]*dims[1]*dims[2]*dims[3] elements, any shape) viewed as
+   * contiguous [A, B, C, D] is written to `out` viewed as [A, C, B, D], starting at element `outOffset` of out
+   * (default 0): out[outOffset + ((a*C + c)*B + b)*D + d] = input[((a*B + b)*C + c)*D + d]. With B or C = 1 it
+   * is a plain copy: a reshape, or a write into a slice of a larger tensor. Any dtype (out has input's); no aliasing.
+   * E.g. attention output [rows, heads, L, c] -> [rows, L, heads*c] with dims [rows, heads, L, c].
+   */
+  transpose12(a: { input: Tensor; out: Tensor; dims: readonly [number, number, number, number]; outOffset?: number }): void {
+    this.#run(
+      'transpose12',
+      { input: this.#own(a?.input, 'input'), out: this.#own(a?.out, 'out'), dims: a?.dims ? [...a.dims] : undefined, outOffset: a?.outOffset ?? 0 },
+      [],
+    );
   }
 
   /** The decoded image as 8-bit pixels, exactly as the official clamp -> (x+1)/2*255 -> truncate. */

@@ -9,7 +9,7 @@ namespace {
 template <typename T>
 __global__ void add_kernel(const T* a, const T* b, T* out, int64_t count) {
   for (int64_t i = elem::global_thread(); i < count; i += elem::global_stride())
-    out[i] = elem::from_f32<T>(elem::to_f32(a[i]) + elem::to_f32(b[i]));
+    out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
 }
 
 }  // namespace

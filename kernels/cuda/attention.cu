@@ -33,12 +33,12 @@
 // Race freedom: every block writes only its own output rows; smem buffers are reused only after a
 // __syncthreads that follows their last read (the end of each key-tile iteration), and cp.async writes
 // into a buffer are waited for (wait_group) and published (__syncthreads) before any ldmatrix reads it.
+#include "device_common.cuh"
 #include "ops.cuh"
 
 namespace scalekv::cuda_ops {
 namespace {
 
-using bf16 = __nv_bfloat16;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct AttnParams {
@@ -57,27 +57,8 @@ struct AttnParams {
   float scale;
 };
 
-__device__ __forceinline__ void report_status(int32_t* status, StatusCode code, int32_t detail) {
-  if (atomicCAS(reinterpret_cast<int*>(status), 0, static_cast<int>(code)) == 0) status[1] = detail;
-}
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16(x); }
 
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 // Pointer to key/value row j of the virtual sequence [history (gathered) ‖ current] of one (r, h); null
 // past the end. `hist`/`cur` already point at this (r, h)'s slice.

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kConvThreads) conv2d_simt_kernel(const ConvPar
     for (int e = tid; e < BM * BK; e += kConvThreads) {
       const int mm = e / BK, kk = e % BK;
       const int o = o0 + mm, k = k0 + kk;
-      sA[kk * (BM + kAPad) + mm] = (o < p.out_channels && k < K) ? elem::to_f32(w[static_cast<int64_t>(o) * K + k]) : 0.0f;
+      sA[kk * (BM + kAPad) + mm] = (o < p.out_channels && k < K) ? to_f32(w[static_cast<int64_t>(o) * K + k]) : 0.0f;
     }
     for (int e = tid; e < BK * BN; e += kConvThreads) {
       const int kk = e / BN, k = k0 + kk;
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kConvThreads) conv2d_simt_kernel(const ConvPar
       if (n_ok && k < K) {
         const int i = k / (KS * KS), r = k % (KS * KS);
         const int yy = py + r / KS - P, xx = px + r % KS - P;
-        if (yy >= 0 && yy < p.height && xx >= 0 && xx < p.width) v = elem::to_f32(xb[i * hw + int64_t(yy) * p.width + xx]);
+        if (yy >= 0 && yy < p.height && xx >= 0 && xx < p.width) v = to_f32(xb[i * hw + int64_t(yy) * p.width + xx]);
       }
       sB[kk * BN + load_col] = v;
     }
@@ -89,12 +89,12 @@ __global__ void __launch_bounds__(kConvThreads) conv2d_simt_kernel(const ConvPar
   for (int i = 0; i < 4; ++i) {
     const int o = o0 + ty * 4 + i;
     if (o >= p.out_channels) break;
-    const float bo = bias ? elem::to_f32(bias[o]) : 0.0f;
+    const float bo = bias ? to_f32(bias[o]) : 0.0f;
     for (int j = 0; j < 4; ++j) {
       const int64_t nj = n0 + tx * 4 + j;
       if (nj >= p.pixels) break;
       const int64_t b = nj / hw, pix = nj % hw;
-      out[(b * p.out_channels + o) * hw + pix] = elem::from_f32<TX>(acc[i][j] + bo);
+      out[(b * p.out_channels + o) * hw + pix] = from_f32<TX>(acc[i][j] + bo);
     }
   }
 }

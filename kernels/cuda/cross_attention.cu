@@ -17,13 +17,12 @@
 namespace scalekv::cuda_ops {
 namespace {
 
-using tx::bf16;
 constexpr int kWarps = 4, kRowsPerWarp = 4, kQT = kWarps * kRowsPerWarp, kKT = 32;
 
 __global__ void cu_seqlens_validate_kernel(const int32_t* cu, int batch, int n_text, int32_t* status) {
   for (int b = threadIdx.x; b < batch; b += blockDim.x) {
     if (cu[b] < 0 || cu[b] > cu[b + 1] || cu[b + 1] > n_text)
-      tx::report_status(status, StatusCode::index_out_of_range, b);
+      report_status(status, StatusCode::index_out_of_range, b);
   }
 }
 
@@ -44,7 +43,7 @@ __global__ void __launch_bounds__(32 * kWarps) cross_attention_kernel(const Cros
 
   for (int e = tid; e < kQT * c; e += 32 * kWarps) {
     const int l = l0 + e / c;
-    sQ[e] = l < L ? tx::to_f32(q[((static_cast<int64_t>(b) * L + l) * H + h) * c + e % c]) : 0.0f;
+    sQ[e] = l < L ? to_f32(q[((static_cast<int64_t>(b) * L + l) * H + h) * c + e % c]) : 0.0f;
   }
   float m_run[kRowsPerWarp], l_run[kRowsPerWarp], o[kRowsPerWarp][DV];
 #pragma unroll
@@ -60,8 +59,8 @@ __global__ void __launch_bounds__(32 * kWarps) cross_attention_kernel(const Cros
     for (int e = tid; e < kKT * c; e += 32 * kWarps) {
       const int row = e / c, d = e % c, j = j0 + row;
       const int64_t at = static_cast<int64_t>(first + j) * a.kv_row_stride + static_cast<int64_t>(h) * c + d;
-      sK[row * (c + 1) + d] = j < n ? tx::to_f32(k[at]) : 0.0f;
-      sV[e] = j < n ? tx::to_f32(v[at]) : 0.0f;
+      sK[row * (c + 1) + d] = j < n ? to_f32(k[at]) : 0.0f;
+      sV[e] = j < n ? to_f32(v[at]) : 0.0f;
     }
     __syncthreads();  // also publishes sQ on the first tile
     float s[kRowsPerWarp];
@@ -77,7 +76,7 @@ __global__ void __launch_bounds__(32 * kWarps) cross_attention_kernel(const Cros
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const float x = valid ? s[r] * a.scale : -INFINITY;
-      const float m_new = fmaxf(m_run[r], tx::warp_max(x));  // finite: every tile has a valid token
+      const float m_new = fmaxf(m_run[r], warp_max(x));  // finite: every tile has a valid token
       const float alpha = expf(m_run[r] - m_new);            // 0 on the first tile
       s[r] = expf(x - m_new);
       l_run[r] = l_run[r] * alpha + s[r];
@@ -104,7 +103,7 @@ __global__ void __launch_bounds__(32 * kWarps) cross_attention_kernel(const Cros
 
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    const float total = tx::warp_sum(l_run[r]);
+    const float total = warp_sum(l_run[r]);
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no text: zeros, as the CPU backend
     const int l = l0 + warp * kRowsPerWarp + r;
     if (l >= L) continue;

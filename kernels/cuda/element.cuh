@@ -6,21 +6,12 @@
 #include <string>
 
 #include "../backend.h"
+#include "device_common.cuh"
 #include "portable.cuh"
 
 namespace scalekv::cuda_ops::elem {
 
-using bf16 = __nv_bfloat16;
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
 
 // Calls fn(T{}) with T = float or bf16 for a float dtype; the binding has already rejected the others.
 template <typename Fn>

@@ -19,7 +19,6 @@
 namespace scalekv::cuda_ops {
 namespace {
 
-using tx::bf16;
 
 struct GemmParams {
   const void* x;
@@ -152,8 +151,8 @@ __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(const GemmParam
     for (int e = tid; e < kSM * kSK; e += kSimtThreads) {
       const int row = e / kSK, kc = e % kSK, gk = k0 + kc;
       const int gm = m0 + row, gn = n0 + row;
-      sA[kc * (kSM + 1) + row] = gm < p.m && gk < p.k ? tx::to_f32(x[static_cast<size_t>(gm) * p.k + gk]) : 0.0f;
-      sB[kc * (kSN + 1) + row] = gn < p.n && gk < p.k ? tx::to_f32(w[static_cast<size_t>(gn) * p.k + gk]) : 0.0f;
+      sA[kc * (kSM + 1) + row] = gm < p.m && gk < p.k ? to_f32(x[static_cast<size_t>(gm) * p.k + gk]) : 0.0f;
+      sB[kc * (kSN + 1) + row] = gn < p.n && gk < p.k ? to_f32(w[static_cast<size_t>(gn) * p.k + gk]) : 0.0f;
     }
     __syncthreads();
 #pragma unroll

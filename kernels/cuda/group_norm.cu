@@ -46,7 +46,7 @@ __global__ void group_norm_stats_kernel(const T* x, int64_t group_size, int64_t 
   const T* g = x + group * group_size;
   Moments m{0.0f, 0.0f, 0.0f};
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float v = elem::to_f32(g[i]);
+    const float v = to_f32(g[i]);
     m.n += 1.0f;
     const float d = v - m.mean;
     m.mean += d / m.n;
@@ -84,16 +84,16 @@ __global__ void group_norm_apply_kernel(const T* x, const P* weight, const P* bi
   const int c = static_cast<int>(plane % channels);
   const int64_t group = plane / channels * (channels / channels_per_group) + c / channels_per_group;
   const float2 st = stats[group];
-  const float s = st.y * elem::to_f32(weight[c]), t = elem::to_f32(bias[c]);
+  const float s = st.y * to_f32(weight[c]), t = to_f32(bias[c]);
   const T* src = x + plane * spatial;
   T* dst = out + plane * spatial;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * blockDim.x * kApplyPerThread;
   for (int j = 0; j < kApplyPerThread; ++j) {
     const int64_t i = begin + j * blockDim.x + threadIdx.x;
     if (i >= spatial) break;
-    float y = (elem::to_f32(src[i]) - st.x) * s + t;
+    float y = (to_f32(src[i]) - st.x) * s + t;
     if (swish) y = y / (1.0f + expf(-y));
-    dst[i] = elem::from_f32<T>(y);
+    dst[i] = from_f32<T>(y);
   }
 }
 

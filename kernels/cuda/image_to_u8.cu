@@ -12,7 +12,7 @@ __global__ void image_to_u8_kernel(const T* image, uint8_t* out, int64_t total, 
     const int k = static_cast<int>(e % 3);
     const int64_t p = e / 3, yx = p % plane, b = p / plane;
     const int c = bgr ? 2 - k : k;
-    const float x = elem::to_f32(image[(b * 3 + c) * plane + yx]);
+    const float x = to_f32(image[(b * 3 + c) * plane + yx]);
     const float clamped = x > -1.0f ? (x < 1.0f ? x : 1.0f) : -1.0f;
     out[e] = static_cast<uint8_t>((clamped + 1.0f) / 2.0f * 255.0f);
   }

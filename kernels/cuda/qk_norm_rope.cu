@@ -32,7 +32,7 @@ __device__ void norm_rope_one(const QkNormRopeArgs& a, int64_t src, int64_t dst,
     }
   }
   if (a.normalize) {
-    const float denom = fmaxf(sqrtf(tx::warp_sum(sq)), 1e-12f);
+    const float denom = fmaxf(sqrtf(warp_sum(sq)), 1e-12f);
 #pragma unroll
     for (int j = 0; j < kMaxPairsPerLane; ++j) {
       x0[j] = x0[j] / denom * mul;

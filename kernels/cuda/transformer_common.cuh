@@ -4,14 +4,11 @@
 
 #include <string>
 
+#include "device_common.cuh"
 #include "ops.cuh"
 
 namespace scalekv::cuda_ops::tx {
 
-using bf16 = __nv_bfloat16;
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 
 // Element i of an f32 or bf16 tensor whose dtype is only known at run time (uniform across the grid).
 __device__ __forceinline__ float load_f32(const void* p, DType t, int64_t i) {
@@ -30,14 +27,6 @@ __device__ __forceinline__ float apply_epilogue(Epilogue e, float x) {
   return e == Epilogue::gelu_tanh ? gelu_tanh(x) : e == Epilogue::silu ? silu(x) : x;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); `scratch` holds 32 floats of shared memory
 // and may be reused after the call returns (its last read is fenced by the trailing barrier).
@@ -52,9 +41,6 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
   return total;
 }
 
-__device__ __forceinline__ void report_status(int32_t* status, StatusCode code, int32_t detail) {
-  if (atomicCAS(reinterpret_cast<int*>(status), 0, static_cast<int>(code)) == 0) status[1] = detail;
-}
 
 // Grid-stride loops: enough blocks to fill the device, capped so the index arithmetic stays in range.
 inline unsigned elementwise_blocks(int64_t n, int threads) {

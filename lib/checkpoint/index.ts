@@ -28,7 +28,7 @@ export interface TensorData {
   data: Buffer;
 }
 
-export type CheckpointFormat = 'safetensors' | 'safetensors-sharded' | 'pth';
+export type CheckpointFormat = 'safetensors' | 'safetensors-sharded' | 'pth' | 'memory';
 
 export interface Checkpoint {
   readonly path: string;

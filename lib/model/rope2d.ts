@@ -4,22 +4,14 @@
  * (round(i * fp32(UH / h)), round(j * fp32(UW / w))) of the final grid (UH, UW) of the **1M** schedule of the
  * same aspect ratio, whatever schedule is run; the product is f32 and round is half-to-even (torch.round).
  */
-
-/** Final 1M token grids (h, w) of the official aspect-ratio templates (h / w), transposes included. */
-const FINAL_1M_GRIDS: readonly (readonly [number, number, number])[] = [
-  [1.0, 64, 64], [1.25, 70, 56], [1.333, 72, 54], [1.5, 78, 52], [1.75, 84, 48], [2.0, 90, 45], [2.5, 100, 40],
-  [3.0, 111, 37], [0.8, 56, 70], [0.75, 54, 72], [0.666, 52, 78], [0.571, 48, 84], [0.5, 45, 90], [0.4, 40, 100],
-  [0.333, 37, 111],
-];
+import { scaleSchedule } from './schedule.js';
 
 /** One scale of a schedule: (h, w), or the official (t, h, w) with t ignored. */
 export type ScaleGrid = readonly [number, number] | readonly [number, number, number];
 
-/** The 1M final grid (UH, UW) of the template nearest to `hDivW` (by absolute difference, as the official code picks). */
+/** The 1M final grid (UH, UW) of the template nearest to `hDivW`, chosen exactly as scaleSchedule chooses it. */
 export function final1MGrid(hDivW: number): readonly [number, number] {
-  let best = FINAL_1M_GRIDS[0];
-  for (const g of FINAL_1M_GRIDS) if (Math.abs(g[0] - hDivW) < Math.abs(best[0] - hDivW)) best = g;
-  return [best[1], best[2]];
+  return scaleSchedule({ aspect: hDivW, pn: '1M' }).final1M;
 }
 
 function roundHalfEven(x: number): number {

@@ -5,6 +5,12 @@ import { fail } from '../errors.js';
 import { SafetensorsFile } from '../safetensors.js';
 import type { Check } from './compare.js';
 import { UnitManifest, verifyUpdateKvUnits } from './update-kv-units.js';
+import { BsqCodesManifest, verifyBsqCodes } from './bsq-codes.js';
+import { Rope2dManifest, verifyRope2d } from './rope2d.js';
+import { SamplingManifest, verifySampling } from './sampling.js';
+import { VaeDecodeManifest, verifyVaeDecode } from './vae-decode.js';
+import { ForwardFullcacheManifest, verifyForwardFullcache } from './forward-fullcache.js';
+import type { Engine } from '../engine.js';
 
 export type { Check } from './compare.js';
 
@@ -17,7 +23,25 @@ export interface VerifyReport {
 }
 
 /** The fixture kinds this build can verify. */
-export const VERIFY_KINDS = ['update_kv_units'] as const;
+export const VERIFY_KINDS = ['update_kv_units', 'rope2d', 'bsq_codes', 'vae_decode', 'sampling', 'forward_fullcache'] as const;
+
+/** One verifier per kind: the engine, the parsed manifest.json and the fixture directory. */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+const VERIFIERS: Record<string, (engine: Engine, manifest: any, dir: string) => Promise<Check[]>> = {
+  update_kv_units: async (engine, manifest: UnitManifest, dir) => {
+    const io = new SafetensorsFile(join(dir, 'io.safetensors'));
+    try {
+      return await verifyUpdateKvUnits(engine, manifest, io);
+    } finally {
+      io.close();
+    }
+  },
+  rope2d: (engine, manifest: Rope2dManifest, dir) => verifyRope2d(engine, manifest, dir),
+  bsq_codes: (engine, manifest: BsqCodesManifest, dir) => verifyBsqCodes(engine, manifest, dir),
+  vae_decode: (engine, manifest: VaeDecodeManifest, dir) => verifyVaeDecode(engine, manifest, dir),
+  sampling: (engine, manifest: SamplingManifest, dir) => verifySampling(engine, manifest, dir),
+  forward_fullcache: (engine, manifest: ForwardFullcacheManifest, dir) => verifyForwardFullcache(engine, manifest, dir),
+};
 
 /** Runs one fixture directory (manifest.json + io.safetensors, the ../shared/golden format) on an engine. */
 export async function verifyFixture(dir: string, opts: { backend?: BackendChoice } = {}): Promise<VerifyReport> {
@@ -27,13 +51,13 @@ export async function verifyFixture(dir: string, opts: { backend?: BackendChoice
   const kind = manifest.case ?? '';
   if (!(VERIFY_KINDS as readonly string[]).includes(kind))
     fail('ERR_FIXTURE', `${dir}: fixture kind '${kind}' is not supported yet (supported: ${VERIFY_KINDS.join(', ')})`);
+  const verifier = VERIFIERS[kind];
+  if (!verifier) fail('ERR_FIXTURE', `${dir}: no verifier registered for kind '${kind}'`);
   const engine = await createEngine({ backend: opts.backend ?? 'auto' });
-  const io = new SafetensorsFile(join(dir, 'io.safetensors'));
   try {
-    const checks = await verifyUpdateKvUnits(engine, manifest as UnitManifest, io);
+    const checks = await verifier(engine, manifest, dir);
     return { dir, kind, backend: engine.backend, checks, pass: checks.length > 0 && checks.every((c) => c.pass) };
   } finally {
-    io.close();
     engine.dispose();
   }
 }

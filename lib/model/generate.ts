@@ -1,0 +1,294 @@
+/**
+ * The Infinity sampling loop (spec sec. 7.1, 8, 9): next-scale prediction with a KV cache, CFG on logits after the
+ * temperature, bit sampling (or teacher forcing), BSQ codes, the running code sum at the final latent size and the
+ * bilinear next-scale input; then the VAE decode to pixels.
+ */
+import type { Engine, MemoryStats, Tensor } from '../engine.js';
+import { fail, ScaleKVError } from '../errors.js';
+import type { InfinityModel, TextCapture, TextContext, TextFeatures } from './infinity.js';
+import { FullKvPolicy, KvCache, KvPolicy } from './kv-cache.js';
+import { final1MGrid, rope2dPositions, ScaleGrid } from './rope2d.js';
+import type { VaeDecoder } from './vae.js';
+
+export interface CaptureOptions {
+  /** text/normed_kv, text/cond_BD, text/cond_gss, text/ca_kv. */
+  text?: boolean;
+  /** sNN/x_in: block-0 input [bs, n, C] of every scale. */
+  xIn?: boolean;
+  /** sNN/next_codes [B, n, d] and sNN/word_embed [B, n, C] (before lvl_embed) for scales >= 1. */
+  nextInput?: boolean;
+  /** sNN/logits [B, n, 2d] after CFG and tau. */
+  logits?: boolean;
+  /** hidden/sNN_layerL: block outputs at these scales (all layers unless `layers` is given). */
+  hidden?: { scales: readonly number[]; layers?: readonly number[] };
+}
+
+export interface GenerateOptions {
+  /** Precomputed T5 features of the B prompts (kv [sum(lens), Ct5], lens). */
+  textFeatures?: TextFeatures;
+  /** Alias of textFeatures. */
+  text?: TextFeatures;
+  /** Token grids (h, w) per scale, or the official (1, h, w) triples; scale 0 must be 1 x 1. */
+  schedule: readonly ScaleGrid[];
+  /** Guidance per scale (a number: every scale). Any value != 1 doubles the rows (cond | uncond). Default 1. */
+  cfg?: number | readonly number[];
+  /** Temperature per scale. Default 1. */
+  tau?: number | readonly number[];
+  /** Default 900 and 0.97 (gen_one_img's defaults). */
+  topK?: number;
+  topP?: number;
+  /** Integer in [0, 2^53): keys the counter-based sampler (same bits on every backend). Default 0. */
+  seed?: number;
+  /** Teacher forcing: the bits [B, h, w, d] of every scale replace the sampled ones (official gt_leak). */
+  teacherBits?: readonly (Int32Array | Uint8Array)[];
+  /** The RoPE grid (UH, UW); default: the 1M grid of the final scale's aspect ratio. */
+  ropeGrid?: readonly [number, number];
+  /** KV policy; default FullKvPolicy (keep everything). */
+  kvPolicy?: KvPolicy;
+  onProgress?(scaleIndex: number, total: number): void;
+  signal?: AbortSignal;
+  capture?: CaptureOptions;
+}
+
+export interface ScaleTiming {
+  scaleIndex: number;
+  tokens: number;
+  /** Wall time from the scale's first op to its completion (the loop syncs once per scale). */
+  ms: number;
+}
+
+export interface GenerateResult {
+  /** [B, dv, Hf, Wf] f32: the summed codes (VAE latent). Owned by the caller (dispose it). */
+  summedCodes: Tensor;
+  /** Per scale, [B, h, w, d] {0,1} bits as the transformer saw them (before patchify un-shuffling). */
+  bits: Int32Array[];
+  /** Requested intermediates by fixture name (e.g. 's03/logits', 'hidden/s04_layer2', 'text/cond_BD'). */
+  captured: Map<string, Float32Array>;
+  timings: ScaleTiming[];
+  totalMs: number;
+  /** Engine memory after the loop (peaks included) and the KV cache bytes it held. */
+  memory: MemoryStats;
+  kvBytes: number;
+}
+
+const pad2 = (n: number) => String(n).padStart(2, '0');
+
+function perScale(v: number | readonly number[] | undefined, n: number, what: string, dflt: number): number[] {
+  const list = v === undefined ? new Array(n).fill(dflt) : typeof v === 'number' ? new Array(n).fill(v) : [...v];
+  if (list.length < n) fail('ERR_INVALID_ARG', `${what} has ${list.length} entries for ${n} scales`);
+  for (const x of list) if (typeof x !== 'number' || !Number.isFinite(x)) fail('ERR_INVALID_ARG', `${what} entries must be finite numbers`);
+  return list.slice(0, n);
+}
+
+function aborted(signal?: AbortSignal): void {
+  if (signal?.aborted) throw new ScaleKVError('ERR_ABORTED', 'generation aborted');
+}
+
+/**
+ * Runs the whole next-scale loop for B prompts. Returns the summed codes (decode them with `decodeImage`), the bits
+ * of every scale, timings and memory; frees everything else, also when it throws (ERR_ABORTED on `signal`).
+ */
+export async function generate(model: InfinityModel, opts: GenerateOptions): Promise<GenerateResult> {
+  if (model.disposed) fail('ERR_DISPOSED', 'InfinityModel was disposed');
+  const e: Engine = model.engine;
+  const ops = e.ops;
+  const cfgM = model.config;
+  const C = cfgM.embedDim;
+  const d = cfgM.dVae;
+  const dv = cfgM.codebookDim;
+  const V = cfgM.vocab;
+  const grids = (opts.schedule ?? []).map((s) => (s.length === 3 ? [s[1], s[2]] : [s[0], s[1]]) as [number, number]);
+  const S = grids.length;
+  if (S < 1) fail('ERR_INVALID_ARG', 'schedule must have at least one scale');
+  for (const [h, w] of grids) if (!Number.isSafeInteger(h) || !Number.isSafeInteger(w) || h < 1 || w < 1) fail('ERR_INVALID_ARG', `schedule grid ${h}x${w} is invalid`);
+  if (grids[0][0] !== 1 || grids[0][1] !== 1) fail('ERR_INVALID_ARG', 'schedule must start with the 1x1 scale');
+  if (S > cfgM.levels) fail('ERR_INVALID_ARG', `schedule has ${S} scales; the model has ${cfgM.levels} level embeddings`);
+  const cfgs = perScale(opts.cfg, S, 'cfg', 1);
+  const taus = perScale(opts.tau, S, 'tau', 1);
+  if (taus.some((t) => t === 0)) fail('ERR_INVALID_ARG', 'tau must not be 0');
+  const useCfg = cfgs.some((c) => c !== 1);
+  const topK = opts.topK ?? 900;
+  const topP = opts.topP ?? 0.97;
+  const seed = opts.seed ?? 0;
+  const textFeatures = opts.textFeatures ?? opts.text;
+  if (!textFeatures) fail('ERR_INVALID_ARG', 'generate: textFeatures is required');
+  const B = textFeatures.lens?.length ?? 0;
+  const tokens = grids.map(([h, w]) => h * w);
+  const starts: number[] = [];
+  tokens.reduce((acc, n) => (starts.push(acc), acc + n), 0);
+  const vaeGrids = grids.map(([h, w]) => (cfgM.patchify ? [2 * h, 2 * w] : [h, w]) as [number, number]);
+  const [Hf, Wf] = vaeGrids[S - 1];
+  if (opts.teacherBits) {
+    if (opts.teacherBits.length < S) fail('ERR_INVALID_ARG', `teacherBits has ${opts.teacherBits.length} scales, the schedule ${S}`);
+    for (let si = 0; si < S; si++)
+      if (opts.teacherBits[si].length !== B * tokens[si] * d) fail('ERR_SHAPE', `teacherBits[${si}] must hold B*h*w*d = ${B * tokens[si] * d} bits, got ${opts.teacherBits[si].length}`);
+  }
+  const rope = rope2dPositions(grids, opts.ropeGrid ?? final1MGrid(grids[S - 1][0] / grids[S - 1][1]));
+  const policy: KvPolicy = opts.kvPolicy ?? new FullKvPolicy();
+  const capture = opts.capture ?? {};
+  const captured = new Map<string, Float32Array>();
+  const hiddenScales = new Set(capture.hidden?.scales ?? []);
+  const hiddenLayers = capture.hidden?.layers ? new Set(capture.hidden.layers) : undefined;
+  const timings: ScaleTiming[] = [];
+  const t0 = performance.now();
+  aborted(opts.signal);
+
+  let ctx: TextContext | undefined;
+  let cache: KvCache | undefined;
+  let x: Tensor | undefined;
+  let summed: Tensor | undefined;
+  let policyBegun = false;
+  const bitsOut: Int32Array[] = [];
+  try {
+    const textCap = capture.text ? ({} as TextCapture) : undefined;
+    ctx = await model.prepareText(textFeatures, useCfg, { text: textCap });
+    if (textCap) {
+      captured.set('text/normed_kv', textCap.normedKv);
+      captured.set('text/cond_BD', textCap.condBD);
+      captured.set('text/cond_gss', textCap.condGss);
+      captured.set('text/ca_kv', textCap.caKv);
+    }
+    const bs = ctx.rows;
+    cache = new KvCache(e, {
+      layers: cfgM.depth, rows: bs, heads: cfgM.numHeads, headDim: cfgM.headDim, dtype: model.dtype,
+      capacity: Array.from({ length: cfgM.depth }, (_, l) => policy.capacity(l, tokens)),
+    });
+    policy.begin?.(cache);
+    policyBegun = true;
+    summed = e.empty([B, dv, Hf, Wf], 'f32', { fillByte: 0 });
+    x = ctx.x0;
+    ctx.x0 = undefined;
+    for (let si = 0; si < S; si++) {
+      aborted(opts.signal);
+      const ts = performance.now();
+      const [h, w] = grids[si];
+      const n = tokens[si];
+      const positions = e.tensor(rope.subarray(2 * starts[si], 2 * (starts[si] + n)), [n, 2], 'i32', { category: 'scratch' });
+      const scratch: Tensor[] = [positions];
+      try {
+        const xs = x as Tensor;
+        if (capture.xIn) captured.set(`s${pad2(si)}/x_in`, (await xs.read()) as Float32Array);
+        const scaleInfo = { index: si, positions, schedule: grids, starts };
+        for (let layer = 0; layer < cfgM.depth; layer++) {
+          aborted(opts.signal);
+          await model.block(layer, xs, ctx, cache, scaleInfo, policy);
+          if (hiddenScales.has(si) && (!hiddenLayers || hiddenLayers.has(layer)))
+            captured.set(`hidden/s${pad2(si)}_layer${layer}`, (await xs.read()) as Float32Array);
+        }
+        // Head, CFG and temperature on logits.
+        const all = model.head(xs, ctx);
+        scratch.push(all);
+        const logits = e.empty([B, n, V], 'f32');
+        scratch.push(logits);
+        ops.cfgTau({ logits: all, out: logits, cfg: bs === 2 * B ? cfgs[si] : 1, tau: taus[si] });
+        if (capture.logits) captured.set(`s${pad2(si)}/logits`, (await logits.read()) as Float32Array);
+        // Bits: sampled, or forced.
+        let bits: Tensor;
+        if (opts.teacherBits) {
+          const tb = opts.teacherBits[si];
+          bits = e.tensor(tb instanceof Int32Array ? tb : Int32Array.from(tb), [B, h, w, d], 'i32');
+        } else {
+          bits = e.empty([B, h, w, d], 'i32');
+          ops.sampleBits({ logits, out: bits, topK, topP, seed, scaleIndex: si });
+        }
+        scratch.push(bits);
+        let latentBits = bits;
+        if (cfgM.patchify) {
+          latentBits = e.empty([B, 2 * h, 2 * w, dv], 'i32');
+          scratch.push(latentBits);
+          ops.pixelShuffle2x({ input: bits, out: latentBits });
+        }
+        const [vh, vw] = vaeGrids[si];
+        const codes = e.empty([B, dv, vh, vw], 'f32');
+        scratch.push(codes);
+        ops.bitsToCodes({ bits: latentBits, out: codes });
+        const sum = summed as Tensor;
+        if (si !== S - 1) {
+          ops.resizeBilinear({ input: codes, out: sum, accumulate: true });
+          // Next input: the running sum resampled to the next grid, as tokens, same for cond and uncond rows.
+          const n2 = tokens[si + 1];
+          const [nh, nw] = vaeGrids[si + 1];
+          const nxt = e.empty([B, dv, nh, nw], 'f32');
+          scratch.push(nxt);
+          ops.resizeBilinear({ input: sum, out: nxt });
+          const tok = e.empty([bs, n2, d], 'f32');
+          scratch.push(tok);
+          let tokB: Tensor | undefined;
+          if (cfgM.patchify) {
+            tokB = e.empty([B, n2, d], 'f32');
+            scratch.push(tokB);
+            ops.pixelUnshuffle2x({ input: nxt, out: tokB });
+          }
+          for (let r = 0; r < bs; r += B) {
+            if (tokB) ops.transpose12({ input: tokB, out: tok, dims: [1, 1, 1, B * n2 * d], outOffset: r * n2 * d });
+            else ops.transpose12({ input: nxt, out: tok, dims: [B, dv, n2, 1], outOffset: r * n2 * d });
+          }
+          if (capture.nextInput) {
+            const all2 = (await tok.read()) as Float32Array;
+            captured.set(`s${pad2(si + 1)}/next_codes`, all2.slice(0, B * n2 * d));
+            const plainB = e.tensor(model.wordEmbedBias(si + 1, false), [C], 'f32');
+            const we = e.empty([bs, n2, C], 'f32');
+            scratch.push(plainB, we);
+            ops.gemm({ x: tok, w: model.wordEmbedWeight, bias: plainB, y: we });
+            captured.set(`s${pad2(si + 1)}/word_embed`, ((await we.read()) as Float32Array).slice(0, B * n2 * C));
+          }
+          const bias = e.tensor(model.wordEmbedBias(si + 1), [C], 'f32');
+          scratch.push(bias);
+          xs.dispose();
+          x = e.empty([bs, n2, C], 'f32');
+          ops.gemm({ x: tok, w: model.wordEmbedWeight, bias, y: x });
+        } else {
+          if (vh !== Hf || vw !== Wf) fail('ERR_INTERNAL', 'last scale is not the final latent size');
+          ops.add({ a: sum, b: codes, out: sum });
+        }
+        bitsOut.push((await bits.read()) as Int32Array);
+        await e.sync();
+      } finally {
+        for (const s of scratch) s.dispose();
+      }
+      timings.push({ scaleIndex: si, tokens: n, ms: performance.now() - ts });
+      opts.onProgress?.(si, S);
+    }
+    aborted(opts.signal);
+    const kvBytes = cache.bytes;
+    const result = summed as Tensor;
+    summed = undefined;
+    const memory = e.memory();
+    return { summedCodes: result, bits: bitsOut, captured, timings, totalMs: performance.now() - t0, memory, kvBytes };
+  } finally {
+    x?.dispose();
+    summed?.dispose();
+    cache?.dispose();
+    ctx?.dispose();
+    if (policyBegun) policy.end?.();
+  }
+}
+
+export interface DecodedImage {
+  /** [B, H, W, 3] u8 pixels (RGB, or BGR when asked). */
+  pixels: Uint8Array;
+  /** [B, 3, H, W] clamp(decoder(z), -1, 1), when `float` was asked. */
+  float?: Float32Array;
+  shape: [number, number, number, number];
+}
+
+/** The VAE decode of summed codes to pixels: trunc((clamp(x) + 1) / 2 * 255), RGB by default (BGR = the official order). */
+export async function decodeImage(vae: VaeDecoder, summedCodes: Tensor, opts: { bgr?: boolean; float?: boolean } = {}): Promise<DecodedImage> {
+  const e = vae.engine;
+  const raw = vae.decode(summedCodes);
+  const [B, , H, W] = raw.shape;
+  const u8 = e.empty([B, H, W, 3], 'u8');
+  try {
+    e.ops.imageToU8({ image: raw, out: u8, bgr: opts.bgr ?? false });
+    const pixels = (await u8.read()) as Uint8Array;
+    let float: Float32Array | undefined;
+    if (opts.float) {
+      float = Float32Array.from((await raw.read()) as Float32Array);
+      for (let i = 0; i < float.length; i++) float[i] = Math.min(1, Math.max(-1, float[i]));
+    }
+    return { pixels, float, shape: [B, H, W, 3] };
+  } finally {
+    raw.dispose();
+    u8.dispose();
+  }
+}

@@ -1,0 +1,78 @@
+import test from 'ava';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { decodePng } from '../lib/image/png.js';
+import { createTinyModel } from '../lib/model/tiny.js';
+import { safetensors } from './checkpoint-writers.js';
+
+const cli = (...args: string[]) =>
+  spawnSync(process.execPath, ['--import=tsx', 'lib/cli.ts', ...args], { encoding: 'utf8', timeout: 300_000 });
+
+function tmp(t: { teardown(fn: () => void): void }): string {
+  const dir = mkdtempSync(join(tmpdir(), 'scalekv-cli-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+function pngs(dir: string) {
+  return readdirSync(dir).filter((f) => f.endsWith('.png')).sort().map((f) => decodePng(readFileSync(join(dir, f))));
+}
+
+test('demo writes one PNG per prompt, reports on stdout and progress on stderr only', (t) => {
+  const out = tmp(t);
+  const r = cli('demo', '--backend', 'cpu', '--out', out, '--prompt', 'a red fox', '--prompt', 'a blue lake', '--seed', '7', '--json');
+  t.is(r.status, 0, r.stderr);
+  const report = JSON.parse(r.stdout);
+  t.is(report.images.length, 2);
+  t.is(report.scales, 7);
+  t.true(report.memory.totalPeak > 0 && report.kvBytes > 0);
+  t.regex(r.stderr, /scale 7\/7/);
+  const images = pngs(out);
+  t.is(images.length, 2);
+  for (const img of images) {
+    t.deepEqual([img.width, img.height, img.channels], [256, 256, 3]);
+    const distinct = new Set(img.data).size;
+    t.true(distinct > 32, `a flat image (${distinct} distinct byte values)`);
+  }
+  t.notDeepEqual(images[0].data, images[1].data, 'two prompts gave the same image');
+  // The same seed and prompts give the same pixels.
+  const again = tmp(t);
+  t.is(cli('demo', '--backend', 'cpu', '--out', again, '--prompt', 'a red fox', '--prompt', 'a blue lake', '--seed', '7').status, 0);
+  t.deepEqual(pngs(again).map((i) => i.data), images.map((i) => i.data));
+});
+
+test('generate runs checkpoints and a text-features file written to disk, and rejects bad ones', (t) => {
+  const dir = tmp(t);
+  const tiny = createTinyModel(3);
+  const dump = (ckpt: typeof tiny.weights, file: string) =>
+    writeFileSync(join(dir, file), safetensors(ckpt.names.map((name) => {
+      const e = ckpt.entry(name);
+      return { name, dtype: e.dtype === 'i64' ? 'I64' : 'F32', shape: [...e.shape], data: ckpt.bytes(name) };
+    })));
+  dump(tiny.weights, 'weights.safetensors');
+  dump(tiny.vae, 'vae.safetensors');
+  const text = tiny.encodeText('a castle in the snow');
+  const lens = new Int32Array(text.lens);
+  writeFileSync(join(dir, 'text.safetensors'), safetensors([
+    { name: 'kv', dtype: 'F32', shape: [...text.shape], data: new Uint8Array(text.kv.buffer) },
+    { name: 'lens', dtype: 'I32', shape: [lens.length], data: new Uint8Array(lens.buffer) },
+  ]));
+  const out = join(dir, 'out');
+  const args = ['generate', '--preset', 'tiny', '--weights', join(dir, 'weights.safetensors'), '--vae', join(dir, 'vae.safetensors'),
+    '--text', join(dir, 'text.safetensors'), '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu', '--out', out];
+  const r = cli(...args, '--seed', '5');
+  t.is(r.status, 0, r.stderr);
+  t.regex(r.stdout, /wrote .*image-5-0\.png/);
+  const [img] = pngs(out);
+  t.deepEqual([img.width, img.height], [256, 256]);
+
+  const wrongPreset = cli(...args.map((a) => (a === 'tiny' ? 'infinity-2b' : a)));
+  t.is(wrongPreset.status, 1);
+  t.regex(wrongPreset.stderr, /ERR_(SHAPE|FORMAT)/);
+  writeFileSync(join(dir, 'bad-text.safetensors'), safetensors([{ name: 'kv', dtype: 'F32', shape: [2, 3], data: new Uint8Array(24) }]));
+  const badText = cli(...args.map((a) => (a.endsWith('text.safetensors') ? join(dir, 'bad-text.safetensors') : a)));
+  t.is(badText.status, 1);
+  t.regex(badText.stderr, /ERR_FORMAT/);
+});
