@@ -1,14 +1,21 @@
-// Kernel benchmarks (tinybench). Each row: the engine's kernel and a naive reference run in the same process,
-// with work rates (GFLOP/s, GB/s, Melem/s) and the ratio kernel / naive. `npm run bench [-- --backend cuda]`,
-// `--quick` skips the Infinity-2B last-scale shapes (seconds each on a CPU).
+// Benchmarks (tinybench). Kernels: each row is the engine's kernel and a naive reference run in the same
+// process, with work rates (GFLOP/s, GB/s, Melem/s) and the ratio kernel / naive. Then the end-to-end tiny
+// model (bench/e2e.ts). `npm run bench [-- --backend cuda] [--quick] [--only kernels|e2e] [--json]`; `--quick`
+// skips the Infinity-2B last-scale attention shapes (tens of seconds each on a CPU).
 import { parseArgs } from 'node:util';
 import { Bench } from 'tinybench';
 import { createEngine, Engine, Tensor } from '../lib/engine.js';
 import type { BackendChoice } from '../lib/engine.js';
+import { formatE2e, runE2e, E2eResult } from './e2e.js';
 
 const { values } = parseArgs({
   args: process.argv.slice(2),
-  options: { backend: { type: 'string', default: 'auto' }, quick: { type: 'boolean', default: false }, json: { type: 'boolean', default: false } },
+  options: {
+    backend: { type: 'string', default: 'auto' },
+    quick: { type: 'boolean', default: false },
+    json: { type: 'boolean', default: false },
+    only: { type: 'string' },
+  },
 });
 
 function rand(n: number, seed: number): Float32Array {
@@ -167,10 +174,19 @@ async function selectionCase(e: Engine, rows: Row[], o: { b: number; heads: numb
   for (const t of [logits, out]) t.dispose();
 }
 
+if (values.only && values.only !== 'kernels' && values.only !== 'e2e') throw new Error(`--only takes kernels or e2e`);
 const engine = await createEngine({ backend: values.backend as BackendChoice });
 const rows: Row[] = [];
+let e2e: E2eResult | undefined;
 try {
   process.stderr.write(`scalekv bench on ${engine.backend}: ${engine.device}\n`);
+  if (values.only !== 'e2e') await kernelCases();
+  if (values.only !== 'kernels') e2e = await runE2e(engine, { iterations: engine.backend === 'emu' ? 1 : 5 });
+} finally {
+  engine.dispose();
+}
+
+async function kernelCases() {
   await attentionCase(engine, rows, { pairs: 2 * 4, heads: 4, lq: 64, hist: 650, lc: 64, d: 128, dtype: 'f32', naive: true, iterations: 5 });
   await attentionCase(engine, rows, { pairs: 2 * 4, heads: 4, lq: 64, hist: 650, lc: 64, d: 128, dtype: 'bf16', naive: false, iterations: 5 });
   if (!values.quick) {
@@ -180,13 +196,11 @@ try {
   }
   await compactCase(engine, rows, { b: 2, heads: 16, cap: 6425 + 4096, keep: 650, d: 128 });
   await selectionCase(engine, rows, { b: 2, heads: 16, nw: 16, nk: 10521, budget: 650 });
-} finally {
-  engine.dispose();
 }
 
 if (values.json) {
-  process.stdout.write(JSON.stringify({ backend: engine.backend, device: engine.device, rows }, null, 2) + '\n');
-} else {
+  process.stdout.write(JSON.stringify({ backend: engine.backend, device: engine.device, rows, e2e }, null, 2) + '\n');
+} else if (rows.length) {
   const header = ['kernel', 'shape', 'impl', 'mean ms', 'rate', 'vs naive'];
   const table = rows.map((r) => [r.kernel, r.shape, r.impl, r.ms.toFixed(3), r.rate, r.ratio ?? '']);
   const widths = header.map((h, i) => Math.max(h.length, ...table.map((row) => row[i].length)));
@@ -194,3 +208,4 @@ if (values.json) {
   process.stdout.write([line(header), line(widths.map((w) => '-'.repeat(w))), ...table.map(line)].join('\n') + '\n');
   for (const r of rows) if (r.note) process.stdout.write(`note: ${r.kernel} ${r.shape}: ${r.note}\n`);
 }
+if (!values.json && e2e) process.stdout.write((rows.length ? '\n' : '') + formatE2e(engine.backend, e2e));

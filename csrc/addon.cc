@@ -126,6 +126,9 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
   Napi::Value Sync(const Napi::CallbackInfo& info);
   Napi::Value Memory(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value SetProfiling(const Napi::CallbackInfo& info);
+  Napi::Value TrimCache(const Napi::CallbackInfo& info);
+  Napi::Value Profile(const Napi::CallbackInfo& info);
   Napi::Value Attention(const Napi::CallbackInfo& info);
   Napi::Value EvictCompact(const Napi::CallbackInfo& info);
   Napi::Value Selection(const Napi::CallbackInfo& info);
@@ -177,6 +180,9 @@ Napi::Function JsEngine::Init(Napi::Env env) {
                                      InstanceMethod("sync", &JsEngine::Sync),
                                      InstanceMethod("memory", &JsEngine::Memory),
                                      InstanceMethod("dispose", &JsEngine::Dispose),
+                                     InstanceMethod("setProfiling", &JsEngine::SetProfiling),
+                                     InstanceMethod("trimCache", &JsEngine::TrimCache),
+                                     InstanceMethod("profile", &JsEngine::Profile),
                                      InstanceMethod("attention", &JsEngine::Attention),
                                      InstanceMethod("evictCompact", &JsEngine::EvictCompact),
                                      InstanceMethod("selection", &JsEngine::Selection),
@@ -322,6 +328,8 @@ Napi::Value JsEngine::Memory(const Napi::CallbackInfo& info) {
   out.Set("peak", peak);
   out.Set("totalInUse", Napi::Number::New(env, double(m.total_in_use)));
   out.Set("totalPeak", Napi::Number::New(env, double(m.total_peak)));
+  out.Set("reserved", Napi::Number::New(env, double(m.reserved)));
+  out.Set("reservedPeak", Napi::Number::New(env, double(m.reserved_peak)));
   return out;
 }
 
@@ -333,6 +341,33 @@ Napi::Value JsEngine::Dispose(const Napi::CallbackInfo& info) {
     tsfn_live_ = false;
   }
   return info.Env().Undefined();
+}
+
+// trimCache(): frees the cached blocks of released tensors (in queue order).
+Napi::Value JsEngine::TrimCache(const Napi::CallbackInfo& info) {
+  live(info.Env()).trim_cache();
+  return info.Env().Undefined();
+}
+
+// setProfiling(on: boolean): turning it on clears the previous profile.
+Napi::Value JsEngine::SetProfiling(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBoolean()) throw_coded(env, "ERR_INVALID_ARG", "setProfiling(on: boolean)");
+  live(env).set_profiling(info[0].As<Napi::Boolean>().Value());
+  return env.Undefined();
+}
+
+// profile(): { [op]: { count, ms } } of the ops finished so far (await sync() first for a complete one).
+Napi::Value JsEngine::Profile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object out = Napi::Object::New(env);
+  for (const auto& [name, p] : live(env).profile()) {
+    Napi::Object entry = Napi::Object::New(env);
+    entry.Set("count", Napi::Number::New(env, double(p.count)));
+    entry.Set("ms", Napi::Number::New(env, p.ms));
+    out.Set(name, entry);
+  }
+  return out;
 }
 
 Napi::Value JsEngine::GetBackend(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), backend_name); }
@@ -436,10 +471,10 @@ Napi::Value JsEngine::Tensor(const Napi::CallbackInfo& info) {
   }
   Backend* backend = &c.backend();
   if (has_data) {
-    c.enqueue([backend, buffer, host] { backend->upload(buffer->data(), host->data(), host->size()); });
+    c.enqueue([backend, buffer, host] { backend->upload(buffer->data(), host->data(), host->size()); }, "upload");
   } else if (info.Length() > 4 && info[4].IsNumber()) {
     const uint8_t byte = uint8_t(info[4].As<Napi::Number>().Uint32Value());
-    c.enqueue([backend, buffer, bytes, byte] { backend->fill_u8(buffer->data(), byte, bytes); });
+    c.enqueue([backend, buffer, bytes, byte] { backend->fill_u8(buffer->data(), byte, bytes); }, "fill");
   }
   Napi::Object obj = JsTensor::constructor->New({});
   JsTensor* t = JsTensor::Unwrap(obj);
@@ -611,7 +646,7 @@ Napi::Value JsEngine::Attention(const Napi::CallbackInfo& info) {
   a.window_logits = static_cast<float*>(ptr(wlogits));
   a.window_lse = static_cast<float*>(ptr(wlse));
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold] { backend->attention(a); });
+  c.enqueue([backend, a, hold] { backend->attention(a); }, "attention");
   return env.Undefined();
 }
 
@@ -678,7 +713,7 @@ Napi::Value JsEngine::EvictCompact(const Napi::CallbackInfo& info) {
   }
   a.keep = static_cast<const int32_t*>(keep->state->buffer->data());
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold] { backend->evict_compact(a); });
+  c.enqueue([backend, a, hold] { backend->evict_compact(a); }, "evict_compact");
   return env.Undefined();
 }
 
@@ -753,7 +788,7 @@ Napi::Value JsEngine::Selection(const Napi::CallbackInfo& info) {
     a.pooled_scores = static_cast<float*>(pooled->state->buffer->data());
   }
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold] { backend->selection(a); });
+  c.enqueue([backend, a, hold] { backend->selection(a); }, "selection");
   return env.Undefined();
 }
 
@@ -913,7 +948,7 @@ Napi::Value JsEngine::Gemm(const Napi::CallbackInfo& info) {
   a.bias = h.ptr(bias);
   a.y = h.ptr(y);
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->gemm(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->gemm(a); }, "gemm");
   return env.Undefined();
 }
 
@@ -961,7 +996,7 @@ Napi::Value JsEngine::LayerNorm(const Napi::CallbackInfo& info) {
   a.weight = static_cast<const float*>(h.ptr(weight));
   a.bias = static_cast<const float*>(h.ptr(bias));
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->layer_norm(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->layer_norm(a); }, "layer_norm");
   return env.Undefined();
 }
 
@@ -989,7 +1024,7 @@ Napi::Value JsEngine::GatedResidual(const Napi::CallbackInfo& info) {
   a.y = h.ptr(y);
   a.gate = row_vectors_ptr(h, gate);
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->gated_residual(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->gated_residual(a); }, "gated_residual");
   return env.Undefined();
 }
 
@@ -1017,7 +1052,7 @@ Napi::Value JsEngine::Activation(const Napi::CallbackInfo& info) {
   a.x = h.ptr(x);
   a.y = h.ptr(out);
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->activation(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->activation(a); }, "activation");
   return env.Undefined();
 }
 
@@ -1104,7 +1139,7 @@ Napi::Value JsEngine::QkNormRope(const Napi::CallbackInfo& info) {
   a.k = h.ptr(k);
   a.v = h.ptr(v);
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->qk_norm_rope(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->qk_norm_rope(a); }, "qk_norm_rope");
   return env.Undefined();
 }
 
@@ -1172,7 +1207,7 @@ Napi::Value JsEngine::CrossAttention(const Napi::CallbackInfo& info) {
   a.cu_seqlens = static_cast<const int32_t*>(h.ptr(cu));
   a.out = h.ptr(out);
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->cross_attention(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->cross_attention(a); }, "cross_attention");
   return env.Undefined();
 }
 
@@ -1215,7 +1250,7 @@ Napi::Value JsEngine::CfgTau(const Napi::CallbackInfo& info) {
   a.z = static_cast<const float*>(h.ptr(z));
   a.out = static_cast<float*>(h.ptr(out));
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->cfg_tau(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->cfg_tau(a); }, "cfg_tau");
   return env.Undefined();
 }
 
@@ -1246,7 +1281,7 @@ Napi::Value JsEngine::TopkTopPMask(const Napi::CallbackInfo& info) {
   a.logits = static_cast<const float*>(h.ptr(z));
   a.out = static_cast<float*>(h.ptr(out));
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->topk_topp_mask(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->topk_topp_mask(a); }, "topk_topp_mask");
   return env.Undefined();
 }
 
@@ -1284,7 +1319,7 @@ Napi::Value JsEngine::SampleBits(const Napi::CallbackInfo& info) {
   a.logits = static_cast<const float*>(h.ptr(z));
   a.out = h.ptr(out);
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->sample_bits(a); });
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->sample_bits(a); }, "sample_bits");
   return env.Undefined();
 }
 
@@ -1308,6 +1343,8 @@ Napi::Function JsTensor::Init(Napi::Env env) {
 JsTensor::JsTensor(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsTensor>(info) {}
 
 Napi::Value JsTensor::Dispose(const Napi::CallbackInfo& info) {
+  // The block goes back to the engine's cache now; queued ops that use it still run first (stream order).
+  if (state) state->buffer->release();
   state.reset();
   if (!engine_ref.IsEmpty()) engine_ref.Reset();
   return info.Env().Undefined();
@@ -1336,7 +1373,7 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
   auto buffer = s.buffer;
   EngineCore& core = engine->live(env);
   Backend* backend = &core.backend();
-  core.enqueue([backend, buffer, host] { backend->upload(buffer->data(), host->data(), host->size()); });
+  core.enqueue([backend, buffer, host] { backend->upload(buffer->data(), host->data(), host->size()); }, "upload");
   return env.Undefined();
 }
 

@@ -1,6 +1,7 @@
 #include "engine_core.h"
 
 #include <algorithm>
+#include <chrono>
 
 namespace scalekv {
 
@@ -14,15 +15,9 @@ const char* category_name(Category c) {
   return "activations";
 }
 
-Buffer::~Buffer() {
-  // Freed in queue order, so work enqueued before the last owner let go has finished with it. The raw
-  // pointer is safe: the queue thread keeps the core alive until the queue is drained.
-  EngineCore* core = core_.get();
-  void* ptr = ptr_;
-  const size_t bytes = bytes_;
-  const Category category = category_;
-  if (!core->enqueue([core, ptr, bytes, category] { core->release_memory(ptr, bytes, category); }))
-    core->release_memory(ptr, bytes, category);
+void Buffer::release() {
+  if (released_.exchange(true)) return;
+  core_->recycle(ptr_, bytes_, block_bytes_, category_);
 }
 
 std::shared_ptr<EngineCore> EngineCore::create(std::unique_ptr<Backend> backend) {
@@ -38,6 +33,13 @@ std::shared_ptr<EngineCore> EngineCore::create(std::unique_ptr<Backend> backend)
 EngineCore::EngineCore(std::unique_ptr<Backend> backend) : backend_(std::move(backend)) {}
 
 EngineCore::~EngineCore() {
+  for (const auto& [size, ptr] : cache_) {
+    try {
+      backend_->free(ptr);
+    } catch (...) {
+      // Nothing to recover at teardown.
+    }
+  }
   if (worker_.joinable()) {
     if (worker_.get_id() == std::this_thread::get_id()) {
       worker_.detach();
@@ -55,8 +57,39 @@ void EngineCore::shutdown() {
   cv_.notify_all();
 }
 
+namespace {
+constexpr size_t kBlockRounding = 512;
+// A cached block serves a request when it wastes at most a quarter of the request (plus a page): repeated
+// shapes reuse exactly, nearby ones share, and small requests do not pin large blocks.
+bool close_enough(size_t block, size_t want) { return block <= want + want / 4 + 4096; }
+}  // namespace
+
 std::shared_ptr<Buffer> EngineCore::allocate(size_t bytes, Category category) {
-  void* ptr = backend_->alloc(std::max<size_t>(bytes, 1));
+  const size_t want = (std::max<size_t>(bytes, 1) + kBlockRounding - 1) / kBlockRounding * kBlockRounding;
+  void* ptr = nullptr;
+  size_t block = want;
+  {
+    std::lock_guard<std::mutex> lock(mem_mu_);
+    auto it = cache_.lower_bound(want);
+    if (it != cache_.end() && close_enough(it->first, want)) {
+      block = it->first;
+      ptr = it->second;
+      cache_.erase(it);
+    }
+  }
+  if (!ptr) {
+    try {
+      ptr = backend_->alloc(want);
+    } catch (const BackendError& e) {
+      if (e.code != StatusCode::out_of_memory) throw;
+      trim_cache();
+      wait_idle();
+      ptr = backend_->alloc(want);
+    }
+    std::lock_guard<std::mutex> lock(mem_mu_);
+    mem_.reserved += int64_t(want);
+    mem_.reserved_peak = std::max(mem_.reserved_peak, mem_.reserved);
+  }
   {
     std::lock_guard<std::mutex> lock(mem_mu_);
     const int c = static_cast<int>(category);
@@ -65,19 +98,43 @@ std::shared_ptr<Buffer> EngineCore::allocate(size_t bytes, Category category) {
     mem_.total_in_use += int64_t(bytes);
     mem_.total_peak = std::max(mem_.total_peak, mem_.total_in_use);
   }
-  return std::make_shared<Buffer>(shared_from_this(), ptr, bytes, category);
+  return std::make_shared<Buffer>(shared_from_this(), ptr, bytes, block, category);
 }
 
-void EngineCore::release_memory(void* ptr, size_t bytes, Category category) {
+void EngineCore::recycle(void* ptr, size_t bytes, size_t block_bytes, Category category) {
+  std::lock_guard<std::mutex> lock(mem_mu_);
+  cache_.emplace(block_bytes, ptr);
+  mem_.in_use[static_cast<int>(category)] -= int64_t(bytes);
+  mem_.total_in_use -= int64_t(bytes);
+}
+
+void EngineCore::free_block(void* ptr, size_t block_bytes) {
   try {
     backend_->free(ptr);
   } catch (...) {
-    // A failing free leaves nothing to recover; the counters still drop so they stay truthful about
-    // what the engine holds.
+    // A failing free leaves nothing to recover; the counter still drops so it stays truthful.
   }
   std::lock_guard<std::mutex> lock(mem_mu_);
-  mem_.in_use[static_cast<int>(category)] -= int64_t(bytes);
-  mem_.total_in_use -= int64_t(bytes);
+  mem_.reserved -= int64_t(block_bytes);
+}
+
+void EngineCore::trim_cache() {
+  std::multimap<size_t, void*> blocks;
+  {
+    std::lock_guard<std::mutex> lock(mem_mu_);
+    blocks.swap(cache_);
+  }
+  // In queue order: ops enqueued before a block was released may still be using it.
+  for (const auto& [size, ptr] : blocks) {
+    void* p = ptr;
+    const size_t n = size;
+    if (!enqueue([this, p, n] { free_block(p, n); })) free_block(p, n);
+  }
+}
+
+void EngineCore::wait_idle() {
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_cv_.wait(lock, [&] { return queue_.empty() && running_ == 0; });
 }
 
 MemoryCounters EngineCore::memory() const {
@@ -85,11 +142,11 @@ MemoryCounters EngineCore::memory() const {
   return mem_;
 }
 
-bool EngineCore::enqueue(std::function<void()> op) {
+bool EngineCore::enqueue(std::function<void()> op, const char* name) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return false;
-    queue_.push_back(std::move(op));
+    queue_.push_back({std::move(op), name});
   }
   cv_.notify_one();
   return true;
@@ -123,22 +180,55 @@ bool EngineCore::enqueue_completion(std::function<void()> op,
 
 void EngineCore::run() {
   for (;;) {
-    std::function<void()> op;
+    QueuedOp op;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
       if (queue_.empty()) return;  // stop_ and drained
       op = std::move(queue_.front());
       queue_.pop_front();
+      ++running_;
     }
     try {
-      op();
+      if (op.name && profiling_.load(std::memory_order_relaxed)) {
+        const auto start = std::chrono::steady_clock::now();
+        op.fn();
+        backend_->synchronize();
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+        std::lock_guard<std::mutex> lock(profile_mu_);
+        OpProfile& p = profile_[op.name];
+        p.count += 1;
+        p.ms += ms;
+      } else {
+        op.fn();
+      }
     } catch (const BackendError& e) {
       record_error({status_code_name(e.code), e.what()});
     } catch (const std::exception& e) {
       record_error({"ERR_INTERNAL", e.what()});
     }
+    op = {};  // drop the op's buffers before reporting idle
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --running_;
+    }
+    idle_cv_.notify_all();
   }
+}
+
+}  // namespace scalekv
+
+namespace scalekv {
+
+void EngineCore::set_profiling(bool on) {
+  std::lock_guard<std::mutex> lock(profile_mu_);
+  if (on) profile_.clear();
+  profiling_ = on;
+}
+
+std::map<std::string, EngineCore::OpProfile> EngineCore::profile() const {
+  std::lock_guard<std::mutex> lock(profile_mu_);
+  return profile_;
 }
 
 }  // namespace scalekv

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -31,28 +32,37 @@ struct QueuedError {
 
 class EngineCore;
 
-// Device memory owned jointly by JS handles and the queued ops that use it; freed (on the queue, after
-// the work that uses it) when the last owner lets go.
+// Device memory of one tensor. Memory is stream-ordered: `release()` (the JS dispose) hands the block back to
+// the engine's cache at once, although queued ops may still use it, because the queue runs in order: every
+// op that touches the old tensor was enqueued before the release and runs before any op on the tensor that
+// reuses the block. Queued ops hold the Buffer object itself, so `data()` stays valid for them.
 class Buffer {
  public:
-  Buffer(std::shared_ptr<EngineCore> core, void* ptr, size_t bytes, Category category)
-      : core_(std::move(core)), ptr_(ptr), bytes_(bytes), category_(category) {}
-  ~Buffer();
+  Buffer(std::shared_ptr<EngineCore> core, void* ptr, size_t bytes, size_t block_bytes, Category category)
+      : core_(std::move(core)), ptr_(ptr), bytes_(bytes), block_bytes_(block_bytes), category_(category) {}
+  ~Buffer() { release(); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   void* data() const { return ptr_; }
   size_t bytes() const { return bytes_; }
+  // Returns the block to the engine's cache (once; also done by the destructor).
+  void release();
 
  private:
   std::shared_ptr<EngineCore> core_;
   void* ptr_;
   size_t bytes_;
+  size_t block_bytes_;
   Category category_;
+  std::atomic<bool> released_{false};
 };
 
 struct MemoryCounters {
+  // Bytes of live tensors (released ones no longer count), and their peak.
   std::array<int64_t, kCategories> in_use{}, peak{};
   int64_t total_in_use = 0, total_peak = 0;
+  // Bytes the backend holds: live blocks plus the cache of released ones.
+  int64_t reserved = 0, reserved_peak = 0;
 };
 
 class EngineCore : public std::enable_shared_from_this<EngineCore> {
@@ -65,12 +75,26 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
 
   Backend& backend() { return *backend_; }
 
-  // Allocates now (so out-of-memory throws at the call), counted under `category`.
+  // Allocates now (so out-of-memory throws at the call), counted under `category`: a cached block of a
+  // close size when there is one, else new backend memory; on out-of-memory the cache is emptied (after
+  // the queued work) and the allocation retried once.
   std::shared_ptr<Buffer> allocate(size_t bytes, Category category);
+  // Frees every cached block, in queue order.
+  void trim_cache();
 
   // Runs `op` on the queue thread after everything enqueued before it. An exception it throws is kept as
   // the pending error; later ops still run (each validates its own inputs). False once shut down.
-  bool enqueue(std::function<void()> op);
+  // `name` (a string literal) labels the op in profiles.
+  bool enqueue(std::function<void()> op, const char* name = nullptr);
+
+  // Profiling: while on, the queue thread synchronises the backend after every named op and adds its
+  // duration to that name's total, so device work is timed, not its launch. Costs a sync per op.
+  void set_profiling(bool on);
+  struct OpProfile {
+    int64_t count = 0;
+    double ms = 0;
+  };
+  std::map<std::string, OpProfile> profile() const;
 
   // Runs `op` on the queue, then synchronises the backend, then calls `done` (still on the queue thread)
   // with the pending error, if any, which is cleared. `done` must hand results to JS itself.
@@ -80,7 +104,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   void shutdown();
 
   MemoryCounters memory() const;
-  void release_memory(void* ptr, size_t bytes, Category category);
+  void recycle(void* ptr, size_t bytes, size_t block_bytes, Category category);
 
  private:
   void run();
@@ -90,12 +114,25 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   std::thread worker_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::function<void()>> queue_;
+  struct QueuedOp {
+    std::function<void()> fn;
+    const char* name;
+  };
+  std::deque<QueuedOp> queue_;
+  std::atomic<bool> profiling_{false};
+  mutable std::mutex profile_mu_;
+  std::map<std::string, OpProfile> profile_;
   bool stop_ = false;
   std::optional<QueuedError> pending_error_;  // guarded by mu_
 
+  void wait_idle();
+  void free_block(void* ptr, size_t block_bytes);
+
   mutable std::mutex mem_mu_;
   MemoryCounters mem_;
+  std::multimap<size_t, void*> cache_;  // released blocks by size, guarded by mem_mu_
+  std::condition_variable idle_cv_;
+  int64_t running_ = 0;  // ops taken off the queue but not finished; guarded by mu_
 };
 
 }  // namespace scalekv

@@ -23,6 +23,20 @@ export interface MemoryStats {
   peak: Record<MemoryCategory, number>;
   totalInUse: number;
   totalPeak: number;
+  /**
+   * Bytes the backend holds: live tensors plus the cache of released ones. A disposed tensor's memory is
+   * reused by later allocations at once (the queue runs in order, so work still queued on it finishes first);
+   * `trimCache()` returns the cache to the device.
+   */
+  reserved: number;
+  reservedPeak: number;
+}
+
+/** One op's share of a profile: its backend name (e.g. 'gemm', 'conv2d'), how often it ran, total milliseconds. */
+export interface OpProfileEntry {
+  op: string;
+  count: number;
+  ms: number;
 }
 
 export type HostArray = Float32Array | Uint16Array | Int32Array | Uint8Array;
@@ -96,7 +110,10 @@ export class Tensor {
     }
   }
 
-  /** Releases the memory once the work already queued on it has finished. Idempotent. */
+  /**
+   * Releases the tensor. Its memory may serve the next allocation at once: work already queued on this tensor
+   * runs before any work on the new one. Idempotent.
+   */
   dispose(): void {
     this.native.dispose();
   }
@@ -198,6 +215,28 @@ export class Engine {
     }
   }
 
+  /**
+   * Starts an op profile: from now on every op is timed on the queue (the backend is synchronised after each,
+   * so GPU work is measured, not its launch — profiling slows the queue down). Clears any previous profile.
+   */
+  startProfiling(): void {
+    try {
+      this.native.setProfiling(true);
+    } catch (e) {
+      rethrowNative(e);
+    }
+  }
+
+  /** Waits for the queued work, stops profiling and returns per-op counts and times, slowest first. */
+  async stopProfiling(): Promise<OpProfileEntry[]> {
+    await this.sync();
+    const raw = this.native.profile();
+    this.native.setProfiling(false);
+    return Object.entries(raw)
+      .map(([op, p]) => ({ op, count: p.count, ms: p.ms }))
+      .sort((a, b) => b.ms - a.ms);
+  }
+
   memory(): MemoryStats {
     const m = this.native.memory();
     return {
@@ -205,7 +244,18 @@ export class Engine {
       peak: m.peak as Record<MemoryCategory, number>,
       totalInUse: m.totalInUse,
       totalPeak: m.totalPeak,
+      reserved: m.reserved,
+      reservedPeak: m.reservedPeak,
     };
+  }
+
+  /** Frees the cached memory of disposed tensors (after the work already queued). */
+  trimCache(): void {
+    try {
+      this.native.trimCache();
+    } catch (e) {
+      rethrowNative(e);
+    }
   }
 
   /** Stops the queue after the work already queued; tensors still alive release their memory when disposed. */

@@ -1,5 +1,5 @@
 export { createEngine, backendInfo, Engine, Tensor, MEMORY_CATEGORIES } from './engine.js';
-export type { BackendChoice, BackendName, EngineOptions, HostArray, MemoryCategory, MemoryStats, TensorOptions } from './engine.js';
+export type { BackendChoice, BackendName, EngineOptions, HostArray, MemoryCategory, MemoryStats, OpProfileEntry, TensorOptions } from './engine.js';
 export type { AttentionArgs, EvictCompactArgs, IndexInput, KVPair, Ops, PoolingMode, ScoreMode, SelectionArgs } from './ops.js';
 export type {
   ActivationArgs, CfgTauArgs, CrossAttentionArgs, Epilogue, GatedResidualArgs, GemmArgs, LayerNormArgs, QkNormRopeArgs,

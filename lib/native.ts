@@ -20,6 +20,8 @@ export interface NativeMemory {
   peak: Record<string, number>;
   totalInUse: number;
   totalPeak: number;
+  reserved: number;
+  reservedPeak: number;
 }
 
 export interface NativeEngine {
@@ -29,6 +31,9 @@ export interface NativeEngine {
   sync(): Promise<void>;
   memory(): NativeMemory;
   dispose(): void;
+  setProfiling(on: boolean): void;
+  trimCache(): void;
+  profile(): Record<string, { count: number; ms: number }>;
   attention(args: Record<string, unknown>): void;
   evictCompact(args: Record<string, unknown>): void;
   selection(args: Record<string, unknown>): void;

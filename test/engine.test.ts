@@ -113,3 +113,47 @@ for (const backend of testBackends()) {
     });
   });
 }
+
+for (const backend of testBackends()) {
+  test(`memory ${backend}: disposed blocks are reused at once, safely, in queue order`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    await withEngine(backend, async (e) => {
+      const shape = [1, 2, 40, 64];
+      const n = 2 * 40 * 64;
+      const a = rng.normals(n), b = rng.normals(n);
+      const kv = e.tensor(rng.normals(n), shape, 'f32');
+      // Reference: attention on `a` with nothing disposed.
+      const qa = e.tensor(a, shape, 'f32');
+      const ref = e.empty(shape, 'f32');
+      e.ops.attention({ q: qa, current: { k: kv, v: kv }, out: ref, scale: 0.125 });
+      const want = await ref.read();
+      // Queue the same attention, dispose its q at once, and let a new tensor take the block and be
+      // overwritten before the queued attention has necessarily run: the attention must still see `a`.
+      const out = e.empty(shape, 'f32', { fillByte: 0xff });
+      e.ops.attention({ q: qa, current: { k: kv, v: kv }, out, scale: 0.125 });
+      const reservedBefore = e.memory().reserved;
+      qa.dispose();
+      const reuse = e.tensor(b, shape, 'f32');
+      t.is(e.memory().reserved, reservedBefore, 'the disposed block was not reused');
+      reuse.write(rng.normals(n));
+      t.deepEqual(await out.read(), want);
+      // A loop of equal-shaped temporaries keeps the reserved memory flat after the first one.
+      let flat = 0;
+      for (let i = 0; i < 20; i++) {
+        if (i === 1) flat = e.memory().reserved;
+        const tmp = e.empty(shape, 'f32');
+        e.ops.attention({ q: reuse, current: { k: kv, v: kv }, out: tmp, scale: 0.125 });
+        tmp.dispose();
+      }
+      await e.sync();
+      t.is(e.memory().reserved, flat);
+      // trimCache gives cached blocks back (after the queue).
+      for (const x of [reuse, out, ref]) x.dispose();
+      e.trimCache();
+      await e.sync();
+      const m = e.memory();
+      t.is(m.reserved, kv.bytes + (kv.bytes % 512 ? 512 - (kv.bytes % 512) : 0));
+      t.true(m.reservedPeak >= m.reserved);
+    });
+  });
+}

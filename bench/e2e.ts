@@ -1,0 +1,120 @@
+// End-to-end benchmark of the built-in tiny model: time and peak memory per image (text features -> sampling
+// loop -> VAE decode -> pixels), and each op family's share of the time from one profiled run (the profile
+// synchronises after every op, so its total exceeds the unprofiled time slightly).
+import { Bench } from 'tinybench';
+import type { Engine } from '../lib/engine.js';
+import { decodeImage, generate } from '../lib/model/generate.js';
+import { InfinityModel } from '../lib/model/infinity.js';
+import { scaleSchedule } from '../lib/model/schedule.js';
+import { createTinyModel } from '../lib/model/tiny.js';
+import { VaeDecoder } from '../lib/model/vae.js';
+
+const FAMILIES: Record<string, string> = {
+  attention: 'self-attention',
+  cross_attention: 'cross-attention',
+  gemm: 'linear (GEMM)',
+  layer_norm: 'norms',
+  group_norm: 'norms',
+  qk_norm_rope: 'q/k norm + RoPE',
+  activation: 'elementwise',
+  gated_residual: 'elementwise',
+  add: 'elementwise',
+  cfg_tau: 'elementwise',
+  transpose12: 'layout copies',
+  upload: 'host uploads',
+  fill: 'host uploads',
+  sample_bits: 'sampling',
+  topk_topp_mask: 'sampling',
+  bits_to_codes: 'codes + resize',
+  resize_bilinear: 'codes + resize',
+  pixel_shuffle2x: 'codes + resize',
+  pixel_unshuffle2x: 'codes + resize',
+  conv2d: 'VAE conv',
+  upsample_nearest2x: 'VAE upsample',
+  image_to_u8: 'VAE upsample',
+  evict_compact: 'KV eviction',
+  selection: 'KV selection',
+};
+
+export interface E2eResult {
+  msPerImage: number;
+  samplingMsPerImage: number;
+  peakBytes: number;
+  /** What the backend held at most: live tensors plus the cache of released blocks. */
+  reservedPeakBytes: number;
+  peakByCategory: Record<string, number>;
+  families: { family: string; ms: number; share: number; ops: string[] }[];
+}
+
+export async function runE2e(engine: Engine, opts: { iterations: number }): Promise<E2eResult> {
+  const tiny = createTinyModel(0);
+  const model = await InfinityModel.load(engine, tiny.weights, tiny.config);
+  const vaeWeights = new Map<string, Float32Array>();
+  for (const n of tiny.vae.names) if (n.startsWith('decoder.')) vaeWeights.set(n, tiny.vae.f32(n));
+  const vae = await VaeDecoder.load(engine, vaeWeights, tiny.vaeConfig);
+  const schedule = scaleSchedule({ aspect: 1, pn: '0.06M' }).scales;
+  let sampling = 0;
+  let runs = 0;
+  const oneImage = async (seed: number) => {
+    const t0 = performance.now();
+    const r = await generate(model, { text: tiny.text, schedule, cfg: 3, tau: 1, seed });
+    sampling += performance.now() - t0;
+    runs++;
+    try {
+      await decodeImage(vae, r.summedCodes);
+    } finally {
+      r.summedCodes.dispose();
+    }
+  };
+  try {
+    await oneImage(0); // warm-up, and the memory peak of a whole image
+    const bench = new Bench({ name: 'e2e', iterations: opts.iterations, time: 0, warmup: false });
+    let seed = 1;
+    bench.add('tiny model image', () => oneImage(seed++));
+    sampling = 0;
+    runs = 0;
+    await bench.run();
+    const r = bench.tasks[0].result;
+    if (r.state !== 'completed') throw new Error(`e2e: ${r.state}`);
+    const memory = engine.memory();
+    engine.startProfiling();
+    await oneImage(12345);
+    const profile = await engine.stopProfiling();
+    const byFamily = new Map<string, { ms: number; ops: Set<string> }>();
+    for (const p of profile) {
+      const family = FAMILIES[p.op] ?? p.op;
+      const f = byFamily.get(family) ?? { ms: 0, ops: new Set<string>() };
+      f.ms += p.ms;
+      f.ops.add(p.op);
+      byFamily.set(family, f);
+    }
+    const total = [...byFamily.values()].reduce((a, f) => a + f.ms, 0);
+    return {
+      msPerImage: r.latency.mean,
+      samplingMsPerImage: sampling / Math.max(1, runs),
+      peakBytes: memory.totalPeak,
+      reservedPeakBytes: memory.reservedPeak,
+      peakByCategory: memory.peak,
+      families: [...byFamily.entries()]
+        .map(([family, f]) => ({ family, ms: f.ms, share: f.ms / total, ops: [...f.ops] }))
+        .sort((a, b) => b.ms - a.ms),
+    };
+  } finally {
+    model.dispose();
+    vae.dispose();
+  }
+}
+
+export function formatE2e(backend: string, r: E2eResult): string {
+  const MiB = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+  const lines = [
+    `end to end, tiny model (depth 4, C 128), 256x256, 7 scales, CFG, B = 1, on ${backend}:`,
+    `  ${r.msPerImage.toFixed(1)} ms per image (sampling loop ${r.samplingMsPerImage.toFixed(1)} ms, VAE decode the rest); ` +
+      `peak ${MiB(r.peakBytes)} live (${Object.entries(r.peakByCategory).map(([k, v]) => `${k} ${MiB(v)}`).join(', ')}), ` +
+      `${MiB(r.reservedPeakBytes)} reserved`,
+    '| op family | ms (profiled) | share | ops |',
+    '| --- | --- | --- | --- |',
+    ...r.families.map((f) => `| ${f.family} | ${f.ms.toFixed(2)} | ${(100 * f.share).toFixed(1)}% | ${f.ops.join(', ')} |`),
+  ];
+  return lines.join('\n') + '\n';
+}
