@@ -68,6 +68,14 @@ test('generate runs checkpoints and a text-features file written to disk, and re
   const [img] = pngs(out);
   t.deepEqual([img.width, img.height], [256, 256]);
 
+  const batch = join(dir, 'batch');
+  const b = cli(...args.map((a) => (a === out ? batch : a)), '--batch', '3', '--seed', '5', '--json');
+  t.is(b.status, 0, b.stderr);
+  t.is(JSON.parse(b.stdout).images.length, 3);
+  const three = pngs(batch);
+  t.deepEqual(three[0].data, img.data, 'image 0 of a batch differs from the single image of the same seed');
+  t.notDeepEqual(three[1].data, three[0].data, 'images of one prompt in a batch must sample their own bits');
+
   const wrongPreset = cli(...args.map((a) => (a === 'tiny' ? 'infinity-2b' : a)));
   t.is(wrongPreset.status, 1);
   t.regex(wrongPreset.stderr, /ERR_(SHAPE|FORMAT)/);

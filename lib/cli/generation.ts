@@ -16,14 +16,14 @@ import { createTinyModel, TINY_VAE, tinyConfig } from '../model/tiny.js';
 import { VaeDecoder, VaeDecoderConfig } from '../model/vae.js';
 import { SafetensorsFile } from '../safetensors.js';
 
-export const GENERATION_USAGE = `  demo [--prompt P]... [--seed N] [--pn 0.06M|0.25M] [--aspect H/W] [--cfg X] [--tau X] [--out DIR]
-       [--backend B] [--json]
-      The whole pipeline (text features -> sampling loop -> VAE -> PNG) on a built-in tiny random-weight model
-      that the package creates deterministically: no download. One image per --prompt.
-  generate --weights CKPT --vae CKPT --text FEATURES.safetensors [--preset infinity-2b|infinity-8b|...|tiny]
-       [--seed N] [--cfg X] [--tau X] [--top-k K] [--top-p P] [--aspect H/W] [--pn 1M] [--dtype bf16|f32]
+export const GENERATION_USAGE = `  demo [--prompt P]... [--batch N] [--seed N] [--pn 0.06M|0.25M] [--aspect H/W] [--cfg X] [--tau X]
        [--out DIR] [--backend B] [--json]
-      Generates one image per prompt of FEATURES (precomputed T5 encoder output: 'kv' [tokens, 2048] f32, the
+      The whole pipeline (text features -> sampling loop -> VAE -> PNG) on a built-in tiny random-weight model
+      that the package creates deterministically: no download. N images per --prompt (default 1).
+  generate --weights CKPT --vae CKPT --text FEATURES.safetensors [--preset infinity-2b|infinity-8b|...|tiny]
+       [--batch N] [--seed N] [--cfg X] [--tau X] [--top-k K] [--top-p P] [--aspect H/W] [--pn 1M]
+       [--dtype bf16|f32] [--out DIR] [--backend B] [--json]
+      Generates N images (default 1) per prompt of FEATURES (precomputed T5 encoder output: 'kv' [tokens, 2048] f32, the
       prompts' tokens concatenated, and 'lens' [prompts] int: tokens per prompt). CKPT: .pth, .safetensors or
       a sharded directory; the VAE under 'vae.' in a .pth is found by itself.
 `;
@@ -67,6 +67,21 @@ function progressBar(label: string): (scale: number, total: number) => void {
       process.stderr.write(`${label}: scale ${done}/${total}\n`);
     }
   };
+}
+
+/** Each prompt `batch` times in a row: images b·batch .. b·batch+batch−1 share prompt b; every image samples its own bits. */
+function repeatPrompts(text: TextFeatures, batch: number): TextFeatures {
+  if (!Number.isInteger(batch) || batch < 1) fail('ERR_INVALID_ARG', `--batch must be a positive integer, got ${batch}`);
+  if (batch === 1) return text;
+  const channels = text.kv.length / text.lens.reduce((a, b) => a + b, 0);
+  const parts: TextFeatures[] = [];
+  let row = 0;
+  for (const len of text.lens) {
+    const kv = text.kv.subarray(row * channels, (row + len) * channels);
+    for (let i = 0; i < batch; i++) parts.push({ kv, lens: [len] });
+    row += len;
+  }
+  return concatText(parts);
 }
 
 function concatText(parts: TextFeatures[]): TextFeatures {
@@ -188,6 +203,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
     args: argv,
     options: {
       prompt: { type: 'string', multiple: true },
+      batch: { type: 'string' },
       seed: { type: 'string' },
       pn: { type: 'string', default: '0.06M' },
       aspect: { type: 'string' },
@@ -208,7 +224,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
     async () => readVaeDecoder(tiny.vae),
     tiny.vaeConfig,
     {
-      text: concatText(prompts.map((p) => tiny.encodeText(p))),
+      text: repeatPrompts(concatText(prompts.map((p) => tiny.encodeText(p))), parseNumber(values.batch, '--batch', 1)),
       schedule: schedule.scales,
       cfg: parseNumber(values.cfg, '--cfg', 3),
       tau: parseNumber(values.tau, '--tau', 1),
@@ -244,6 +260,7 @@ export async function generateCommand(argv: string[]): Promise<number> {
       vae: { type: 'string' },
       text: { type: 'string' },
       preset: { type: 'string', default: 'infinity-2b' },
+      batch: { type: 'string' },
       seed: { type: 'string' },
       cfg: { type: 'string' },
       tau: { type: 'string' },
@@ -251,7 +268,7 @@ export async function generateCommand(argv: string[]): Promise<number> {
       'top-p': { type: 'string' },
       aspect: { type: 'string' },
       pn: { type: 'string', default: '1M' },
-      dtype: { type: 'string', default: 'bf16' },
+      dtype: { type: 'string' },
       out: { type: 'string', default: 'scalekv-out' },
       backend: { type: 'string', default: 'auto' },
       json: { type: 'boolean', default: false },
@@ -261,17 +278,17 @@ export async function generateCommand(argv: string[]): Promise<number> {
   // 'tiny' is the demo model's configuration, for checkpoints written from it.
   if (values.preset !== 'tiny' && !PRESET_NAMES.includes(values.preset as PresetName))
     fail('ERR_INVALID_ARG', `unknown preset '${values.preset}' (${[...PRESET_NAMES, 'tiny'].join(', ')})`);
-  if (values.dtype !== 'bf16' && values.dtype !== 'f32') fail('ERR_INVALID_ARG', `--dtype must be bf16 or f32`);
+  if (values.dtype !== undefined && values.dtype !== 'bf16' && values.dtype !== 'f32') fail('ERR_INVALID_ARG', `--dtype must be bf16 or f32`);
   const config = values.preset === 'tiny' ? { ...tinyConfig(), vae: { ...TINY_VAE, chMult: [...TINY_VAE.chMult] } } : preset(values.preset as PresetName);
   const schedule = scaleSchedule({ aspect: parseAspect(values.aspect), pn: values.pn as PixelBudget, patchify: config.patchify });
-  const text = loadTextFeatures(values.text, config.textChannels);
+  const text = repeatPrompts(loadTextFeatures(values.text, config.textChannels), parseNumber(values.batch, '--batch', 1));
   const weights = openCheckpoint(values.weights);
   const vaeFile = openCheckpoint(values.vae);
   const vaeSource = vaeFile.names.some((n) => n.startsWith('vae.')) ? openCheckpoint(values.vae, { prefix: 'vae.' }) : vaeFile;
   try {
     await withPipeline(
       values.backend as BackendChoice,
-      (engine) => InfinityModel.load(engine, weights, config, { dtype: values.dtype as 'bf16' | 'f32' }),
+      (engine) => InfinityModel.load(engine, weights, config, { dtype: values.dtype as 'bf16' | 'f32' | undefined }),
       () => readVaeDecoder(vaeSource),
       config.vae,
       {

@@ -23,7 +23,10 @@ export interface WeightSource {
 }
 
 export interface InfinityLoadOptions {
-  /** Device dtype of the block Linear weights (and of the KV cache the loop allocates). Default 'f32'. */
+  /**
+   * Device dtype of the block Linear weights (and of the KV cache the loop allocates). Default: 'bf16' on CUDA
+   * (tensor-core GEMMs, half the memory), 'f32' elsewhere (the CPU and emulator paths are exact in f32).
+   */
   dtype?: 'f32' | 'bf16';
 }
 
@@ -163,7 +166,7 @@ export class InfinityModel {
    * block i at `block_chunks.{i // n}.module.{i % n}`; unknown keys are ignored; a missing `zero_k_bias` is zeros.
    */
   static async load(engine: Engine, source: WeightSource, config: InfinityConfig, opts: InfinityLoadOptions = {}): Promise<InfinityModel> {
-    const dtype = opts.dtype ?? 'f32';
+    const dtype = opts.dtype ?? (engine.backend === 'cuda' ? 'bf16' : 'f32');
     if (dtype !== 'f32' && dtype !== 'bf16') fail('ERR_DTYPE', `InfinityModel.load: dtype must be 'f32' or 'bf16', got ${dtype}`);
     const c = config;
     const C = c.embedDim;
