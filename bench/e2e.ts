@@ -1,6 +1,6 @@
 // End-to-end benchmark of the built-in tiny model: time and peak memory per image (text features -> sampling
-// loop -> VAE decode -> pixels), and each op family's share of the time from one profiled run (the profile
-// synchronises after every op, so its total exceeds the unprofiled time slightly).
+// loop -> VAE decode -> pixels), and each op family's share of the time from one profiled run (device time of
+// every op between timing marks: CUDA events on the GPU).
 import { Bench } from 'tinybench';
 import type { Engine } from '../lib/engine.js';
 import { decodeImage, generate } from '../lib/model/generate.js';

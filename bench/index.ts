@@ -1,6 +1,6 @@
-// Benchmarks (tinybench). Kernels: each row is the engine's kernel and a naive reference run in the same
-// process, with work rates (GFLOP/s, GB/s, Melem/s) and the ratio kernel / naive. Then the end-to-end tiny
-// model (bench/e2e.ts). `npm run bench [-- --backend cuda] [--quick] [--only kernels|e2e] [--json]`; `--quick`
+// Benchmarks (tinybench). Kernels: each row is the engine's kernel (device time per call from the engine
+// profiler: CUDA events on a GPU) or a naive reference run in the same process, with work rates (GFLOP/s,
+// GB/s, Melem/s) and the ratio kernel / naive. Then the end-to-end tiny model (bench/e2e.ts). `npm run bench [-- --backend cuda] [--quick] [--only kernels|e2e] [--json]`; `--quick`
 // skips the Infinity-2B last-scale attention shapes (tens of seconds each on a CPU).
 import { parseArgs } from 'node:util';
 import { Bench } from 'tinybench';
@@ -83,6 +83,16 @@ interface Row {
   note?: string;
 }
 
+// Device time of one engine op per call: the engine profiler brackets every op with timing marks (CUDA
+// events on the GPU, the host clock on CPU and emu), so this is kernel time, not the sync round trip.
+async function timeKernel(engine: Engine, op: string, fn: () => Promise<void>, iterations: number): Promise<number> {
+  engine.startProfiling();
+  await timeIt(op, fn, iterations);
+  const entry = (await engine.stopProfiling()).find((p) => p.op === op);
+  if (!entry || entry.count === 0) throw new Error(`bench: no profile entry for ${op}`);
+  return entry.ms / entry.count;
+}
+
 async function timeIt(name: string, fn: () => Promise<void> | void, iterations: number): Promise<number> {
   const bench = new Bench({ name, iterations, time: 0, warmup: iterations > 2, warmupIterations: 1 });
   bench.add(name, fn);
@@ -103,7 +113,7 @@ async function attentionCase(e: Engine, rows: Row[], o: { pairs: number; heads: 
   const ck = e.tensor(rand(pairs * lc * d, 4), sh(lc), o.dtype);
   const cv = e.tensor(rand(pairs * lc * d, 5), sh(lc), o.dtype);
   const out = e.empty(sh(lq), o.dtype);
-  const ms = await timeIt('attention', async () => {
+  const ms = await timeKernel(e, 'attention', async () => {
     e.ops.attention({ q, history: { k: hk, v: hv, len: hist }, current: { k: ck, v: cv }, out, scale: 1 / Math.sqrt(d) });
     await e.sync();
   }, o.iterations);
@@ -137,7 +147,7 @@ async function compactCase(e: Engine, rows: Row[], o: { b: number; heads: number
   const k = e.tensor(data, [o.b, o.heads, o.cap, o.d], 'bf16');
   const v = e.tensor(data, [o.b, o.heads, o.cap, o.d], 'bf16');
   const bytes = 2 * 2 * pairs * o.keep * o.d * 2; // K and V, read + write, 2 bytes each
-  const ms = await timeIt('evictCompact', async () => {
+  const ms = await timeKernel(e, 'evict_compact', async () => {
     e.ops.evictCompact({ history: { k, v, len: o.cap }, keep: keepT });
     await e.sync();
   }, 20);
@@ -161,7 +171,7 @@ async function selectionCase(e: Engine, rows: Row[], o: { b: number; heads: numb
   const windowKeys = Int32Array.from({ length: o.nw }, (_, i) => o.nk - o.nw + i);
   const out = e.empty([o.b, o.heads, o.budget], 'i32');
   const elems = pairs * o.nw * o.nk;
-  const ms = await timeIt('selection', async () => {
+  const ms = await timeKernel(e, 'selection', async () => {
     e.ops.selection({ logits, windowKeys, budget: o.budget, mode: 'logits', pooling: 'max', kernel: 5, out });
     await e.sync();
   }, 20);
@@ -201,7 +211,7 @@ async function kernelCases() {
 if (values.json) {
   process.stdout.write(JSON.stringify({ backend: engine.backend, device: engine.device, rows, e2e }, null, 2) + '\n');
 } else if (rows.length) {
-  const header = ['kernel', 'shape', 'impl', 'mean ms', 'rate', 'vs naive'];
+  const header = ['kernel', 'shape', 'impl', 'ms per call', 'rate', 'vs naive'];
   const table = rows.map((r) => [r.kernel, r.shape, r.impl, r.ms.toFixed(3), r.rate, r.ratio ?? '']);
   const widths = header.map((h, i) => Math.max(h.length, ...table.map((row) => row[i].length)));
   const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i])).join(' | ')} |`;

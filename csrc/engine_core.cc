@@ -1,7 +1,6 @@
 #include "engine_core.h"
 
 #include <algorithm>
-#include <chrono>
 
 namespace scalekv {
 
@@ -191,14 +190,11 @@ void EngineCore::run() {
     }
     try {
       if (op.name && profiling_.load(std::memory_order_relaxed)) {
-        const auto start = std::chrono::steady_clock::now();
+        Backend::TimingMark start = backend_->mark_time();
         op.fn();
-        backend_->synchronize();
-        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+        Backend::TimingMark end = backend_->mark_time();
         std::lock_guard<std::mutex> lock(profile_mu_);
-        OpProfile& p = profile_[op.name];
-        p.count += 1;
-        p.ms += ms;
+        timed_.push_back({op.name, std::move(start), std::move(end)});
       } else {
         op.fn();
       }
@@ -222,12 +218,21 @@ namespace scalekv {
 
 void EngineCore::set_profiling(bool on) {
   std::lock_guard<std::mutex> lock(profile_mu_);
-  if (on) profile_.clear();
+  if (on) {
+    profile_.clear();
+    timed_.clear();
+  }
   profiling_ = on;
 }
 
-std::map<std::string, EngineCore::OpProfile> EngineCore::profile() const {
+std::map<std::string, EngineCore::OpProfile> EngineCore::profile() {
   std::lock_guard<std::mutex> lock(profile_mu_);
+  for (const TimedOp& t : timed_) {
+    OpProfile& p = profile_[t.name];
+    p.count += 1;
+    p.ms += backend_->elapsed_ms(t.start, t.end);
+  }
+  timed_.clear();
   return profile_;
 }
 

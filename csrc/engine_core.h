@@ -87,14 +87,15 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // `name` (a string literal) labels the op in profiles.
   bool enqueue(std::function<void()> op, const char* name = nullptr);
 
-  // Profiling: while on, the queue thread synchronises the backend after every named op and adds its
-  // duration to that name's total, so device work is timed, not its launch. Costs a sync per op.
+  // Profiling: while on, the queue thread brackets every named op with backend timing marks (CUDA events on
+  // the stream, the host clock elsewhere), so device time is measured without synchronising per op.
+  // `profile()` must follow a synchronisation: it reads the marks of every op profiled so far.
   void set_profiling(bool on);
   struct OpProfile {
     int64_t count = 0;
     double ms = 0;
   };
-  std::map<std::string, OpProfile> profile() const;
+  std::map<std::string, OpProfile> profile();
 
   // Runs `op` on the queue, then synchronises the backend, then calls `done` (still on the queue thread)
   // with the pending error, if any, which is cleared. `done` must hand results to JS itself.
@@ -120,8 +121,13 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   };
   std::deque<QueuedOp> queue_;
   std::atomic<bool> profiling_{false};
-  mutable std::mutex profile_mu_;
-  std::map<std::string, OpProfile> profile_;
+  struct TimedOp {
+    const char* name;
+    Backend::TimingMark start, end;
+  };
+  std::mutex profile_mu_;
+  std::vector<TimedOp> timed_;               // marks not yet read
+  std::map<std::string, OpProfile> profile_;  // totals of the marks read
   bool stop_ = false;
   std::optional<QueuedError> pending_error_;  // guarded by mu_
 

@@ -414,6 +414,12 @@ class Backend {
   // Waits for all queued work and throws the first error raised by it (then clears it).
   virtual void synchronize() = 0;
 
+  // A timestamp taken when the queue reaches it: a CUDA event recorded on the stream, or the host clock on
+  // backends that execute in place. `elapsed_ms(a, b)` is valid once both have completed (after synchronize).
+  using TimingMark = std::shared_ptr<void>;
+  virtual TimingMark mark_time() = 0;
+  virtual double elapsed_ms(const TimingMark& start, const TimingMark& end) = 0;
+
   // --- Model ops (Infinity). A backend overrides what it implements; the rest report themselves as
   // unavailable there rather than failing to build, so backends can gain ops one at a time.
   virtual void gemm(const GemmArgs&) { unavailable("gemm"); }

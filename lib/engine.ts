@@ -216,8 +216,9 @@ export class Engine {
   }
 
   /**
-   * Starts an op profile: from now on every op is timed on the queue (the backend is synchronised after each,
-   * so GPU work is measured, not its launch — profiling slows the queue down). Clears any previous profile.
+   * Starts an op profile: from now on every op is bracketed by timing marks in queue order (CUDA events on the
+   * GPU, the host clock on CPU and emu), so device time is measured without synchronising per op. Clears any
+   * previous profile.
    */
   startProfiling(): void {
     try {

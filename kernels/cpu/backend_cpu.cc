@@ -1,5 +1,6 @@
 // The CPU backend: host memory and the C++ kernels. Ops run on the caller (the engine's queue thread) and
 // spread over the intra-op pool; they complete before returning, so synchronize has nothing to wait for.
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -60,6 +61,17 @@ class CpuBackend final : public Backend {
   void transpose12(const Transpose12Args& a) override { cpu::transpose12(pool_, a); }
   void image_to_u8(const ImageToU8Args& a) override { cpu::image_to_u8(pool_, a); }
   void synchronize() override {}
+  // Ops run in place on the calling thread, so the host clock at the call is the time the queue reached it.
+  TimingMark mark_time() override {
+    return std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
+  }
+  double elapsed_ms(const TimingMark& start, const TimingMark& end) override {
+    using Clock = std::chrono::steady_clock;
+    return std::chrono::duration<double, std::milli>(*static_cast<Clock::time_point*>(end.get()) -
+                                                     *static_cast<Clock::time_point*>(start.get()))
+        .count();
+  }
+
 
  private:
   cpu::ThreadPool pool_;

@@ -186,6 +186,27 @@ class CudaBackend final : public Backend {
   void transpose12(const Transpose12Args& a) override { run_op([&] { cuda_ops::transpose12(a, stream_); }); }
   void image_to_u8(const ImageToU8Args& a) override { run_op([&] { cuda_ops::image_to_u8(a, stream_); }); }
 
+  // CUDA events on the stream: device time between two points of the queue, with no host synchronisation.
+  TimingMark mark_time() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    cudaEvent_t event;
+    check(cudaEventCreate(&event), "cudaEventCreate");
+    check(cudaEventRecord(event, stream_), "cudaEventRecord");
+    return TimingMark(new cudaEvent_t(event), [](void* p) {
+      cudaEventDestroy(*static_cast<cudaEvent_t*>(p));
+      delete static_cast<cudaEvent_t*>(p);
+    });
+  }
+  double elapsed_ms(const TimingMark& start, const TimingMark& end) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bind();
+    float ms = 0.0f;
+    check(cudaEventElapsedTime(&ms, *static_cast<cudaEvent_t*>(start.get()), *static_cast<cudaEvent_t*>(end.get())),
+          "cudaEventElapsedTime");
+    return ms;
+  }
+
   void synchronize() override {
     std::lock_guard<std::mutex> lock(mutex_);
     bind();

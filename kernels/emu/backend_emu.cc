@@ -4,6 +4,7 @@
 // Unlike cudaMalloc'd memory, fresh allocations and the workspace before each op are filled with 0xFF,
 // so a kernel that relies on zeroed or stale device memory fails here instead of passing by luck.
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -126,6 +127,17 @@ class EmuBackend final : public Backend {
     note_pending("groupNorm");
     cuda_ops::group_norm(a, &stream_, ws);
     check_launch("groupNorm launch");
+  }
+
+  // Emulated kernels run to completion at the call, so the host clock at the call is the time the queue reached it.
+  TimingMark mark_time() override {
+    return std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
+  }
+  double elapsed_ms(const TimingMark& start, const TimingMark& end) override {
+    using Clock = std::chrono::steady_clock;
+    return std::chrono::duration<double, std::milli>(*static_cast<Clock::time_point*>(end.get()) -
+                                                     *static_cast<Clock::time_point*>(start.get()))
+        .count();
   }
 
   void synchronize() override {
