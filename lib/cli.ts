@@ -4,12 +4,13 @@ import { openCheckpoint } from './checkpoint/index.js';
 import { backendInfo, BackendChoice } from './engine.js';
 import { ScaleKVError } from './errors.js';
 import { demoCommand, generateCommand, GENERATION_USAGE } from './cli/generation.js';
+import { calibrateCommand, evalCommand, KV_USAGE, planCommand } from './cli/kv-commands.js';
 import { verifyFixture, VERIFY_KINDS } from './verify/index.js';
 
 const USAGE = `usage: scalekv <command> [options]
 
 commands:
-${GENERATION_USAGE}  verify <dir> [--backend auto|cpu|cuda|emu] [--json]
+${GENERATION_USAGE}${KV_USAGE}  verify <dir> [--backend auto|cpu|cuda|emu] [--json]
       Run a conformance fixture directory (manifest.json + io.safetensors, the format of the official
       golden fixtures) and print the agreement of every recorded quantity. Exit code 1 when any check is
       outside tolerance. Kinds: ${VERIFY_KINDS.join(', ')}.
@@ -124,6 +125,12 @@ async function main(argv: string[]): Promise<number> {
       return demoCommand(rest);
     case 'generate':
       return generateCommand(rest);
+    case 'plan':
+      return planCommand(rest);
+    case 'calibrate':
+      return calibrateCommand(rest);
+    case 'eval':
+      return evalCommand(rest);
     case 'inspect':
       return inspect(rest);
     case undefined:

@@ -27,6 +27,11 @@ export { generate, decodeImage } from './model/generate.js';
 export type { CaptureOptions, DecodedImage, GenerateOptions, GenerateResult, ScaleTiming } from './model/generate.js';
 export { FullKvPolicy, KvCache } from './model/kv-cache.js';
 export type { AfterAttentionContext, KvCacheOptions, KvPolicy } from './model/kv-cache.js';
+export {
+  SelectionPolicy, ScaleKvPolicy, SlidingWindowPolicy, StreamingLlmPolicy, SnapKvPolicy, PyramidKvPolicy, kvPolicyFromSpec,
+  historyCapacity, builtinPlan,
+} from './kv/index.js';
+export type { KvTraceRecord, ScaleKvOptions, SelectionPolicyOptions, SnapKvOptions } from './kv/index.js';
 export { crc32, decodePng, encodePng, pngChunks } from './image/png.js';
 export type { EncodeOptions as PngEncodeOptions, PngChunk, RawImage } from './image/png.js';
 export { DTYPES, dtypeSize, f32ToBf16Bits, bf16BitsToF32, roundToBf16 } from './dtype.js';

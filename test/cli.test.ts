@@ -84,3 +84,17 @@ test('generate runs checkpoints and a text-features file written to disk, and re
   t.is(badText.status, 1);
   t.regex(badText.stderr, /ERR_FORMAT/);
 });
+
+test('eval reports every policy (ScaleKV and the four baselines) against the full cache', (t) => {
+  const r = cli('eval', '--seeds', '0', '--backend', 'cpu', '--json');
+  t.is(r.status, 0, r.stderr);
+  const report = JSON.parse(r.stdout) as { summary: { policy: string; psnr: number | string; ssim: number; kvBytes: number }[] };
+  const names = report.summary.map((s) => s.policy);
+  for (const p of ['full', 'scalekv', 'window:', 'streamingllm:', 'snapkv:', 'pyramidkv:']) t.true(names.some((n) => n.startsWith(p)), `${p} missing from ${names}`);
+  const full = report.summary[0];
+  t.is(full.psnr, 'Infinity');
+  for (const s of report.summary.slice(1)) {
+    t.true(typeof s.psnr === 'number' && s.psnr > 5, `${s.policy}: PSNR ${s.psnr}`);
+    t.true(s.kvBytes < full.kvBytes, `${s.policy} holds no less KV than the full cache`);
+  }
+});

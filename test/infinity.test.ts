@@ -130,7 +130,7 @@ if (!dir) {
           for (let i = 0; i < b.length; i++) d = Math.max(d, Math.abs(a[i] - b[i]));
           t.true(d <= 0.05, `scale ${si}: max |diff| ${d}`);
         }
-        t.is(r.kvBytes, (2 * 2 * 521 * 64 * 2 * 2 * config.depth));
+        t.is(r.kvBytes, (2 * 2 * (521 - 256) * 64 * 2 * 2 * config.depth)); // history: all scales but the last
         r.summedCodes.dispose();
         m.dispose();
       } finally {
@@ -214,8 +214,8 @@ if (!dir) {
         const w = e.memory().inUse.weights;
         t.true(w >= 4 * manifest.model.n_params * 0.9, `weights ${w} bytes`);
         const r = await generate(m, baseOpts(io, 4));
-        // Full cache: 2 rows x 2 heads x (1+4+16+36) tokens x 64 x 4 bytes x (K, V) x 4 layers.
-        t.is(r.kvBytes, 2 * 2 * 57 * 64 * 4 * 2 * 4);
+        // Full cache history: 2 rows x 2 heads x (1+4+16) tokens (the last scale is never stored) x 64 x 4 bytes x (K, V) x 4 layers.
+        t.is(r.kvBytes, 2 * 2 * 21 * 64 * 4 * 2 * 4);
         t.is(r.memory.peak.kv >= r.kvBytes, true);
         await e.sync();
         const mid = e.memory().inUse;
@@ -228,7 +228,7 @@ if (!dir) {
     });
   });
 
-  test('KV policy hook: called after every (layer, scale); compacting with evictCompact (keep all) changes nothing', async (t) => {
+  test('KV policy hook: called after every (layer, scale); compacting [history ‖ current] with evictCompact (keep all) changes nothing', async (t) => {
     await withEngine('cpu', (e) =>
       withModel(e, async (m, io) => {
         const scales = 4;
@@ -239,12 +239,17 @@ if (!dir) {
           capacity: (l, tok) => new FullKvPolicy().capacity(l, tok),
           afterAttention(ctx) {
             calls.push(`${ctx.layer}/${ctx.scaleIndex}`);
-            const len = ctx.cache.len(ctx.layer);
-            t.is(len, ctx.scaleStarts[ctx.scaleIndex] + ctx.tokens);
+            // History excludes the current scale (it lives in the shared scratch); keep all of [history ‖ current].
+            const hist = ctx.cache.len(ctx.layer);
+            t.is(hist, ctx.scaleStarts[ctx.scaleIndex]);
+            if (ctx.lastScale) return;
+            const len = hist + ctx.tokens;
             const { rows, heads } = ctx.cache;
             const keep = new Int32Array(rows * heads * len);
             for (let p = 0; p < rows * heads; p++) for (let i = 0; i < len; i++) keep[p * len + i] = i;
-            const n = ctx.engine.ops.evictCompact({ history: ctx.cache.history(ctx.layer), keep });
+            const n = ctx.engine.ops.evictCompact({
+              history: { k: ctx.cache.k(ctx.layer)!, v: ctx.cache.v(ctx.layer)!, len: hist }, current: ctx.cache.current(), keep,
+            });
             ctx.cache.setLength(ctx.layer, n);
           },
         };

@@ -95,8 +95,6 @@ export interface UnpickleLimits {
 
 const DEFAULTS: Required<UnpickleLimits> = { maxBytes: 256 << 20, maxStack: 1 << 20, maxMemo: 1 << 22 };
 
-const MARK = Symbol('mark');
-
 /** Runs `data` (a pickle) and returns the object it builds; `where` names it in errors. */
 export function unpickle(data: Uint8Array, where: string, limits: UnpickleLimits = {}): unknown {
   const lim = { ...DEFAULTS, ...limits };

@@ -3,8 +3,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { Checkpoint, openCheckpoint } from '../checkpoint/index.js';
-import { toHostArray } from '../checkpoint/load.js';
+import { openCheckpoint } from '../checkpoint/index.js';
 import { BackendChoice, createEngine, Engine, MemoryStats } from '../engine.js';
 import { fail } from '../errors.js';
 import { encodePng } from '../image/png.js';
@@ -14,7 +13,7 @@ import { preset, PRESET_NAMES, PresetName } from '../model/presets.js';
 import { PixelBudget, scaleSchedule } from '../model/schedule.js';
 import { createTinyModel, TINY_VAE, tinyConfig } from '../model/tiny.js';
 import { VaeDecoder, VaeDecoderConfig } from '../model/vae.js';
-import { SafetensorsFile } from '../safetensors.js';
+import { concatText, loadTextFeatures, parseAspect, readVaeDecoder } from './common.js';
 
 export const GENERATION_USAGE = `  demo [--prompt P]... [--batch N] [--seed N] [--pn 0.06M|0.25M] [--aspect H/W] [--cfg X] [--tau X]
        [--out DIR] [--backend B] [--json]
@@ -37,14 +36,6 @@ interface RunReport {
   timings: { loadMs: number; samplingMs: number; decodeMs: number; perScaleMs: number[] };
   memory: MemoryStats;
   kvBytes: number;
-}
-
-function parseAspect(s: string | undefined): number {
-  if (s === undefined) return 1;
-  const m = /^(\d+(?:\.\d+)?)(?:[/:](\d+(?:\.\d+)?))?$/.exec(s.trim());
-  const v = m ? (m[2] ? Number(m[1]) / Number(m[2]) : Number(m[1])) : NaN;
-  if (!(v > 0) || !Number.isFinite(v)) fail('ERR_INVALID_ARG', `--aspect must be a ratio h/w such as 1, 4/3 or 0.75, got '${s}'`);
-  return v;
 }
 
 function parseNumber(s: string | undefined, what: string, dflt: number): number {
@@ -82,17 +73,6 @@ function repeatPrompts(text: TextFeatures, batch: number): TextFeatures {
     row += len;
   }
   return concatText(parts);
-}
-
-function concatText(parts: TextFeatures[]): TextFeatures {
-  const total = parts.reduce((n, p) => n + p.kv.length, 0);
-  const kv = new Float32Array(total);
-  let at = 0;
-  for (const p of parts) {
-    kv.set(p.kv, at);
-    at += p.kv.length;
-  }
-  return { kv, lens: parts.flatMap((p) => [...p.lens]) };
 }
 
 async function runPipeline(
@@ -139,17 +119,6 @@ async function runPipeline(
     memory: engine.memory(),
     kvBytes: result.kvBytes,
   };
-}
-
-/** The VAE decoder's tensors as f32 host arrays (the decoder is small next to the transformer). */
-async function readVaeDecoder(ckpt: Checkpoint): Promise<Map<string, Float32Array>> {
-  const out = new Map<string, Float32Array>();
-  for (const name of ckpt.names) {
-    if (!name.startsWith('decoder.')) continue;
-    out.set(name, toHostArray(await ckpt.read(name), 'f32', name) as Float32Array);
-  }
-  if (!out.size) fail('ERR_FORMAT', `${ckpt.path}: no VAE decoder tensors (decoder.*)`);
-  return out;
 }
 
 const MiB = (n: number) => `${(n / 2 ** 20).toFixed(2)} MiB`;
@@ -235,21 +204,6 @@ export async function demoCommand(argv: string[]): Promise<number> {
     values.json,
   );
   return 0;
-}
-
-function loadTextFeatures(path: string, channels: number): TextFeatures {
-  const f = new SafetensorsFile(path);
-  try {
-    if (!f.has('kv') || !f.has('lens')) fail('ERR_FORMAT', `${path}: text features need tensors 'kv' [tokens, ${channels}] and 'lens' [prompts]`);
-    const shape = f.entry('kv').shape;
-    if (shape.length !== 2 || shape[1] !== channels) fail('ERR_SHAPE', `${path}: 'kv' must be [tokens, ${channels}], got ${JSON.stringify(shape)}`);
-    const lens = Array.from(f.i32('lens'));
-    if (!lens.length || lens.some((n) => n < 1) || lens.reduce((a, b) => a + b, 0) !== shape[0])
-      fail('ERR_SHAPE', `${path}: 'lens' must be positive and sum to the ${shape[0]} rows of 'kv'`);
-    return { kv: f.f32('kv'), lens };
-  } finally {
-    f.close();
-  }
 }
 
 export async function generateCommand(argv: string[]): Promise<number> {

@@ -166,6 +166,7 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
       const positions = e.tensor(rope.subarray(2 * starts[si], 2 * (starts[si] + n)), [n, 2], 'i32', { category: 'scratch' });
       const scratch: Tensor[] = [positions];
       try {
+        cache.beginScale(n);
         const xs = x as Tensor;
         if (capture.xIn) captured.set(`s${pad2(si)}/x_in`, (await xs.read()) as Float32Array);
         const scaleInfo = { index: si, positions, schedule: grids, starts };
@@ -244,6 +245,7 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
         bitsOut.push((await bits.read()) as Int32Array);
         await e.sync();
       } finally {
+        cache.endScale();
         for (const s of scratch) s.dispose();
       }
       timings.push({ scaleIndex: si, tokens: n, ms: performance.now() - ts });

@@ -13,7 +13,7 @@ import { fail } from '../errors.js';
 import { toHostArray } from '../checkpoint/load.js';
 import type { TensorData } from '../checkpoint/index.js';
 import { blockPrefix, expectedWeightShapes, InfinityConfig, isBufferKey } from './presets.js';
-import type { AfterAttentionContext, KvCache, KvPolicy } from './kv-cache.js';
+import { appendUnlessLast, type AfterAttentionContext, type KvCache, type KvPolicy } from './kv-cache.js';
 
 /** Where weights come from: a Checkpoint satisfies it. `entry` (optional) lets shapes be checked before any read. */
 export interface WeightSource {
@@ -437,7 +437,8 @@ export class InfinityModel {
 
   /**
    * One CrossAttnBlock (spec sec. 5) on x [bs, n, C] f32, updated in place. This scale's K/V are written into the
-   * cache at its current length; attention runs over the whole cached history (no mask); then the policy hook.
+   * cache's shared current-scale scratch; attention runs over [history ‖ current] (no mask); then the policy hook
+   * decides what of it stays in the layer's history (default: append all, except at the last scale).
    */
   async block(layer: number, x: Tensor, ctx: TextContext, cache: KvCache, scale: { index: number; positions: Tensor; schedule: readonly (readonly [number, number])[]; starts: readonly number[] }, policy?: KvPolicy): Promise<void> {
     const c = this.config;
@@ -458,20 +459,20 @@ export class InfinityModel {
       const qkv = t(e.empty([bs, n, 3 * C], dt));
       ops.gemm({ x: h, w: blk.qkvW, y: qkv });
       const q = t(e.empty([bs, H, n, hd], dt));
-      const offset = cache.reserve(layer, n);
+      const cur = cache.current();
+      if (cur.k.shape[2] !== n) fail('ERR_INTERNAL', `current-scale scratch holds ${cur.k.shape[2]} tokens, the scale ${n}`);
       ops.qkNormRope({
         qkv, qBias: blk.qBias, vBias: blk.vBias, scaleMul: blk.scaleMul, normalize: true, positions: scale.positions,
-        q, k: cache.k(layer), v: cache.v(layer), kvOffset: offset,
+        q, k: cur.k, v: cur.v, kvOffset: 0,
       });
-      cache.commit(layer, n);
       const o = t(e.empty([bs, H, n, hd], dt));
-      ops.attention({ q, history: cache.history(layer), out: o, scale: 1 });
-      if (policy?.afterAttention) {
-        const hook: AfterAttentionContext = {
-          engine: e, cache, layer, scaleIndex: scale.index, schedule: scale.schedule, scaleStarts: scale.starts, input: h, qkv, q, tokens: n,
-        };
-        await policy.afterAttention(hook);
-      }
+      ops.attention({ q, history: cache.history(layer), current: cur, out: o, scale: 1 });
+      const hook: AfterAttentionContext = {
+        engine: e, cache, layer, scaleIndex: scale.index, lastScale: scale.index === scale.schedule.length - 1,
+        schedule: scale.schedule, scaleStarts: scale.starts, input: h, qkv, q, tokens: n,
+      };
+      if (policy?.afterAttention) await policy.afterAttention(hook);
+      else appendUnlessLast(hook);
       const oTok = t(e.empty([bs, n, C], dt));
       ops.transpose12({ input: o, out: oTok, dims: [bs, H, n, hd] });
       const sa = t(e.empty([bs, n, C], 'f32'));

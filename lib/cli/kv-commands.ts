@@ -1,0 +1,389 @@
+// `scalekv plan`, `scalekv calibrate` and `scalekv eval`: the memory planner, ASI calibration of a budget plan and
+// the fidelity report of KV policies against the full cache. Results go to stdout; progress to stderr.
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { openCheckpoint } from '../checkpoint/index.js';
+import { BackendChoice, createEngine, Engine } from '../engine.js';
+import { fail } from '../errors.js';
+import { fidelity, Fidelity } from '../eval/metrics.js';
+import { calibrate } from '../kv/asi.js';
+import { largestBatch, MemoryPlan, parseBytes, planMemory } from '../kv/planner.js';
+import { paperTokensForSpec, resolvePolicy } from '../kv/resolve.js';
+import { decodeImage, generate } from '../model/generate.js';
+import { InfinityModel, TextFeatures } from '../model/infinity.js';
+import type { KvPolicy } from '../model/kv-cache.js';
+import { InfinityConfig, preset, PRESET_NAMES, PresetName } from '../model/presets.js';
+import { PixelBudget, scaleSchedule } from '../model/schedule.js';
+import { createTinyModel, TINY_VAE, tinyConfig } from '../model/tiny.js';
+import { VaeDecoder, VaeDecoderConfig } from '../model/vae.js';
+import { concatText, loadTextFeatures, parseAspect, readVaeDecoder } from './common.js';
+import { budgetPlanToJson } from '../scalekv/budget.js';
+
+export const KV_USAGE = `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--policy SPEC] [--pn 1M] [--aspect H/W]
+       [--kv-dtype bf16|f32] [--k-dtype f32|bf16] [--weight-dtype bf16|f32] [--no-cfg] [--device-memory 80GiB]
+       [--text-tokens T (activation estimate; default the model's max, 512)] [--json]
+      Exact device memory of a generation by category (weights, KV history, the shared current-scale scratch;
+      activations estimated), the paper's KV accounting (history read by the last scale; --k-dtype f32 is the
+      reference's fp32 K) and, with --device-memory, the largest batch that fits.
+  calibrate [--prompt P]... [--pn 0.06M] [--budget 10%] [--drafters N] [--top-k K'] [--no-normalize-history]
+       [--scales 8,9,...] [--max-queries 256] [--seed N] [--cfg X] [--out plan.json] [--json]
+       [--weights CKPT --text FEATURES.safetensors --preset P [--dtype bf16|f32]] [--backend B]
+      Attention Selectivity Index profiling on the full-cache loop (the tiny model and --prompt texts by default):
+      per (layer, scale) current-map ratio x history top-K' mass from the attention kernel's own probabilities,
+      Z-normalised per scale; the N_d lowest pairs are drafters. Writes an official-format budget plan JSON
+      (load it with --policy scalekv-paper:plan=FILE).
+  eval [--policies full,window:N,...] [--seeds 0,1,2] [--prompt P]... [--pn 0.06M] [--cfg X] [--json]
+       [--weights CKPT --vae CKPT --text FEATURES.safetensors --preset P [--dtype bf16|f32]] [--backend B]
+      Runs the same prompts and seeds with the full cache and each policy; reports PSNR, SSIM and differing
+      pixels against the full-cache images, the KV history bytes and the sampling time (markdown, or --json).
+`;
+
+const MiB = (n: number) => (n / 2 ** 20).toFixed(1);
+
+function parseNum(s: string | undefined, what: string, dflt: number): number {
+  if (s === undefined) return dflt;
+  const v = Number(s);
+  if (!Number.isFinite(v)) fail('ERR_INVALID_ARG', `${what} must be a number, got '${s}'`);
+  return v;
+}
+
+function configFor(name: string): InfinityConfig {
+  if (name === 'tiny') return { ...tinyConfig(), vae: { ...TINY_VAE, chMult: [...TINY_VAE.chMult] } };
+  if (!PRESET_NAMES.includes(name as PresetName)) fail('ERR_INVALID_ARG', `unknown preset '${name}' (${[...PRESET_NAMES, 'tiny'].join(', ')})`);
+  return preset(name as PresetName);
+}
+
+function dtypeArg(s: string | undefined, what: string, dflt: 'bf16' | 'f32'): 'bf16' | 'f32' {
+  const v = s ?? dflt;
+  if (v !== 'bf16' && v !== 'f32') fail('ERR_INVALID_ARG', `${what} must be bf16 or f32, got '${v}'`);
+  return v;
+}
+
+function fraction(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)(%?)$/.exec(s.trim());
+  if (!m) fail('ERR_INVALID_ARG', `--budget must be a percentage such as 10% (or a fraction such as 0.1), got '${s}'`);
+  return m[2] ? Number(m[1]) / 100 : Number(m[1]);
+}
+
+// ---- plan
+
+function planTable(p: MemoryPlan, deviceBytes?: number, fit?: number): string {
+  const a = p.activationDetail;
+  const rows: [string, number, string][] = [
+    ['weights', p.bytes.weights, `transformer ${MiB(p.weightDetail.transformer)} MiB (block Linears ${p.weightDtype}, rest f32) + VAE decoder ${MiB(p.weightDetail.vae)} MiB`],
+    ['kv (history)', p.bytes.kv, `${p.capacities.reduce((x, y) => x + y, 0)} tokens over ${p.capacities.length} layers (min ${Math.min(...p.capacities)}, max ${Math.max(...p.capacities)}), K ${p.kDtype} + V ${p.vDtype}, ${p.rows} rows`],
+    ['scratch', p.bytes.scratch, `current-scale K/V (${Math.max(...p.scaleTokens)} tokens, shared by all layers) + RoPE positions`],
+    ['activations', p.bytes.activations, `estimate: max(block ${MiB(a.block)} + text ${MiB(a.textContext)} + loop ${MiB(a.loop)}, text + VAE decode ${MiB(a.vaeDecode)}) MiB`],
+    ['total', p.bytes.total, ''],
+  ];
+  const lines = [
+    `${p.config}, policy ${p.policy}, batch ${p.batch} (${p.rows} rows), ${p.scaleTokens.length} scales / ${p.scaleTokens.reduce((x, y) => x + y, 0)} tokens`,
+    '',
+    '| category | bytes | MiB | what |',
+    '|---|---:|---:|---|',
+    ...rows.map(([k, b, w]) => `| ${k} | ${b} | ${MiB(b)} | ${w} |`),
+    '',
+    `paper accounting (sec. 5.2): ${p.rows} rows x ${p.paperAccounting.tokensPerLayer} tokens x ${p.capacities.length} layers x C x (K ${p.kDtype} + V ${p.vDtype}) = ${p.paperAccounting.mib.toFixed(1)} MiB`,
+  ];
+  if (deviceBytes !== undefined) lines.push(`largest batch in ${MiB(deviceBytes)} MiB: ${fit}`);
+  return lines.join('\n') + '\n';
+}
+
+export async function planCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      preset: { type: 'string', default: 'infinity-2b' },
+      batch: { type: 'string', default: '1' },
+      policy: { type: 'string', default: 'full' },
+      pn: { type: 'string', default: '1M' },
+      aspect: { type: 'string' },
+      'kv-dtype': { type: 'string' },
+      'k-dtype': { type: 'string' },
+      'weight-dtype': { type: 'string' },
+      'no-cfg': { type: 'boolean', default: false },
+      'device-memory': { type: 'string' },
+      'text-tokens': { type: 'string' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const config = configFor(values.preset);
+  const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn: values.pn as PixelBudget, patchify: config.patchify });
+  const batch = parseNum(values.batch, '--batch', 1);
+  const spec = values.policy;
+  const policy = resolvePolicy(spec, { depth: config.depth, preset: values.preset === 'tiny' ? undefined : values.preset });
+  const vDtype = dtypeArg(values['kv-dtype'], '--kv-dtype', 'bf16');
+  const base = {
+    config,
+    cfg: !values['no-cfg'],
+    scaleTokens: sched.tokensPerScale,
+    finalGrid: sched.scales[sched.scales.length - 1],
+    policy: { name: policy.name, capacity: (l: number, t: readonly number[]) => policy.capacity(l, t) },
+    kvDtype: vDtype,
+    kDtype: dtypeArg(values['k-dtype'], '--k-dtype', vDtype),
+    weightDtype: dtypeArg(values['weight-dtype'], '--weight-dtype', 'bf16'),
+    paperTokensPerLayer: paperTokensForSpec(spec, sched.tokensPerScale),
+    textTokens: values['text-tokens'] === undefined ? undefined : parseNum(values['text-tokens'], '--text-tokens', config.textMaxlen),
+  };
+  const p = planMemory({ ...base, batch });
+  const device = values['device-memory'] !== undefined ? parseBytes(values['device-memory']) : undefined;
+  const fit = device !== undefined ? largestBatch(base, device) : undefined;
+  if (values.json) process.stdout.write(JSON.stringify({ ...p, policy: spec, deviceMemory: device, largestBatch: fit }, null, 2) + '\n');
+  else process.stdout.write(planTable({ ...p, policy: spec }, device, fit));
+  return 0;
+}
+
+// ---- model loading shared by calibrate and eval
+
+interface Loaded {
+  engine: Engine;
+  model: InfinityModel;
+  config: InfinityConfig;
+  vae?: VaeDecoder;
+  presetName?: string;
+  prompts: TextFeatures;
+  close(): void;
+}
+
+/** Splits B-prompt features into B single-prompt features. */
+function splitText(t: TextFeatures): TextFeatures[] {
+  const C = t.kv.length / t.lens.reduce((a, b) => a + b, 0);
+  const out: TextFeatures[] = [];
+  let at = 0;
+  for (const n of t.lens) {
+    out.push({ kv: t.kv.slice(at * C, (at + n) * C), lens: [n] });
+    at += n;
+  }
+  return out;
+}
+
+async function loadModel(v: { weights?: string; vae?: string; text?: string; preset?: string; dtype?: string; backend?: string; prompt?: string[] }, needVae: boolean, defaultPrompts: string[]): Promise<Loaded> {
+  const engine = await createEngine({ backend: (v.backend ?? 'auto') as BackendChoice });
+  const closers: (() => void)[] = [() => engine.dispose()];
+  const close = () => {
+    for (const c of closers.reverse()) c();
+  };
+  try {
+    if (!v.weights) {
+      if (v.text || v.vae) fail('ERR_INVALID_ARG', '--text/--vae need --weights (without them the built-in tiny model runs)');
+      const tiny = createTinyModel(0);
+      const model = await InfinityModel.load(engine, tiny.weights, tiny.config, { dtype: 'f32' });
+      closers.push(() => model.dispose());
+      let vae: VaeDecoder | undefined;
+      if (needVae) {
+        vae = await VaeDecoder.load(engine, await readVaeDecoder(tiny.vae), tiny.vaeConfig);
+        const d = vae;
+        closers.push(() => d.dispose());
+      }
+      const prompts = concatText((v.prompt?.length ? v.prompt : defaultPrompts).map((p) => tiny.encodeText(p)));
+      return { engine, model, config: tiny.config, vae, prompts, close };
+    }
+    if (!v.text) fail('ERR_INVALID_ARG', '--weights needs --text (precomputed T5 features)');
+    if (needVae && !v.vae) fail('ERR_INVALID_ARG', '--weights needs --vae here');
+    const presetName = v.preset ?? 'infinity-2b';
+    const config = configFor(presetName);
+    const prompts = loadTextFeatures(v.text, config.textChannels);
+    const weights = openCheckpoint(v.weights);
+    closers.push(() => weights.close());
+    const model = await InfinityModel.load(engine, weights, config, { dtype: dtypeArg(v.dtype, '--dtype', engine.backend === 'cuda' ? 'bf16' : 'f32') });
+    closers.push(() => model.dispose());
+    let vae: VaeDecoder | undefined;
+    if (needVae) {
+      const vaeFile = openCheckpoint(v.vae as string);
+      closers.push(() => vaeFile.close());
+      const src = vaeFile.names.some((n) => n.startsWith('vae.')) ? openCheckpoint(v.vae as string, { prefix: 'vae.' }) : vaeFile;
+      if (src !== vaeFile) closers.push(() => src.close());
+      vae = await VaeDecoder.load(engine, await readVaeDecoder(src), config.vae as VaeDecoderConfig);
+      const d = vae;
+      closers.push(() => d.dispose());
+    }
+    return { engine, model, config, vae, presetName: presetName === 'tiny' ? undefined : presetName, prompts, close };
+  } catch (e) {
+    close();
+    throw e;
+  }
+}
+
+const DEFAULT_PROMPTS = ['a red fox in the snow', 'a lighthouse on a cliff at dawn', 'a bowl of fruit on a wooden table', 'a city street at night in the rain'];
+
+// ---- calibrate
+
+export async function calibrateCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      prompt: { type: 'string', multiple: true },
+      weights: { type: 'string' },
+      text: { type: 'string' },
+      preset: { type: 'string' },
+      dtype: { type: 'string' },
+      pn: { type: 'string' },
+      aspect: { type: 'string' },
+      budget: { type: 'string', default: '10%' },
+      drafters: { type: 'string' },
+      'top-k': { type: 'string' },
+      'no-normalize-history': { type: 'boolean', default: false },
+      scales: { type: 'string' },
+      'max-queries': { type: 'string' },
+      seed: { type: 'string' },
+      cfg: { type: 'string' },
+      out: { type: 'string' },
+      backend: { type: 'string', default: 'auto' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const L = await loadModel(values, false, DEFAULT_PROMPTS);
+  try {
+    const pn = (values.pn ?? (values.weights ? '1M' : '0.06M')) as PixelBudget;
+    const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn, patchify: L.config.patchify });
+    const started = performance.now();
+    const r = await calibrate(L.model, {
+      prompts: splitText(L.prompts),
+      schedule: sched.scales,
+      budget: fraction(values.budget),
+      drafters: values.drafters === undefined ? undefined : parseNum(values.drafters, '--drafters', 1),
+      topK: values['top-k'] === undefined ? undefined : parseNum(values['top-k'], '--top-k', 64),
+      normalizeHistory: !values['no-normalize-history'],
+      maxQueries: values['max-queries'] === undefined ? undefined : parseNum(values['max-queries'], '--max-queries', 256),
+      scales: values.scales?.split(',').map((s) => parseNum(s, '--scales', 0)),
+      cfg: parseNum(values.cfg, '--cfg', 3),
+      seed: parseNum(values.seed, '--seed', 0),
+      onProgress: (i, n) => process.stderr.write(`calibration prompt ${i + 1}/${n}\n`),
+    });
+    const ms = performance.now() - started;
+    const json = budgetPlanToJson(r.plan);
+    if (values.out) writeFileSync(values.out, json + '\n');
+    if (values.json) {
+      process.stdout.write(JSON.stringify({ ...r, plan: JSON.parse(json), ms, out: values.out ?? null }, (_, x) => (typeof x === 'number' && !Number.isFinite(x) ? null : x), 2) + '\n');
+    } else {
+      const K = r.stats.scales;
+      const lines = [
+        `ASI calibration: ${r.options.prompts} prompt(s), ${K} scales, K'=${r.options.topK}, history ${r.options.normalizeHistory ? 'normalised' : 'raw'}, budget ${r.tokensPerLayer} tokens/layer, ${(ms / 1000).toFixed(1)} s`,
+        '',
+        `| layer | ${r.rankedScales.map((k) => `ASI s${k} (Z)`).join(' | ')} |`,
+        `|---|${r.rankedScales.map(() => '---:').join('|')}|`,
+        ...r.stats.asi.map((row, l) => `| ${l} | ${r.rankedScales.map((k) => `${row[k].toFixed(4)} (${r.z[l][k].toFixed(2)})${r.drafters.some((d) => d.layer === l && d.scale === k) ? ' D' : ''}`).join(' | ')} |`),
+        '',
+        `drafters (N_d = ${r.drafters.length}): ${r.drafters.map((d) => `layer ${d.layer} @ scale ${d.scale}`).join(', ') || 'none'}`,
+        values.out ? `wrote ${values.out}` : json,
+      ];
+      process.stdout.write(lines.join('\n') + '\n');
+    }
+    return 0;
+  } finally {
+    L.close();
+  }
+}
+
+// ---- eval
+
+interface EvalRow {
+  policy: string;
+  seed: number;
+  psnr: number;
+  ssim: number;
+  differingPixels: number;
+  totalPixels: number;
+  maxAbsDiff: number;
+  kvBytes: number;
+  samplingMs: number;
+}
+
+export async function evalCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      policies: { type: 'string' },
+      seeds: { type: 'string', default: '0,1,2' },
+      prompt: { type: 'string', multiple: true },
+      weights: { type: 'string' },
+      vae: { type: 'string' },
+      text: { type: 'string' },
+      preset: { type: 'string' },
+      dtype: { type: 'string' },
+      pn: { type: 'string' },
+      aspect: { type: 'string' },
+      cfg: { type: 'string' },
+      backend: { type: 'string', default: 'auto' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const L = await loadModel(values, true, DEFAULT_PROMPTS.slice(0, 2));
+  try {
+    const pn = (values.pn ?? (values.weights ? '1M' : '0.06M')) as PixelBudget;
+    const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn, patchify: L.config.patchify });
+    const hist = sched.tokensPerScale.slice(0, -1).reduce((a, b) => a + b, 0);
+    const b10 = Math.max(8, Math.round(hist / 10));
+    const specs = (values.policies ?? (pn === '1M' ? 'full,scalekv:10%,window:650,streamingllm:4+646,snapkv:650,pyramidkv:650' : `full,window:${b10},streamingllm:4+${b10 - 4},snapkv:${b10},pyramidkv:${b10}`))
+      .split(',')
+      .reduce<string[]>((acc, s) => {
+        // Options of a spec follow commas too ('snapkv:650,window=16'): glue 'key=value' parts to the previous spec.
+        if (/^[a-z]+=/.test(s) && acc.length && !/^(scalekv|scalekv-paper):plan=/.test(s)) acc[acc.length - 1] += `,${s}`;
+        else acc.push(s.trim());
+        return acc;
+      }, []);
+    if (!specs.includes('full')) specs.unshift('full');
+    // Below 1M the official reference mode has no budget rows (its plans cover scales 9-13 of the 1M schedule),
+    // so the default table's ScaleKV row is paper mode with a plan calibrated on this very model (ASI, 10%).
+    const labels = new Map<string, string>();
+    if (values.policies === undefined && pn !== '1M') {
+      const calibrated = await calibrate(L.model, { prompts: splitText(L.prompts), schedule: sched.scales, budget: 0.1, cfg: parseNum(values.cfg, '--cfg', 3) });
+      const planPath = join(mkdtempSync(join(tmpdir(), 'scalekv-eval-')), 'plan.json');
+      writeFileSync(planPath, budgetPlanToJson(calibrated.plan) + '\n');
+      const spec = `scalekv-paper:plan=${planPath},base=${b10},window=4`;
+      specs.splice(1, 0, spec);
+      labels.set(spec, `scalekv-paper (ASI-calibrated 10% plan, window 4)`);
+    }
+    const label = (spec: string) => labels.get(spec) ?? spec;
+    const seeds = values.seeds.split(',').map((s) => parseNum(s, '--seeds', 0));
+    const cfg = parseNum(values.cfg, '--cfg', 3);
+    const rows: EvalRow[] = [];
+    for (const seed of seeds) {
+      let ref: Uint8Array | undefined;
+      let shape: [number, number, number, number] = [0, 0, 0, 0];
+      for (const spec of specs) {
+        const policy: KvPolicy = resolvePolicy(spec, { depth: L.config.depth, preset: L.presetName });
+        const t0 = performance.now();
+        const r = await generate(L.model, { text: L.prompts, schedule: sched.scales, cfg, seed, kvPolicy: policy });
+        const samplingMs = performance.now() - t0;
+        let img;
+        try {
+          img = await decodeImage(L.vae as VaeDecoder, r.summedCodes);
+        } finally {
+          r.summedCodes.dispose();
+        }
+        if (spec === 'full') {
+          ref = img.pixels;
+          shape = img.shape;
+        }
+        const [B, H, W] = shape;
+        const f: Fidelity = fidelity({ a: ref as Uint8Array, b: img.pixels, height: H, width: W, count: B });
+        rows.push({ policy: spec, seed, psnr: f.psnr, ssim: f.ssim, differingPixels: f.diff.pixels, totalPixels: f.diff.totalPixels, maxAbsDiff: f.diff.maxAbs, kvBytes: r.kvBytes, samplingMs });
+        process.stderr.write(`seed ${seed} ${label(spec)}: PSNR ${f.psnr.toFixed(2)} dB, SSIM ${f.ssim.toFixed(4)}\n`);
+      }
+    }
+    const summary = specs.map((spec) => {
+      const rs = rows.filter((r) => r.policy === spec);
+      const mean = (k: keyof EvalRow) => rs.reduce((a, r) => a + (r[k] as number), 0) / rs.length;
+      return { policy: label(spec), psnr: mean('psnr'), ssim: mean('ssim'), differingPixels: mean('differingPixels'), totalPixels: rs[0].totalPixels, kvBytes: Math.max(...rs.map((r) => r.kvBytes)), samplingMs: mean('samplingMs') };
+    });
+    if (values.json) {
+      const fin = (_: string, x: unknown) => (typeof x === 'number' && !Number.isFinite(x) ? String(x) : x);
+      process.stdout.write(JSON.stringify({ backend: L.engine.backend, model: L.config.name, pn, prompts: L.prompts.lens.length, seeds, summary, runs: rows }, fin, 2) + '\n');
+    } else {
+      const lines = [
+        `${L.config.name} on ${L.engine.backend}, ${pn}, ${L.prompts.lens.length} prompt(s), seeds ${seeds.join(',')}; fidelity against the full-cache images (PSNR mean over images, data range [0,1])`,
+        '',
+        '| policy | PSNR (dB) | SSIM | differing pixels | KV history MiB | sampling ms |',
+        '|---|---:|---:|---:|---:|---:|',
+        ...summary.map((s) => `| ${s.policy} | ${Number.isFinite(s.psnr) ? s.psnr.toFixed(2) : 'inf'} | ${s.ssim.toFixed(4)} | ${Math.round(s.differingPixels)} / ${s.totalPixels} | ${MiB(s.kvBytes)} | ${s.samplingMs.toFixed(0)} |`),
+      ];
+      process.stdout.write(lines.join('\n') + '\n');
+    }
+    return 0;
+  } finally {
+    L.close();
+  }
+}

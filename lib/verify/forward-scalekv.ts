@@ -1,0 +1,156 @@
+// Conformance of ScaleKV reference mode in the whole Infinity forward against the `forward_scalekv` golden fixture:
+// the official autoregressive_infer_cfg with the official ScaleKV patch (update_kv after every layer's attention),
+// teacher-forced with the fixture's bits, f32. Compares the per-scale logits, the kept cache positions per
+// (layer, scale, row, head), the observation windows, and the cache lengths before/after every update_kv.
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Engine } from '../engine.js';
+import { fail } from '../errors.js';
+import { openCheckpoint } from '../checkpoint/index.js';
+import { configFromManifest } from '../model/config.js';
+import { generate } from '../model/generate.js';
+import { InfinityModel } from '../model/infinity.js';
+import { KvTraceRecord, ScaleKvPolicy } from '../kv/policies.js';
+import { SafetensorsFile } from '../safetensors.js';
+import { Check, matchCheck, relCheck } from './compare.js';
+import { FORWARD_F32_TOLERANCE } from './forward-fullcache.js';
+
+export interface ForwardScalekvManifest {
+  case: string;
+  model: Record<string, unknown>;
+  scale_schedule: number[][];
+  cfg_list: number[];
+  tau_list: number[];
+  scalekv: {
+    window_size: number;
+    base_capacity: number;
+    kernel_size: number;
+    pooling: 'maxpool' | 'avgpool';
+    cache_sizes: (number[] | null)[];
+  };
+}
+
+export interface ForwardScalekvOptions {
+  /**
+   * Only the first `scales` scales. Debugging aid only: a truncated schedule changes the summed-code grid (the last
+   * scale's size), so the logits stop matching the fixture from the first upsampled scale on.
+   */
+  scales?: number;
+}
+
+const pad2 = (n: number) => String(n).padStart(2, '0');
+
+export async function verifyForwardScalekv(engine: Engine, manifest: ForwardScalekvManifest, dir: string, opts: ForwardScalekvOptions = {}): Promise<Check[]> {
+  const checks: Check[] = [];
+  const config = configFromManifest(manifest.model);
+  const io = new SafetensorsFile(join(dir, 'io.safetensors'));
+  let weightsPath = join(dir, 'weights.safetensors');
+  if (!existsSync(weightsPath)) weightsPath = join(dir, '..', 'forward_fullcache', 'weights.safetensors');
+  if (!existsSync(weightsPath)) fail('ERR_FIXTURE', `${dir}: no weights.safetensors here or in ../forward_fullcache`);
+  const sk = manifest.scalekv;
+  if (!sk || !Array.isArray(sk.cache_sizes)) fail('ERR_FIXTURE', `${dir}: manifest has no scalekv.cache_sizes`);
+  const ckpt = openCheckpoint(weightsPath);
+  let model: InfinityModel | undefined;
+  try {
+    model = await InfinityModel.load(engine, ckpt, config, { dtype: 'f32' });
+    const schedule = manifest.scale_schedule.map((s) => [s[s.length - 2], s[s.length - 1]] as [number, number]);
+    const S = Math.min(opts.scales ?? schedule.length, schedule.length);
+    const records: KvTraceRecord[] = [];
+    const policy = new ScaleKvPolicy({
+      mode: 'reference',
+      cacheSizes: sk.cache_sizes,
+      baseCapacity: sk.base_capacity,
+      windowSize: sk.window_size,
+      kernelSize: sk.kernel_size,
+      pooling: sk.pooling,
+      trace: (r) => records.push(r),
+      traceKept: true,
+      // The official code also compresses after the last scale (wasted work); the fixture records it.
+      traceLastScale: S === schedule.length,
+    });
+    const teacherBits = schedule.slice(0, S).map((_, si) => io.i32(`s${pad2(si)}/bits`));
+    const res = await generate(model, {
+      textFeatures: { kv: io.f32('text/kv_compact'), lens: [...io.i32('text/lens')] },
+      schedule: schedule.slice(0, S),
+      cfg: manifest.cfg_list,
+      tau: manifest.tau_list,
+      teacherBits,
+      kvPolicy: policy,
+      capture: { logits: true },
+    });
+    res.summedCodes.dispose();
+    for (let si = 0; si < S; si++) {
+      const name = `s${pad2(si)}/logits`;
+      const got = res.captured.get(name);
+      if (!got) checks.push(matchCheck(name, false, 'not produced'));
+      else checks.push(relCheck(name, got, io.f32(name), FORWARD_F32_TOLERANCE));
+    }
+    // Cache lengths and compression flags per (layer, scale).
+    const L = config.depth;
+    const before = io.i32('kv/cache_len_before');
+    const after = io.i32('kv/cache_len_after');
+    const compressed = io.i32('kv/compressed');
+    const T = before.length / L;
+    const byKey = new Map(records.map((r) => [`${r.layer}/${r.scaleIndex}`, r]));
+    let lenBad = 0;
+    let flagBad = 0;
+    const lenNotes: string[] = [];
+    for (let l = 0; l < L; l++)
+      for (let si = 0; si < S; si++) {
+        const r = byKey.get(`${l}/${si}`);
+        const i = l * T + si;
+        if (!r || r.lenBefore !== before[i] || r.lenAfter !== after[i]) {
+          lenBad++;
+          if (lenNotes.length < 4) lenNotes.push(`L${l} s${si}: ${r?.lenBefore}->${r?.lenAfter} vs ${before[i]}->${after[i]}`);
+        }
+        if (!r || Number(r.compressed) !== compressed[i]) flagBad++;
+      }
+    checks.push({ name: 'kv/cache_len_before+after', metric: 'differences', value: lenBad, tolerance: 0, pass: lenBad === 0, note: lenNotes.join('; ') || `${L * S} (layer, scale) steps` });
+    checks.push({ name: 'kv/compressed', metric: 'differences', value: flagBad, tolerance: 0, pass: flagBad === 0 });
+    // Kept positions and windows per (layer, scale, row, head).
+    let keptTotal = 0;
+    let keptBad = 0;
+    let listsBad = 0;
+    let winBad = 0;
+    let missing = 0;
+    const where: string[] = [];
+    for (const name of io.names) {
+      const m = /^kv\/L(\d+)_s(\d+)\/kept$/.exec(name);
+      if (!m) continue;
+      const l = Number(m[1]);
+      const si = Number(m[2]);
+      if (si >= S) continue;
+      const want = io.i32(name);
+      const [rows, heads, n] = io.entry(name).shape as number[];
+      const r = byKey.get(`${l}/${si}`);
+      if (!r?.kept || r.kept.length !== want.length) {
+        missing++;
+        continue;
+      }
+      keptTotal += want.length;
+      for (let p = 0; p < rows * heads; p++) {
+        let d = 0;
+        for (let j = 0; j < n; j++) if (r.kept[p * n + j] !== want[p * n + j]) d++;
+        keptBad += d;
+        if (d) listsBad++;
+      }
+      if (keptBad && where.length < 4 && !where.includes(`L${l} s${si}`)) where.push(`L${l} s${si}`);
+      const wn = `kv/L${l}_s${pad2(si)}/window`;
+      if (io.has(wn)) {
+        const ww = io.i32(wn);
+        const per = r.window?.length ?? 0;
+        for (let p = 0; p < ww.length; p++) if (!r.window || ww[p] !== r.window[p % per]) winBad++;
+      }
+    }
+    checks.push({
+      name: 'kv/*/kept', metric: 'differences', value: keptBad + missing, tolerance: 0, pass: keptBad === 0 && missing === 0,
+      note: `${keptBad} of ${keptTotal} kept positions differ in ${listsBad} (row, head) lists${missing ? `, ${missing} (layer, scale) steps not compressed` : ''}${where.length ? ` (${where.join(', ')})` : ''}`,
+    });
+    checks.push({ name: 'kv/*/window', metric: 'differences', value: winBad, tolerance: 0, pass: winBad === 0 });
+  } finally {
+    model?.dispose();
+    ckpt.close();
+    io.close();
+  }
+  return checks;
+}
