@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ops.cuh"
+#include "status_message.h"
 
 namespace scalekv {
 namespace {
@@ -219,7 +220,7 @@ class CudaBackend final : public Backend {
     if (st[0] == 0) return;
     check(cudaMemsetAsync(status_, 0, sizeof(st), stream_), "synchronize (clear status)");
     check(cudaStreamSynchronize(stream_), "synchronize (clear status)");
-    throw BackendError(static_cast<StatusCode>(st[0]), status_message(st[0], st[1], pending));
+    throw BackendError(static_cast<StatusCode>(st[0]), kernel_status_message(st[0], st[1], pending));
   }
 
  private:
@@ -254,33 +255,6 @@ class CudaBackend final : public Backend {
 
   void note_pending(const char* op) {
     if (std::find(pending_.begin(), pending_.end(), op) == pending_.end()) pending_.emplace_back(op);
-  }
-
-  // The status word says what went wrong and at which flat entry, not which op; name the queued ops that
-  // could have reported it (in queue order; only the first bad op reports, later ones write nothing).
-  static std::string status_message(int32_t code, int32_t detail, const std::vector<std::string>& pending) {
-    const auto has = [&](const char* op) { return std::find(pending.begin(), pending.end(), op) != pending.end(); };
-    const std::string at = " (flat entry " + std::to_string(detail) + ")";
-    switch (static_cast<StatusCode>(code)) {
-      case StatusCode::index_not_sorted:
-        return "evictCompact: keep indices must be strictly increasing per (row, head)" + at;
-      case StatusCode::budget_invalid:
-        return "selection: budget " + std::to_string(detail) + " must lie in [number of window keys, number of keys]";
-      case StatusCode::index_out_of_range: {
-        std::string msg;
-        if (has("attention"))
-          msg += "attention: gather indices must lie in [0, hist_len) and window rows in [0, lq); ";
-        if (has("evictCompact"))
-          msg += "evictCompact: keep indices must lie in [0, hist_len + lc) and n_keep <= hist_cap; ";
-        if (has("selection")) msg += "selection: window keys must lie in [0, n_keys); ";
-        if (has("crossAttention"))
-          msg += "crossAttention: cuSeqlens must be non-decreasing within [0, nText] (flat entry = image); ";
-        if (msg.empty()) msg = "index out of range; ";
-        return msg + "an index was out of range" + at;
-      }
-      default:
-        return "cuda: kernel reported status " + std::to_string(code) + at;
-    }
   }
 
   int device_;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../cuda/ops.cuh"
+#include "../cuda/status_message.h"
 #include "emu_backend.h"
 
 namespace scalekv {
@@ -147,7 +148,7 @@ class EmuBackend final : public Backend {
     const int32_t code = status_[0], detail = status_[1];
     if (code == 0) return;
     status_[0] = status_[1] = 0;
-    throw BackendError(static_cast<StatusCode>(code), status_message(code, detail, pending));
+    throw BackendError(static_cast<StatusCode>(code), kernel_status_message(code, detail, pending));
   }
 
  private:
@@ -181,31 +182,6 @@ class EmuBackend final : public Backend {
 
   void note_pending(const char* op) {
     if (std::find(pending_.begin(), pending_.end(), op) == pending_.end()) pending_.emplace_back(op);
-  }
-
-  // The same wording as the CUDA backend (backend_cuda.cu), so errors read alike on both.
-  static std::string status_message(int32_t code, int32_t detail, const std::vector<std::string>& pending) {
-    const auto has = [&](const char* op) { return std::find(pending.begin(), pending.end(), op) != pending.end(); };
-    const std::string at = " (flat entry " + std::to_string(detail) + ")";
-    switch (static_cast<StatusCode>(code)) {
-      case StatusCode::index_not_sorted:
-        return "evictCompact: keep indices must be strictly increasing per (row, head)" + at;
-      case StatusCode::budget_invalid:
-        return "selection: budget " + std::to_string(detail) + " must lie in [number of window keys, number of keys]";
-      case StatusCode::index_out_of_range: {
-        std::string msg;
-        if (has("attention"))
-          msg += "attention: gather indices must lie in [0, hist_len) and window rows in [0, lq); ";
-        if (has("evictCompact"))
-          msg += "evictCompact: keep indices must lie in [0, hist_len + lc) and n_keep <= hist_cap; ";
-        if (has("selection")) msg += "selection: window keys must lie in [0, n_keys); ";
-        if (has("crossAttention")) msg += "crossAttention: cu_seqlens must be non-decreasing and in range; ";
-        if (msg.empty()) msg = "index out of range; ";
-        return msg + "an index was out of range" + at;
-      }
-      default:
-        return "emu: kernel reported status " + std::to_string(code) + at;
-    }
   }
 
   skv_emu_stream stream_;

@@ -113,6 +113,38 @@ function draftersFor(o: PlanOptions, scale: number): number[] {
   return [...new Set(list)].sort((a, b) => a - b);
 }
 
+interface ScaleStep {
+  /** Compressed scales counted from 0. */
+  k: number;
+  /** Drafters at this scale and their count. */
+  high: number;
+  /** A drafter's cache length before this compression: the upper bound on Max. */
+  limit: number;
+  /** L × B: what every compressed scale holds in all. */
+  total: number;
+  depth: number;
+}
+
+/**
+ * Walks the compressed scales of a schedule (from the first whose cumulative cache exceeds the budget to the
+ * second-to-last: the last reuses its entry), asking `budgets` for each scale's Max and Min. A drafter's Limit is
+ * its previous Max plus the new scale's tokens (at the first compressed scale: the whole cache so far).
+ */
+function walkCompressedScales(o: PlanOptions, budgets: (s: ScaleStep) => { max: number; min: number }): BudgetPlan {
+  const table = o.scaleTokens ?? SCALE_TOKENS_1M_SQUARE;
+  const { first, cumulative } = compressedScales(o.tokensPerLayer, table);
+  const scales: ScaleBudget[] = [];
+  let prevMax = 0;
+  for (let si = first; si <= table.length - 2; si++) {
+    const drafters = draftersFor(o, si + 2);
+    const limit = si === first ? cumulative[si] : prevMax + table[si];
+    const { max, min } = budgets({ k: si - first, high: drafters.length, limit, total: o.depth * o.tokensPerLayer, depth: o.depth });
+    scales.push({ scale: si + 2, drafters, max, min, limit });
+    prevMax = max;
+  }
+  return { depth: o.depth, scales };
+}
+
 /**
  * The rule behind the shipped 10 % files (spec §2.3), which reproduces both field for field: every compressed
  * scale holds L × B tokens in all; drafters keep the most they can (Max ≤ Limit = their cache length before
@@ -120,39 +152,22 @@ function draftersFor(o: PlanOptions, scale: number): number[] {
  * binds, Max takes what is left.
  */
 export function officialRulePlan(o: PlanOptions): BudgetPlan {
-  const table = o.scaleTokens ?? SCALE_TOKENS_1M_SQUARE;
   const floor = o.refinerFloor ?? 200;
-  const { first, cumulative } = compressedScales(o.tokensPerLayer, table);
-  const L = o.depth;
-  const total = L * o.tokensPerLayer;
-  const scales: ScaleBudget[] = [];
-  let prevMax = 0;
-  for (let si = first; si <= table.length - 2; si++) {
-    const scale = si + 2;
-    const drafters = draftersFor(o, scale);
-    const high = drafters.length;
-    const limit = si === first ? cumulative[si] : prevMax + table[si];
-    let max: number;
-    let min: number;
+  return walkCompressedScales(o, ({ high, limit, total, depth: L }) => {
     if (high === 0) {
-      min = Math.floor(total / L);
-      max = min;
-    } else if (high === L) {
-      max = Math.min(limit, Math.floor(total / L));
-      min = max;
-    } else {
-      max = limit;
-      while (max > 0 && (total - high * max) % (L - high) !== 0) max--;
-      min = (total - high * max) / (L - high);
-      if (min < floor) {
-        min = floor;
-        max = Math.floor((total - (L - high) * floor) / high);
-      }
+      const share = Math.floor(total / L);
+      return { max: share, min: share };
     }
-    scales.push({ scale, drafters, max, min, limit });
-    prevMax = max;
-  }
-  return { depth: L, scales };
+    if (high === L) {
+      const max = Math.min(limit, Math.floor(total / L));
+      return { max, min: max };
+    }
+    let max = limit;
+    while (max > 0 && (total - high * max) % (L - high) !== 0) max--;
+    const min = (total - high * max) / (L - high);
+    if (min >= floor) return { max, min };
+    return { max: Math.floor((total - (L - high) * floor) / high), min: floor };
+  });
 }
 
 /**
@@ -160,22 +175,10 @@ export function officialRulePlan(o: PlanOptions): BudgetPlan {
  * from 0; drafters get what is left of the per-scale total L × B, capped by their cache length.
  */
 export function linearDecayPlan(o: PlanOptions & { refinerStart: number; delta: number }): BudgetPlan {
-  const table = o.scaleTokens ?? SCALE_TOKENS_1M_SQUARE;
   const floor = o.refinerFloor ?? 1;
-  const { first, cumulative } = compressedScales(o.tokensPerLayer, table);
-  const L = o.depth;
-  const total = L * o.tokensPerLayer;
-  const scales: ScaleBudget[] = [];
-  let prevMax = 0;
-  for (let si = first; si <= table.length - 2; si++) {
-    const scale = si + 2;
-    const drafters = draftersFor(o, scale);
-    const high = drafters.length;
-    const limit = si === first ? cumulative[si] : prevMax + table[si];
-    const min = Math.max(floor, Math.round(o.refinerStart - o.delta * (si - first)));
+  return walkCompressedScales(o, ({ k, high, limit, total, depth: L }) => {
+    const min = Math.max(floor, Math.round(o.refinerStart - o.delta * k));
     const max = high === 0 ? min : Math.max(min, Math.min(limit, Math.floor((total - (L - high) * min) / high)));
-    scales.push({ scale, drafters, max, min, limit });
-    prevMax = max;
-  }
-  return { depth: L, scales };
+    return { max, min };
+  });
 }
