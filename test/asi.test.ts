@@ -1,7 +1,7 @@
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { safetensors } from './checkpoint-writers.js';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { writeTinyModelFiles } from './checkpoint-writers.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createEngine } from '../lib/engine.js';
@@ -112,23 +112,9 @@ test('calibrate and eval accept checkpoints and text features on disk (like gene
   const dir = mkdtempSync(join(tmpdir(), 'scalekv-cal-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   const tiny = createTinyModel(0);
-  const dump = (ckpt: typeof tiny.weights, file: string) =>
-    writeFileSync(join(dir, file), safetensors(ckpt.names.map((name) => {
-      const e = ckpt.entry(name);
-      return { name, dtype: e.dtype === 'i64' ? 'I64' : 'F32', shape: [...e.shape], data: ckpt.bytes(name) };
-    })));
-  dump(tiny.weights, 'weights.safetensors');
-  dump(tiny.vae, 'vae.safetensors');
-  const a = tiny.encodeText('a red fox');
-  const b = tiny.encodeText('a blue lake');
-  const kv = new Float32Array([...a.kv, ...b.kv]);
-  const lens = new Int32Array([a.lens[0], b.lens[0]]);
-  writeFileSync(join(dir, 'text.safetensors'), safetensors([
-    { name: 'kv', dtype: 'F32', shape: [lens[0] + lens[1], 128], data: new Uint8Array(kv.buffer) },
-    { name: 'lens', dtype: 'I32', shape: [2], data: new Uint8Array(lens.buffer) },
-  ]));
+  const files = writeTinyModelFiles(dir, tiny, ['a red fox', 'a blue lake']);
   const cli = (...args: string[]) => spawnSync(process.execPath, ['--import=tsx', 'lib/cli.ts', ...args], { encoding: 'utf8', timeout: 300_000 });
-  const model = ['--preset', 'tiny', '--weights', join(dir, 'weights.safetensors'), '--text', join(dir, 'text.safetensors'), '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu'];
+  const model = ['--preset', 'tiny', '--weights', files.weights, '--text', files.text, '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu'];
   // The same prompts through the built-in tiny model give the same calibration.
   const fromDisk = cli('calibrate', ...model, '--drafters', '2', '--json');
   const builtIn = cli('calibrate', '--prompt', 'a red fox', '--prompt', 'a blue lake', '--backend', 'cpu', '--drafters', '2', '--json');
@@ -136,7 +122,7 @@ test('calibrate and eval accept checkpoints and text features on disk (like gene
   t.is(builtIn.status, 0, builtIn.stderr);
   t.deepEqual(JSON.parse(fromDisk.stdout).plan, JSON.parse(builtIn.stdout).plan);
   t.deepEqual(JSON.parse(fromDisk.stdout).stats, JSON.parse(builtIn.stdout).stats);
-  const e = cli('eval', ...model, '--vae', join(dir, 'vae.safetensors'), '--seeds', '0', '--policies', 'full,window:20');
+  const e = cli('eval', ...model, '--vae', files.vae, '--seeds', '0', '--policies', 'full,window:20');
   t.is(e.status, 0, e.stderr);
   t.regex(e.stdout, /\| full \| inf \| 1\.0000 \| 0 \/ 131072 \|/);
   t.regex(e.stdout, /\| window:20 \| \d+\.\d\d \| 0\.\d{4} \|/);

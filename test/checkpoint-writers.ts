@@ -4,7 +4,10 @@
  * tests can also forge broken files byte by byte.
  */
 
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { crc32 } from '../lib/image/png.js';
+import type { TinyModel } from '../lib/model/tiny.js';
 
 export { crc32 };
 
@@ -317,4 +320,29 @@ export function safetensors(tensors: StTensor[], metadata: Record<string, string
   const n = Buffer.alloc(8);
   n.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
   return Buffer.concat([n, Buffer.from(json, 'utf8'), ...tensors.map((t) => Buffer.from(t.data))]);
+}
+
+/**
+ * Writes a tiny model as files the CLI reads: weights.safetensors, vae.safetensors and text.safetensors (the T5
+ * stand-in features of `prompts`, concatenated, with their lengths). Returns the three paths.
+ */
+export function writeTinyModelFiles(dir: string, tiny: TinyModel, prompts: string[]): { weights: string; vae: string; text: string } {
+  const dump = (ckpt: TinyModel['weights'], file: string) => {
+    const path = join(dir, file);
+    writeFileSync(path, safetensors(ckpt.names.map((name) => {
+      const e = ckpt.entry(name);
+      return { name, dtype: e.dtype === 'i64' ? 'I64' : 'F32', shape: [...e.shape], data: ckpt.bytes(name) };
+    })));
+    return path;
+  };
+  const features = prompts.map((p) => tiny.encodeText(p));
+  const kv = new Float32Array(features.reduce((n, f) => n + f.kv.length, 0));
+  features.reduce((at, f) => (kv.set(f.kv, at), at + f.kv.length), 0);
+  const lens = new Int32Array(features.map((f) => f.lens[0]));
+  const text = join(dir, 'text.safetensors');
+  writeFileSync(text, safetensors([
+    { name: 'kv', dtype: 'F32', shape: [kv.length / features[0].shape[1], features[0].shape[1]], data: new Uint8Array(kv.buffer) },
+    { name: 'lens', dtype: 'I32', shape: [lens.length], data: new Uint8Array(lens.buffer) },
+  ]));
+  return { weights: dump(tiny.weights, 'weights.safetensors'), vae: dump(tiny.vae, 'vae.safetensors'), text };
 }

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { decodePng } from '../lib/image/png.js';
 import { createTinyModel } from '../lib/model/tiny.js';
-import { safetensors } from './checkpoint-writers.js';
+import { safetensors, writeTinyModelFiles } from './checkpoint-writers.js';
 
 const cli = (...args: string[]) =>
   spawnSync(process.execPath, ['--import=tsx', 'lib/cli.ts', ...args], { encoding: 'utf8', timeout: 300_000 });
@@ -46,22 +46,10 @@ test('demo writes one PNG per prompt, reports on stdout and progress on stderr o
 test('generate runs checkpoints and a text-features file written to disk, and rejects bad ones', (t) => {
   const dir = tmp(t);
   const tiny = createTinyModel(3);
-  const dump = (ckpt: typeof tiny.weights, file: string) =>
-    writeFileSync(join(dir, file), safetensors(ckpt.names.map((name) => {
-      const e = ckpt.entry(name);
-      return { name, dtype: e.dtype === 'i64' ? 'I64' : 'F32', shape: [...e.shape], data: ckpt.bytes(name) };
-    })));
-  dump(tiny.weights, 'weights.safetensors');
-  dump(tiny.vae, 'vae.safetensors');
-  const text = tiny.encodeText('a castle in the snow');
-  const lens = new Int32Array(text.lens);
-  writeFileSync(join(dir, 'text.safetensors'), safetensors([
-    { name: 'kv', dtype: 'F32', shape: [...text.shape], data: new Uint8Array(text.kv.buffer) },
-    { name: 'lens', dtype: 'I32', shape: [lens.length], data: new Uint8Array(lens.buffer) },
-  ]));
+  const files = writeTinyModelFiles(dir, tiny, ['a castle in the snow']);
   const out = join(dir, 'out');
-  const args = ['generate', '--preset', 'tiny', '--weights', join(dir, 'weights.safetensors'), '--vae', join(dir, 'vae.safetensors'),
-    '--text', join(dir, 'text.safetensors'), '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu', '--out', out];
+  const args = ['generate', '--preset', 'tiny', '--weights', files.weights, '--vae', files.vae,
+    '--text', files.text, '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu', '--out', out];
   const r = cli(...args, '--seed', '5');
   t.is(r.status, 0, r.stderr);
   t.regex(r.stdout, /wrote .*image-5-0\.png/);
