@@ -486,8 +486,20 @@ Napi::Value JsEngine::Tensor(const Napi::CallbackInfo& info) {
 
 // --------------------------------------------------------------------------------------------- op checks
 
-struct Shape4 {
-  int64_t a, b, c, d;
+// Every op takes one arguments object.
+Napi::Object args_object(Napi::Env env, const Napi::CallbackInfo& info, const char* signature) {
+  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", signature);
+  return info[0].As<Napi::Object>();
+}
+
+// The operands of one op call: buffers are held until it has run.
+struct Holder {
+  std::vector<std::shared_ptr<Buffer>> hold;
+  void* ptr(JsTensor* t) {
+    if (!t) return nullptr;
+    hold.push_back(t->state->buffer);
+    return t->state->buffer->data();
+  }
 };
 
 void expect_rank(Napi::Env env, const TensorState& t, size_t rank, const char* what, const char* layout) {
@@ -532,8 +544,7 @@ void check_not_alias(Napi::Env env, const TensorState* out, std::initializer_lis
 Napi::Value JsEngine::Attention(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "attention(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "attention(args: object)");
   JsTensor* q = unwrap_tensor(env, o.Get("q"), "q", false);
   JsTensor* hk = unwrap_tensor(env, o.Get("histK"), "histK", true);
   JsTensor* hv = unwrap_tensor(env, o.Get("histV"), "histV", true);
@@ -629,12 +640,8 @@ Napi::Value JsEngine::Attention(const Napi::CallbackInfo& info) {
   if (out && wlogits && out->state->buffer == wlogits->state->buffer)
     throw_coded(env, "ERR_INVALID_ARG", "out and windowLogits must differ");
 
-  std::vector<std::shared_ptr<Buffer>> hold;
-  auto ptr = [&](JsTensor* t) -> void* {
-    if (!t) return nullptr;
-    hold.push_back(t->state->buffer);
-    return t->state->buffer->data();
-  };
+  Holder h;
+  auto ptr = [&](JsTensor* t) { return h.ptr(t); };
   a.q = ptr(q);
   a.hist_k = ptr(hk);
   a.hist_v = ptr(hv);
@@ -646,7 +653,7 @@ Napi::Value JsEngine::Attention(const Napi::CallbackInfo& info) {
   a.window_logits = static_cast<float*>(ptr(wlogits));
   a.window_lse = static_cast<float*>(ptr(wlse));
   Backend* backend = &c.backend();
-  c.enqueue([backend, a, hold] { backend->attention(a); }, "attention");
+  c.enqueue([backend, a, hold = std::move(h.hold)] { backend->attention(a); }, "attention");
   return env.Undefined();
 }
 
@@ -654,8 +661,7 @@ Napi::Value JsEngine::Attention(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::EvictCompact(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "evictCompact(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "evictCompact(args: object)");
   JsTensor* hk = unwrap_tensor(env, o.Get("histK"), "histK", false);
   JsTensor* hv = unwrap_tensor(env, o.Get("histV"), "histV", false);
   JsTensor* ck = unwrap_tensor(env, o.Get("curK"), "curK", true);
@@ -721,8 +727,7 @@ Napi::Value JsEngine::EvictCompact(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::Selection(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "selection(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "selection(args: object)");
   JsTensor* logits = unwrap_tensor(env, o.Get("logits"), "logits", false);
   JsTensor* lse = unwrap_tensor(env, o.Get("lse"), "lse", true);
   JsTensor* wkeys = unwrap_tensor(env, o.Get("windowKeys"), "windowKeys", false);
@@ -819,16 +824,6 @@ void expect_same_shape(Napi::Env env, const TensorState& t, const std::vector<in
                                       ", got " + shape_string(t.shape));
 }
 
-// The operands of one op call: buffers are held until it has run.
-struct Holder {
-  std::vector<std::shared_ptr<Buffer>> hold;
-  void* ptr(JsTensor* t) {
-    if (!t) return nullptr;
-    hold.push_back(t->state->buffer);
-    return t->state->buffer->data();
-  }
-};
-
 const TensorState* state_of(JsTensor* t) { return t ? t->state.get() : nullptr; }
 
 // A per-batch-row f32 vector: `key` is [B, C], or [B, S, C] with `slotKey` picking the slot.
@@ -900,8 +895,7 @@ void check_output(Napi::Env env, JsTensor* out, JsTensor* in, std::initializer_l
 Napi::Value JsEngine::Gemm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "gemm(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "gemm(args: object)");
   JsTensor* x = unwrap_tensor(env, o.Get("x"), "x", false);
   JsTensor* w = unwrap_tensor(env, o.Get("w"), "w", false);
   JsTensor* bias = unwrap_tensor(env, o.Get("bias"), "bias", true);
@@ -956,8 +950,7 @@ Napi::Value JsEngine::Gemm(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::LayerNorm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "layerNorm(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "layerNorm(args: object)");
   JsTensor* x = unwrap_tensor(env, o.Get("x"), "x", false);
   JsTensor* y = unwrap_tensor(env, o.Get("y"), "y", false);
   JsTensor* weight = unwrap_tensor(env, o.Get("weight"), "weight", true);
@@ -1004,8 +997,7 @@ Napi::Value JsEngine::LayerNorm(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::GatedResidual(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "gatedResidual(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "gatedResidual(args: object)");
   JsTensor* x = unwrap_tensor(env, o.Get("x"), "x", false);
   JsTensor* y = unwrap_tensor(env, o.Get("y"), "y", false);
   const TensorState& X = *x->state;
@@ -1032,8 +1024,7 @@ Napi::Value JsEngine::GatedResidual(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::Activation(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "activation(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "activation(args: object)");
   JsTensor* x = unwrap_tensor(env, o.Get("x"), "x", false);
   JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
   expect_float(env, *x->state, "x");
@@ -1060,8 +1051,7 @@ Napi::Value JsEngine::Activation(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::QkNormRope(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "qkNormRope(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "qkNormRope(args: object)");
   JsTensor* qkv = unwrap_tensor(env, o.Get("qkv"), "qkv", false);
   JsTensor* q_bias = unwrap_tensor(env, o.Get("qBias"), "qBias", true);
   JsTensor* v_bias = unwrap_tensor(env, o.Get("vBias"), "vBias", true);
@@ -1147,8 +1137,7 @@ Napi::Value JsEngine::QkNormRope(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::CrossAttention(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "crossAttention(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "crossAttention(args: object)");
   JsTensor* q = unwrap_tensor(env, o.Get("q"), "q", false);
   JsTensor* kv = unwrap_tensor(env, o.Get("kv"), "kv", true);
   JsTensor* k = unwrap_tensor(env, o.Get("k"), "k", true);
@@ -1215,8 +1204,7 @@ Napi::Value JsEngine::CrossAttention(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::CfgTau(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "cfgTau(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "cfgTau(args: object)");
   JsTensor* z = unwrap_tensor(env, o.Get("logits"), "logits", false);
   JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
   const TensorState& Z = *z->state;
@@ -1264,8 +1252,7 @@ void top_k_top_p(Napi::Env env, Napi::Object o, int* top_k, double* top_p) {
 Napi::Value JsEngine::TopkTopPMask(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "topkTopPMask(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "topkTopPMask(args: object)");
   JsTensor* z = unwrap_tensor(env, o.Get("logits"), "logits", false);
   JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
   const TensorState& Z = *z->state;
@@ -1289,8 +1276,7 @@ Napi::Value JsEngine::TopkTopPMask(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::SampleBits(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
-  if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", "sampleBits(args: object)");
-  Napi::Object o = info[0].As<Napi::Object>();
+  Napi::Object o = args_object(env, info, "sampleBits(args: object)");
   JsTensor* z = unwrap_tensor(env, o.Get("logits"), "logits", false);
   JsTensor* out = unwrap_tensor(env, o.Get("out"), "out", false);
   const TensorState& Z = *z->state;
