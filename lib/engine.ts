@@ -1,16 +1,21 @@
 import { availableParallelism } from 'node:os';
 import { bf16ToF32Array, DType, DTYPES, f16ToF32Array } from './dtype.js';
 import { fail, rethrowNative, ScaleKVError } from './errors.js';
+import { CountingDevice } from './counting-device.js';
 import { loadNative, NativeEngine, NativeTensor } from './native.js';
 import { Ops } from './ops.js';
 
-export type BackendName = 'cpu' | 'cuda' | 'emu';
+/** 'count' has no memory and no compute: a dry run of a workload's allocations (see counting-device.ts). */
+export type BackendName = 'cpu' | 'cuda' | 'emu' | 'count';
 export type BackendChoice = BackendName | 'auto';
 export type MemoryCategory = 'weights' | 'kv' | 'activations' | 'scratch';
 export const MEMORY_CATEGORIES: readonly MemoryCategory[] = ['weights', 'kv', 'activations', 'scratch'];
 
 export interface EngineOptions {
-  /** 'auto' (default, or env SCALEKV_BACKEND) takes CUDA when a device is usable, else the CPU. */
+  /**
+   * 'auto' (default, or env SCALEKV_BACKEND) takes CUDA when a device is usable, else the CPU. 'count' runs
+   * nothing and only keeps the memory counters, exactly as a real backend would (tensors read back as zeros).
+   */
   backend?: BackendChoice;
   /** CPU backend: intra-op threads (default: all cores). */
   threads?: number;
@@ -122,8 +127,8 @@ export class Tensor {
 function resolveChoice(opts: EngineOptions): BackendChoice {
   const fromEnv = process.env.SCALEKV_BACKEND;
   const choice = opts.backend ?? (fromEnv as BackendChoice | undefined) ?? 'auto';
-  if (!['auto', 'cpu', 'cuda', 'emu'].includes(choice))
-    fail('ERR_INVALID_ARG', `unknown backend '${choice}' (auto, cpu, cuda, emu)`);
+  if (!['auto', 'cpu', 'cuda', 'emu', 'count'].includes(choice))
+    fail('ERR_INVALID_ARG', `unknown backend '${choice}' (auto, cpu, cuda, emu, count)`);
   return choice;
 }
 
@@ -138,8 +143,9 @@ export function backendInfo(): { built: BackendName[]; cuda: { available: boolea
  * call and run in order; `sync()` and `Tensor.read()` wait for them without blocking the event loop.
  */
 export async function createEngine(opts: EngineOptions = {}): Promise<Engine> {
-  const addon = loadNative();
   const choice = resolveChoice(opts);
+  if (choice === 'count') return new Engine(new CountingDevice(), 'count');
+  const addon = loadNative();
   let backend: BackendName;
   let fallbackReason: string | undefined;
   if (choice === 'auto') {

@@ -29,7 +29,7 @@ export { FullKvPolicy, KvCache } from './model/kv-cache.js';
 export type { AfterAttentionContext, KvCacheOptions, KvPolicy } from './model/kv-cache.js';
 export {
   SelectionPolicy, ScaleKvPolicy, SlidingWindowPolicy, StreamingLlmPolicy, SnapKvPolicy, PyramidKvPolicy, kvPolicyFromSpec,
-  historyCapacity, builtinPlan,
+  builtinPlan,
 } from './kv/index.js';
 export type { KvTraceRecord, ScaleKvOptions, SelectionPolicyOptions, SnapKvOptions } from './kv/index.js';
 export { crc32, decodePng, encodePng, pngChunks } from './image/png.js';

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import type { Engine } from '../lib/engine.js';
 import {
-  FullKvPolicy, historyCapacity, kvPolicyFromSpec, KvPolicy, KvTraceRecord, PyramidKvPolicy, ScaleKvPolicy, SelectionPolicy,
+  FullKvPolicy, kvPolicyFromSpec, KvPolicy, KvTraceRecord, PyramidKvPolicy, ScaleKvPolicy, SelectionPolicy,
   SlidingWindowPolicy, SnapKvPolicy, StreamingLlmPolicy, builtinPlan, gridWindow, pyramidBudgets,
 } from '../lib/kv/index.js';
 import { generate } from '../lib/model/generate.js';
@@ -59,7 +59,7 @@ for (const backend of testBackends()) {
         const records: KvTraceRecord[] = [];
         if (policy instanceof SelectionPolicy) (policy as unknown as { opts: { trace?: (r: KvTraceRecord) => void } }).opts.trace = (r) => records.push(r);
         const r = await run(e, policy, sched);
-        const caps = Array.from({ length: depth }, (_, l) => historyCapacity(policy, l, tok));
+        const caps = Array.from({ length: depth }, (_, l) => policy.capacity(l, tok));
         const promised = caps.reduce((a, b) => a + b, 0) * 2 /* rows */ * numHeads * headDim * 4 * 2;
         t.is(r.kvBytes, promised, name);
         t.true(r.memory.peak.kv <= promised, `${name}: peak kv ${r.memory.peak.kv} > ${promised}`);
@@ -68,7 +68,7 @@ for (const backend of testBackends()) {
           t.true(rec.lenAfter <= Math.max(caps[rec.layer], 0) || rec.scaleIndex === sched.length - 1, `${name} L${rec.layer} s${rec.scaleIndex}`);
         }
         if (name !== 'full') t.true(records.some((x) => x.compressed), `${name} never compressed`);
-        t.log(`${name}: history capacities ${caps.join(',')} (full: ${historyCapacity(new FullKvPolicy(), 0, tok)}), ${promised} bytes`);
+        t.log(`${name}: history capacities ${caps.join(',')} (full: ${new FullKvPolicy().capacity(0, tok)}), ${promised} bytes`);
       });
     }
   });
@@ -80,7 +80,7 @@ test('cpu: the full policy, the default, and non-compressing baselines give iden
     for (const p of [new FullKvPolicy(), new SlidingWindowPolicy(10000), SnapKvPolicy.uniform(depth, 10000), new StreamingLlmPolicy(4, 5000)]) {
       const b = await run(e, p);
       for (const [k, v] of a.captured) t.deepEqual(b.captured.get(k), v, `${p.name} ${k}`);
-      t.is(historyCapacity(p, 0, tokens), 265);
+      t.is(p.capacity(0, tokens), 265);
     }
   });
 });
@@ -88,17 +88,17 @@ test('cpu: the full policy, the default, and non-compressing baselines give iden
 test('history capacities follow the control flow', (t) => {
   const full = new FullKvPolicy();
   t.is(full.capacity(0, tokens), 265);
-  t.is(historyCapacity(full, 0, [1]), 0);
-  t.is(new SlidingWindowPolicy(100).historyCapacity(0, tokens), 100);
-  t.is(new StreamingLlmPolicy(4, 60).historyCapacity(0, tokens), 64);
-  t.is(new SlidingWindowPolicy(1000).historyCapacity(0, tokens), 265);
+  t.is(full.capacity(0, [1]), 0);
+  t.is(new SlidingWindowPolicy(100).capacity(0, tokens), 100);
+  t.is(new StreamingLlmPolicy(4, 60).capacity(0, tokens), 64);
+  t.is(new SlidingWindowPolicy(1000).capacity(0, tokens), 265);
   // 2B at 10% on the 1M schedule: drafter layer 0 holds 6385 after si=11, refiners at most min(650 base, ...) = 632.
   const p2b = kvPolicyFromSpec('scalekv:10%', { depth: 32, preset: 'infinity-2b' }) as ScaleKvPolicy;
   const t1m = [1, 4, 16, 36, 64, 144, 256, 400, 576, 1024, 1600, 2304, 4096];
-  t.is(p2b.historyCapacity(0, t1m), 6385);
-  t.is(p2b.historyCapacity(23, t1m), 4100);
-  t.is(p2b.historyCapacity(5, t1m), 632);
-  const sum = Array.from({ length: 32 }, (_, l) => p2b.historyCapacity(l, t1m)).reduce((a, b) => a + b, 0);
+  t.is(p2b.capacity(0, t1m), 6385);
+  t.is(p2b.capacity(23, t1m), 4100);
+  t.is(p2b.capacity(5, t1m), 632);
+  const sum = Array.from({ length: 32 }, (_, l) => p2b.capacity(l, t1m)).reduce((a, b) => a + b, 0);
   t.true(sum < 32 * 6425);
   t.deepEqual(pyramidBudgets(4, 64).reduce((a, b) => a + b, 0), 256);
   const pb = pyramidBudgets(32, 650);
@@ -155,7 +155,7 @@ test('kvPolicyFromSpec: grammar and built-in plans', (t) => {
 
 test('ScaleKV reference: a base capacity below 521 hits the official None budget row (ERR_BUDGET)', (t) => {
   const p = new ScaleKvPolicy({ mode: 'reference', plan: builtinPlan('infinity-2b', 32, 0.1), baseCapacity: 121 });
-  t.throws(() => p.historyCapacity(0, [1, 4, 16, 36, 64, 144, 256, 400, 576, 1024, 1600, 2304, 4096]), { code: 'ERR_BUDGET' });
+  t.throws(() => p.capacity(0, [1, 4, 16, 36, 64, 144, 256, 400, 576, 1024, 1600, 2304, 4096]), { code: 'ERR_BUDGET' });
 });
 
 const skvDir = goldenDir('forward_scalekv');

@@ -22,11 +22,12 @@ import { concatText, loadTextFeatures, parseAspect, readVaeDecoder } from './com
 import { budgetPlanToJson } from '../scalekv/budget.js';
 
 export const KV_USAGE = `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--policy SPEC] [--pn 1M] [--aspect H/W]
-       [--kv-dtype bf16|f32] [--k-dtype f32|bf16] [--weight-dtype bf16|f32] [--no-cfg] [--device-memory 80GiB]
-       [--text-tokens T (activation estimate; default the model's max, 512)] [--json]
-      Exact device memory of a generation by category (weights, KV history, the shared current-scale scratch;
-      activations estimated), the paper's KV accounting (history read by the last scale; --k-dtype f32 is the
-      reference's fp32 K) and, with --device-memory, the largest batch that fits.
+       [--dtype bf16|f32] [--k-dtype f32|bf16] [--text-tokens T] [--no-cfg] [--no-decode] [--device-memory 80GiB] [--json]
+      Exact peak device memory of a generation and its VAE decode, by category (weights, KV history, the shared
+      current-scale scratch, activations), from a dry run of the loop on the 'count' backend; the caching
+      allocator's reserved peak; the paper's KV accounting (history read by the last scale; --k-dtype f32 is the
+      reference's fp32 K) and, with --device-memory, the largest batch whose peak fits. --dtype is the model's
+      (block Linears and K/V); --text-tokens defaults to the model's maximum prompt length (512).
   calibrate [--prompt P]... [--pn 0.06M] [--budget 10%] [--drafters N] [--top-k K'] [--no-normalize-history]
        [--scales 8,9,...] [--max-queries 256] [--seed N] [--cfg X] [--out plan.json] [--json]
        [--weights CKPT --text FEATURES.safetensors --preset P [--dtype bf16|f32]] [--backend B]
@@ -70,22 +71,23 @@ function fraction(s: string): number {
 // ---- plan
 
 function planTable(p: MemoryPlan, deviceBytes?: number, fit?: number): string {
-  const a = p.activationDetail;
+  const caps = p.capacities;
   const rows: [string, number, string][] = [
-    ['weights', p.bytes.weights, `transformer ${MiB(p.weightDetail.transformer)} MiB (block Linears ${p.weightDtype}, rest f32) + VAE decoder ${MiB(p.weightDetail.vae)} MiB`],
-    ['kv (history)', p.bytes.kv, `${p.capacities.reduce((x, y) => x + y, 0)} tokens over ${p.capacities.length} layers (min ${Math.min(...p.capacities)}, max ${Math.max(...p.capacities)}), K ${p.kDtype} + V ${p.vDtype}, ${p.rows} rows`],
-    ['scratch', p.bytes.scratch, `current-scale K/V (${Math.max(...p.scaleTokens)} tokens, shared by all layers) + RoPE positions`],
-    ['activations', p.bytes.activations, `estimate: max(block ${MiB(a.block)} + text ${MiB(a.textContext)} + loop ${MiB(a.loop)}, text + VAE decode ${MiB(a.vaeDecode)}) MiB`],
-    ['total', p.bytes.total, ''],
+    ['weights', p.bytes.weights, `transformer ${MiB(p.weightDetail.transformer)} MiB (block Linears ${p.dtype}, rest f32)${p.decode ? ` + VAE decoder ${MiB(p.weightDetail.vae)} MiB` : ''}`],
+    ['kv (history)', p.bytes.kv, `${caps.reduce((x, y) => x + y, 0)} tokens over ${caps.length} layers (min ${Math.min(...caps)}, max ${Math.max(...caps)}), K and V ${p.dtype}, ${p.rows} rows`],
+    ['scratch', p.bytes.scratch, `current-scale K/V (${Math.max(...p.scaleTokens)} tokens, shared by all layers), RoPE positions, selection indices`],
+    ['activations', p.bytes.activations, `text context, block intermediates, logits and bits${p.decode ? ', VAE decode' : ''} (${p.textTokens} text tokens a prompt)`],
+    ['total', p.bytes.total, 'peak of the sum (the categories peak at different times)'],
   ];
   const lines = [
     `${p.config}, policy ${p.policy}, batch ${p.batch} (${p.rows} rows), ${p.scaleTokens.length} scales / ${p.scaleTokens.reduce((x, y) => x + y, 0)} tokens`,
     '',
-    '| category | bytes | MiB | what |',
+    '| category | peak bytes | MiB | what |',
     '|---|---:|---:|---|',
     ...rows.map(([k, b, w]) => `| ${k} | ${b} | ${MiB(b)} | ${w} |`),
     '',
-    `paper accounting (sec. 5.2): ${p.rows} rows x ${p.paperAccounting.tokensPerLayer} tokens x ${p.capacities.length} layers x C x (K ${p.kDtype} + V ${p.vDtype}) = ${p.paperAccounting.mib.toFixed(1)} MiB`,
+    `reserved by the caching allocator at its fullest: ${MiB(p.reservedPeak)} MiB (engine.trimCache() returns the cached part)`,
+    `paper accounting (sec. 5.2): ${p.rows} rows x ${p.paperAccounting.tokensPerLayer} tokens x ${caps.length} layers x C x (K ${p.paperAccounting.kDtype} + V ${p.paperAccounting.vDtype}) = ${p.paperAccounting.mib.toFixed(1)} MiB`,
   ];
   if (deviceBytes !== undefined) lines.push(`largest batch in ${MiB(deviceBytes)} MiB: ${fit}`);
   return lines.join('\n') + '\n';
@@ -100,10 +102,10 @@ export async function planCommand(argv: string[]): Promise<number> {
       policy: { type: 'string', default: 'full' },
       pn: { type: 'string', default: '1M' },
       aspect: { type: 'string' },
-      'kv-dtype': { type: 'string' },
+      dtype: { type: 'string' },
       'k-dtype': { type: 'string' },
-      'weight-dtype': { type: 'string' },
       'no-cfg': { type: 'boolean', default: false },
+      'no-decode': { type: 'boolean', default: false },
       'device-memory': { type: 'string' },
       'text-tokens': { type: 'string' },
       json: { type: 'boolean', default: false },
@@ -113,23 +115,21 @@ export async function planCommand(argv: string[]): Promise<number> {
   const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn: values.pn as PixelBudget, patchify: config.patchify });
   const batch = parseNum(values.batch, '--batch', 1);
   const spec = values.policy;
-  const policy = resolvePolicy(spec, { depth: config.depth, preset: values.preset === 'tiny' ? undefined : values.preset });
-  const vDtype = dtypeArg(values['kv-dtype'], '--kv-dtype', 'bf16');
+  const dtype = dtypeArg(values.dtype, '--dtype', 'bf16');
   const base = {
     config,
     cfg: !values['no-cfg'],
-    scaleTokens: sched.tokensPerScale,
-    finalGrid: sched.scales[sched.scales.length - 1],
-    policy: { name: policy.name, capacity: (l: number, t: readonly number[]) => policy.capacity(l, t) },
-    kvDtype: vDtype,
-    kDtype: dtypeArg(values['k-dtype'], '--k-dtype', vDtype),
-    weightDtype: dtypeArg(values['weight-dtype'], '--weight-dtype', 'bf16'),
+    decode: !values['no-decode'],
+    schedule: sched.scales,
+    policy: resolvePolicy(spec, { depth: config.depth, preset: values.preset === 'tiny' ? undefined : values.preset }),
+    dtype,
+    paperKDtype: dtypeArg(values['k-dtype'], '--k-dtype', dtype),
     paperTokensPerLayer: paperTokensForSpec(spec, sched.tokensPerScale),
     textTokens: values['text-tokens'] === undefined ? undefined : parseNum(values['text-tokens'], '--text-tokens', config.textMaxlen),
   };
-  const p = planMemory({ ...base, batch });
+  const p = await planMemory({ ...base, batch });
   const device = values['device-memory'] !== undefined ? parseBytes(values['device-memory']) : undefined;
-  const fit = device !== undefined ? largestBatch(base, device) : undefined;
+  const fit = device !== undefined ? await largestBatch(base, device) : undefined;
   if (values.json) process.stdout.write(JSON.stringify({ ...p, policy: spec, deviceMemory: device, largestBatch: fit }, null, 2) + '\n');
   else process.stdout.write(planTable({ ...p, policy: spec }, device, fit));
   return 0;

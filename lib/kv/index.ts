@@ -7,14 +7,3 @@ export {
 } from './policies.js';
 export type { Decision, KvTraceRecord, Pooling, ScaleKvOptions, ScoringSetup, SelectionPolicyOptions, SnapKvOptions } from './policies.js';
 export { kvPolicyFromSpec, builtinPlan, BUILTIN_DRAFTERS } from './spec.js';
-
-import type { KvPolicy } from '../model/kv-cache.js';
-import { FullKvPolicy } from '../model/kv-cache.js';
-import { SelectionPolicy } from './policies.js';
-
-/** The history capacity (tokens) a policy allocates for a layer: the single source for memory planning. */
-export function historyCapacity(policy: KvPolicy, layer: number, scaleTokens: readonly number[]): number {
-  if (policy instanceof SelectionPolicy) return policy.historyCapacity(layer, scaleTokens);
-  if (policy instanceof FullKvPolicy) return policy.capacity(layer, scaleTokens);
-  return policy.capacity(layer, scaleTokens);
-}

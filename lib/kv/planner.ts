@@ -1,37 +1,23 @@
 /**
- * The memory planner (`scalekv plan`): exact device bytes of an Infinity generation by memory category, for a
- * model configuration, batch, scale schedule and KV policy, plus the paper's KV accounting (spec sec. 4.1 / 5.2).
+ * The memory planner (`scalekv plan`): the device bytes of an Infinity generation by memory category, for a model
+ * configuration, batch, schedule and KV policy, plus the paper's KV accounting (spec sec. 4.1 / 5.2).
  *
- * Cache layout it plans for (the loop's contract): every layer holds a HISTORY buffer K and V
- * [rows, heads, capacity, headDim] (category 'kv') whose capacity comes from the policy and excludes the current
- * scale; the current scale's K/V live in one scratch buffer shared by all layers, [rows, heads, n_si, headDim]
- * (category 'scratch'), allocated per scale; the last scale's K/V are never appended. rows = 2 × batch with CFG.
- *
- * Exact: weights (what InfinityModel.load and VaeDecoder.load upload), kv (Σ layers capacity × rows × heads × headDim × (K + V bytes)),
- * scratch (the largest scale's current K/V buffer plus that scale's RoPE positions, i32 [n, 2]).
- * Estimated: activations (see activationEstimate).
+ * The figures are not a formula: the planner loads the model and the VAE decoder with `allocate` on the 'count'
+ * backend and runs `generate` and `decodeImage` on it, so every tensor the real run allocates is allocated in the
+ * same order with the same size and category, and the engine's own counters give the peaks. Only the compute is
+ * missing, and no allocation depends on a computed value. The peaks are therefore exactly those of a real engine
+ * (test/planner.test.ts compares them with the CPU engine's counters), for any policy, schedule or text length.
  */
+import { createEngine, MemoryCategory } from '../engine.js';
 import { fail } from '../errors.js';
-import { expectedVaeShapes, expectedWeightShapes, InfinityConfig, preset, PresetName } from '../model/presets.js';
-import type { VaeDecoderConfig } from '../model/vae.js';
+import { decodeImage, generate } from '../model/generate.js';
+import { InfinityModel } from '../model/infinity.js';
+import { FullKvPolicy, type KvPolicy } from '../model/kv-cache.js';
+import { InfinityConfig, preset, PresetName } from '../model/presets.js';
 import { scaleSchedule } from '../model/schedule.js';
+import { VaeDecoder } from '../model/vae.js';
 
-export type KvDtype = 'bf16' | 'f32';
-
-/** What the planner needs of a KV policy (lib/kv policies implement it). */
-export interface HistoryCapacityPolicy {
-  readonly name?: string;
-  /** History tokens layer `layer` can hold (the current scale excluded), for a schedule of these scale sizes. */
-  historyCapacity?(layer: number, scaleTokens: readonly number[]): number;
-  /** The same, under KvPolicy's name (used when historyCapacity is absent). */
-  capacity?(layer: number, scaleTokens: readonly number[]): number;
-}
-
-/** Full cache: every scale but the last is kept. */
-export const FULL_HISTORY: HistoryCapacityPolicy = {
-  name: 'full',
-  historyCapacity: (_l, tokens) => tokens.slice(0, -1).reduce((a, b) => a + b, 0),
-};
+export type PlanDtype = 'bf16' | 'f32';
 
 export interface PlanMemoryOptions {
   preset?: PresetName;
@@ -40,35 +26,24 @@ export interface PlanMemoryOptions {
   batch: number;
   /** Classifier-free guidance doubles the rows. Default true. */
   cfg?: boolean;
-  /** Tokens per scale; default the 1:1 1M schedule. */
-  scaleTokens?: readonly number[];
-  /** The last scale's grid (h, w) for the VAE estimate; default its square root. */
-  finalGrid?: readonly [number, number];
-  policy?: HistoryCapacityPolicy;
-  /** K and V cache dtype. Default 'bf16'. */
-  kvDtype?: KvDtype;
-  /** K dtype when it differs from V (the reference keeps K in f32: 'f32' + bf16 V = 6 bytes per channel). */
-  kDtype?: KvDtype;
-  /** Block Linear weight dtype (the rest is f32, as the loader uploads it). Default 'bf16'. */
-  weightDtype?: KvDtype;
-  /** Text tokens per prompt for the activation estimate. Default the model's textMaxlen. */
+  /** Token grids (h, w) per scale; default the model's 1:1 1M schedule. */
+  schedule?: readonly (readonly [number, number])[];
+  /** Default: the full cache. */
+  policy?: KvPolicy;
+  /** The model dtype: block Linear weights and the K/V cache (the rest is f32, as the loader uploads it). Default 'bf16'. */
+  dtype?: PlanDtype;
+  /** Include the VAE decoder: its weights stay resident and the batch is decoded after the loop. Default true. */
+  decode?: boolean;
+  /** Text tokens per prompt. Default the model's textMaxlen (the most a prompt can take). */
   textTokens?: number;
+  /** K and V dtypes of the paper accounting line (the reference keeps K in f32). Default the model dtype. */
+  paperKDtype?: PlanDtype;
+  paperVDtype?: PlanDtype;
   /**
-   * Mean history tokens per layer that the last scale reads, for the paper accounting (e.g. budgetTokens(0.1) =
-   * 650 for a 10 % budget). Default: the mean of the policy's capacities, capped by the full history.
+   * History tokens per layer that the last scale reads, for the paper accounting (e.g. budgetTokens(0.1) = 650
+   * for a 10 % budget). Default: the mean of the policy's capacities.
    */
   paperTokensPerLayer?: number;
-}
-
-export interface ActivationEstimate {
-  /** Bytes live inside one transformer block at the largest scale (see activationEstimate). */
-  block: number;
-  /** Per-image conditioning held through the loop (AdaLN tables, cross-attention K/V of the text). */
-  textContext: number;
-  /** The loop state: residual stream, summed codes, head logits and sampled bits at the largest scale. */
-  loop: number;
-  /** VAE decode: three f32 feature maps at the top decoder level (input, output, residual) + the f32 image. */
-  vaeDecode: number;
 }
 
 export interface MemoryPlan {
@@ -77,137 +52,101 @@ export interface MemoryPlan {
   batch: number;
   rows: number;
   scaleTokens: number[];
-  kDtype: KvDtype;
-  vDtype: KvDtype;
-  weightDtype: KvDtype;
-  /** History tokens per layer. */
+  dtype: PlanDtype;
+  textTokens: number;
+  decode: boolean;
+  /** History tokens per layer (the current scale excluded). */
   capacities: number[];
-  /** weights = transformer (InfinityModel.load) + VAE decoder (VaeDecoder.load). */
-  bytes: { weights: number; kv: number; scratch: number; activations: number; total: number };
+  /**
+   * Peak live bytes per category, and `total`: the peak of their sum. The total is below the sum of the category
+   * peaks because they peak at different times (the KV cache is freed before the VAE decode).
+   */
+  bytes: Record<MemoryCategory, number> & { total: number };
+  /** The engine's caching allocator at its fullest (live tensors + cached blocks, in 512-byte blocks). */
+  reservedPeak: number;
+  /** Transformer and VAE decoder weights separately. */
   weightDetail: { transformer: number; vae: number };
-  activationDetail: ActivationEstimate;
-  /** Spec sec. 5.2: rows × (largest history) × L × C × (K + V bytes), with this policy's mean history at the last scale. */
-  paperAccounting: { bytes: number; mib: number; tokensPerLayer: number };
+  /** Spec sec. 5.2: rows × tokens per layer × L × C × (K + V bytes). */
+  paperAccounting: { bytes: number; mib: number; tokensPerLayer: number; kDtype: PlanDtype; vDtype: PlanDtype };
 }
 
-const size = (d: KvDtype) => (d === 'f32' ? 4 : 2);
+const size = (d: PlanDtype) => (d === 'f32' ? 4 : 2);
 
-/** Bytes InfinityModel.load uploads: block Linear weights in `weightDtype`, everything else on the device in f32. */
-export function weightBytes(c: InfinityConfig, weightDtype: KvDtype = 'bf16'): number {
-  const shapes = expectedWeightShapes(c);
-  const numel = (k: string) => (shapes.get(k) as number[]).reduce((a, b) => a * b, 1);
-  const C = c.embedDim;
-  const wb = size(weightDtype);
-  // Non-block device tensors (f32); host-only ones (cfg_uncond, text_norm, pos_start, lvl_embed, ...) are not uploaded.
-  let bytes = 4 * (
-    numel('text_proj_for_sos.ca.mat_kv.weight') + 2 * C + numel('text_proj_for_sos.ca.proj.weight') + C +
-    numel('text_proj_for_ca.0.weight') + numel('text_proj_for_ca.0.bias') + numel('text_proj_for_ca.2.weight') + numel('text_proj_for_ca.2.bias') +
-    numel('word_embed.weight') + numel('shared_ada_lin.1.weight') + numel('head_nm.ada_lin.1.weight') + numel('head_nm.ada_lin.1.bias') +
-    numel('head.weight') + numel('head.bias'));
-  const F = c.ffnHidden;
-  const linear = 3 * C * C + C * C + C * C + 2 * C * C + C * C + F * C + C * F;
-  // adaBias 6C, q_bias, v_bias, scale_mul H, proj.bias, ca.mat_q.bias, ca K/V bias 2C, ca.proj.bias, ca_norm w+b, fc1.bias F, fc2.bias.
-  const small = 6 * C + C + C + c.numHeads + C + C + 2 * C + C + 2 * C + F + C;
-  bytes += c.depth * (linear * wb + small * 4);
-  return bytes;
+/** The paper's KV figure (spec sec. 5.2): rows × history tokens per layer × L × C × (K + V bytes per channel). */
+export function paperKvBytes(c: InfinityConfig, rows: number, tokensPerLayer: number, kDtype: PlanDtype, vDtype: PlanDtype): number {
+  return rows * tokensPerLayer * c.depth * c.embedDim * (size(kDtype) + size(vDtype));
 }
 
-/** Bytes VaeDecoder.load uploads: every decoder.* tensor in the config's weight dtype (default f32). */
-export function vaeWeightBytes(vae: VaeDecoderConfig): number {
-  let n = 0;
-  for (const [k, shape] of expectedVaeShapes(vae)) if (k.startsWith('decoder.')) n += shape.reduce((a, b) => a * b, 1);
-  const dt = (vae as { weightDtype?: string }).weightDtype;
-  return n * (dt === 'bf16' ? 2 : 4);
+/** One generation (and decode) on a fresh counting engine: its counters and the two weight totals. */
+async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, number][], policy: KvPolicy, dtype: PlanDtype, textTokens: number, decode: boolean) {
+  const e = await createEngine({ backend: 'count' });
+  try {
+    const model = await InfinityModel.allocate(e, c, { dtype });
+    const transformer = e.memory().inUse.weights;
+    const vae = decode ? await VaeDecoder.allocate(e, c.vae) : undefined;
+    const vaeBytes = e.memory().inUse.weights - transformer;
+    const text = { kv: new Float32Array(o.batch * textTokens * c.textChannels), lens: new Array<number>(o.batch).fill(textTokens) };
+    const r = await generate(model, { textFeatures: text, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
+    if (vae) await decodeImage(vae, r.summedCodes);
+    r.summedCodes.dispose();
+    return { memory: e.memory(), transformer, vaeBytes };
+  } finally {
+    e.dispose();
+  }
 }
 
-/**
- * The activation estimate, in bytes (not measured; the engine's 'activations' counter is the truth):
- * - block: the tensors one CrossAttnBlock holds at once at the largest scale n (all freed at its end):
- *   11 f32 [rows, n, C] (LN outputs, projections, cross-attention q/out and their transposes, FFN out),
- *   the f32 FFN hidden [rows, n, F], and 6 × [rows, n, C] in the compute dtype (qkv = 3, q, attention out and its
- *   transpose);
- * - textContext: per layer the AdaLN table [rows, 6C] f32 and the text K/V [rows·T, 2C] f32 (T text tokens);
- * - loop: residual x [rows, n, C], summed codes [B, dv, h, w], logits [rows, n, V] + [B, n, V], bits [B, n, d] i32;
- * - vaeDecode: 3 × [B, baseCh·chMult[0], 16h, 16w] f32 + the [B, 3, 16h, 16w] f32 image.
- * activations = max(block + textContext + loop, textContext + vaeDecode) (the decode follows the loop).
- */
-export function activationEstimate(c: InfinityConfig, batch: number, rows: number, scaleTokens: readonly number[], finalGrid: readonly [number, number], weightDtype: KvDtype, textTokens: number): ActivationEstimate {
-  const n = Math.max(...scaleTokens);
-  const C = c.embedDim;
-  const block = rows * n * (11 * C * 4 + c.ffnHidden * 4 + 6 * C * size(weightDtype));
-  const textContext = c.depth * (rows * 6 * C * 4 + rows * textTokens * 2 * C * 4);
-  const [h, w] = finalGrid;
-  const vh = c.patchify ? 2 * h : h;
-  const vw = c.patchify ? 2 * w : w;
-  const loop = rows * n * C * 4 + batch * c.codebookDim * vh * vw * 4 + (rows + batch) * n * c.vocab * 4 + batch * n * c.dVae * 4;
-  const H = 16 * h;
-  const W = 16 * w;
-  const vaeDecode = batch * H * W * 4 * (3 * c.vae.baseCh * c.vae.chMult[0] + 3);
-  return { block, textContext, loop, vaeDecode };
-}
-
-export function planMemory(o: PlanMemoryOptions): MemoryPlan {
+export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
   const c = o.config ?? (o.preset ? preset(o.preset) : fail('ERR_INVALID_ARG', 'planMemory needs a preset or a config'));
   if (!Number.isSafeInteger(o.batch) || o.batch < 1) fail('ERR_INVALID_ARG', `batch must be a positive integer, got ${o.batch}`);
-  const tokens = [...(o.scaleTokens ?? scaleSchedule({ aspect: 1, pn: '1M' }).tokensPerScale)];
-  if (!tokens.length) fail('ERR_INVALID_ARG', 'planMemory: empty schedule');
-  const last = tokens[tokens.length - 1];
-  const side = Math.round(Math.sqrt(last));
-  const finalGrid = o.finalGrid ?? ([side, side] as const);
-  const policy = o.policy ?? FULL_HISTORY;
-  const vDtype = o.kvDtype ?? 'bf16';
-  const kDtype = o.kDtype ?? vDtype;
-  const weightDtype = o.weightDtype ?? 'bf16';
+  const grids = (o.schedule ?? scaleSchedule({ aspect: 1, pn: '1M', patchify: c.patchify }).scales).map(([h, w]) => [h, w] as [number, number]);
+  if (!grids.length) fail('ERR_INVALID_ARG', 'planMemory: empty schedule');
+  const tokens = grids.map(([h, w]) => h * w);
+  const policy = o.policy ?? new FullKvPolicy();
+  const dtype = o.dtype ?? 'bf16';
+  if (dtype !== 'bf16' && dtype !== 'f32') fail('ERR_DTYPE', `planMemory: dtype must be bf16 or f32, got ${dtype}`);
+  const textTokens = o.textTokens ?? c.textMaxlen;
+  if (!Number.isSafeInteger(textTokens) || textTokens < 1 || textTokens > c.textMaxlen) fail('ERR_INVALID_ARG', `text tokens must be in [1, ${c.textMaxlen}], got ${textTokens}`);
+  const decode = o.decode ?? true;
   const rows = (o.cfg ?? true) ? 2 * o.batch : o.batch;
-  const perToken = rows * c.numHeads * c.headDim * (size(kDtype) + size(vDtype));
-  const capOf = (l: number) =>
-    policy.historyCapacity ? policy.historyCapacity(l, tokens) : policy.capacity ? policy.capacity(l, tokens) : fail('ERR_INVALID_ARG', 'planMemory: the policy has no historyCapacity');
-  const capacities = Array.from({ length: c.depth }, (_, l) => capOf(l));
-  for (const cap of capacities) if (!Number.isSafeInteger(cap) || cap < 0) fail('ERR_INVALID_ARG', `policy ${policy.name ?? ''}: history capacity ${cap} is not a non-negative integer`);
-  const kv = capacities.reduce((a, b) => a + b, 0) * perToken;
-  const nMax = Math.max(...tokens);
-  const scratch = nMax * perToken + nMax * 2 * 4;
-  const transformerWeights = weightBytes(c, weightDtype);
-  const vaeWeights = vaeWeightBytes(c.vae);
-  const weights = transformerWeights + vaeWeights;
-  const act = activationEstimate(c, o.batch, rows, tokens, finalGrid, weightDtype, o.textTokens ?? c.textMaxlen);
-  const activations = Math.max(act.block + act.textContext + act.loop, act.textContext + act.vaeDecode);
-  // The paper's figure: the history read by the last scale, every layer at the policy's mean capacity.
+  const capacities = Array.from({ length: c.depth }, (_, l) => policy.capacity(l, tokens));
+  const { memory, transformer, vaeBytes } = await dryRun(o, c, grids, policy, dtype, textTokens, decode);
+  const kDtype = o.paperKDtype ?? dtype;
+  const vDtype = o.paperVDtype ?? dtype;
   const fullHistory = tokens.slice(0, -1).reduce((a, b) => a + b, 0);
   const tokensPerLayer = o.paperTokensPerLayer ?? Math.min(fullHistory, capacities.reduce((a, b) => a + b, 0) / c.depth);
-  const paperBytes = rows * tokensPerLayer * c.depth * c.embedDim * (size(kDtype) + size(vDtype));
+  const paperBytes = paperKvBytes(c, rows, tokensPerLayer, kDtype, vDtype);
   return {
     config: c.name,
-    policy: policy.name ?? 'custom',
+    policy: policy.name,
     batch: o.batch,
     rows,
     scaleTokens: tokens,
-    kDtype,
-    vDtype,
-    weightDtype,
+    dtype,
+    textTokens,
+    decode,
     capacities,
-    bytes: { weights, kv, scratch, activations, total: weights + kv + scratch + activations },
-    weightDetail: { transformer: transformerWeights, vae: vaeWeights },
-    activationDetail: act,
-    paperAccounting: { bytes: paperBytes, mib: paperBytes / 2 ** 20, tokensPerLayer },
+    bytes: { ...memory.peak, total: memory.totalPeak },
+    reservedPeak: memory.reservedPeak,
+    weightDetail: { transformer, vae: vaeBytes },
+    paperAccounting: { bytes: paperBytes, mib: paperBytes / 2 ** 20, tokensPerLayer, kDtype, vDtype },
   };
 }
 
-/** The largest batch whose planned total fits in `deviceBytes` (0 if even batch 1 does not). */
-export function largestBatch(o: Omit<PlanMemoryOptions, 'batch'>, deviceBytes: number): number {
+/** The largest batch whose peak live bytes fit in `deviceBytes` (0 if even batch 1 does not). */
+export async function largestBatch(o: Omit<PlanMemoryOptions, 'batch'>, deviceBytes: number): Promise<number> {
   if (!(deviceBytes > 0)) fail('ERR_INVALID_ARG', `device memory must be positive, got ${deviceBytes}`);
-  const fits = (b: number) => planMemory({ ...o, batch: b }).bytes.total <= deviceBytes;
-  if (!fits(1)) return 0;
+  const fits = async (b: number) => (await planMemory({ ...o, batch: b })).bytes.total <= deviceBytes;
+  if (!(await fits(1))) return 0;
   let lo = 1;
   let hi = 2;
-  while (fits(hi)) {
+  while (await fits(hi)) {
     lo = hi;
     hi *= 2;
-    if (hi > 1 << 20) return lo;
+    if (hi > 1 << 16) return lo;
   }
   while (hi - lo > 1) {
     const mid = (lo + hi) >> 1;
-    if (fits(mid)) lo = mid;
+    if (await fits(mid)) lo = mid;
     else hi = mid;
   }
   return lo;

@@ -7,7 +7,7 @@
  *   - keep explicit positions (sliding window, StreamingLLM),
  *   - keep `budget` entries chosen by window scoring (ScaleKV, SnapKV, PyramidKV),
  * then runs ops.evictCompact(history, current, keep) via cache.compact. Because the decision depends only on
- * lengths, `historyCapacity(layer, scaleTokens)` replays it to find the most history the layer ever holds (the
+ * lengths, `capacity(layer, scaleTokens)` replays it to find the most history the layer ever holds (the
  * capacity the cache allocates, and the number the memory planner uses). The last scale's K/V are never stored.
  */
 import type { Tensor } from '../engine.js';
@@ -90,7 +90,7 @@ export abstract class SelectionPolicy implements KvPolicy {
   }
 
   /** The most history (tokens) the layer holds for this schedule: the allocation the cache needs. */
-  historyCapacity(layer: number, scaleTokens: readonly number[]): number {
+  capacity(layer: number, scaleTokens: readonly number[]): number {
     const state = this.newState(layer);
     let hist = 0;
     let most = 0;
@@ -100,10 +100,6 @@ export abstract class SelectionPolicy implements KvPolicy {
       most = Math.max(most, hist);
     }
     return most;
-  }
-
-  capacity(layer: number, scaleTokens: readonly number[]): number {
-    return this.historyCapacity(layer, scaleTokens);
   }
 
   begin(cache: KvCache): void {

@@ -22,6 +22,9 @@ export interface WeightSource {
   entry?(name: string): { shape: readonly number[] };
 }
 
+// Sources made by InfinityModel.allocate: device weights are allocated, not read (host-side ones read as zeros).
+const UNINITIALISED = new WeakSet<WeightSource>();
+
 export interface InfinityLoadOptions {
   /**
    * Device dtype of the block Linear weights (and of the KV cache the loop allocates). Default: 'bf16' on CUDA
@@ -203,10 +206,16 @@ export class InfinityModel {
       all.push(t);
       return t;
     };
+    const unset = UNINITIALISED.has(source);
     const upload = async (name: string, dt: DType = 'f32', shape?: readonly number[]): Promise<Tensor> => {
-      const t = await readChecked(name);
-      const host = toHostArray(t, dt === 'bf16' ? 'bf16' : 'f32', `weight ${name}`);
-      const out = engine.tensor(host, shape ?? t.shape, dt, { category: 'weights' });
+      let out: Tensor;
+      if (unset) {
+        out = engine.empty(shape ?? (shapes.get(name) as number[]), dt, { category: 'weights', fillByte: 0 });
+      } else {
+        const t = await readChecked(name);
+        const host = toHostArray(t, dt === 'bf16' ? 'bf16' : 'f32', `weight ${name}`);
+        out = engine.tensor(host, shape ?? t.shape, dt, { category: 'weights' });
+      }
       all.push(out);
       return out;
     };
@@ -279,6 +288,24 @@ export class InfinityModel {
       for (const t of all) t.dispose();
       throw e;
     }
+  }
+
+  /**
+   * The model with every weight allocated as `load` would, zero-filled instead of read: what the memory planner
+   * runs on the 'count' backend, and a way to time real shapes without a checkpoint.
+   */
+  static async allocate(engine: Engine, config: InfinityConfig, opts: InfinityLoadOptions = {}): Promise<InfinityModel> {
+    const shapes = expectedWeightShapes(config);
+    const source: WeightSource = {
+      names: [...shapes.keys()],
+      entry: (name) => ({ shape: shapes.get(name) as number[] }),
+      read: async (name) => {
+        const shape = shapes.get(name) as number[];
+        return { dtype: 'f32', shape, data: Buffer.alloc(4 * shape.reduce((a, b) => a * b, 1)) };
+      },
+    };
+    UNINITIALISED.add(source);
+    return InfinityModel.load(engine, source, config, opts);
   }
 
   get disposed(): boolean {

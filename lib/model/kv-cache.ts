@@ -79,9 +79,6 @@ export class FullKvPolicy implements KvPolicy {
   capacity(_layer: number, scaleTokens: readonly number[]): number {
     return scaleTokens.slice(0, -1).reduce((a, b) => a + b, 0);
   }
-  historyCapacity(layer: number, scaleTokens: readonly number[]): number {
-    return this.capacity(layer, scaleTokens);
-  }
   afterAttention(ctx: AfterAttentionContext): void {
     appendUnlessLast(ctx);
   }

@@ -153,6 +153,15 @@ export class VaeDecoder {
 
   /** Uploads the decoder weights (keys `decoder.*`, either spelling) and checks every shape against `config`. */
   static async load(engine: Engine, source: VaeWeightSource, config: VaeDecoderConfig): Promise<VaeDecoder> {
+    return VaeDecoder.#create(engine, config, weightReader(source));
+  }
+
+  /** The decoder with every weight allocated as `load` would, zero-filled instead of read (see InfinityModel.allocate). */
+  static async allocate(engine: Engine, config: VaeDecoderConfig): Promise<VaeDecoder> {
+    return VaeDecoder.#create(engine, config, undefined);
+  }
+
+  static async #create(engine: Engine, config: VaeDecoderConfig, read: ((name: string, shape: readonly number[]) => Float32Array) | undefined): Promise<VaeDecoder> {
     const { baseCh, chMult, numResBlocks, codebookDim } = config;
     const levels = chMult.length;
     if (levels < 1 || !chMult.every((m) => Number.isInteger(m) && m > 0) || !(baseCh > 0) || !(numResBlocks >= 0) || !(codebookDim > 0))
@@ -161,10 +170,11 @@ export class VaeDecoder {
     const maxUp = Math.log2(patchSize);
     if (!Number.isInteger(maxUp)) fail('ERR_INVALID_ARG', `VAE patchSize ${patchSize} is not a power of two`);
     const weightDtype = config.weightDtype ?? 'f32';
-    const read = weightReader(source);
     const weights: Tensor[] = [];
     const upload = (name: string, shape: number[]) => {
-      const t = engine.tensor(read(name, shape), shape, weightDtype, { category: 'weights' });
+      const t = read
+        ? engine.tensor(read(name, shape), shape, weightDtype, { category: 'weights' })
+        : engine.empty(shape, weightDtype, { category: 'weights', fillByte: 0 });
       weights.push(t);
       return t;
     };

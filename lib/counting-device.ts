@@ -1,0 +1,173 @@
+/**
+ * The 'count' backend: a device with no memory and no compute that keeps the engine's memory accounting exactly
+ * as csrc/engine_core.cc does (live bytes and peaks per category, the simultaneous peak, and the caching
+ * allocator's reserved bytes: 512-byte blocks, a cached block reused when it wastes at most a quarter of the
+ * request plus a page). Every op is accepted and does nothing; reads return zeros.
+ *
+ * Running a workload on it is a dry run of its allocations: the counters after it are what a real engine's would
+ * be, because the native counters depend only on the order of allocations and disposals made from JS (an op
+ * never allocates, and a disposal counts at the call, not when the queue reaches it). The memory planner runs
+ * the generation loop on it; `test/planner.test.ts` checks it against the CPU engine's counters.
+ */
+import { dtypeSize, DTYPES, type DType } from './dtype.js';
+import { ScaleKVError } from './errors.js';
+import type { NativeEngine, NativeMemory, NativeTensor } from './native.js';
+
+const CATEGORIES = ['weights', 'kv', 'activations', 'scratch'] as const;
+type Category = (typeof CATEGORIES)[number];
+
+const BLOCK_ROUNDING = 512;
+const closeEnough = (block: number, want: number) => block <= want + Math.floor(want / 4) + 4096;
+
+class CountedTensor implements NativeTensor {
+  readonly shape: number[];
+  readonly dtype: string;
+  readonly bytes: number;
+  #device: CountingDevice;
+  #block: number;
+  #category: Category;
+  #disposed = false;
+
+  constructor(device: CountingDevice, shape: number[], dtype: DType, bytes: number, block: number, category: Category) {
+    this.#device = device;
+    this.shape = shape;
+    this.dtype = dtype;
+    this.bytes = bytes;
+    this.#block = block;
+    this.#category = category;
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  async read(): Promise<ArrayBuffer> {
+    if (this.#disposed) throw new ScaleKVError('ERR_DISPOSED', 'tensor was disposed');
+    return new ArrayBuffer(this.bytes);
+  }
+
+  write(data: ArrayBufferView): void {
+    if (this.#disposed) throw new ScaleKVError('ERR_DISPOSED', 'tensor was disposed');
+    if (data.byteLength !== this.bytes) throw new ScaleKVError('ERR_SHAPE', `write: ${data.byteLength} bytes for a tensor of ${this.bytes}`);
+  }
+
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.#device.recycle(this.#block, this.bytes, this.#category);
+  }
+}
+
+const noop = (): void => {};
+
+export class CountingDevice implements NativeEngine {
+  readonly backend = 'count';
+  readonly device = 'count (no memory, no compute: allocation accounting only)';
+  #inUse: Record<Category, number> = { weights: 0, kv: 0, activations: 0, scratch: 0 };
+  #peak: Record<Category, number> = { weights: 0, kv: 0, activations: 0, scratch: 0 };
+  #totalInUse = 0;
+  #totalPeak = 0;
+  #reserved = 0;
+  #reservedPeak = 0;
+  /** Sizes of the cached (released) blocks, ascending. */
+  #cache: number[] = [];
+  #disposed = false;
+
+  tensor(dtype: string, shape: number[], data?: ArrayBufferView | null, category?: string, _fillByte?: number): NativeTensor {
+    if (this.#disposed) throw new ScaleKVError('ERR_DISPOSED', 'engine was disposed');
+    if (!DTYPES.includes(dtype as DType)) throw new ScaleKVError('ERR_DTYPE', `unknown dtype '${dtype}' (${DTYPES.join(', ')})`);
+    let numel = 1;
+    for (const d of shape) {
+      if (!Number.isSafeInteger(d) || d < 0) throw new ScaleKVError('ERR_SHAPE', `shape entries must be non-negative integers, got ${d}`);
+      numel *= d;
+    }
+    const cat = (category ?? 'activations') as Category;
+    if (!CATEGORIES.includes(cat)) throw new ScaleKVError('ERR_INVALID_ARG', 'unknown memory category (weights, kv, activations, scratch)');
+    if (data && (data as unknown as { length: number }).length !== numel)
+      throw new ScaleKVError('ERR_SHAPE', `data has ${(data as unknown as { length: number }).length} elements but the shape needs ${numel}`);
+    const bytes = numel * dtypeSize(dtype as DType);
+    const block = this.#allocate(bytes);
+    this.#inUse[cat] += bytes;
+    this.#peak[cat] = Math.max(this.#peak[cat], this.#inUse[cat]);
+    this.#totalInUse += bytes;
+    this.#totalPeak = Math.max(this.#totalPeak, this.#totalInUse);
+    return new CountedTensor(this, [...shape], dtype as DType, bytes, block, cat);
+  }
+
+  // The smallest cached block that is at least the rounded request, if it is close enough; else a new block.
+  #allocate(bytes: number): number {
+    const want = Math.ceil(Math.max(bytes, 1) / BLOCK_ROUNDING) * BLOCK_ROUNDING;
+    const i = lowerBound(this.#cache, want);
+    if (i < this.#cache.length && closeEnough(this.#cache[i], want)) return this.#cache.splice(i, 1)[0];
+    this.#reserved += want;
+    this.#reservedPeak = Math.max(this.#reservedPeak, this.#reserved);
+    return want;
+  }
+
+  /** @internal */
+  recycle(block: number, bytes: number, category: Category): void {
+    this.#cache.splice(lowerBound(this.#cache, block), 0, block);
+    this.#inUse[category] -= bytes;
+    this.#totalInUse -= bytes;
+  }
+
+  memory(): NativeMemory {
+    return {
+      inUse: { ...this.#inUse },
+      peak: { ...this.#peak },
+      totalInUse: this.#totalInUse,
+      totalPeak: this.#totalPeak,
+      reserved: this.#reserved,
+      reservedPeak: this.#reservedPeak,
+    };
+  }
+
+  trimCache(): void {
+    for (const b of this.#cache) this.#reserved -= b;
+    this.#cache = [];
+  }
+
+  async sync(): Promise<void> {}
+  dispose(): void {
+    this.#disposed = true;
+  }
+  setProfiling(_on: boolean): void {}
+  profile(): Record<string, { count: number; ms: number }> {
+    return {};
+  }
+
+  attention = noop;
+  evictCompact = noop;
+  selection = noop;
+  gemm = noop;
+  layerNorm = noop;
+  gatedResidual = noop;
+  activation = noop;
+  qkNormRope = noop;
+  crossAttention = noop;
+  cfgTau = noop;
+  topkTopPMask = noop;
+  sampleBits = noop;
+  bitsToCodes = noop;
+  resizeBilinear = noop;
+  conv2d = noop;
+  groupNorm = noop;
+  upsampleNearest2x = noop;
+  pixelShuffle2x = noop;
+  pixelUnshuffle2x = noop;
+  add = noop;
+  transpose12 = noop;
+  imageToU8 = noop;
+}
+
+// First index whose value is >= x.
+function lowerBound(sorted: number[], x: number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (sorted[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
