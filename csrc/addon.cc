@@ -532,6 +532,14 @@ int get_int(Napi::Env env, Napi::Object o, const char* key, std::optional<int> f
   return int(x);
 }
 
+// An optional boolean: absent is false.
+bool get_bool(Napi::Env env, Napi::Object o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return false;
+  if (!v.IsBoolean()) throw_coded(env, "ERR_INVALID_ARG", std::string(key) + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
 void check_not_alias(Napi::Env env, const TensorState* out, std::initializer_list<const TensorState*> ins,
                      const char* what) {
   for (const TensorState* in : ins) {
@@ -657,7 +665,7 @@ Napi::Value JsEngine::Attention(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// evictCompact({ histK, histV, histLen, curK?, curV?, keep })
+// evictCompact({ histK, histV, histLen, curK?, curV?, keep, repeats? })
 Napi::Value JsEngine::EvictCompact(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
@@ -705,6 +713,7 @@ Napi::Value JsEngine::EvictCompact(const Napi::CallbackInfo& info) {
   expect_dim(env, I, 0, a.rows, "keep", "rows");
   expect_dim(env, I, 1, a.heads, "keep", "heads");
   a.n_keep = int(I.shape[2]);
+  a.repeats = get_bool(env, o, "repeats");
   if (a.n_keep > a.hist_cap)
     throw_coded(env, "ERR_SHAPE", "keep has " + std::to_string(a.n_keep) + " entries per (row, head) but the history holds " +
                                       std::to_string(a.hist_cap));

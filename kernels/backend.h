@@ -40,7 +40,7 @@ inline const char* dtype_name(DType t) {
 enum class StatusCode : int32_t {
   ok = 0,
   index_out_of_range = 1,  // ERR_INDEX_RANGE
-  index_not_sorted = 2,    // ERR_INDEX_ORDER: keep indices must be strictly increasing per (row, head)
+  index_not_sorted = 2,    // ERR_INDEX_ORDER: keep indices out of order per (row, head) (see evictCompact)
   budget_invalid = 3,      // ERR_BUDGET
   device = 4,              // ERR_DEVICE: runtime/driver failure
   out_of_memory = 5,       // ERR_OUT_OF_MEMORY
@@ -99,11 +99,14 @@ struct AttentionArgs {
 
 // evictCompact: for every (r, h) independently, with the union U = [hist[r,h,0:hist_len) ‖ cur[r,h,0:lc)],
 //   hist[r,h,i,:] <- U[keep[r,h,i]]  for i in [0, n_keep), for K and V, in place.
-// keep must be strictly increasing per (r, h) and inside [0, hist_len + lc); n_keep <= hist_cap. Every list
-// is validated before anything moves: on a bad list nothing changes and the op reports the status.
+// keep must be strictly increasing per (r, h) — non-decreasing with `repeats`, where a repeated index copies
+// its row once per occurrence (what the official gather does with the duplicates average pooling can select) —
+// and inside [0, hist_len + lc); n_keep <= hist_cap. Every list is validated before anything moves: on a bad
+// list nothing changes and the op reports the status.
 struct EvictCompactArgs {
   int rows = 0, heads = 0, head_dim = 0;
   int hist_cap = 0, hist_len = 0, lc = 0, n_keep = 0;
+  bool repeats = false;
   DType dtype = DType::f32;    // f32 or bf16 (K and V share it)
   void* hist_k = nullptr;
   void* hist_v = nullptr;      // [rows, heads, hist_cap, head_dim]

@@ -42,6 +42,11 @@ export interface EvictCompactArgs {
   current?: KVPair;
   /** [rows, heads, nKeep] int32, strictly increasing per (row, head), into [0, len + Lc). */
   keep: IndexInput;
+  /**
+   * Allow repeated indices (keep non-decreasing): a repeated index copies its row once per occurrence, as the
+   * official gather does with the duplicates average pooling can select. Default false (a repeat is ERR_INDEX_ORDER).
+   */
+  repeats?: boolean;
 }
 
 export type ScoreMode = 'logits' | 'probs';
@@ -354,6 +359,7 @@ export class Ops {
         curK: this.#own(a.current?.k, 'current.k'),
         curV: this.#own(a.current?.v, 'current.v'),
         keep: keep.tensor?.native,
+        repeats: a.repeats ?? false,
       },
       [keep],
     );

@@ -1,4 +1,4 @@
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import type { Engine } from '../lib/engine.js';
 import { Rng, seedFor, testBackends, withEngine } from './helpers.js';
 
@@ -24,7 +24,13 @@ function expected(hist: Uint16Array | Float32Array, cur: Uint16Array | Float32Ar
   return out;
 }
 
-async function roundTrip(e: Engine, rng: Rng, dtype: 'f32' | 'bf16', rows: number, heads: number, cap: number, len: number, lc: number, d: number, n: number) {
+/** A non-decreasing list with repeats: n draws with replacement, sorted; some lists one index n times. */
+function sortedWithRepeats(rng: Rng, n: number, total: number): number[] {
+  if (rng.int(0, 5) === 0) return new Array(n).fill(rng.int(0, total - 1));
+  return Array.from({ length: n }, () => rng.int(0, total - 1)).sort((a, b) => a - b);
+}
+
+async function roundTrip(e: Engine, rng: Rng, dtype: 'f32' | 'bf16', rows: number, heads: number, cap: number, len: number, lc: number, d: number, n: number, repeats = false) {
   const pairs = rows * heads;
   const mk = (count: number) => {
     if (dtype === 'f32') return rng.normals(count);
@@ -32,40 +38,54 @@ async function roundTrip(e: Engine, rng: Rng, dtype: 'f32' | 'bf16', rows: numbe
   };
   const hk = mk(pairs * cap * d), hv = mk(pairs * cap * d), ck = mk(pairs * lc * d), cv = mk(pairs * lc * d);
   const keep = new Int32Array(pairs * n);
-  for (let p = 0; p < pairs; p++) keep.set(sortedSample(rng, n, len + lc), p * n);
+  for (let p = 0; p < pairs; p++) keep.set(repeats ? sortedWithRepeats(rng, n, len + lc) : sortedSample(rng, n, len + lc), p * n);
   const T = (a: Float32Array | Uint16Array, l: number) => e.tensor(a, [rows, heads, l, d], dtype, { category: 'kv' });
   const [HK, HV] = [T(hk, cap), T(hv, cap)];
   const cur = lc > 0 ? { k: T(ck, lc), v: T(cv, lc) } : undefined;
-  const newLen = e.ops.evictCompact({ history: { k: HK, v: HV, len }, current: cur, keep });
+  const newLen = e.ops.evictCompact({ history: { k: HK, v: HV, len }, current: cur, keep, repeats });
   const [gotK, gotV] = [await HK.readRaw(), await HV.readRaw()];
   for (const x of [HK, HV, cur?.k, cur?.v]) x?.dispose();
   return { newLen, gotK, gotV, wantK: expected(hk, ck, keep, pairs, cap, len, lc, d, n), wantV: expected(hv, cv, keep, pairs, cap, len, lc, d, n) };
 }
 
-for (const backend of testBackends()) {
-  test(`evictCompact ${backend}: moves exactly the kept rows, in place, for many shapes`, async (t) => {
-    const rng = new Rng(seedFor(t));
-    await withEngine(backend, async (e) => {
-      const shapes = [
-        // rows, heads, cap, len, lc, d, nKeep
-        [1, 1, 8, 5, 3, 64, 4],
-        [2, 3, 40, 33, 17, 128, 40],
-        [1, 2, 300, 290, 0, 64, 123],
-        [2, 1, 64, 0, 64, 64, 30],
-        [1, 1, 650, 632, 400, 128, 632],
-        [3, 2, 20, 20, 5, 8, 0],
-        [1, 4, 100, 100, 0, 64, 100],
-      ];
-      for (const dtype of ['f32', 'bf16'] as const) {
-        for (const [rows, heads, cap, len, lc, d, n] of shapes) {
-          const r = await roundTrip(e, rng, dtype, rows, heads, cap, len, lc, d, n);
-          t.is(r.newLen, n);
-          t.deepEqual(r.gotK, r.wantK, `${dtype} K ${[rows, heads, cap, len, lc, d, n]}`);
-          t.deepEqual(r.gotV, r.wantV, `${dtype} V ${[rows, heads, cap, len, lc, d, n]}`);
-        }
+type Shape = [rows: number, heads: number, cap: number, len: number, lc: number, d: number, nKeep: number];
+
+async function compactsExactly(t: ExecutionContext, backend: string, shapes: Shape[], repeats: boolean) {
+  const rng = new Rng(seedFor(t));
+  await withEngine(backend, async (e) => {
+    for (const dtype of ['f32', 'bf16'] as const) {
+      for (const shape of shapes) {
+        const r = await roundTrip(e, rng, dtype, ...shape, repeats);
+        t.is(r.newLen, shape[6]);
+        t.deepEqual(r.gotK, r.wantK, `${dtype} K ${shape}`);
+        t.deepEqual(r.gotV, r.wantV, `${dtype} V ${shape}`);
       }
-    });
+    }
   });
+}
+
+for (const backend of testBackends()) {
+  test(`evictCompact ${backend}: moves exactly the kept rows, in place, for many shapes`, (t) =>
+    compactsExactly(t, backend, [
+      [1, 1, 8, 5, 3, 64, 4],
+      [2, 3, 40, 33, 17, 128, 40],
+      [1, 2, 300, 290, 0, 64, 123],
+      [2, 1, 64, 0, 64, 64, 30],
+      [1, 1, 650, 632, 400, 128, 632],
+      [3, 2, 20, 20, 5, 8, 0],
+      [1, 4, 100, 100, 0, 64, 100],
+    ], false));
+
+  // Lists longer than the CUDA kernel's chunks and scan blocks, and lists that fill the capacity.
+  test(`evictCompact ${backend}: repeated indices copy their row once per occurrence (the official avgpool gather)`, (t) =>
+    compactsExactly(t, backend, [
+      [1, 1, 8, 5, 3, 64, 8],
+      [2, 3, 40, 33, 17, 128, 40],
+      [1, 2, 1100, 1000, 100, 64, 1100],
+      [2, 1, 64, 0, 64, 64, 30],
+      [1, 1, 920, 521, 400, 128, 920],
+      [1, 2, 30, 30, 0, 3, 17],
+    ], true));
 
   test(`evictCompact ${backend}: a bad keep list anywhere changes nothing and rejects with a code`, async (t) => {
     const rng = new Rng(seedFor(t));
@@ -88,6 +108,16 @@ for (const backend of testBackends()) {
         await t.throwsAsync(e.sync(), { code }, `${bad}`);
         t.deepEqual(await HK.read(), hk, `history changed by a rejected list ${bad}`);
       }
+      // With repeats, equal neighbours are allowed and a decrease is still refused.
+      e.ops.evictCompact({ history: { k: HK, v: HV, len }, current: { k: CK, v: CV }, keep: new Int32Array([...good, ...good, ...good, 0, 5, 3, 11]), repeats: true });
+      await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_ORDER' });
+      t.deepEqual(await HK.read(), hk);
+      e.ops.evictCompact({ history: { k: HK, v: HV, len }, current: { k: CK, v: CV }, keep: new Int32Array([...good, ...good, ...good, 0, 3, 3, 11]), repeats: true });
+      await e.sync();
+      const got = (await HK.read()) as Float32Array;
+      const row = (p: number, i: number) => hk.subarray((p * cap + i) * d, (p * cap + i + 1) * d);
+      t.deepEqual(got.subarray((3 * cap + 2) * d, (3 * cap + 3) * d), row(3, 3), 'the repeated row is copied twice');
+      t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HV, len }, keep: new Int32Array(4), repeats: 1 as unknown as boolean }), { code: 'ERR_INVALID_ARG' });
       t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HV, len }, keep: new Int32Array(rows * heads * 13) }), { code: 'ERR_SHAPE' });
       t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HV, len: 13 }, keep: new Int32Array(4) }), { code: 'ERR_SHAPE' });
       t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HK, len }, keep: new Int32Array(4) }), { code: 'ERR_INVALID_ARG' });

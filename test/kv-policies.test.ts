@@ -74,6 +74,35 @@ for (const backend of testBackends()) {
   });
 }
 
+test('cpu: ScaleKV reference mode with avgpool keeps the repeated entries of the official gather (unit u06 behaviour)', async (t) => {
+  // Scale 4 (8x8, key_len 121) keeps 120: avg pooling spreads the window's -inf over most of the map, so top-k
+  // reaches -inf ties, window positions among them, which the union with the window then repeats.
+  const cacheSizes: (number[] | null)[] = Array.from({ length: 14 }, () => null);
+  cacheSizes[6] = new Array(depth).fill(120);
+  cacheSizes[7] = new Array(depth).fill(200);
+  cacheSizes[8] = new Array(depth).fill(200);
+  const records: KvTraceRecord[] = [];
+  const policy = new ScaleKvPolicy({ mode: 'reference', cacheSizes, baseCapacity: 100, pooling: 'avgpool', trace: (r) => records.push(r), traceKept: true });
+  await withEngine('cpu', async (e) => {
+    const r = await run(e, policy);
+    for (const [k, v] of r.captured) t.true(v.every(Number.isFinite), k);
+  });
+  const s4 = records.filter((r) => r.scaleIndex === 4);
+  t.is(s4.length, depth);
+  let repeated = 0;
+  for (const rec of s4) {
+    t.is(rec.lenAfter, 120, 'the full official budget, not a capped one');
+    const kept = rec.kept as Int32Array;
+    for (let p = 0; p < kept.length / 120; p++)
+      for (let i = 1; i < 120; i++) {
+        t.true(kept[p * 120 + i] >= kept[p * 120 + i - 1]);
+        if (kept[p * 120 + i] === kept[p * 120 + i - 1]) repeated++;
+      }
+  }
+  t.true(repeated > 0, 'some list repeats an entry');
+  t.log(`${repeated} repeated entries over ${depth} layers x 2 rows x ${tiny.config.numHeads} heads at scale 4`);
+});
+
 test('cpu: the full policy, the default, and non-compressing baselines give identical logits', async (t) => {
   await withEngine('cpu', async (e) => {
     const a = await run(e);

@@ -1,8 +1,10 @@
 // In-place eviction on the CPU. Every keep list is checked before any row moves, so a bad list changes
 // nothing. Moving rows front-to-back is safe because a strictly increasing list has keep[i] >= i: the
-// destination of row i never holds a source that a later i still has to read.
+// destination of row i never holds a source that a later i still has to read. A list with repeats breaks
+// that (keep[i] < i after a repeat), so those lists are gathered through a copy of the kept rows.
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "ops.h"
 
@@ -23,22 +25,40 @@ void evict_compact(ThreadPool& pool, const EvictCompactArgs& a) {
                            "evictCompact: keep index " + std::to_string(keep[i]) + " of (row, head) " +
                                std::to_string(rh / a.heads) + "," + std::to_string(rh % a.heads) +
                                " is outside [0, " + std::to_string(total) + ")");
-      if (i > 0 && keep[i] <= keep[i - 1])
+      if (i > 0 && (keep[i] < keep[i - 1] || (keep[i] == keep[i - 1] && !a.repeats)))
         throw BackendError(StatusCode::index_not_sorted,
                            "evictCompact: keep indices of (row, head) " + std::to_string(rh / a.heads) + "," +
-                               std::to_string(rh % a.heads) + " must be strictly increasing (position " +
+                               std::to_string(rh % a.heads) + " must be " +
+                               (a.repeats ? "non-decreasing" : "strictly increasing") + " (position " +
                                std::to_string(i) + ": " + std::to_string(keep[i - 1]) + " then " +
                                std::to_string(keep[i]) + ")");
     }
   }
   const size_t row_bytes = size_t(a.head_dim) * dtype_size(a.dtype);
   pool.parallel_for(pairs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> gathered;
     for (int64_t rh = begin; rh < end; ++rh) {
       const int32_t* keep = a.keep + rh * a.n_keep;
       char* hk = static_cast<char*>(a.hist_k) + rh * a.hist_cap * row_bytes;
       char* hv = static_cast<char*>(a.hist_v) + rh * a.hist_cap * row_bytes;
       const char* ck = static_cast<const char*>(a.cur_k) + rh * a.lc * row_bytes;
       const char* cv = static_cast<const char*>(a.cur_v) + rh * a.lc * row_bytes;
+      bool repeated = false;
+      for (int i = 1; i < a.n_keep && !repeated; ++i) repeated = keep[i] == keep[i - 1];
+      if (repeated) {
+        gathered.resize(2 * size_t(a.n_keep) * row_bytes);
+        char* gk = gathered.data();
+        char* gv = gk + size_t(a.n_keep) * row_bytes;
+        for (int i = 0; i < a.n_keep; ++i) {
+          const int src = keep[i];
+          const bool hist = src < a.hist_len;
+          std::memcpy(gk + i * row_bytes, hist ? hk + src * row_bytes : ck + (src - a.hist_len) * row_bytes, row_bytes);
+          std::memcpy(gv + i * row_bytes, hist ? hv + src * row_bytes : cv + (src - a.hist_len) * row_bytes, row_bytes);
+        }
+        std::memcpy(hk, gk, size_t(a.n_keep) * row_bytes);
+        std::memcpy(hv, gv, size_t(a.n_keep) * row_bytes);
+        continue;
+      }
       for (int i = 0; i < a.n_keep; ++i) {
         const int src = keep[i];
         if (src < a.hist_len) {

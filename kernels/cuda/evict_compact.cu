@@ -1,12 +1,13 @@
 // evict_compact: for every (r, h), hist[r,h,i,:] <- U[keep[r,h,i]] for i in [0, n_keep), for K and V, in
 // place, where U = [hist[r,h,0:hist_len) ‖ cur[r,h,0:lc)].
-// Shapes: hist [R,H,Hcap,D], cur [R,H,Lc,D], keep [R,H,K]. Bytes moved: <= 2 * 2*R*H*K*D*dsize.
+// Shapes: hist [R,H,Hcap,D], cur [R,H,Lc,D], keep [R,H,K]. Bytes moved: <= 2 * 2*R*H*K*D*dsize (twice that
+// with repeats).
 //
 // Kernels, in launch order:
-//   evict_validate_kernel    one block per (r,h): keep in [0, hist_len+lc) and strictly increasing, and
-//                            K <= Hcap; else status (index_out_of_range / index_not_sorted, detail = the flat
-//                            index of the bad entry). It runs to completion before the compaction starts
-//                            (stream order), so a bad list anywhere means nothing moves anywhere.
+//   evict_validate_kernel    one block per (r,h): keep in [0, hist_len+lc), strictly increasing (non-decreasing
+//                            with repeats), and K <= Hcap; else status (index_out_of_range / index_not_sorted,
+//                            detail = the flat index of the bad entry). It runs to completion before the
+//                            compaction starts (stream order), so a bad list anywhere means nothing moves anywhere.
 //   evict_compact_kernel<V>  one block (256 threads) per (r,h). The kept rows, flattened to K*D*dsize/sizeof(V)
 //                            vectors V (uint4 when row bytes and pointers allow, else 4 or 2 bytes), are moved
 //                            in chunks of 256*kPieces vectors: every thread loads its vectors of the chunk
@@ -20,19 +21,26 @@
 // to be read. Inside one chunk a destination may be another piece's source (keep[i] = i+1), which is why
 // the whole chunk is loaded into registers before any of it is stored. Rows with keep[i] == i taken from
 // the history are no-op moves and are skipped.
+//
+// Repeats (a non-decreasing list: the official gather of the duplicates average pooling can select) break
+// keep[i] >= i, so the same block works in three steps. (1) rank[i] = distinct values among keep[0..i] - 1,
+// by a block scan, into the workspace. (2) The first occurrence of each value moves to row rank[i]: these
+// sources form a strictly increasing list whose j-th entry is >= j, so the forward argument above holds with
+// destination rank[i]. (3) Expansion, back to front: row i <- row rank[i] <= i. A chunk covers rows below
+// every row already written, and reads only rows <= its own, so it never reads a row a later-processed
+// (lower) chunk has not yet produced nor one an earlier (higher) chunk has overwritten; inside the chunk,
+// registers again come before stores.
+#include "device_common.cuh"
 #include "ops.cuh"
 
 namespace scalekv::cuda_ops {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kPieces = 4;  // vectors per thread per chunk, for K and for V
 
-__device__ __forceinline__ void report_status(int32_t* status, StatusCode code, int32_t detail) {
-  if (atomicCAS(reinterpret_cast<int*>(status), 0, static_cast<int>(code)) == 0) status[1] = detail;
-}
-
-__global__ void evict_validate_kernel(const int32_t* keep, int n_keep, int n_total, int hist_cap, int32_t* status) {
+__global__ void evict_validate_kernel(const int32_t* keep, int n_keep, int n_total, int hist_cap, bool repeats,
+                                      int32_t* status) {
   const size_t bh = blockIdx.x;
   const int32_t* list = keep + bh * n_keep;
   if (bh == 0 && threadIdx.x == 0 && n_keep > hist_cap) report_status(status, StatusCode::index_out_of_range, n_keep);
@@ -40,7 +48,7 @@ __global__ void evict_validate_kernel(const int32_t* keep, int n_keep, int n_tot
     const int v = list[i];
     const int32_t flat = static_cast<int32_t>(bh * n_keep + i);
     if (v < 0 || v >= n_total) report_status(status, StatusCode::index_out_of_range, flat);
-    else if (i > 0 && v <= list[i - 1]) report_status(status, StatusCode::index_not_sorted, flat);
+    else if (i > 0 && (v < list[i - 1] || (v == list[i - 1] && !repeats))) report_status(status, StatusCode::index_not_sorted, flat);
   }
 }
 
@@ -51,9 +59,52 @@ struct CompactParams {
   const void* cur_v;
   const int32_t* keep;
   const int32_t* status;
+  int32_t* rank;  // [R*H, K] workspace, with repeats only
   int n_keep, hist_cap, hist_len, lc;
   int row_vecs;  // vectors per row
 };
+
+// Moves the rows `row` of [0, n_rows) with source(row) >= 0 to dest(row), front to back in chunks (see the
+// header for why this order is safe); source < hist_len reads the history, otherwise the current buffer.
+template <typename V, typename Source, typename Dest>
+__device__ __forceinline__ void move_forward(const CompactParams& p, V* hk, V* hv, const V* ck, const V* cv,
+                                             int n_rows, Source source, Dest dest) {
+  const int rv = p.row_vecs;
+  const int64_t total = static_cast<int64_t>(n_rows) * rv;
+  for (int64_t e0 = 0; e0 < total; e0 += kThreads * kPieces) {
+    V k_reg[kPieces], v_reg[kPieces];
+    int64_t to[kPieces];
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) {
+      const int64_t e = e0 + i * kThreads + threadIdx.x;
+      to[i] = -1;
+      if (e < total) {
+        const int row = static_cast<int>(e / rv), c = static_cast<int>(e % rv);
+        const int src = source(row);
+        if (src < 0) continue;
+        const int dst = dest(row);
+        if (src < p.hist_len) {
+          if (src == dst) continue;  // already in place
+          k_reg[i] = hk[static_cast<int64_t>(src) * rv + c];
+          v_reg[i] = hv[static_cast<int64_t>(src) * rv + c];
+        } else {
+          k_reg[i] = ck[static_cast<int64_t>(src - p.hist_len) * rv + c];
+          v_reg[i] = cv[static_cast<int64_t>(src - p.hist_len) * rv + c];
+        }
+        to[i] = static_cast<int64_t>(dst) * rv + c;
+      }
+    }
+    __syncthreads();  // every source of this chunk is in registers before any destination is written
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) {
+      if (to[i] >= 0) {
+        hk[to[i]] = k_reg[i];
+        hv[to[i]] = v_reg[i];
+      }
+    }
+    __syncthreads();
+  }
+}
 
 template <typename V>
 __global__ void evict_compact_kernel(const CompactParams p) {
@@ -65,57 +116,75 @@ __global__ void evict_compact_kernel(const CompactParams p) {
   const V* ck = static_cast<const V*>(p.cur_k) + bh * p.lc * rv;
   const V* cv = static_cast<const V*>(p.cur_v) + bh * p.lc * rv;
   const int32_t* keep = p.keep + bh * p.n_keep;
-  const int64_t total = static_cast<int64_t>(p.n_keep) * rv;
+  if (!p.rank) {
+    move_forward(p, hk, hv, ck, cv, p.n_keep, [&](int row) { return __ldg(keep + row); }, [](int row) { return row; });
+    return;
+  }
 
-  for (int64_t e0 = 0; e0 < total; e0 += kThreads * kPieces) {
+  SKV_DYNAMIC_SMEM(smem_raw);
+  int* scratch = reinterpret_cast<int*>(smem_raw);  // [kWarps + 1], for the scan
+  int32_t* rank = p.rank + bh * p.n_keep;
+  int distinct = 0;  // distinct values before the current chunk of the list
+  for (int i0 = 0; i0 < p.n_keep; i0 += kThreads) {
+    const int i = i0 + static_cast<int>(threadIdx.x);
+    const int first = i < p.n_keep && (i == 0 || keep[i] != keep[i - 1]);
+    int chunk_total;
+    const int before = block_exclusive_scan<kWarps>(first, scratch, &chunk_total);
+    if (i < p.n_keep) rank[i] = distinct + before + first - 1;
+    distinct += chunk_total;
+  }
+  __syncthreads();  // ranks visible to the whole block
+  move_forward(
+      p, hk, hv, ck, cv, p.n_keep, [&](int row) { return row == 0 || keep[row] != keep[row - 1] ? keep[row] : -1; },
+      [&](int row) { return rank[row]; });
+  // Expansion, back to front: row i <- row rank[i] (<= i), rows that already hold their value skipped.
+  const int64_t total = static_cast<int64_t>(p.n_keep) * rv;
+  for (int64_t e1 = total; e1 > 0; e1 -= kThreads * kPieces) {
     V k_reg[kPieces], v_reg[kPieces];
     bool move[kPieces];
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
-      const int64_t e = e0 + i * kThreads + threadIdx.x;
+      const int64_t e = e1 - 1 - (i * kThreads + threadIdx.x);
       move[i] = false;
-      if (e < total) {
+      if (e >= 0) {
         const int row = static_cast<int>(e / rv), c = static_cast<int>(e % rv);
-        const int src = __ldg(keep + row);
-        if (src < p.hist_len) {
-          move[i] = src != row;  // keep[i] == i from the history: already in place
-          if (move[i]) {
-            k_reg[i] = hk[static_cast<int64_t>(src) * rv + c];
-            v_reg[i] = hv[static_cast<int64_t>(src) * rv + c];
-          }
-        } else {
-          move[i] = true;
-          k_reg[i] = ck[static_cast<int64_t>(src - p.hist_len) * rv + c];
-          v_reg[i] = cv[static_cast<int64_t>(src - p.hist_len) * rv + c];
+        const int from = rank[row];
+        move[i] = from != row;
+        if (move[i]) {
+          k_reg[i] = hk[static_cast<int64_t>(from) * rv + c];
+          v_reg[i] = hv[static_cast<int64_t>(from) * rv + c];
         }
       }
     }
-    __syncthreads();  // every source of this chunk is in registers before any destination is written
+    __syncthreads();
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
       if (move[i]) {
-        const int64_t e = e0 + i * kThreads + threadIdx.x;
+        const int64_t e = e1 - 1 - (i * kThreads + threadIdx.x);
         hk[e] = k_reg[i];
         hv[e] = v_reg[i];
       }
     }
-    __syncthreads();  // (not needed by the argument above, which keeps chunks disjoint; kept for clarity)
+    __syncthreads();
   }
 }
 
 template <typename V>
 void launch_compact(const CompactParams& p, unsigned blocks, cudaStream_t stream) {
   auto kernel = evict_compact_kernel<V>;
-  SKV_LAUNCH(kernel, dim3(blocks), dim3(kThreads), 0, stream, p);
+  const size_t smem = p.rank ? (kWarps + 1) * sizeof(int) : 0;
+  SKV_LAUNCH(kernel, dim3(blocks), dim3(kThreads), smem, stream, p);
 }
 
 bool aligned(const void* ptr, size_t n) { return reinterpret_cast<uintptr_t>(ptr) % n == 0; }
 
 }  // namespace
 
-size_t evict_compact_workspace_bytes(const EvictCompactArgs&) { return 0; }
+size_t evict_compact_workspace_bytes(const EvictCompactArgs& a) {
+  return a.repeats ? static_cast<size_t>(a.rows) * a.heads * a.n_keep * sizeof(int32_t) : 0;
+}
 
-void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* status, void* /*workspace*/) {
+void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* status, void* workspace) {
   if (a.dtype != DType::f32 && a.dtype != DType::bf16)
     throw BackendError(StatusCode::internal, std::string("evictCompact: unsupported dtype ") + dtype_name(a.dtype));
   const int64_t pairs = static_cast<int64_t>(a.rows) * a.heads;
@@ -124,7 +193,7 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
     throw BackendError(StatusCode::internal, "evictCompact: lc > 0 needs current K and V");
 
   SKV_LAUNCH(evict_validate_kernel, dim3(static_cast<unsigned>(pairs)), dim3(kThreads), 0, stream, a.keep, a.n_keep,
-             a.hist_len + a.lc, a.hist_cap, status);
+             a.hist_len + a.lc, a.hist_cap, a.repeats, status);
 
   // Widest vector that divides the row and every base pointer (all allocations are 256-aligned, so this is
   // 16 bytes except for odd head dims or offset views).
@@ -144,6 +213,7 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
   p.cur_v = a.cur_v;
   p.keep = a.keep;
   p.status = status;
+  p.rank = a.repeats ? static_cast<int32_t*>(workspace) : nullptr;
   p.n_keep = a.n_keep;
   p.hist_cap = a.hist_cap;
   p.hist_len = a.hist_len;

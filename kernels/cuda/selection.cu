@@ -24,16 +24,13 @@
 //        thread that handles index v. Duplicates (a window key also picked) are kept, as the reference.
 // Race freedom: each block owns its (r,h) slice of the workspace and output; phases are separated by
 // __syncthreads (which also orders the block's global-memory writes for its own later reads).
+#include "device_common.cuh"
 #include "ops.cuh"
 
 namespace scalekv::cuda_ops {
 namespace {
 
 constexpr int kThreads = 512, kWarps = kThreads / 32;
-
-__device__ __forceinline__ void report_status(int32_t* status, StatusCode code, int32_t detail) {
-  if (atomicCAS(reinterpret_cast<int*>(status), 0, static_cast<int>(code)) == 0) status[1] = detail;
-}
 
 __global__ void selection_validate_kernel(const int32_t* window_keys, int n_window, int n_keys, int budget,
                                           int32_t* status) {
@@ -76,34 +73,6 @@ __device__ __forceinline__ int count_less(const int32_t* a, int n, int x, bool o
     else hi = mid;
   }
   return lo;
-}
-
-// Block-wide exclusive scan of v (all threads of the block must call it). Returns the exclusive prefix and
-// the block total in *total. `scratch` holds kWarps + 1 ints.
-__device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int incl = v;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : lane);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) scratch[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int x = lane < kWarps ? scratch[lane] : 0;
-    int wincl = x;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_sync(0xffffffffu, wincl, lane >= o ? lane - o : lane);
-      if (lane >= o) wincl += y;
-    }
-    if (lane < kWarps) scratch[lane] = wincl - x;  // exclusive warp offsets
-    if (lane == 31) scratch[kWarps] = wincl;        // block total
-  }
-  __syncthreads();
-  const int excl = scratch[warp] + incl - v;
-  *total = scratch[kWarps];
-  __syncthreads();  // scratch may be reused by the next call
-  return excl;
 }
 
 __global__ void selection_kernel(const SelParams p) {
@@ -215,7 +184,7 @@ __global__ void selection_kernel(const SelParams p) {
       eq = u == T;
     }
     int total = 0;
-    const int excl = block_exclusive_scan(gt | (eq << 16), scratch, &total);
+    const int excl = block_exclusive_scan<kWarps>(gt | (eq << 16), scratch, &total);
     if (j < n) {
       const int gt_before = gt_run + (excl & 0xffff), eq_before = eq_run + (excl >> 16);
       if (gt || (eq && eq_before < k_eq)) {

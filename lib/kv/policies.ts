@@ -61,6 +61,8 @@ export interface ScoringSetup {
   window: Int32Array;
   /** Query rows of the current scale for every window key. */
   queryRows: Int32Array;
+  /** Keep repeated positions (the official avgpool gather copies a position once per occurrence). */
+  repeats?: boolean;
 }
 
 /** Base class: replays length decisions for capacities, performs them after attention. */
@@ -139,7 +141,7 @@ export abstract class SelectionPolicy implements KvPolicy {
     const sc = this.scoring(ctx, keyLen);
     const keep = scoreAndSelect(ctx, sc, count);
     try {
-      if (!ctx.lastScale) cache.compact(layer, keep, count);
+      if (!ctx.lastScale) cache.compact(layer, keep, count, sc.repeats);
       if (trace) record({ window: sc.window, ...(this.opts.traceKept ? { kept: (await keep.read()) as Int32Array } : {}) });
     } finally {
       keep.dispose();
@@ -197,10 +199,10 @@ export function scoreAndSelect(ctx: AfterAttentionContext, sc: ScoringSetup, bud
 
 /**
  * With average pooling, −inf window scores spread to kernel−1 neighbours each; when the budget exceeds the finite
- * candidates, the official top-k returns −inf-tied entries including duplicates (golden README item 9). The
- * compaction needs strictly increasing lists, so these policies cap an avg-pooled budget at
- * keyLen − window·(kernel−1): every kept entry is then a distinct finite-score token (documented deviation: the
- * official cache would hold duplicate copies instead).
+ * candidates, top-k returns −inf-tied entries, window positions among them, so the union with the window repeats
+ * them (golden README item 9). ScaleKV's reference mode keeps those copies, as the official cache does. The paper
+ * mode and SnapKV / PyramidKV cap an avg-pooled budget at keyLen − window·(kernel−1) instead: every kept entry is
+ * then a distinct finite-score token, and no key is counted twice by the attention that follows.
  */
 export function avgPoolSafeBudget(budget: number, keyLen: number, windowSize: number, kernel: number, pooling: Pooling): number {
   if (pooling !== 'avgpool' || kernel <= 1) return budget;
@@ -328,7 +330,7 @@ export class ScaleKvPolicy extends SelectionPolicy {
       const cap = this.referenceCapacity(layer, si);
       if (keyLen <= cap) return { kind: 'all' };
       if (cap < this.windowSize) fail('ERR_BUDGET', `ScaleKV: capacity ${cap} < window ${this.windowSize} (the official code raises UnboundLocalError)`);
-      return { kind: 'select', budget: avgPoolSafeBudget(cap, keyLen, this.windowSize, this.kernelSize, this.pooling) };
+      return { kind: 'select', budget: cap };
     }
     const budget = this.paperBudget(layer, si);
     if (keyLen <= budget) return { kind: 'all' };
@@ -346,7 +348,10 @@ export class ScaleKvPolicy extends SelectionPolicy {
       const window = observationWindow(keyLen - currentStart, currentStart, keyLen, this.windowSize).keys;
       const offset = keyLen - ctx.tokens;
       const queryRows = Int32Array.from(window, (w) => Math.max(0, Math.min(ctx.tokens - 1, w - offset)));
-      return { query: 'raw', scale: 1 / Math.sqrt(ctx.cache.headDim), mode: 'logits', pooling: this.pooling, kernel: this.kernelSize, window, queryRows };
+      return {
+        query: 'raw', scale: 1 / Math.sqrt(ctx.cache.headDim), mode: 'logits', pooling: this.pooling, kernel: this.kernelSize, window, queryRows,
+        repeats: this.pooling === 'avgpool',
+      };
     }
     return paperScoring(ctx, keyLen, this.windowSize, this.kernelSize, this.pooling);
   }

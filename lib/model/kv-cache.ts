@@ -178,9 +178,10 @@ export class KvCache {
 
   /**
    * Keeps the entries `keep` of [history ‖ current] (per (row, head) lists of `count` strictly increasing positions,
-   * [rows, heads, count] host or device int32) at the front of the history; the new length is `count`.
+   * [rows, heads, count] host or device int32) at the front of the history; the new length is `count`. With
+   * `repeats` the lists are non-decreasing and a repeated position is kept once per occurrence.
    */
-  compact(layer: number, keep: Int32Array | Tensor, count: number): void {
+  compact(layer: number, keep: Int32Array | Tensor, count: number, repeats = false): void {
     if (!Number.isSafeInteger(count) || count < 0 || count > this.#cap[layer])
       fail('ERR_BUDGET', `KV cache layer ${layer}: keeping ${count} entries exceeds its history capacity ${this.#cap[layer]}`);
     const len = this.#len[layer];
@@ -191,7 +192,7 @@ export class KvCache {
     const k = this.#k[layer] as Tensor;
     const v = this.#v[layer] as Tensor;
     const cur = this.currentTokens > 0 ? this.current() : undefined;
-    this.engine.ops.evictCompact({ history: { k, v, len }, current: cur, keep });
+    this.engine.ops.evictCompact({ history: { k, v, len }, current: cur, keep, repeats });
     this.#len[layer] = count;
   }
 

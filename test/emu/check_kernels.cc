@@ -153,6 +153,7 @@ struct EvictCase {
   DType dtype;
   int rows, heads, head_dim, hist_cap, hist_len, lc, n_keep;
   bool unsorted = false;
+  bool repeats = false;  // draw with replacement: non-decreasing lists with repeated indices
 };
 
 void check_evict(const EvictCase& c, uint32_t seed) {
@@ -163,11 +164,16 @@ void check_evict(const EvictCase& c, uint32_t seed) {
   HostTensor ck{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
   HostTensor cv{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
   std::vector<int32_t> keep;
-  for (size_t p = 0; p < pairs; ++p) {  // a sorted random subset of [0, hist_len + lc)
+  for (size_t p = 0; p < pairs; ++p) {  // a sorted random subset of [0, hist_len + lc), or a sorted sample
     std::vector<int32_t> all(static_cast<size_t>(c.hist_len + c.lc));
     for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int32_t>(i);
-    std::shuffle(all.begin(), all.end(), rng);
-    all.resize(static_cast<size_t>(c.n_keep));
+    if (c.repeats) {
+      all.resize(static_cast<size_t>(c.n_keep));
+      for (auto& x : all) x = static_cast<int32_t>(rng() % static_cast<uint32_t>(c.hist_len + c.lc));
+    } else {
+      std::shuffle(all.begin(), all.end(), rng);
+      all.resize(static_cast<size_t>(c.n_keep));
+    }
     std::sort(all.begin(), all.end());
     keep.insert(keep.end(), all.begin(), all.end());
   }
@@ -179,7 +185,7 @@ void check_evict(const EvictCase& c, uint32_t seed) {
     Device d(b == 0 ? scalekv::make_emu_backend(2) : scalekv::make_cpu_backend(2));
     scalekv::EvictCompactArgs a;
     a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.hist_cap = c.hist_cap;
-    a.hist_len = c.hist_len; a.lc = c.lc; a.n_keep = c.n_keep; a.dtype = c.dtype;
+    a.hist_len = c.hist_len; a.lc = c.lc; a.n_keep = c.n_keep; a.dtype = c.dtype; a.repeats = c.repeats;
     a.hist_k = d.put(hk); a.hist_v = d.put(hv);
     a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
     a.keep = d.put(keep);
@@ -262,6 +268,16 @@ EMU_TEST(evict_compact_emu_matches_cpu) {
       {DType::f32, 2, 1, 64, 300, 280, 30, 250},
   };
   uint32_t seed = 10;
+  for (const EvictCase& c : cases) check_evict(c, seed++);
+}
+
+EMU_TEST(evict_compact_repeats_emu_matches_cpu) {
+  const EvictCase cases[] = {
+      {DType::bf16, 2, 2, 64, 40, 33, 7, 40, false, true},
+      {DType::f32, 1, 3, 3, 300, 200, 100, 300, false, true},  // 4-byte vectors, lists past one scan block
+      {DType::bf16, 1, 1, 5, 9, 9, 2, 9, false, true},         // 2-byte vectors
+  };
+  uint32_t seed = 20;
   for (const EvictCase& c : cases) check_evict(c, seed++);
 }
 
