@@ -89,7 +89,8 @@ function planTable(p: MemoryPlan, deviceBytes?: number, fit?: number): string {
     `reserved by the caching allocator at its fullest: ${MiB(p.reservedPeak)} MiB (engine.trimCache() returns the cached part)`,
     `paper accounting (sec. 5.2): ${p.rows} rows x ${p.paperAccounting.tokensPerLayer} tokens x ${caps.length} layers x C x (K ${p.paperAccounting.kDtype} + V ${p.paperAccounting.vDtype}) = ${p.paperAccounting.mib.toFixed(1)} MiB`,
   ];
-  if (deviceBytes !== undefined) lines.push(`largest batch in ${MiB(deviceBytes)} MiB: ${fit}`);
+  if (deviceBytes !== undefined)
+    lines.push(`largest batch in ${MiB(deviceBytes)} MiB: ${fit} (tensors only: the CUDA context and the kernels' small workspaces come on top)`);
   return lines.join('\n') + '\n';
 }
 
