@@ -1056,7 +1056,7 @@ Napi::Value JsEngine::Activation(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// qkNormRope({ qkv, qBias?, vBias?, scaleMul?, normalize?, positions?, q, k, v, kvOffset? })
+// qkNormRope({ qkv, qBias?, vBias?, scaleMul?, normalize?, positions?, q, k?, v?, kvOffset? })
 Napi::Value JsEngine::QkNormRope(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EngineCore& c = live(env);
@@ -1067,8 +1067,9 @@ Napi::Value JsEngine::QkNormRope(const Napi::CallbackInfo& info) {
   JsTensor* scale_mul = unwrap_tensor(env, o.Get("scaleMul"), "scaleMul", true);
   JsTensor* positions = unwrap_tensor(env, o.Get("positions"), "positions", true);
   JsTensor* q = unwrap_tensor(env, o.Get("q"), "q", false);
-  JsTensor* k = unwrap_tensor(env, o.Get("k"), "k", false);
-  JsTensor* v = unwrap_tensor(env, o.Get("v"), "v", false);
+  JsTensor* k = unwrap_tensor(env, o.Get("k"), "k", true);
+  JsTensor* v = unwrap_tensor(env, o.Get("v"), "v", true);
+  if ((k == nullptr) != (v == nullptr)) throw_coded(env, "ERR_INVALID_ARG", "k and v go together (both, or neither for q only)");
   const TensorState& Q = *q->state;
   expect_rank(env, Q, 4, "q", "[batch, heads, tokens, headDim]");
   expect_float(env, Q, "q");
@@ -1085,18 +1086,20 @@ Napi::Value JsEngine::QkNormRope(const Napi::CallbackInfo& info) {
   expect_dim(env, QKV, 0, a.batch, "qkv", "batch");
   expect_dim(env, QKV, 1, a.tokens, "qkv", "tokens");
   expect_dim(env, QKV, 2, int64_t(3) * a.heads * a.head_dim, "qkv", "3 * heads * headDim");
-  expect_rank(env, *k->state, 4, "k", "[batch, heads, capacity, headDim]");
-  expect_float(env, *k->state, "k");
-  expect_dim(env, *k->state, 0, a.batch, "k", "batch");
-  expect_dim(env, *k->state, 1, a.heads, "k", "heads");
-  expect_dim(env, *k->state, 3, a.head_dim, "k", "headDim");
-  expect_dtype(env, *v->state, k->state->dtype, "v (the dtype of k)");
-  expect_same_shape(env, *v->state, k->state->shape, "v", "k");
-  a.kv_cap = int(k->state->shape[2]);
-  a.kv_offset = get_int(env, o, "kvOffset", 0);
-  if (a.kv_offset < 0 || int64_t(a.kv_offset) + a.tokens > a.kv_cap)
-    throw_coded(env, "ERR_SHAPE", "kvOffset " + std::to_string(a.kv_offset) + " + tokens " + std::to_string(a.tokens) +
-                                      " exceeds the K/V capacity " + std::to_string(a.kv_cap));
+  if (k) {
+    expect_rank(env, *k->state, 4, "k", "[batch, heads, capacity, headDim]");
+    expect_float(env, *k->state, "k");
+    expect_dim(env, *k->state, 0, a.batch, "k", "batch");
+    expect_dim(env, *k->state, 1, a.heads, "k", "heads");
+    expect_dim(env, *k->state, 3, a.head_dim, "k", "headDim");
+    expect_dtype(env, *v->state, k->state->dtype, "v (the dtype of k)");
+    expect_same_shape(env, *v->state, k->state->shape, "v", "k");
+    a.kv_cap = int(k->state->shape[2]);
+    a.kv_offset = get_int(env, o, "kvOffset", 0);
+    if (a.kv_offset < 0 || int64_t(a.kv_offset) + a.tokens > a.kv_cap)
+      throw_coded(env, "ERR_SHAPE", "kvOffset " + std::to_string(a.kv_offset) + " + tokens " + std::to_string(a.tokens) +
+                                        " exceeds the K/V capacity " + std::to_string(a.kv_cap));
+  }
   for (JsTensor* t : {q_bias, v_bias}) {
     if (!t) continue;
     expect_rank(env, *t->state, 1, "qBias/vBias", "[heads * headDim]");
@@ -1121,13 +1124,14 @@ Napi::Value JsEngine::QkNormRope(const Napi::CallbackInfo& info) {
   a.normalize = norm.IsUndefined() || norm.As<Napi::Boolean>().Value();
   if (!a.normalize && scale_mul) throw_coded(env, "ERR_INVALID_ARG", "scaleMul applies only with normalize");
   const auto ins = {&QKV, state_of(q_bias), state_of(v_bias), state_of(scale_mul), state_of(positions)};
-  for (JsTensor* out : {q, k, v}) check_not_alias(env, out->state.get(), ins, "a qkNormRope output");
-  if (q->state->buffer == k->state->buffer || q->state->buffer == v->state->buffer ||
-      k->state->buffer == v->state->buffer)
+  for (JsTensor* out : {q, k, v})
+    if (out) check_not_alias(env, out->state.get(), ins, "a qkNormRope output");
+  if (k && (q->state->buffer == k->state->buffer || q->state->buffer == v->state->buffer ||
+            k->state->buffer == v->state->buffer))
     throw_coded(env, "ERR_INVALID_ARG", "q, k and v must be distinct tensors");
   a.qkv_dtype = QKV.dtype;
   a.q_dtype = Q.dtype;
-  a.kv_dtype = k->state->dtype;
+  a.kv_dtype = k ? k->state->dtype : Q.dtype;
   Holder h;
   a.qkv = h.ptr(qkv);
   a.q_bias = static_cast<const float*>(h.ptr(q_bias));

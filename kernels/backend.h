@@ -333,7 +333,7 @@ struct QkNormRopeArgs {
   const float* scale_mul = nullptr; // [H], natural-log scale
   const int32_t* positions = nullptr;  // [L, 2] (y, x); null: no rotation
   void* q = nullptr;                // [B, H, L, c]
-  void* k = nullptr;                // [B, H, kv_cap, c]
+  void* k = nullptr;                // [B, H, kv_cap, c]; k and v both null: q only
   void* v = nullptr;                // [B, H, kv_cap, c]
   int kv_cap = 0, kv_offset = 0;    // kv_offset + L <= kv_cap
 };

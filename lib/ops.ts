@@ -218,9 +218,12 @@ export interface QkNormRopeArgs {
   positions?: IndexInput;
   /** [B, H, L, c] output, f32 or bf16. */
   q: Tensor;
-  /** [B, H, capacity, c] K/V (one dtype): this scale's tokens are written at rows kvOffset .. kvOffset + L. */
-  k: Tensor;
-  v: Tensor;
+  /**
+   * [B, H, capacity, c] K/V (one dtype): this scale's tokens are written at rows kvOffset .. kvOffset + L. Both
+   * absent: q only (e.g. ScaleKV's raw scoring query).
+   */
+  k?: Tensor;
+  v?: Tensor;
   /** Default 0. */
   kvOffset?: number;
 }

@@ -217,6 +217,13 @@ for (const backend of testBackends()) {
           return out;
         };
         close(t, await f32(tq), refQ, outDt, `${label} q`);
+        // q only: the same q, and no K/V written.
+        const tq2 = e.empty([B, H, L, c], outDt, { fillByte: 0xff });
+        e.ops.qkNormRope({
+          qkv: e.tensor(qkv, [B, L, 3 * H * c], inDt), qBias: e.tensor(qBias, [H * c], 'f32'),
+          scaleMul: e.tensor(scaleMul, [H], 'f32'), positions: Int32Array.from(positions), q: tq2,
+        });
+        t.deepEqual(await tq2.readRaw(), await tq.readRaw(), `${label} q only`);
         const k = await f32(tk), v = await f32(tv);
         close(t, slice(k), refK, outDt, `${label} k`);
         close(t, slice(v), refV, outDt, `${label} v`);
@@ -238,6 +245,7 @@ for (const backend of testBackends()) {
       t.throws(() => e.ops.qkNormRope({ qkv: e.empty([1, 4, 40], 'f32'), q, k, v }), { code: 'ERR_SHAPE' });
       t.throws(() => e.ops.qkNormRope({ qkv, q, k, v: e.empty([1, 2, 6, 8], 'bf16') }), { code: 'ERR_DTYPE' });
       t.throws(() => e.ops.qkNormRope({ qkv, q, k, v: k }), { code: 'ERR_INVALID_ARG' });
+      t.throws(() => e.ops.qkNormRope({ qkv, q, k }), { code: 'ERR_INVALID_ARG' });
       t.throws(() => e.ops.qkNormRope({ qkv, q, k, v, positions: new Int32Array(6) }), { code: 'ERR_SHAPE' });
       t.throws(() => e.ops.qkNormRope({ qkv, q, k, v, normalize: false, scaleMul: e.empty([2], 'f32') }), { code: 'ERR_INVALID_ARG' });
       await t.notThrowsAsync(e.sync());

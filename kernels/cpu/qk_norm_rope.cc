@@ -55,20 +55,17 @@ void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
       for (int h = 0; h < H; ++h) {
         const int64_t src = (bl * 3) * H + h;  // row index of q in [B*L*3*H, c]
         load_row_f32(a.qkv, a.qkv_dtype, src, c, q.data());
-        load_row_f32(a.qkv, a.qkv_dtype, src + H, c, k.data());
-        load_row_f32(a.qkv, a.qkv_dtype, src + 2 * H, c, v.data());
         if (a.q_bias) for (int d = 0; d < c; ++d) q[d] += a.q_bias[h * c + d];
-        if (a.v_bias) for (int d = 0; d < c; ++d) v[d] += a.v_bias[h * c + d];
-        if (a.normalize) {
-          normalize(q.data(), c, q_mul[h]);
-          normalize(k.data(), c, 1.0f);
-        }
-        if (a.positions) {
-          rotate(q.data(), cos_t.data(), sin_t.data(), pairs);
-          rotate(k.data(), cos_t.data(), sin_t.data(), pairs);
-        }
+        if (a.normalize) normalize(q.data(), c, q_mul[h]);
+        if (a.positions) rotate(q.data(), cos_t.data(), sin_t.data(), pairs);
         const int64_t bh = b * H + h;
         store_row_f32(a.q, a.q_dtype, bh * L + l, c, q.data());
+        if (!a.k) continue;
+        load_row_f32(a.qkv, a.qkv_dtype, src + H, c, k.data());
+        load_row_f32(a.qkv, a.qkv_dtype, src + 2 * H, c, v.data());
+        if (a.v_bias) for (int d = 0; d < c; ++d) v[d] += a.v_bias[h * c + d];
+        if (a.normalize) normalize(k.data(), c, 1.0f);
+        if (a.positions) rotate(k.data(), cos_t.data(), sin_t.data(), pairs);
         store_row_f32(a.k, a.kv_dtype, bh * a.kv_cap + a.kv_offset + l, c, k.data());
         store_row_f32(a.v, a.kv_dtype, bh * a.kv_cap + a.kv_offset + l, c, v.data());
       }

@@ -72,6 +72,7 @@ __global__ void __launch_bounds__(32 * kWarps) qk_norm_rope_kernel(const QkNormR
   const int64_t kv_dst = ((b * H + h) * a.kv_cap + a.kv_offset + l) * c;
   const float mul = a.scale_mul ? expf(fminf(a.scale_mul[h], ln100)) : 1.0f;
   norm_rope_one(a, src, q_dst, a.q_dtype, a.q, a.q_bias ? a.q_bias + h * c : nullptr, mul, pos_y, pos_x);
+  if (!a.k) return;  // q only (uniform over the launch, so the warp stays whole)
   norm_rope_one(a, src + static_cast<int64_t>(H) * c, kv_dst, a.kv_dtype, a.k, nullptr, 1.0f, pos_y, pos_x);
   for (int d = lane; d < c; d += 32) {
     float v = tx::load_f32(a.qkv, a.qkv_dtype, src + 2 * static_cast<int64_t>(H) * c + d);

@@ -171,9 +171,7 @@ export function scoreAndSelect(ctx: AfterAttentionContext, sc: ScoringSetup, bud
       // The official scoring query: x @ W_q (no bias, no normalisation, no RoPE), laid out [rows, heads, n, hd].
       const shape = [rows, heads, n, headDim];
       q = t(e.empty(shape, ctx.q.dtype, { category: 'scratch' }));
-      const dk = t(e.empty(shape, ctx.q.dtype, { category: 'scratch' }));
-      const dv = t(e.empty(shape, ctx.q.dtype, { category: 'scratch' }));
-      e.ops.qkNormRope({ qkv: ctx.qkv, normalize: false, q, k: dk, v: dv });
+      e.ops.qkNormRope({ qkv: ctx.qkv, normalize: false, q });
     }
     const logits = t(e.empty([rows, heads, nw, keyLen], 'f32', { category: 'scratch' }));
     const lse = sc.mode === 'probs' ? t(e.empty([rows, heads, nw], 'f32', { category: 'scratch' })) : undefined;
