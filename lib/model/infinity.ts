@@ -22,9 +22,6 @@ export interface WeightSource {
   entry?(name: string): { shape: readonly number[] };
 }
 
-// Sources made by InfinityModel.allocate: device weights are allocated, not read (host-side ones read as zeros).
-const UNINITIALISED = new WeakSet<WeightSource>();
-
 export interface InfinityLoadOptions {
   /**
    * Device dtype of the block Linear weights (and of the KV cache the loop allocates). Default: 'bf16' on CUDA
@@ -169,6 +166,29 @@ export class InfinityModel {
    * block i at `block_chunks.{i // n}.module.{i % n}`; unknown keys are ignored; a missing `zero_k_bias` is zeros.
    */
   static async load(engine: Engine, source: WeightSource, config: InfinityConfig, opts: InfinityLoadOptions = {}): Promise<InfinityModel> {
+    return InfinityModel.#create(engine, source, config, opts, true);
+  }
+
+  /**
+   * The model with every weight allocated as `load` would, zero-filled instead of read: what the memory planner
+   * runs on the 'count' backend, and a way to time real shapes without a checkpoint.
+   */
+  static async allocate(engine: Engine, config: InfinityConfig, opts: InfinityLoadOptions = {}): Promise<InfinityModel> {
+    const shapes = expectedWeightShapes(config);
+    // Only the small host-side tensors are read, as zeros.
+    const zeros: WeightSource = {
+      names: [...shapes.keys()],
+      entry: (name) => ({ shape: shapes.get(name) as number[] }),
+      read: async (name) => {
+        const shape = shapes.get(name) as number[];
+        return { dtype: 'f32', shape, data: Buffer.alloc(4 * shape.reduce((a, b) => a * b, 1)) };
+      },
+    };
+    return InfinityModel.#create(engine, zeros, config, opts, false);
+  }
+
+  // `readDevice` false: device weights are allocated zero-filled, not read from the source.
+  static async #create(engine: Engine, source: WeightSource, config: InfinityConfig, opts: InfinityLoadOptions, readDevice: boolean): Promise<InfinityModel> {
     const dtype = opts.dtype ?? (engine.backend === 'cuda' ? 'bf16' : 'f32');
     if (dtype !== 'f32' && dtype !== 'bf16') fail('ERR_DTYPE', `InfinityModel.load: dtype must be 'f32' or 'bf16', got ${dtype}`);
     const c = config;
@@ -206,15 +226,14 @@ export class InfinityModel {
       all.push(t);
       return t;
     };
-    const unset = UNINITIALISED.has(source);
     const upload = async (name: string, dt: DType = 'f32', shape?: readonly number[]): Promise<Tensor> => {
       let out: Tensor;
-      if (unset) {
-        out = engine.empty(shape ?? (shapes.get(name) as number[]), dt, { category: 'weights', fillByte: 0 });
-      } else {
+      if (readDevice) {
         const t = await readChecked(name);
         const host = toHostArray(t, dt === 'bf16' ? 'bf16' : 'f32', `weight ${name}`);
         out = engine.tensor(host, shape ?? t.shape, dt, { category: 'weights' });
+      } else {
+        out = engine.empty(shape ?? (shapes.get(name) as number[]), dt, { category: 'weights', fillByte: 0 });
       }
       all.push(out);
       return out;
@@ -288,24 +307,6 @@ export class InfinityModel {
       for (const t of all) t.dispose();
       throw e;
     }
-  }
-
-  /**
-   * The model with every weight allocated as `load` would, zero-filled instead of read: what the memory planner
-   * runs on the 'count' backend, and a way to time real shapes without a checkpoint.
-   */
-  static async allocate(engine: Engine, config: InfinityConfig, opts: InfinityLoadOptions = {}): Promise<InfinityModel> {
-    const shapes = expectedWeightShapes(config);
-    const source: WeightSource = {
-      names: [...shapes.keys()],
-      entry: (name) => ({ shape: shapes.get(name) as number[] }),
-      read: async (name) => {
-        const shape = shapes.get(name) as number[];
-        return { dtype: 'f32', shape, data: Buffer.alloc(4 * shape.reduce((a, b) => a * b, 1)) };
-      },
-    };
-    UNINITIALISED.add(source);
-    return InfinityModel.load(engine, source, config, opts);
   }
 
   get disposed(): boolean {

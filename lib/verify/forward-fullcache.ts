@@ -34,6 +34,23 @@ export interface ForwardFullcacheManifest {
   B?: number;
 }
 
+/**
+ * The teacher-forced run both forward fixtures record: their prompts, the first `scales` scales of their schedule,
+ * their CFG and tau lists, and their bits. Returns the full schedule too (a truncated run changes what is checked).
+ */
+export function fixtureRun(manifest: { scale_schedule: number[][]; cfg_list: number[]; tau_list: number[] }, io: SafetensorsFile, scales?: number) {
+  const schedule = manifest.scale_schedule.map((s) => [s[s.length - 2], s[s.length - 1]] as [number, number]);
+  const S = Math.min(scales ?? schedule.length, schedule.length);
+  const options = {
+    textFeatures: { kv: io.f32('text/kv_compact'), lens: [...io.i32('text/lens')] },
+    schedule: schedule.slice(0, S),
+    cfg: manifest.cfg_list,
+    tau: manifest.tau_list,
+    teacherBits: schedule.slice(0, S).map((_, si) => io.i32(`s${String(si).padStart(2, '0')}/bits`)),
+  };
+  return { schedule, S, options };
+}
+
 export interface ForwardFullcacheOptions {
   /** Only the first `scales` scales (faster on slow backends); the image checks need the whole schedule. */
   scales?: number;
@@ -73,15 +90,9 @@ export async function verifyForwardFullcache(engine: Engine, manifest: ForwardFu
         pth.close();
       }
     }
-    const schedule = manifest.scale_schedule.map((s) => [s[s.length - 2], s[s.length - 1]] as [number, number]);
-    const S = Math.min(opts.scales ?? schedule.length, schedule.length);
-    const teacherBits = schedule.slice(0, S).map((_, si) => io.i32(`s${String(si).padStart(2, '0')}/bits`));
+    const { schedule, S, options } = fixtureRun(manifest, io, opts.scales);
     const res = await generate(model, {
-      textFeatures: { kv: io.f32('text/kv_compact'), lens: [...io.i32('text/lens')] },
-      schedule: schedule.slice(0, S),
-      cfg: manifest.cfg_list,
-      tau: manifest.tau_list,
-      teacherBits,
+      ...options,
       capture: { text: true, xIn: true, nextInput: true, logits: true, hidden: { scales: manifest.hidden_scales ?? [] } },
     });
     try {

@@ -13,7 +13,7 @@ import { InfinityModel } from '../model/infinity.js';
 import { KvTraceRecord, ScaleKvPolicy } from '../kv/policies.js';
 import { SafetensorsFile } from '../safetensors.js';
 import { Check, matchCheck, relCheck } from './compare.js';
-import { FORWARD_F32_TOLERANCE } from './forward-fullcache.js';
+import { FORWARD_F32_TOLERANCE, fixtureRun } from './forward-fullcache.js';
 
 export interface ForwardScalekvManifest {
   case: string;
@@ -53,8 +53,7 @@ export async function verifyForwardScalekv(engine: Engine, manifest: ForwardScal
   let model: InfinityModel | undefined;
   try {
     model = await InfinityModel.load(engine, ckpt, config, { dtype: 'f32' });
-    const schedule = manifest.scale_schedule.map((s) => [s[s.length - 2], s[s.length - 1]] as [number, number]);
-    const S = Math.min(opts.scales ?? schedule.length, schedule.length);
+    const { schedule, S, options } = fixtureRun(manifest, io, opts.scales);
     const records: KvTraceRecord[] = [];
     const policy = new ScaleKvPolicy({
       mode: 'reference',
@@ -68,13 +67,8 @@ export async function verifyForwardScalekv(engine: Engine, manifest: ForwardScal
       // The official code also compresses after the last scale (wasted work); the fixture records it.
       traceLastScale: S === schedule.length,
     });
-    const teacherBits = schedule.slice(0, S).map((_, si) => io.i32(`s${pad2(si)}/bits`));
     const res = await generate(model, {
-      textFeatures: { kv: io.f32('text/kv_compact'), lens: [...io.i32('text/lens')] },
-      schedule: schedule.slice(0, S),
-      cfg: manifest.cfg_list,
-      tau: manifest.tau_list,
-      teacherBits,
+      ...options,
       kvPolicy: policy,
       capture: { logits: true },
     });
