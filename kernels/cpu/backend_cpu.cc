@@ -1,6 +1,5 @@
 // The CPU backend: host memory and the C++ kernels. Ops run on the caller (the engine's queue thread) and
 // spread over the intra-op pool; they complete before returning, so synchronize has nothing to wait for.
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -8,6 +7,7 @@
 #include <thread>
 
 #include "../backend.h"
+#include "../host_clock.h"
 #include "ops.h"
 #include "thread_pool.h"
 #include "transformer_ops.h"
@@ -62,15 +62,8 @@ class CpuBackend final : public Backend {
   void image_to_u8(const ImageToU8Args& a) override { cpu::image_to_u8(pool_, a); }
   void synchronize() override {}
   // Ops run in place on the calling thread, so the host clock at the call is the time the queue reached it.
-  TimingMark mark_time() override {
-    return std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
-  }
-  double elapsed_ms(const TimingMark& start, const TimingMark& end) override {
-    using Clock = std::chrono::steady_clock;
-    return std::chrono::duration<double, std::milli>(*static_cast<Clock::time_point*>(end.get()) -
-                                                     *static_cast<Clock::time_point*>(start.get()))
-        .count();
-  }
+  TimingMark mark_time() override { return host_clock_mark(); }
+  double elapsed_ms(const TimingMark& start, const TimingMark& end) override { return host_clock_elapsed_ms(start, end); }
 
 
  private:

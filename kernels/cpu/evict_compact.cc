@@ -43,32 +43,27 @@ void evict_compact(ThreadPool& pool, const EvictCompactArgs& a) {
       char* hv = static_cast<char*>(a.hist_v) + rh * a.hist_cap * row_bytes;
       const char* ck = static_cast<const char*>(a.cur_k) + rh * a.lc * row_bytes;
       const char* cv = static_cast<const char*>(a.cur_v) + rh * a.lc * row_bytes;
+      auto source = [&](const char* hist, const char* cur, int src) {
+        return src < a.hist_len ? hist + src * row_bytes : cur + (src - a.hist_len) * row_bytes;
+      };
       bool repeated = false;
-      for (int i = 1; i < a.n_keep && !repeated; ++i) repeated = keep[i] == keep[i - 1];
+      for (int i = 1; a.repeats && i < a.n_keep && !repeated; ++i) repeated = keep[i] == keep[i - 1];
+      char* dk = hk;
+      char* dv = hv;
       if (repeated) {
         gathered.resize(2 * size_t(a.n_keep) * row_bytes);
-        char* gk = gathered.data();
-        char* gv = gk + size_t(a.n_keep) * row_bytes;
-        for (int i = 0; i < a.n_keep; ++i) {
-          const int src = keep[i];
-          const bool hist = src < a.hist_len;
-          std::memcpy(gk + i * row_bytes, hist ? hk + src * row_bytes : ck + (src - a.hist_len) * row_bytes, row_bytes);
-          std::memcpy(gv + i * row_bytes, hist ? hv + src * row_bytes : cv + (src - a.hist_len) * row_bytes, row_bytes);
-        }
-        std::memcpy(hk, gk, size_t(a.n_keep) * row_bytes);
-        std::memcpy(hv, gv, size_t(a.n_keep) * row_bytes);
-        continue;
+        dk = gathered.data();
+        dv = dk + size_t(a.n_keep) * row_bytes;
       }
       for (int i = 0; i < a.n_keep; ++i) {
         const int src = keep[i];
-        if (src < a.hist_len) {
-          if (src == i) continue;
-          std::memcpy(hk + i * row_bytes, hk + src * row_bytes, row_bytes);
-          std::memcpy(hv + i * row_bytes, hv + src * row_bytes, row_bytes);
-        } else {
-          std::memcpy(hk + i * row_bytes, ck + (src - a.hist_len) * row_bytes, row_bytes);
-          std::memcpy(hv + i * row_bytes, cv + (src - a.hist_len) * row_bytes, row_bytes);
-        }
+        if (!repeated && src == i && src < a.hist_len) continue;  // already in place
+        std::memcpy(dk + i * row_bytes, source(hk, ck, src), row_bytes);
+        std::memcpy(dv + i * row_bytes, source(hv, cv, src), row_bytes);
+      }
+      if (repeated) {
+        std::memcpy(hk, dk, size_t(a.n_keep) * row_bytes);
+        std::memcpy(hv, dv, size_t(a.n_keep) * row_bytes);
       }
     }
   });

@@ -4,7 +4,6 @@
 // Unlike cudaMalloc'd memory, fresh allocations and the workspace before each op are filled with 0xFF,
 // so a kernel that relies on zeroed or stale device memory fails here instead of passing by luck.
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -14,6 +13,7 @@
 
 #include "../cuda/ops.cuh"
 #include "../cuda/status_message.h"
+#include "../host_clock.h"
 #include "emu_backend.h"
 
 namespace scalekv {
@@ -131,15 +131,8 @@ class EmuBackend final : public Backend {
   }
 
   // Emulated kernels run to completion at the call, so the host clock at the call is the time the queue reached it.
-  TimingMark mark_time() override {
-    return std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
-  }
-  double elapsed_ms(const TimingMark& start, const TimingMark& end) override {
-    using Clock = std::chrono::steady_clock;
-    return std::chrono::duration<double, std::milli>(*static_cast<Clock::time_point*>(end.get()) -
-                                                     *static_cast<Clock::time_point*>(start.get()))
-        .count();
-  }
+  TimingMark mark_time() override { return host_clock_mark(); }
+  double elapsed_ms(const TimingMark& start, const TimingMark& end) override { return host_clock_elapsed_ms(start, end); }
 
   void synchronize() override {
     std::lock_guard<std::mutex> lock(mutex_);
