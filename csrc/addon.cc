@@ -59,10 +59,21 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 
 class JsEngine;
 
+// A tensor's memory goes back to the engine when the last handle on it (the tensor or one of its views) is
+// disposed or collected; queued ops hold the Buffer itself, so they never delay that (stream order).
+struct Lease {
+  explicit Lease(std::shared_ptr<Buffer> b) : buffer(std::move(b)) {}
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+  ~Lease() { buffer->release(); }
+  const std::shared_ptr<Buffer> buffer;
+};
+
 struct TensorState {
   std::shared_ptr<Buffer> buffer;
   DType dtype;
   std::vector<int64_t> shape;
+  std::shared_ptr<Lease> lease;
   int64_t numel() const {
     int64_t n = 1;
     for (auto d : shape) n *= d;
@@ -89,6 +100,7 @@ class JsTensor : public Napi::ObjectWrap<JsTensor> {
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value Read(const Napi::CallbackInfo& info);
   Napi::Value Write(const Napi::CallbackInfo& info);
+  Napi::Value View(const Napi::CallbackInfo& info);
   Napi::Value GetShape(const Napi::CallbackInfo& info);
   Napi::Value GetDtype(const Napi::CallbackInfo& info);
   Napi::Value GetBytes(const Napi::CallbackInfo& info);
@@ -432,15 +444,7 @@ size_t copy_typed_array(Napi::Env env, Napi::Value v, DType dtype, int64_t numel
   return bytes;
 }
 
-// tensor(dtype, shape: number[], data?: TypedArray, category?: string, fillByte?: number)
-Napi::Value JsEngine::Tensor(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  EngineCore& c = live(env);
-  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsArray())
-    throw_coded(env, "ERR_INVALID_ARG", "tensor(dtype, shape, data?, category?)");
-  auto dtype = parse_dtype(info[0].As<Napi::String>().Utf8Value());
-  if (!dtype) throw_coded(env, "ERR_DTYPE", "unknown dtype '" + info[0].As<Napi::String>().Utf8Value() + "' (f32, bf16, f16, i32, u8)");
-  Napi::Array js_shape = info[1].As<Napi::Array>();
+std::vector<int64_t> parse_shape(Napi::Env env, Napi::Array js_shape) {
   std::vector<int64_t> shape;
   int64_t numel = 1;
   for (uint32_t i = 0; i < js_shape.Length(); ++i) {
@@ -453,6 +457,20 @@ Napi::Value JsEngine::Tensor(const Napi::CallbackInfo& info) {
     numel *= int64_t(x);
     if (numel > (1LL << 40)) throw_coded(env, "ERR_SHAPE", "tensor too large");
   }
+  return shape;
+}
+
+// tensor(dtype, shape: number[], data?: TypedArray, category?: string, fillByte?: number)
+Napi::Value JsEngine::Tensor(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EngineCore& c = live(env);
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsArray())
+    throw_coded(env, "ERR_INVALID_ARG", "tensor(dtype, shape, data?, category?)");
+  auto dtype = parse_dtype(info[0].As<Napi::String>().Utf8Value());
+  if (!dtype) throw_coded(env, "ERR_DTYPE", "unknown dtype '" + info[0].As<Napi::String>().Utf8Value() + "' (f32, bf16, f16, i32, u8)");
+  const std::vector<int64_t> shape = parse_shape(env, info[1].As<Napi::Array>());
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
   Category category = Category::activations;
   if (info.Length() > 3 && !info[3].IsUndefined()) {
     auto cat = parse_category(info[3].ToString().Utf8Value());
@@ -478,7 +496,7 @@ Napi::Value JsEngine::Tensor(const Napi::CallbackInfo& info) {
   }
   Napi::Object obj = JsTensor::constructor->New({});
   JsTensor* t = JsTensor::Unwrap(obj);
-  t->state = std::make_shared<TensorState>(TensorState{buffer, *dtype, shape});
+  t->state = std::make_shared<TensorState>(TensorState{buffer, *dtype, shape, std::make_shared<Lease>(buffer)});
   t->engine = this;
   t->engine_ref = Napi::Persistent(Value());
   return obj;
@@ -1330,6 +1348,7 @@ Napi::Function JsTensor::Init(Napi::Env env) {
                                      InstanceMethod("dispose", &JsTensor::Dispose),
                                      InstanceMethod("read", &JsTensor::Read),
                                      InstanceMethod("write", &JsTensor::Write),
+                                     InstanceMethod("view", &JsTensor::View),
                                      InstanceAccessor("shape", &JsTensor::GetShape, nullptr),
                                      InstanceAccessor("dtype", &JsTensor::GetDtype, nullptr),
                                      InstanceAccessor("bytes", &JsTensor::GetBytes, nullptr),
@@ -1342,8 +1361,7 @@ Napi::Function JsTensor::Init(Napi::Env env) {
 JsTensor::JsTensor(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsTensor>(info) {}
 
 Napi::Value JsTensor::Dispose(const Napi::CallbackInfo& info) {
-  // The block goes back to the engine's cache now; queued ops that use it still run first (stream order).
-  if (state) state->buffer->release();
+  // With the last lease the block goes back to the engine's cache; queued ops that use it run first.
   state.reset();
   if (!engine_ref.IsEmpty()) engine_ref.Reset();
   return info.Env().Undefined();
@@ -1374,6 +1392,25 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
   Backend* backend = &core.backend();
   core.enqueue([backend, buffer, host] { backend->upload(buffer->data(), host->data(), host->size()); }, "upload");
   return env.Undefined();
+}
+
+// view(shape: number[]): the same memory under another shape with as many elements (no copy).
+Napi::Value JsTensor::View(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const TensorState& s = live(env, "view");
+  if (info.Length() < 1 || !info[0].IsArray()) throw_coded(env, "ERR_INVALID_ARG", "view(shape: number[])");
+  std::vector<int64_t> shape = parse_shape(env, info[0].As<Napi::Array>());
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  if (numel != s.numel())
+    throw_coded(env, "ERR_SHAPE", "view " + shape_string(shape) + " has " + std::to_string(numel) + " elements, the tensor " +
+                                      shape_string(s.shape) + " has " + std::to_string(s.numel()));
+  Napi::Object obj = constructor->New({});
+  JsTensor* t = Unwrap(obj);
+  t->state = std::make_shared<TensorState>(TensorState{s.buffer, s.dtype, std::move(shape), s.lease});
+  t->engine = engine;
+  t->engine_ref = Napi::Persistent(engine_ref.Value());
+  return obj;
 }
 
 Napi::Value JsTensor::GetShape(const Napi::CallbackInfo& info) {

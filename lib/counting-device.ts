@@ -19,22 +19,38 @@ type Category = (typeof CATEGORIES)[number];
 const BLOCK_ROUNDING = 512;
 const closeEnough = (block: number, want: number) => block <= want + Math.floor(want / 4) + 4096;
 
+/** One allocation, shared by a tensor and its views; it is recycled when the last of them is disposed. */
+class CountedBlock {
+  handles = 1;
+  constructor(readonly device: CountingDevice, readonly block: number, readonly bytes: number, readonly category: Category) {}
+  drop(): void {
+    if (--this.handles === 0) this.device.recycle(this.block, this.bytes, this.category);
+  }
+}
+
 class CountedTensor implements NativeTensor {
   readonly shape: number[];
   readonly dtype: string;
-  readonly bytes: number;
-  #device: CountingDevice;
-  #block: number;
-  #category: Category;
+  #memory: CountedBlock;
   #disposed = false;
 
-  constructor(device: CountingDevice, shape: number[], dtype: DType, bytes: number, block: number, category: Category) {
-    this.#device = device;
+  constructor(memory: CountedBlock, shape: number[], dtype: string) {
+    this.#memory = memory;
     this.shape = shape;
     this.dtype = dtype;
-    this.bytes = bytes;
-    this.#block = block;
-    this.#category = category;
+  }
+
+  get bytes(): number {
+    return this.#memory.bytes;
+  }
+
+  view(shape: number[]): NativeTensor {
+    if (this.#disposed) throw new ScaleKVError('ERR_DISPOSED', 'view: tensor was disposed');
+    const numel = shape.reduce((a, b) => a * b, 1);
+    if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0) || numel * dtypeSize(this.dtype as DType) !== this.bytes)
+      throw new ScaleKVError('ERR_SHAPE', `view [${shape.join(', ')}] does not have the elements of [${this.shape.join(', ')}]`);
+    this.#memory.handles++;
+    return new CountedTensor(this.#memory, [...shape], this.dtype);
   }
 
   get disposed(): boolean {
@@ -54,7 +70,7 @@ class CountedTensor implements NativeTensor {
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
-    this.#device.recycle(this.#block, this.bytes, this.#category);
+    this.#memory.drop();
   }
 }
 
@@ -91,7 +107,7 @@ export class CountingDevice implements NativeEngine {
     this.#peak[cat] = Math.max(this.#peak[cat], this.#inUse[cat]);
     this.#totalInUse += bytes;
     this.#totalPeak = Math.max(this.#totalPeak, this.#totalInUse);
-    return new CountedTensor(this, [...shape], dtype as DType, bytes, block, cat);
+    return new CountedTensor(new CountedBlock(this, block, bytes, cat), [...shape], dtype);
   }
 
   // The smallest cached block that is at least the rounded request, if it is close enough; else a new block.

@@ -116,8 +116,21 @@ export class Tensor {
   }
 
   /**
-   * Releases the tensor. Its memory may serve the next allocation at once: work already queued on this tensor
-   * runs before any work on the new one. Idempotent.
+   * The same memory under another shape with as many elements: no copy, no allocation. Writes through either
+   * are seen by both; the memory is released when the tensor and all its views are disposed.
+   */
+  view(shape: readonly number[]): Tensor {
+    if (!Array.isArray(shape)) fail('ERR_SHAPE', 'view: shape must be an array of integers');
+    try {
+      return new Tensor(this.engine, this.native.view([...shape]), shape, this.dtype);
+    } catch (e) {
+      rethrowNative(e);
+    }
+  }
+
+  /**
+   * Releases this handle. Once no view of the same memory is left, the memory may serve the next allocation at
+   * once: work already queued on this tensor runs before any work on the new one. Idempotent.
    */
   dispose(): void {
     this.native.dispose();

@@ -12,6 +12,7 @@ export interface NativeTensor {
   readonly disposed: boolean;
   read(): Promise<ArrayBuffer>;
   write(data: ArrayBufferView): void;
+  view(shape: number[]): NativeTensor;
   dispose(): void;
 }
 
