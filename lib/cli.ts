@@ -6,6 +6,7 @@ import { ScaleKVError } from './errors.js';
 import { demoCommand, generateCommand, GENERATION_USAGE } from './cli/generation.js';
 import { calibrateCommand, evalCommand, KV_USAGE, planCommand } from './cli/kv-commands.js';
 import { verifyFixture, VERIFY_KINDS } from './verify/index.js';
+import { formatElements } from './verify/compare.js';
 
 const USAGE = `usage: scalekv <command> [options]
 
@@ -48,6 +49,11 @@ async function verify(argv: string[]): Promise<number> {
       const status = c.pass ? 'ok  ' : 'FAIL';
       const tol = c.metric === 'maxRelErr' ? ` (tol ${c.tolerance.toExponential(0)})` : '';
       process.stdout.write(`  ${status} ${c.name.padEnd(width)} ${c.metric.padEnd(11)} ${formatValue(c.metric, c.value)}${tol}${c.note && !c.pass ? `  ${c.note}` : ''}\n`);
+      if (c.elements) process.stdout.write(`       ${''.padEnd(width)} per element: ${formatElements(c.elements)}\n`);
+    }
+    for (const u of report.unchecked) {
+      const names = u.names.length > 3 ? `${u.names.slice(0, 3).join(', ')}, ... (${u.names.length})` : u.names.join(', ');
+      process.stdout.write(`  unchecked: ${names} — ${u.reason}\n`);
     }
     const failed = report.checks.filter((c) => !c.pass).length;
     process.stdout.write(`${report.checks.length - failed} passed, ${failed} failed\n`);

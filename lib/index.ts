@@ -22,16 +22,19 @@ export { createTinyModel, tinyConfig, GeneratedCheckpoint, TINY_VAE } from './mo
 export type { TextFeatures, TinyModel } from './model/tiny.js';
 export { configFromManifest } from './model/config.js';
 export { InfinityModel, TextContext } from './model/infinity.js';
-export type { InfinityLoadOptions, TextCapture, WeightSource as InfinityWeightSource } from './model/infinity.js';
+export type { InfinityLoadOptions, TextObservation, WeightSource as InfinityWeightSource } from './model/infinity.js';
 export { generate, decodeImage } from './model/generate.js';
-export type { CaptureOptions, DecodedImage, GenerateOptions, GenerateResult, ScaleTiming } from './model/generate.js';
-export { FullKvPolicy, KvCache } from './model/kv-cache.js';
-export type { AfterAttentionContext, KvCacheOptions, KvPolicy } from './model/kv-cache.js';
+export type { DecodedImage, GenerateObserver, GenerateOptions, GenerateResult, ScaleTiming } from './model/generate.js';
+export { captureObserver } from './model/capture.js';
+export type { CaptureOptions } from './model/capture.js';
 export {
-  SelectionPolicy, ScaleKvPolicy, SlidingWindowPolicy, StreamingLlmPolicy, SnapKvPolicy, PyramidKvPolicy, kvPolicyFromSpec,
-  builtinPlan,
+  KvCache, FullKvPolicy, SelectionPolicy, SelectionSession, SlidingWindowPolicy, StreamingLlmPolicy, SnapKvPolicy, PyramidKvPolicy,
+  kvPolicyFromSpec, builtinPlan,
 } from './kv/index.js';
-export type { KvTraceRecord, ScaleKvOptions, SelectionPolicyOptions, SnapKvOptions } from './kv/index.js';
+export type {
+  AfterAttentionContext, KvCacheOptions, KvGeneration, KvPlacement, KvPolicy, KvPolicySession, KvStep, KvTraceRecord, SelectionPolicyOptions,
+  SnapKvOptions,
+} from './kv/index.js';
 export { crc32, decodePng, encodePng, pngChunks } from './image/png.js';
 export type { EncodeOptions as PngEncodeOptions, PngChunk, RawImage } from './image/png.js';
 export { DTYPES, dtypeSize, f32ToBf16Bits, bf16BitsToF32, roundToBf16 } from './dtype.js';
@@ -43,8 +46,9 @@ export { openCheckpoint, infinityBlockKey, normalizeVaeKey } from './checkpoint/
 export type { Checkpoint, CheckpointDType, CheckpointFormat, OpenOptions, TensorData, TensorInfo } from './checkpoint/index.js';
 export { loadTensor } from './checkpoint/load.js';
 export type { LoadDType, LoadOptions } from './checkpoint/load.js';
-export { selectKeepIndices, ReferenceScaleKVCluster } from './scalekv/reference.js';
-export type { SelectKeepOptions, SelectKeepResult, ReferenceClusterOptions, ReferencePooling, ReferenceUpdate } from './scalekv/reference.js';
-export { observationWindow, SCALE_TOKENS_1M_SQUARE } from './scalekv/window.js';
+export { ScaleKvPolicy, observationWindow, planEntry, SCALE_TOKENS_1M_SQUARE } from './scalekv/index.js';
+export type { ScaleKvLayerState, ScaleKvOptions } from './scalekv/index.js';
 export { verifyFixture, VERIFY_KINDS } from './verify/index.js';
 export type { Check, VerifyReport } from './verify/index.js';
+export { Pipeline, parseAspect, readTextFeatures, concatTextFeatures, splitTextFeatures, repeatTextFeatures, presetConfig } from './pipeline.js';
+export type { PipelineGenerateOptions, PipelineImage, PipelineLoadOptions, PipelineProgress, PipelineResult } from './pipeline.js';

@@ -5,7 +5,7 @@ import { writeTinyModelFiles } from './checkpoint-writers.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createEngine } from '../lib/engine.js';
-import { calibrate, pickDrafters, queryRows, zScores } from '../lib/kv/asi.js';
+import { calibrate, pickDrafters, queryRows, zScores } from '../lib/scalekv/asi.js';
 import { InfinityModel } from '../lib/model/infinity.js';
 import { scaleSchedule } from '../lib/model/schedule.js';
 import { createTinyModel } from '../lib/model/tiny.js';

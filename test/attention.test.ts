@@ -1,4 +1,4 @@
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import type { Engine } from '../lib/engine.js';
 import { bf16BitsToF32, f32ToBf16Bits } from '../lib/dtype.js';
 import { attentionRef, AttentionProblem, windowRef } from './reference.js';
@@ -79,6 +79,21 @@ async function runAttention(e: Engine, p: AttentionProblem & { windowRows: Int32
   return result;
 }
 
+/** One unit in the last place of an f32 of magnitude x. */
+const ulpF32 = (x: number) => 2 ** (Math.floor(Math.log2(Math.max(x, 2 ** -126))) - 23);
+
+/**
+ * Window logits and their log-sum-exp over all keys (history, gathered or not, and current) within twice the
+ * error of the same computation in f32 arithmetic, plus one ulp of the largest value for the final rounding.
+ */
+function windowMatches(t: ExecutionContext, r: { logits?: Float32Array; lse?: Float32Array }, w: ReturnType<typeof windowRef>, label: string) {
+  for (const [name, got, exact, f32] of [['logits', r.logits, w.logits, w.logitsF32], ['lse', r.lse, w.lse, w.lseF32]] as const) {
+    const err = got ? maxAbsDiff(got, exact) : Infinity;
+    const refErr = maxAbsDiff(f32, exact);
+    t.true(err <= 2 * refErr + ulpF32(maxAbs(exact)), `${label}: window ${name} error ${err} vs f32 reference error ${refErr}`);
+  }
+}
+
 for (const backend of testBackends()) {
   for (const dtype of ['f32', 'bf16'] as const) {
     test(`attention ${backend} ${dtype}: matches a float64 reference over many shapes`, async (t) => {
@@ -97,13 +112,7 @@ for (const backend of testBackends()) {
             const refErr = maxAbsDiff(ref.outBf16!, ref.out);
             t.true(err <= 2 * refErr + 1e-6, `${label}: out error ${err} vs bf16 reference error ${refErr}`);
           }
-          if (c.window) {
-            const w = windowRef(p, p.windowRows);
-            const lerr = maxAbsDiff(r.logits!, w.logits);
-            t.true(lerr <= 1e-5 * Math.max(1, maxAbs(w.logits)), `${label}: window logits error ${lerr}`);
-            const serr = maxAbsDiff(r.lse!, w.lse);
-            t.true(serr <= 1e-5 * Math.max(1, maxAbs(w.lse)), `${label}: window lse error ${serr}`);
-          }
+          if (c.window) windowMatches(t, r, windowRef(p, p.windowRows), label);
         }
       });
     });
@@ -112,11 +121,16 @@ for (const backend of testBackends()) {
   test(`attention ${backend}: window output alone (no out) matches the reference`, async (t) => {
     const rng = new Rng(seedFor(t));
     await withEngine(backend, async (e) => {
-      const c = { rows: 2, heads: 2, lq: 40, d: 64, len: 90, extraCap: 2, lc: 0, gathered: false, window: 16 };
-      const p = makeProblem(rng, c, 'f32');
-      const r = await runAttention(e, p, 'f32', false);
-      const w = windowRef(p, p.windowRows);
-      t.true(maxAbsDiff(r.logits!, w.logits) <= 1e-5 * Math.max(1, maxAbs(w.logits)));
+      const cases: Case[] = [
+        { rows: 2, heads: 2, lq: 40, d: 64, len: 90, extraCap: 2, lc: 0, gathered: false, window: 16 },
+        { rows: 1, heads: 2, lq: 9, d: 128, len: 70, extraCap: 0, lc: 9, gathered: true, window: 9 },
+        { rows: 2, heads: 1, lq: 20, d: 64, len: 0, extraCap: 4, lc: 20, gathered: false, window: 5 },
+      ];
+      for (const c of cases)
+        for (const dtype of ['f32', 'bf16'] as const) {
+          const p = makeProblem(rng, c, dtype);
+          windowMatches(t, await runAttention(e, p, dtype, false), windowRef(p, p.windowRows), `${dtype} ${JSON.stringify(c)}`);
+        }
     });
   });
 

@@ -41,6 +41,16 @@ test('demo writes one PNG per prompt, reports on stdout and progress on stderr o
   const again = tmp(t);
   t.is(cli('demo', '--backend', 'cpu', '--out', again, '--prompt', 'a red fox', '--prompt', 'a blue lake', '--seed', '7').status, 0);
   t.deepEqual(pngs(again).map((i) => i.data), images.map((i) => i.data));
+  // A KV policy spec: the cache holds less.
+  const windowed = cli('demo', '--backend', 'cpu', '--out', tmp(t), '--prompt', 'a red fox', '--prompt', 'a blue lake', '--seed', '7', '--policy', 'streamingllm:4+60', '--json');
+  t.is(windowed.status, 0, windowed.stderr);
+  const w = JSON.parse(windowed.stdout);
+  t.is(w.policy, 'streamingllm:4+60');
+  t.true(w.kvBytes > 0 && w.kvBytes < report.kvBytes, `KV bytes ${w.kvBytes} vs full ${report.kvBytes}`);
+  t.is(w.images.length, 2);
+  const bad = cli('demo', '--backend', 'cpu', '--out', tmp(t), '--policy', 'nonsense:1');
+  t.is(bad.status, 1);
+  t.regex(bad.stderr, /ERR_INVALID_ARG/);
 });
 
 test('generate runs checkpoints and a text-features file written to disk, and rejects bad ones', (t) => {

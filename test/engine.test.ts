@@ -1,5 +1,5 @@
 import test from 'ava';
-import { backendInfo, createEngine } from '../lib/engine.js';
+import { backendInfo, createEngine, type Engine, type Tensor } from '../lib/engine.js';
 import { bf16BitsToF32, f32ToBf16Bits } from '../lib/dtype.js';
 import { Rng, seedFor, testBackends, withEngine } from './helpers.js';
 
@@ -94,24 +94,73 @@ for (const backend of testBackends()) {
     });
   });
 
-  test(`queue ${backend}: ops run in order and the event loop keeps turning while they run`, async (t) => {
+  test(`queue ${backend}: ops return before they run, run in order, and the event loop keeps turning while they run`, async (t) => {
+    const rng = new Rng(seedFor(t));
     await withEngine(backend, async (e) => {
-      const [L, D] = [2048, 128];
-      const q = e.tensor(new Float32Array(L * D).fill(0.01), [1, 4, L / 4, D], 'f32');
-      const out = e.empty([1, 4, L / 4, D], 'f32');
-      for (let i = 0; i < 4; i++) e.ops.attention({ q, current: { k: q, v: q }, out, scale: 1 });
-      let ticks = 0;
-      const timer = setInterval(() => ticks++, 1);
-      const before = Date.now();
-      await e.sync();
-      clearInterval(timer);
-      const elapsed = Date.now() - before;
-      if (elapsed > 20) t.true(ticks > 0, `no timer tick during ${elapsed} ms of compute`);
-      // In order: a write queued after an op is seen by a read queued after both.
-      out.write(new Float32Array(L * D).fill(7));
-      t.is(((await out.read()) as Float32Array)[123], 7);
+      const busy = await busyWork(e, rng);
+      const out = e.empty(busy.outShape, 'f32', { fillByte: 0xff });
+      const sevens = new Float32Array(out.size).fill(7);
+      const run = async (count: number) => {
+        // Event-loop turns, timed from now until the queue is done.
+        const gaps: number[] = [];
+        let last = performance.now();
+        const timer = setInterval(() => {
+          const now = performance.now();
+          gaps.push(now - last);
+          last = now;
+        }, 1);
+        e.startProfiling();
+        const start = performance.now();
+        busy.enqueue(count, out);
+        // Queued behind the work: a write that overtook it would be overwritten by the work's output.
+        out.write(sevens);
+        const issuedMs = performance.now() - start;
+        const readBack = out.read();
+        const deviceMs = (await e.stopProfiling()).find((p) => p.op === 'gemm')?.ms ?? 0;
+        clearInterval(timer);
+        gaps.push(performance.now() - last);
+        return { issuedMs, deviceMs, gaps, got: await readBack };
+      };
+      // The queue's own clock says how long the work ran; grow it until that is long against event-loop
+      // jitter, so every assertion below always runs and holds by that measurement, not by luck.
+      const targetMs = 200;
+      let count = busy.countFor(targetMs);
+      let r = await run(count);
+      for (let tries = 0; r.deviceMs < targetMs && tries < 5; tries++) r = await run((count = Math.ceil((count * 1.5 * targetMs) / Math.max(r.deviceMs, 1))));
+      t.true(r.deviceMs >= targetMs, `the queued work ran ${r.deviceMs} ms (${count} GEMMs)`);
+      t.true(r.issuedMs < r.deviceMs / 2, `queueing took ${r.issuedMs} ms of ${r.deviceMs} ms of work: the ops ran at the call`);
+      t.true(Math.max(...r.gaps) < r.deviceMs / 2, `the event loop stalled ${Math.max(...r.gaps)} ms during ${r.deviceMs} ms of work`);
+      t.true(r.gaps.length >= 3, `${r.gaps.length} timer ticks during ${r.deviceMs} ms of work`);
+      t.deepEqual(r.got, sevens);
+      busy.dispose();
+      out.dispose();
     });
   });
+}
+
+/**
+ * Square f32 GEMMs to keep a queue busy, sized so one takes at least a quarter millisecond (few calls per
+ * second of work, whatever the backend's speed), with `countFor(ms)` from a calibration on the queue's clock.
+ */
+async function busyWork(e: Engine, rng: Rng) {
+  for (const size of [256, 1024]) {
+    const x = e.tensor(rng.normals(size * size), [size, size], 'f32');
+    const w = e.tensor(rng.normals(size * size, 1 / Math.sqrt(size)), [size, size], 'f32');
+    const scratch = e.empty([size, size], 'f32');
+    const enqueue = (count: number, out: Tensor) => {
+      for (let i = 0; i < count; i++) e.ops.gemm({ x, w, y: i === count - 1 ? out : scratch });
+    };
+    e.startProfiling();
+    enqueue(4, scratch);
+    const perOp = ((await e.stopProfiling()).find((p) => p.op === 'gemm')?.ms ?? 0) / 4;
+    const dispose = () => [x, w, scratch].forEach((a) => a.dispose());
+    if (perOp < 0.25 && size < 1024) {
+      dispose();
+      continue;
+    }
+    return { outShape: [size, size], enqueue, dispose, countFor: (ms: number) => Math.max(1, Math.ceil(ms / Math.max(perOp, 1e-3))) };
+  }
+  throw new Error('unreachable');
 }
 
 for (const backend of testBackends()) {
@@ -127,16 +176,26 @@ for (const backend of testBackends()) {
       const ref = e.empty(shape, 'f32');
       e.ops.attention({ q: qa, current: { k: kv, v: kv }, out: ref, scale: 0.125 });
       const want = await ref.read();
-      // Queue the same attention, dispose its q at once, and let a new tensor take the block and be
-      // overwritten before the queued attention has necessarily run: the attention must still see `a`.
+      // Queue the same attention behind work that keeps the queue busy, dispose its q at once, and let a new
+      // tensor take the block and be overwritten while that attention is still queued: it must still see `a`.
+      const busy = await busyWork(e, rng);
+      const busyOut = e.empty(busy.outShape, 'f32');
       const out = e.empty(shape, 'f32', { fillByte: 0xff });
+      e.startProfiling();
+      const start = performance.now();
+      busy.enqueue(busy.countFor(100), busyOut);
       e.ops.attention({ q: qa, current: { k: kv, v: kv }, out, scale: 0.125 });
       const reservedBefore = e.memory().reserved;
       qa.dispose();
       const reuse = e.tensor(b, shape, 'f32');
       t.is(e.memory().reserved, reservedBefore, 'the disposed block was not reused');
       reuse.write(rng.normals(n));
+      const issuedMs = performance.now() - start;
+      const busyMs = (await e.stopProfiling()).find((p) => p.op === 'gemm')?.ms ?? 0;
+      t.true(issuedMs < busyMs, `the block was reused ${issuedMs} ms after queueing, when the ${busyMs} ms of work ahead of the attention may have finished`);
       t.deepEqual(await out.read(), want);
+      busy.dispose();
+      busyOut.dispose();
       // A loop of equal-shaped temporaries keeps the reserved memory flat after the first one.
       let flat = 0;
       for (let i = 0; i < 20; i++) {

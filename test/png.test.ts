@@ -1,5 +1,6 @@
 import test from 'ava';
 import { inflateSync } from 'node:zlib';
+import { decode as decodeIndependently } from 'fast-png';
 import { crc32, decodePng, encodePng, pngChunks, PNG_SIGNATURE, RawImage } from '../lib/image/png.js';
 import { Rng, seedFor } from './helpers.js';
 
@@ -50,15 +51,104 @@ test('round trip RGB / RGBA with both filter modes, odd sizes', (t) => {
         }
 });
 
-test('adaptive filtering uses the non-trivial filters and shrinks smooth images', (t) => {
+const paethPredictor = (a: number, b: number, c: number): number => {
+  const p = a + b - c;
+  const pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
+  return pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
+};
+
+/**
+ * Rows built so that each filter type is the cheapest for some of them: every designed row follows a setup row
+ * (uniform noise, or for Paeth piecewise-constant runs, where Paeth switches between its left and upper
+ * predictions and so beats both Sub and Up). Filter 0 wins on small values of alternating sign (adjacent
+ * differences are twice as large), 1 on a slow horizontal walk, 2 on a copy of the row above, 3 on the running
+ * average of left and up, 4 on the Paeth prediction plus sparse noise.
+ */
+function filterWinners(rng: Rng, width: number, height: number, channels: 3 | 4): RawImage {
+  const stride = width * channels;
+  const data = new Uint8Array(height * stride);
+  let designed = 0;
+  for (let y = 0; y < height; y++) {
+    const row = data.subarray(y * stride, (y + 1) * stride);
+    const up = y > 0 ? data.subarray((y - 1) * stride, y * stride) : new Uint8Array(stride);
+    // Even rows set up the designed odd row after them.
+    if (y % 2 === 0) designed = rng.int(0, 4);
+    const kind = y % 2 === 1 ? designed : designed === 4 ? 'runs' : 'noise';
+    for (let i = 0; i < stride; i++) {
+      const a = i >= channels ? row[i - channels] : 0, b = up[i], c = i >= channels ? up[i - channels] : 0;
+      const sparse = (amp: number) => (rng.int(0, 3) === 0 ? rng.int(-amp, amp) : 0);
+      const v =
+        kind === 'noise' ? rng.int(0, 255)
+        : kind === 'runs' ? (i >= channels && rng.int(0, 3) > 0 ? a : rng.int(0, 255))
+        : kind === 0 ? (Math.floor(i / channels) % 2 ? -1 : 1) * rng.int(2, 6)
+        : kind === 1 ? a + rng.int(-2, 2)
+        : kind === 2 ? b + sparse(1)
+        : kind === 3 ? ((a + b) >> 1) + sparse(1)
+        : paethPredictor(a, b, c) + (rng.int(0, 3) === 0 ? rng.pick([-1, 1]) * rng.int(5, 20) : 0);
+      row[i] = v & 0xff;
+    }
+  }
+  return { width, height, channels, data };
+}
+
+/** Per row, the filter type the documented rule picks: least sum of |filtered byte as int8|, ties to the lower type. */
+function cheapestFilters(img: RawImage): number[] {
+  const { width, height, channels, data } = img;
+  const stride = width * channels;
+  const out: number[] = [];
+  for (let y = 0; y < height; y++) {
+    const costs = [0, 0, 0, 0, 0];
+    for (let i = 0; i < stride; i++) {
+      const x = data[y * stride + i];
+      const a = i >= channels ? data[y * stride + i - channels] : 0;
+      const b = y > 0 ? data[(y - 1) * stride + i] : 0;
+      const c = i >= channels && y > 0 ? data[(y - 1) * stride + i - channels] : 0;
+      [0, a, b, Math.floor((a + b) / 2), paethPredictor(a, b, c)].forEach((pred, f) => {
+        const r = (x - pred + 256) % 256;
+        costs[f] += Math.min(r, 256 - r);
+      });
+    }
+    out.push(costs.indexOf(Math.min(...costs)));
+  }
+  return out;
+}
+
+/** The filter-type byte of every row, read from the inflated IDAT stream. */
+function rowFilters(png: Buffer, img: RawImage): number[] {
+  const idat = Buffer.concat(pngChunks(png).filter((c) => c.type === 'IDAT').map((c) => c.data));
+  const raw = inflateSync(idat);
+  const stride = img.width * img.channels;
+  return Array.from({ length: img.height }, (_, y) => raw[y * (stride + 1)]);
+}
+
+test('adaptive filters: each row takes the cheapest filter, all five types occur, and an independent decoder (fast-png) reads every image back exactly', (t) => {
+  const rng = new Rng(seedFor(t));
+  const sizes: [number, number][] = [[1, 9], [2, 40], [5, 60], [37, 120], [64, 160], [301, 80]];
+  for (const channels of [3, 4] as const)
+    for (const [w, h] of sizes)
+      for (const make of [filterWinners, (r: Rng, ww: number, hh: number, ch: 3 | 4) => image(r, ww, hh, ch, false), (r: Rng, ww: number, hh: number, ch: 3 | 4) => image(r, ww, hh, ch, true)]) {
+        const img = make(rng, w, h, channels);
+        const label = `${w}x${h}x${channels} ${make === filterWinners ? 'filter winners' : 'gradient/noise'}`;
+        const png = encodePng(img, { filter: 'adaptive' });
+        const filters = rowFilters(png, img);
+        t.deepEqual(filters, cheapestFilters(img), `${label}: per-row filter choice`);
+        if (make === filterWinners && w >= 37) t.deepEqual([...new Set(filters)].sort(), [0, 1, 2, 3, 4], `${label}: filter types used`);
+        const decoded = decodeIndependently(png, { checkCrc: true });
+        t.is(decoded.width, w, label);
+        t.is(decoded.height, h, label);
+        t.is(decoded.depth, 8, label);
+        t.is(decoded.channels, channels, label);
+        t.true(Buffer.from(decoded.data.buffer, decoded.data.byteOffset, decoded.data.byteLength).equals(img.data), `${label}: pixels`);
+        const plain = decodeIndependently(encodePng(img, { filter: 'none' }));
+        t.true(Buffer.from(plain.data.buffer, plain.data.byteOffset, plain.data.byteLength).equals(img.data), `${label}: pixels, filter none`);
+      }
+});
+
+test('adaptive filtering shrinks smooth images', (t) => {
   const rng = new Rng(seedFor(t));
   const img = image(rng, 128, 96, 3, true);
   const plain = encodePng(img, { filter: 'none' });
   const adaptive = encodePng(img, { filter: 'adaptive' });
-  const raw = inflateSync(pngChunks(adaptive)[1].data);
-  const types = new Set<number>();
-  for (let y = 0; y < 96; y++) types.add(raw[y * (128 * 3 + 1)]);
-  t.true([...types].some((f) => f !== 0), `filters used: ${[...types]}`);
   t.true(adaptive.length < plain.length, `${adaptive.length} < ${plain.length}`);
 });
 

@@ -69,29 +69,48 @@ export function attentionRef(p: AttentionProblem, roundBf16?: (x: number) => num
   return { out, outBf16 };
 }
 
-export function windowRef(p: AttentionProblem, rowsIdx: Int32Array): { logits: Float64Array; lse: Float64Array } {
+/**
+ * The window output in float64, and the same quantities computed in f32 arithmetic (every product, sum, exp
+ * and log rounded to f32, keys summed in order): the error of that f32 pipeline sets the kernels' tolerance.
+ */
+export function windowRef(p: AttentionProblem, rowsIdx: Int32Array): { logits: Float64Array; lse: Float64Array; logitsF32: Float32Array; lseF32: Float32Array } {
   const { rows, heads, lq, d } = p;
+  const f = Math.fround;
   const nKeys = (p.gather ? p.gather.length / (rows * heads) : p.len) + p.lc;
   const logits = new Float64Array(rows * heads * rowsIdx.length * nKeys);
+  const logitsF32 = new Float32Array(logits.length);
   const lse = new Float64Array(rows * heads * rowsIdx.length);
+  const lseF32 = new Float32Array(lse.length);
   for (let rh = 0; rh < rows * heads; rh++) {
     const { k } = keysOf(p, rh);
     rowsIdx.forEach((r, w) => {
       const q = p.q.subarray((rh * lq + r) * d, (rh * lq + r + 1) * d);
-      let m = -Infinity;
       const base = (rh * rowsIdx.length + w) * nKeys;
       k.forEach((kj, j) => {
         let acc = 0;
-        for (let x = 0; x < d; x++) acc += q[x] * kj[x];
+        let acc32 = 0;
+        for (let x = 0; x < d; x++) {
+          acc += q[x] * kj[x];
+          acc32 = f(acc32 + f(q[x] * kj[x]));
+        }
         logits[base + j] = acc * p.scale;
-        m = Math.max(m, logits[base + j]);
+        logitsF32[base + j] = f(acc32 * p.scale);
       });
+      const row = logits.subarray(base, base + nKeys);
+      const row32 = logitsF32.subarray(base, base + nKeys);
+      const m = Math.max(...row);
+      const m32 = Math.max(...row32);
       let sum = 0;
-      for (let j = 0; j < nKeys; j++) sum += Math.exp(logits[base + j] - m);
+      let sum32 = 0;
+      for (let j = 0; j < nKeys; j++) {
+        sum += Math.exp(row[j] - m);
+        sum32 = f(sum32 + f(Math.exp(f(row32[j] - m32))));
+      }
       lse[rh * rowsIdx.length + w] = m + Math.log(sum);
+      lseF32[rh * rowsIdx.length + w] = f(m32 + f(Math.log(sum32)));
     });
   }
-  return { logits, lse };
+  return { logits, lse, logitsF32, lseF32 };
 }
 
 export interface SelectionProblem {

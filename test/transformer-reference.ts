@@ -32,7 +32,7 @@ export function gemmRef(x: Float32Array, w: Float32Array, bias: Float32Array | u
 
 /** LayerNorm of each C-row, then modulate (scale/shift rows per image b = row / tokens) or affine. */
 export function layerNormRef(
-  x: Float32Array, rows: number, tokens: number, C: number, eps: number,
+  x: ArrayLike<number>, rows: number, tokens: number, C: number, eps: number,
   mod?: { scale: (b: number, c: number) => number; shift: (b: number, c: number) => number },
   affine?: { weight: Float32Array; bias: Float32Array },
 ): Float64Array {
@@ -78,7 +78,7 @@ export function ropeRef(v: Float64Array, y: number, x: number): Float64Array {
 }
 
 /** Varlen cross-attention, q/out [B, L, H, c], k/v [N, H, c]. */
-export function crossAttentionRef(q: Float32Array, k: Float32Array, v: Float32Array, cu: Int32Array, B: number, L: number, H: number, c: number, scale: number): Float64Array {
+export function crossAttentionRef(q: ArrayLike<number>, k: ArrayLike<number>, v: ArrayLike<number>, cu: ArrayLike<number>, B: number, L: number, H: number, c: number, scale: number): Float64Array {
   const out = new Float64Array(B * L * H * c);
   for (let b = 0; b < B; b++) {
     for (let l = 0; l < L; l++) {
@@ -102,6 +102,173 @@ export function crossAttentionRef(q: Float32Array, k: Float32Array, v: Float32Ar
       }
     }
   }
+  return out;
+}
+
+// ---- The Infinity block stack and head (spec sec. 5-7), for the bf16 model's tolerance.
+
+/** f32 host arrays of a checkpoint by official key. */
+export type WeightLookup = (name: string) => Float32Array;
+
+export interface InfinityRefProblem {
+  embedDim: number;
+  numHeads: number;
+  headDim: number;
+  depth: number;
+  blocksPerChunk: number;
+  ffnHidden: number;
+  vocab: number;
+  normEps: number;
+  /** Token grids (h, w) in scale order. */
+  schedule: readonly (readonly [number, number])[];
+  /** The RoPE normalisation grid: the final grid of the 1M schedule of the same aspect ratio (spec sec. 6). */
+  ropeGrid: readonly [number, number];
+  /** Per scale, block 0's input [rows, n, C] after lvl_embed; teacher forcing makes it independent of the blocks. */
+  xIn: readonly Float32Array[];
+  /** shared_ada_lin(cond) [rows, 6, C], before each block's ada_gss. */
+  condGss: Float32Array;
+  /** The pooled text [rows, C] (cond_BD). */
+  condBD: Float32Array;
+  /** text_proj_for_ca output [N, C], rows of each transformer row's prompt at cuSeqlens[r]..cuSeqlens[r + 1]. */
+  textKv: Float32Array;
+  cuSeqlens: readonly number[];
+  cfg: readonly number[];
+  tau: readonly number[];
+  /** Images B: rows 0..B-1 conditional, B..2B-1 unconditional. */
+  batch: number;
+}
+
+/** torch.round: half to even. */
+function roundHalfEven(x: number): number {
+  const f = Math.floor(x);
+  const d = x - f;
+  return d > 0.5 ? f + 1 : d < 0.5 ? f : f % 2 === 0 ? f : f + 1;
+}
+
+/** y [m, n] = x [m, k] . w[n, k] + bias, in float64. */
+function linearRef(x: ArrayLike<number>, w: ArrayLike<number>, bias: ArrayLike<number> | undefined, m: number, n: number, k: number): Float64Array {
+  // One element type in the inner loop keeps it fast.
+  const [xs, ws] = [Float64Array.from(x), Float64Array.from(w)];
+  const y = new Float64Array(m * n);
+  for (let i = 0; i < m; i++)
+    for (let j = 0; j < n; j++) {
+      let acc = bias ? bias[j] : 0;
+      for (let p = 0; p < k; p++) acc += xs[i * k + p] * ws[j * k + p];
+      y[i * n + j] = acc;
+    }
+  return y;
+}
+
+/**
+ * Per scale the logits [B, n, 2d] after tau and CFG, of the block stack and head in float64. With `bf16`, values
+ * are rounded where the engine's bf16 model holds them in bf16: the block Linear weights, the qkv projection,
+ * q / k / v after normalisation and RoPE (so the KV cache), and in attention the probabilities and the output
+ * (as the tensor-core kernel rounds them). Everything else (residual stream, norms, AdaLN, cross-attention,
+ * the head) stays exact, as the engine keeps it in f32.
+ */
+export function infinityLogitsRef(weight: WeightLookup, p: InfinityRefProblem, bf16?: (x: number) => number): Float64Array[] {
+  const { embedDim: C, numHeads: H, headDim: hd, normEps: eps, vocab: V, batch: B } = p;
+  const round = bf16 ?? ((x: number) => x);
+  const blockWeight = (name: string) => (bf16 ? weight(name).map(bf16) : weight(name));
+  const rows = p.xIn[0].length / C;
+  const nText = p.textKv.length / C;
+  const [uh, uw] = p.ropeGrid;
+  // Per layer and (row, head): the cached keys and values of every scale so far.
+  const cacheK = Array.from({ length: p.depth }, () => Array.from({ length: rows * H }, () => [] as Float64Array[]));
+  const cacheV = Array.from({ length: p.depth }, () => Array.from({ length: rows * H }, () => [] as Float64Array[]));
+  const blocks = Array.from({ length: p.depth }, (_, l) => {
+    const pre = `block_chunks.${Math.floor(l / p.blocksPerChunk)}.module.${l % p.blocksPerChunk}.`;
+    const gss = weight(`${pre}ada_gss`);
+    const caKvBias = new Float64Array(2 * C);
+    caKvBias.set(weight(`${pre}ca.v_bias`), C);
+    const textKv = linearRef(p.textKv, blockWeight(`${pre}ca.mat_kv.weight`), caKvBias, nText, 2 * C, C);
+    return {
+      pre, qkvW: blockWeight(`${pre}sa.mat_qkv.weight`), projW: blockWeight(`${pre}sa.proj.weight`),
+      caQW: blockWeight(`${pre}ca.mat_q.weight`), caProjW: blockWeight(`${pre}ca.proj.weight`),
+      fc1W: blockWeight(`${pre}ffn.fc1.weight`), fc2W: blockWeight(`${pre}ffn.fc2.weight`),
+      ada: (r: number, slot: number, c: number) => p.condGss[(r * 6 + slot) * C + c] + gss[slot * C + c],
+      textK: Float64Array.from({ length: nText * C }, (_, i) => textKv[Math.floor(i / C) * 2 * C + (i % C)]),
+      textV: Float64Array.from({ length: nText * C }, (_, i) => textKv[Math.floor(i / C) * 2 * C + C + (i % C)]),
+    };
+  });
+  const silu = Array.from(p.condBD, (v) => v / (1 + Math.exp(-v)));
+  const headAda = linearRef(silu, weight('head_nm.ada_lin.1.weight'), weight('head_nm.ada_lin.1.bias'), rows, 2 * C, C);
+  const out: Float64Array[] = [];
+  p.schedule.forEach(([gh, gw], si) => {
+    const n = gh * gw;
+    const pos = Array.from({ length: n }, (_, t) => [
+      roundHalfEven(Math.fround(Math.floor(t / gw) * Math.fround(uh / gh))),
+      roundHalfEven(Math.fround((t % gw) * Math.fround(uw / gw))),
+    ]);
+    const x = Float64Array.from(p.xIn[si]);
+    const addInto = (y: ArrayLike<number>, gateSlot: number | undefined, blk: (typeof blocks)[number]) => {
+      for (let i = 0; i < x.length; i++) {
+        const r = Math.floor(i / (n * C));
+        x[i] += (gateSlot === undefined ? 1 : blk.ada(r, gateSlot, i % C)) * y[i];
+      }
+    };
+    blocks.forEach((blk, l) => {
+      const w = (name: string) => weight(blk.pre + name);
+      const modulated = (scaleSlot: number, shiftSlot: number) =>
+        layerNormRef(x, rows * n, n, C, eps, { scale: (r, c) => blk.ada(r, scaleSlot, c), shift: (r, c) => blk.ada(r, shiftSlot, c) });
+      // Self-attention over [cache ‖ this scale], cosine attention with 2-D RoPE, no mask.
+      const qkv = linearRef(modulated(2, 4), blk.qkvW, undefined, rows * n, 3 * C, C).map(round);
+      const [qBias, vBias, scaleMul] = [w('sa.q_bias'), w('sa.v_bias'), w('sa.scale_mul_1H11')];
+      const queries: Float64Array[] = [];
+      for (let r = 0; r < rows; r++)
+        for (let h = 0; h < H; h++)
+          for (let t = 0; t < n; t++) {
+            const at = (part: number, bias?: Float32Array) => Float64Array.from({ length: hd }, (_, c) => qkv[(r * n + t) * 3 * C + part * C + h * hd + c] + (bias ? bias[h * hd + c] : 0));
+            const unit = (v: Float64Array, mul: number) => {
+              const norm = Math.max(Math.hypot(...v), 1e-12);
+              return v.map((e) => (e / norm) * mul);
+            };
+            const [y, xx] = pos[t];
+            queries[(r * H + h) * n + t] = ropeRef(unit(at(0, qBias), Math.exp(Math.min(scaleMul[h], Math.log(100)))), y, xx).map(round);
+            cacheK[l][r * H + h].push(ropeRef(unit(at(1), 1), y, xx).map(round));
+            cacheV[l][r * H + h].push(at(2, vBias).map(round));
+          }
+      const o = new Float64Array(rows * n * C);
+      for (let r = 0; r < rows; r++)
+        for (let h = 0; h < H; h++) {
+          const [ks, vs] = [cacheK[l][r * H + h], cacheV[l][r * H + h]];
+          for (let t = 0; t < n; t++) {
+            const q = queries[(r * H + h) * n + t];
+            const e = new Float64Array(ks.length);
+            let m = -Infinity;
+            for (let j = 0; j < ks.length; j++) {
+              let acc = 0;
+              for (let c = 0; c < hd; c++) acc += ks[j][c] * q[c];
+              e[j] = acc;
+              m = Math.max(m, acc);
+            }
+            let sum = 0;
+            for (let j = 0; j < e.length; j++) sum += e[j] = Math.exp(e[j] - m);
+            const acc = new Float64Array(hd);
+            for (let j = 0; j < e.length; j++) {
+              const pj = round(e[j] / sum);
+              for (let c = 0; c < hd; c++) acc[c] += pj * vs[j][c];
+            }
+            for (let c = 0; c < hd; c++) o[(r * n + t) * C + h * hd + c] = round(acc[c]);
+          }
+        }
+      addInto(linearRef(o, blk.projW, w('sa.proj.bias'), rows * n, C, C), 0, blk);
+      // Cross-attention on the text (no gate).
+      const hn = layerNormRef(x, rows * n, n, C, eps, undefined, { weight: w('ca_norm.weight'), bias: w('ca_norm.bias') });
+      const cq = linearRef(hn, blk.caQW, w('ca.mat_q.bias'), rows * n, C, C);
+      const co = crossAttentionRef(cq, blk.textK, blk.textV, p.cuSeqlens, rows, n, H, hd, 1 / Math.sqrt(hd));
+      addInto(linearRef(co, blk.caProjW, w('ca.proj.bias'), rows * n, C, C), undefined, blk);
+      // FFN.
+      const f1 = linearRef(modulated(3, 5), blk.fc1W, w('ffn.fc1.bias'), rows * n, p.ffnHidden, C).map(geluTanh);
+      addInto(linearRef(f1, blk.fc2W, w('ffn.fc2.bias'), rows * n, C, p.ffnHidden), 1, blk);
+    });
+    const hs = layerNormRef(x, rows * n, n, C, eps, { scale: (r, c) => headAda[r * 2 * C + c], shift: (r, c) => headAda[r * 2 * C + C + c] });
+    const z = linearRef(hs, weight('head.weight'), weight('head.bias'), rows * n, V, C).map((v) => v / p.tau[si]);
+    const cfg = p.cfg[si];
+    const logits = new Float64Array(B * n * V);
+    for (let i = 0; i < logits.length; i++) logits[i] = cfg === 1 ? z[i] : cfg * z[i] + (1 - cfg) * z[B * n * V + i];
+    out.push(logits);
+  });
   return out;
 }
 

@@ -78,15 +78,22 @@ if (!vaeDir || !fullDir) {
         e.ops.imageToU8({ image: raw, out: pixels, bgr: true });
         const u8 = (await pixels.read()) as Uint8Array;
         const official = io.i32('image_uint8_bgr');
-        // Truncation turns a 1e-6 difference at an integer boundary into one step: allow a few such pixels.
-        let off = 0, worst = 0;
+        // A byte may differ by one step only where truncation decides within the float image's error (and
+        // the f32 rounding of (x + 1) / 2 * 255) of an integer: anywhere else it must be equal.
+        const floatErr = maxAbsDiff(rawValues.map((v) => Math.min(1, Math.max(-1, v))), want);
+        const edgeTolerance = 127.5 * floatErr + 2 * 2 ** -16;
+        let off = 0, worst = 0, unexplained = 0;
         for (let i = 0; i < official.length; i++) {
           const d = Math.abs(u8[i] - official[i]);
-          if (d) off++;
+          if (!d) continue;
+          off++;
           worst = Math.max(worst, d);
+          const [pixel, bgr] = [Math.floor(i / 3), i % 3];
+          const level = ((want[(2 - bgr) * H * W + (pixel % (H * W))] + 1) / 2) * 255;
+          if (Math.abs(level - Math.round(level)) > edgeTolerance) unexplained++;
         }
-        t.log(`uint8 BGR: ${off} of ${official.length} values differ, by at most ${worst}`);
-        t.true(worst <= 1 && off <= official.length * 1e-3, `${off} values differ, worst ${worst}`);
+        t.log(`uint8 BGR: ${off} of ${official.length} values differ, by at most ${worst}; edge tolerance ${edgeTolerance}`);
+        t.true(worst <= 1 && unexplained === 0, `${off} values differ (${unexplained} away from a truncation edge), worst ${worst}`);
         vae.dispose();
       });
       io.close();

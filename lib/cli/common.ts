@@ -1,51 +1,69 @@
-// Helpers shared by the CLI commands that load models and text features.
-import { Checkpoint } from '../checkpoint/index.js';
-import { toHostArray } from '../checkpoint/load.js';
+// What the CLI commands share: number flags, the progress line, and the one way they load a model (a Pipeline)
+// and its prompts from --weights/--vae/--text/--preset/--dtype/--backend/--prompt.
+import type { BackendChoice } from '../engine.js';
 import { fail } from '../errors.js';
 import type { TextFeatures } from '../model/infinity.js';
-import { SafetensorsFile } from '../safetensors.js';
+import type { PresetName } from '../model/presets.js';
+import { Pipeline, PipelineProgress, presetConfig, readTextFeatures } from '../pipeline.js';
 
-export function parseAspect(s: string | undefined): number {
-  if (s === undefined) return 1;
-  const m = /^(\d+(?:\.\d+)?)(?:[/:](\d+(?:\.\d+)?))?$/.exec(s.trim());
-  const v = m ? (m[2] ? Number(m[1]) / Number(m[2]) : Number(m[1])) : NaN;
-  if (!(v > 0) || !Number.isFinite(v)) fail('ERR_INVALID_ARG', `--aspect must be a ratio h/w such as 1, 4/3 or 0.75, got '${s}'`);
+export function parseNumber(s: string | undefined, what: string, dflt: number): number {
+  if (s === undefined) return dflt;
+  const v = Number(s);
+  if (!Number.isFinite(v)) fail('ERR_INVALID_ARG', `${what} must be a number, got '${s}'`);
   return v;
 }
 
-export function concatText(parts: TextFeatures[]): TextFeatures {
-  const total = parts.reduce((n, p) => n + p.kv.length, 0);
-  const kv = new Float32Array(total);
-  let at = 0;
-  for (const p of parts) {
-    kv.set(p.kv, at);
-    at += p.kv.length;
-  }
-  return { kv, lens: parts.flatMap((p) => [...p.lens]) };
+/** Progress on stderr: a bar on a terminal, a line per step otherwise. */
+export function progressLine(): (p: PipelineProgress) => void {
+  const tty = process.stderr.isTTY;
+  return ({ stage, done, total }) => {
+    if (stage !== 'sampling') return;
+    if (tty) {
+      const width = 24;
+      const filled = Math.round((done / total) * width);
+      process.stderr.write(`\rsampling [${'#'.repeat(filled)}${' '.repeat(width - filled)}] scale ${done}/${total}`);
+      if (done === total) process.stderr.write('\n');
+    } else {
+      process.stderr.write(`sampling: scale ${done}/${total}\n`);
+    }
+  };
 }
 
-/** The VAE decoder's tensors as f32 host arrays (the decoder is small next to the transformer). */
-export async function readVaeDecoder(ckpt: Checkpoint): Promise<Map<string, Float32Array>> {
-  const out = new Map<string, Float32Array>();
-  for (const name of ckpt.names) {
-    if (!name.startsWith('decoder.')) continue;
-    out.set(name, toHostArray(await ckpt.read(name), 'f32', name) as Float32Array);
-  }
-  if (!out.size) fail('ERR_FORMAT', `${ckpt.path}: no VAE decoder tensors (decoder.*)`);
-  return out;
+export interface ModelFlags {
+  weights?: string;
+  vae?: string;
+  text?: string;
+  preset?: string;
+  dtype?: string;
+  backend?: string;
+  prompt?: string[];
 }
 
-export function loadTextFeatures(path: string, channels: number): TextFeatures {
-  const f = new SafetensorsFile(path);
-  try {
-    if (!f.has('kv') || !f.has('lens')) fail('ERR_FORMAT', `${path}: text features need tensors 'kv' [tokens, ${channels}] and 'lens' [prompts]`);
-    const shape = f.entry('kv').shape;
-    if (shape.length !== 2 || shape[1] !== channels) fail('ERR_SHAPE', `${path}: 'kv' must be [tokens, ${channels}], got ${JSON.stringify(shape)}`);
-    const lens = Array.from(f.i32('lens'));
-    if (!lens.length || lens.some((n) => n < 1) || lens.reduce((a, b) => a + b, 0) !== shape[0])
-      fail('ERR_SHAPE', `${path}: 'lens' must be positive and sum to the ${shape[0]} rows of 'kv'`);
-    return { kv: f.f32('kv'), lens };
-  } finally {
-    f.close();
+/**
+ * The model of a command: with --weights, that checkpoint (--preset, default infinity-2b; --vae when `decode`) and
+ * the T5 features of --text (read first, so a bad file fails before a long load); without, the built-in tiny
+ * model and the --prompt texts (or `defaultPrompts`).
+ */
+export async function loadFromFlags(f: ModelFlags, o: { decode: boolean; defaultPrompts: readonly string[] }): Promise<{ pipeline: Pipeline; text: TextFeatures }> {
+  if (f.dtype !== undefined && f.dtype !== 'bf16' && f.dtype !== 'f32') fail('ERR_INVALID_ARG', `--dtype must be bf16 or f32, got '${f.dtype}'`);
+  const backend = (f.backend ?? 'auto') as BackendChoice;
+  if (!f.weights) {
+    if (f.text || f.vae || f.preset) fail('ERR_INVALID_ARG', '--text, --vae and --preset need --weights (without them the built-in tiny model runs)');
+    const pipeline = await Pipeline.load({ backend, dtype: f.dtype as 'bf16' | 'f32' | undefined, decode: o.decode });
+    try {
+      return { pipeline, text: pipeline.text({ prompts: f.prompt?.length ? f.prompt : o.defaultPrompts }) };
+    } catch (e) {
+      await pipeline.dispose();
+      throw e;
+    }
   }
+  if (!f.text) fail('ERR_INVALID_ARG', '--weights needs --text (precomputed T5 features)');
+  if (f.prompt?.length) fail('ERR_INVALID_ARG', '--prompt needs the T5 text encoder (not available yet): give --text features');
+  if (o.decode && !f.vae) fail('ERR_INVALID_ARG', '--weights needs --vae here');
+  const { config } = presetConfig(f.preset);
+  const text = readTextFeatures(f.text, config.textChannels);
+  const pipeline = await Pipeline.load({
+    backend, weights: f.weights, vae: o.decode ? f.vae : undefined, preset: f.preset as PresetName | 'tiny' | undefined, dtype: f.dtype as 'bf16' | 'f32' | undefined, decode: o.decode,
+  });
+  return { pipeline, text };
 }

@@ -4,22 +4,15 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { openCheckpoint } from '../checkpoint/index.js';
-import { BackendChoice, createEngine, Engine } from '../engine.js';
 import { fail } from '../errors.js';
 import { fidelity, Fidelity } from '../eval/metrics.js';
-import { calibrate } from '../kv/asi.js';
+import { calibrate } from '../scalekv/asi.js';
 import { largestBatch, MemoryPlan, parseBytes, planMemory } from '../kv/planner.js';
 import { paperTokensForSpec, resolvePolicy } from '../kv/resolve.js';
-import { decodeImage, generate } from '../model/generate.js';
-import { InfinityModel, TextFeatures } from '../model/infinity.js';
-import type { KvPolicy } from '../model/kv-cache.js';
-import { InfinityConfig, preset, PRESET_NAMES, PresetName } from '../model/presets.js';
 import { PixelBudget, scaleSchedule } from '../model/schedule.js';
-import { createTinyModel, TINY_VAE, tinyConfig } from '../model/tiny.js';
-import { VaeDecoder, VaeDecoderConfig } from '../model/vae.js';
-import { concatText, loadTextFeatures, parseAspect, readVaeDecoder } from './common.js';
+import { parseAspect, presetConfig, splitTextFeatures } from '../pipeline.js';
 import { budgetPlanToJson } from '../scalekv/budget.js';
+import { loadFromFlags, parseNumber } from './common.js';
 
 export const KV_USAGE = `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--policy SPEC] [--pn 1M] [--aspect H/W]
        [--dtype bf16|f32] [--k-dtype f32|bf16] [--text-tokens T] [--no-cfg] [--no-decode] [--device-memory 80GiB] [--json]
@@ -42,19 +35,6 @@ export const KV_USAGE = `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--b
 `;
 
 const MiB = (n: number) => (n / 2 ** 20).toFixed(1);
-
-function parseNum(s: string | undefined, what: string, dflt: number): number {
-  if (s === undefined) return dflt;
-  const v = Number(s);
-  if (!Number.isFinite(v)) fail('ERR_INVALID_ARG', `${what} must be a number, got '${s}'`);
-  return v;
-}
-
-function configFor(name: string): InfinityConfig {
-  if (name === 'tiny') return { ...tinyConfig(), vae: { ...TINY_VAE, chMult: [...TINY_VAE.chMult] } };
-  if (!PRESET_NAMES.includes(name as PresetName)) fail('ERR_INVALID_ARG', `unknown preset '${name}' (${[...PRESET_NAMES, 'tiny'].join(', ')})`);
-  return preset(name as PresetName);
-}
 
 function dtypeArg(s: string | undefined, what: string, dflt: 'bf16' | 'f32'): 'bf16' | 'f32' {
   const v = s ?? dflt;
@@ -112,9 +92,9 @@ export async function planCommand(argv: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
     },
   });
-  const config = configFor(values.preset);
+  const { config } = presetConfig(values.preset);
   const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn: values.pn as PixelBudget, patchify: config.patchify });
-  const batch = parseNum(values.batch, '--batch', 1);
+  const batch = parseNumber(values.batch, '--batch', 1);
   const spec = values.policy;
   const dtype = dtypeArg(values.dtype, '--dtype', 'bf16');
   const base = {
@@ -126,7 +106,7 @@ export async function planCommand(argv: string[]): Promise<number> {
     dtype,
     paperKDtype: dtypeArg(values['k-dtype'], '--k-dtype', dtype),
     paperTokensPerLayer: paperTokensForSpec(spec, sched.tokensPerScale),
-    textTokens: values['text-tokens'] === undefined ? undefined : parseNum(values['text-tokens'], '--text-tokens', config.textMaxlen),
+    textTokens: values['text-tokens'] === undefined ? undefined : parseNumber(values['text-tokens'], '--text-tokens', config.textMaxlen),
   };
   const p = await planMemory({ ...base, batch });
   const device = values['device-memory'] !== undefined ? parseBytes(values['device-memory']) : undefined;
@@ -134,77 +114,6 @@ export async function planCommand(argv: string[]): Promise<number> {
   if (values.json) process.stdout.write(JSON.stringify({ ...p, policy: spec, deviceMemory: device, largestBatch: fit }, null, 2) + '\n');
   else process.stdout.write(planTable({ ...p, policy: spec }, device, fit));
   return 0;
-}
-
-// ---- model loading shared by calibrate and eval
-
-interface Loaded {
-  engine: Engine;
-  model: InfinityModel;
-  config: InfinityConfig;
-  vae?: VaeDecoder;
-  presetName?: string;
-  prompts: TextFeatures;
-  close(): void;
-}
-
-/** Splits B-prompt features into B single-prompt features. */
-function splitText(t: TextFeatures): TextFeatures[] {
-  const C = t.kv.length / t.lens.reduce((a, b) => a + b, 0);
-  const out: TextFeatures[] = [];
-  let at = 0;
-  for (const n of t.lens) {
-    out.push({ kv: t.kv.slice(at * C, (at + n) * C), lens: [n] });
-    at += n;
-  }
-  return out;
-}
-
-async function loadModel(v: { weights?: string; vae?: string; text?: string; preset?: string; dtype?: string; backend?: string; prompt?: string[] }, needVae: boolean, defaultPrompts: string[]): Promise<Loaded> {
-  const engine = await createEngine({ backend: (v.backend ?? 'auto') as BackendChoice });
-  const closers: (() => void)[] = [() => engine.dispose()];
-  const close = () => {
-    for (const c of closers.reverse()) c();
-  };
-  try {
-    if (!v.weights) {
-      if (v.text || v.vae) fail('ERR_INVALID_ARG', '--text/--vae need --weights (without them the built-in tiny model runs)');
-      const tiny = createTinyModel(0);
-      const model = await InfinityModel.load(engine, tiny.weights, tiny.config, { dtype: 'f32' });
-      closers.push(() => model.dispose());
-      let vae: VaeDecoder | undefined;
-      if (needVae) {
-        vae = await VaeDecoder.load(engine, await readVaeDecoder(tiny.vae), tiny.vaeConfig);
-        const d = vae;
-        closers.push(() => d.dispose());
-      }
-      const prompts = concatText((v.prompt?.length ? v.prompt : defaultPrompts).map((p) => tiny.encodeText(p)));
-      return { engine, model, config: tiny.config, vae, prompts, close };
-    }
-    if (!v.text) fail('ERR_INVALID_ARG', '--weights needs --text (precomputed T5 features)');
-    if (needVae && !v.vae) fail('ERR_INVALID_ARG', '--weights needs --vae here');
-    const presetName = v.preset ?? 'infinity-2b';
-    const config = configFor(presetName);
-    const prompts = loadTextFeatures(v.text, config.textChannels);
-    const weights = openCheckpoint(v.weights);
-    closers.push(() => weights.close());
-    const model = await InfinityModel.load(engine, weights, config, { dtype: dtypeArg(v.dtype, '--dtype', engine.backend === 'cuda' ? 'bf16' : 'f32') });
-    closers.push(() => model.dispose());
-    let vae: VaeDecoder | undefined;
-    if (needVae) {
-      const vaeFile = openCheckpoint(v.vae as string);
-      closers.push(() => vaeFile.close());
-      const src = vaeFile.names.some((n) => n.startsWith('vae.')) ? openCheckpoint(v.vae as string, { prefix: 'vae.' }) : vaeFile;
-      if (src !== vaeFile) closers.push(() => src.close());
-      vae = await VaeDecoder.load(engine, await readVaeDecoder(src), config.vae as VaeDecoderConfig);
-      const d = vae;
-      closers.push(() => d.dispose());
-    }
-    return { engine, model, config, vae, presetName: presetName === 'tiny' ? undefined : presetName, prompts, close };
-  } catch (e) {
-    close();
-    throw e;
-  }
 }
 
 const DEFAULT_PROMPTS = ['a red fox in the snow', 'a lighthouse on a cliff at dawn', 'a bowl of fruit on a wooden table', 'a city street at night in the rain'];
@@ -235,22 +144,22 @@ export async function calibrateCommand(argv: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
     },
   });
-  const L = await loadModel(values, false, DEFAULT_PROMPTS);
+  const { pipeline, text } = await loadFromFlags(values, { decode: false, defaultPrompts: DEFAULT_PROMPTS });
   try {
     const pn = (values.pn ?? (values.weights ? '1M' : '0.06M')) as PixelBudget;
-    const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn, patchify: L.config.patchify });
+    const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn, patchify: pipeline.config.patchify });
     const started = performance.now();
-    const r = await calibrate(L.model, {
-      prompts: splitText(L.prompts),
+    const r = await calibrate(pipeline.model, {
+      prompts: splitTextFeatures(text),
       schedule: sched.scales,
       budget: fraction(values.budget),
-      drafters: values.drafters === undefined ? undefined : parseNum(values.drafters, '--drafters', 1),
-      topK: values['top-k'] === undefined ? undefined : parseNum(values['top-k'], '--top-k', 64),
+      drafters: values.drafters === undefined ? undefined : parseNumber(values.drafters, '--drafters', 1),
+      topK: values['top-k'] === undefined ? undefined : parseNumber(values['top-k'], '--top-k', 64),
       normalizeHistory: !values['no-normalize-history'],
-      maxQueries: values['max-queries'] === undefined ? undefined : parseNum(values['max-queries'], '--max-queries', 256),
-      scales: values.scales?.split(',').map((s) => parseNum(s, '--scales', 0)),
-      cfg: parseNum(values.cfg, '--cfg', 3),
-      seed: parseNum(values.seed, '--seed', 0),
+      maxQueries: values['max-queries'] === undefined ? undefined : parseNumber(values['max-queries'], '--max-queries', 256),
+      scales: values.scales?.split(',').map((s) => parseNumber(s, '--scales', 0)),
+      cfg: parseNumber(values.cfg, '--cfg', 3),
+      seed: parseNumber(values.seed, '--seed', 0),
       onProgress: (i, n) => process.stderr.write(`calibration prompt ${i + 1}/${n}\n`),
     });
     const ms = performance.now() - started;
@@ -274,7 +183,7 @@ export async function calibrateCommand(argv: string[]): Promise<number> {
     }
     return 0;
   } finally {
-    L.close();
+    await pipeline.dispose();
   }
 }
 
@@ -311,10 +220,10 @@ export async function evalCommand(argv: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
     },
   });
-  const L = await loadModel(values, true, DEFAULT_PROMPTS.slice(0, 2));
+  const { pipeline, text } = await loadFromFlags(values, { decode: true, defaultPrompts: DEFAULT_PROMPTS.slice(0, 2) });
   try {
     const pn = (values.pn ?? (values.weights ? '1M' : '0.06M')) as PixelBudget;
-    const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn, patchify: L.config.patchify });
+    const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn, patchify: pipeline.config.patchify });
     const hist = sched.tokensPerScale.slice(0, -1).reduce((a, b) => a + b, 0);
     const b10 = Math.max(8, Math.round(hist / 10));
     const specs = (values.policies ?? (pn === '1M' ? 'full,scalekv:10%,window:650,streamingllm:4+646,snapkv:650,pyramidkv:650' : `full,window:${b10},streamingllm:4+${b10 - 4},snapkv:${b10},pyramidkv:${b10}`))
@@ -330,7 +239,7 @@ export async function evalCommand(argv: string[]): Promise<number> {
     // so the default table's ScaleKV row is paper mode with a plan calibrated on this very model (ASI, 10%).
     const labels = new Map<string, string>();
     if (values.policies === undefined && pn !== '1M') {
-      const calibrated = await calibrate(L.model, { prompts: splitText(L.prompts), schedule: sched.scales, budget: 0.1, cfg: parseNum(values.cfg, '--cfg', 3) });
+      const calibrated = await calibrate(pipeline.model, { prompts: splitTextFeatures(text), schedule: sched.scales, budget: 0.1, cfg: parseNumber(values.cfg, '--cfg', 3) });
       const planPath = join(mkdtempSync(join(tmpdir(), 'scalekv-eval-')), 'plan.json');
       writeFileSync(planPath, budgetPlanToJson(calibrated.plan) + '\n');
       const spec = `scalekv-paper:plan=${planPath},base=${b10},window=4`;
@@ -338,30 +247,21 @@ export async function evalCommand(argv: string[]): Promise<number> {
       labels.set(spec, `scalekv-paper (ASI-calibrated 10% plan, window 4)`);
     }
     const label = (spec: string) => labels.get(spec) ?? spec;
-    const seeds = values.seeds.split(',').map((s) => parseNum(s, '--seeds', 0));
-    const cfg = parseNum(values.cfg, '--cfg', 3);
+    const seeds = values.seeds.split(',').map((s) => parseNumber(s, '--seeds', 0));
+    const cfg = parseNumber(values.cfg, '--cfg', 3);
     const rows: EvalRow[] = [];
     for (const seed of seeds) {
       let ref: Uint8Array | undefined;
-      let shape: [number, number, number, number] = [0, 0, 0, 0];
       for (const spec of specs) {
-        const policy: KvPolicy = resolvePolicy(spec, { depth: L.config.depth, preset: L.presetName });
-        const t0 = performance.now();
-        const r = await generate(L.model, { text: L.prompts, schedule: sched.scales, cfg, seed, kvPolicy: policy });
-        const samplingMs = performance.now() - t0;
-        let img;
-        try {
-          img = await decodeImage(L.vae as VaeDecoder, r.summedCodes);
-        } finally {
-          r.summedCodes.dispose();
-        }
-        if (spec === 'full') {
-          ref = img.pixels;
-          shape = img.shape;
-        }
-        const [B, H, W] = shape;
-        const f: Fidelity = fidelity({ a: ref as Uint8Array, b: img.pixels, height: H, width: W, count: B });
-        rows.push({ policy: spec, seed, psnr: f.psnr, ssim: f.ssim, differingPixels: f.diff.pixels, totalPixels: f.diff.totalPixels, maxAbsDiff: f.diff.maxAbs, kvBytes: r.kvBytes, samplingMs });
+        const r = await pipeline.generate({ textFeatures: text, aspect: values.aspect, pn, cfg, seed, kv: spec });
+        const pixels = concatBytes(r.images.map((i) => i.data));
+        if (spec === 'full') ref = pixels;
+        const { height, width } = r.images[0];
+        const f: Fidelity = fidelity({ a: ref as Uint8Array, b: pixels, height, width, count: r.images.length });
+        rows.push({
+          policy: spec, seed, psnr: f.psnr, ssim: f.ssim, differingPixels: f.diff.pixels, totalPixels: f.diff.totalPixels, maxAbsDiff: f.diff.maxAbs,
+          kvBytes: r.kvBytes, samplingMs: r.timings.samplingMs,
+        });
         process.stderr.write(`seed ${seed} ${label(spec)}: PSNR ${f.psnr.toFixed(2)} dB, SSIM ${f.ssim.toFixed(4)}\n`);
       }
     }
@@ -372,10 +272,10 @@ export async function evalCommand(argv: string[]): Promise<number> {
     });
     if (values.json) {
       const fin = (_: string, x: unknown) => (typeof x === 'number' && !Number.isFinite(x) ? String(x) : x);
-      process.stdout.write(JSON.stringify({ backend: L.engine.backend, model: L.config.name, pn, prompts: L.prompts.lens.length, seeds, summary, runs: rows }, fin, 2) + '\n');
+      process.stdout.write(JSON.stringify({ backend: pipeline.engine.backend, model: pipeline.config.name, pn, prompts: text.lens.length, seeds, summary, runs: rows }, fin, 2) + '\n');
     } else {
       const lines = [
-        `${L.config.name} on ${L.engine.backend}, ${pn}, ${L.prompts.lens.length} prompt(s), seeds ${seeds.join(',')}; fidelity against the full-cache images (PSNR mean over images, data range [0,1])`,
+        `${pipeline.config.name} on ${pipeline.engine.backend}, ${pn}, ${text.lens.length} prompt(s), seeds ${seeds.join(',')}; fidelity against the full-cache images (PSNR mean over images, data range [0,1])`,
         '',
         '| policy | PSNR (dB) | SSIM | differing pixels | KV history MiB | sampling ms |',
         '|---|---:|---:|---:|---:|---:|',
@@ -385,6 +285,16 @@ export async function evalCommand(argv: string[]): Promise<number> {
     }
     return 0;
   } finally {
-    L.close();
+    await pipeline.dispose();
   }
+}
+
+function concatBytes(parts: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }

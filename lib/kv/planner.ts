@@ -12,10 +12,11 @@ import { createEngine, MemoryCategory } from '../engine.js';
 import { fail } from '../errors.js';
 import { decodeImage, generate } from '../model/generate.js';
 import { InfinityModel } from '../model/infinity.js';
-import { FullKvPolicy, type KvPolicy } from '../model/kv-cache.js';
 import { InfinityConfig, preset, PresetName } from '../model/presets.js';
 import { scaleSchedule } from '../model/schedule.js';
 import { VaeDecoder } from '../model/vae.js';
+import { FullKvPolicy } from './baselines.js';
+import type { KvPolicy } from './policy.js';
 
 export type PlanDtype = 'bf16' | 'f32';
 

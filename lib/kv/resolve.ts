@@ -2,7 +2,7 @@
  * Policy specs ('full', 'scalekv:10%', 'window:650', ...) for the plan / calibrate / eval commands, through
  * kvPolicyFromSpec (lib/kv/spec.ts), plus the token count the paper's memory accounting uses for a spec.
  */
-import type { KvPolicy } from '../model/kv-cache.js';
+import type { KvPolicy } from './policy.js';
 import type { PresetName } from '../model/presets.js';
 import { budgetTokens } from '../scalekv/budget.js';
 import { kvPolicyFromSpec } from './spec.js';

@@ -1,10 +1,10 @@
 import { readFileSync } from 'node:fs';
 import { fail } from '../errors.js';
-import { FullKvPolicy, type KvPolicy } from '../model/kv-cache.js';
 import { BudgetPlan, budgetTokens, officialRulePlan, parseBudgetPlan } from '../scalekv/budget.js';
-import {
-  Pooling, PyramidKvPolicy, ScaleKvPolicy, SelectionPolicyOptions, SlidingWindowPolicy, SnapKvPolicy, StreamingLlmPolicy,
-} from './policies.js';
+import { ScaleKvPolicy } from '../scalekv/policy.js';
+import { FullKvPolicy, PyramidKvPolicy, SlidingWindowPolicy, SnapKvPolicy, StreamingLlmPolicy } from './baselines.js';
+import type { KvPolicy } from './policy.js';
+import type { Pooling, SelectionPolicyOptions } from './selection.js';
 
 /** Drafter layers of the shipped 10 % files, per official scale number (spec §2.3). */
 export const BUILTIN_DRAFTERS: Record<string, { depth: number; drafters: Record<number, number[]> }> = {
@@ -78,7 +78,7 @@ export function kvPolicyFromSpec(spec: string, opts: { depth: number; preset?: s
   const colon = s.indexOf(':');
   const kind = colon < 0 ? s : s.slice(0, colon);
   const arg = colon < 0 ? '' : s.slice(colon + 1);
-  const policyOpts: SelectionPolicyOptions = { trace: opts.trace, traceKept: opts.traceKept, traceLastScale: opts.traceLastScale };
+  const policyOpts: SelectionPolicyOptions = { trace: opts.trace, traceKept: opts.traceKept, traceScores: opts.traceScores, traceLastScale: opts.traceLastScale };
   const needArg = () => {
     if (!arg) fail('ERR_INVALID_ARG', `KV policy '${spec}': '${kind}' needs an argument (e.g. ${kind}:650)`);
   };

@@ -5,22 +5,32 @@
  */
 import type { Engine, MemoryStats, Tensor } from '../engine.js';
 import { fail, ScaleKVError } from '../errors.js';
-import type { InfinityModel, TextCapture, TextContext, TextFeatures } from './infinity.js';
-import { FullKvPolicy, KvCache, KvPolicy } from './kv-cache.js';
+import { CaptureOptions, captureObserver, composeObservers } from './capture.js';
+import type { InfinityModel, TextContext, TextFeatures, TextObservation } from './infinity.js';
 import { final1MGrid, rope2dPositions, ScaleGrid } from './rope2d.js';
+import { FullKvPolicy } from '../kv/baselines.js';
+import { KvCache } from '../kv/cache.js';
+import type { KvPolicy, KvPolicySession } from '../kv/policy.js';
 import type { VaeDecoder } from './vae.js';
 
-export interface CaptureOptions {
-  /** text/normed_kv, text/cond_BD, text/cond_gss, text/ca_kv. */
-  text?: boolean;
-  /** sNN/x_in: block-0 input [bs, n, C] of every scale. */
-  xIn?: boolean;
-  /** sNN/next_codes [B, n, d] and sNN/word_embed [B, n, C] (before lvl_embed) for scales >= 1. */
-  nextInput?: boolean;
-  /** sNN/logits [B, n, 2d] after CFG and tau. */
-  logits?: boolean;
-  /** hidden/sNN_layerL: block outputs at these scales (all layers unless `layers` is given). */
-  hidden?: { scales: readonly number[]; layers?: readonly number[] };
+/**
+ * Hooks into the sampling loop, for conformance checks and tracing: the loop awaits each hook it has, and runs
+ * no hook (and nothing for one) without an observer. A tensor handed to a hook is valid only until the hook's
+ * promise settles: read it (or compute from it) there, never write it.
+ */
+export interface GenerateObserver {
+  /** Once, before the text path: B images, `rows` transformer rows (2B with CFG: conditional rows first). */
+  onStart?(run: { batch: number; rows: number; schedule: readonly (readonly [number, number])[] }): void | Promise<void>;
+  /** The text conditioning (fixture names text/*). */
+  onText?(text: TextObservation): void | Promise<void>;
+  /** x [rows, n, C]: the input of block 0 at a scale. */
+  onScaleInput?(scaleIndex: number, x: Tensor): void | Promise<void>;
+  /** x [rows, n, C]: the output of block `layer` at a scale. */
+  onLayer?(scaleIndex: number, layer: number, x: Tensor): void | Promise<void>;
+  /** [B, n, 2d]: the logits after CFG and temperature, before sampling. */
+  onLogits?(scaleIndex: number, logits: Tensor): void | Promise<void>;
+  /** [rows, n, d]: the codes scale `scaleIndex` (>= 1) reads, before word_embed (the running sum, resampled). */
+  onNextInput?(scaleIndex: number, codes: Tensor): void | Promise<void>;
 }
 
 export interface GenerateOptions {
@@ -47,6 +57,9 @@ export interface GenerateOptions {
   kvPolicy?: KvPolicy;
   onProgress?(scaleIndex: number, total: number): void;
   signal?: AbortSignal;
+  /** Hooks into the loop (see GenerateObserver). */
+  observer?: GenerateObserver;
+  /** Shorthand for an observer that reads intermediates back by fixture name into `GenerateResult.captured`. */
   capture?: CaptureOptions;
 }
 
@@ -62,7 +75,7 @@ export interface GenerateResult {
   summedCodes: Tensor;
   /** Per scale, [B, h, w, d] {0,1} bits as the transformer saw them (before patchify un-shuffling). */
   bits: Int32Array[];
-  /** Requested intermediates by fixture name (e.g. 's03/logits', 'hidden/s04_layer2', 'text/cond_BD'). */
+  /** What `capture` asked for, by fixture name (e.g. 's03/logits', 'hidden/s04_layer2'); empty without it. */
   captured: Map<string, Float32Array>;
   timings: ScaleTiming[];
   totalMs: number;
@@ -70,8 +83,6 @@ export interface GenerateResult {
   memory: MemoryStats;
   kvBytes: number;
 }
-
-const pad2 = (n: number) => String(n).padStart(2, '0');
 
 function perScale(v: number | readonly number[] | undefined, n: number, what: string, dflt: number): number[] {
   const list = v === undefined ? new Array(n).fill(dflt) : typeof v === 'number' ? new Array(n).fill(v) : [...v];
@@ -81,7 +92,69 @@ function perScale(v: number | readonly number[] | undefined, n: number, what: st
 }
 
 function aborted(signal?: AbortSignal): void {
-  if (signal?.aborted) throw new ScaleKVError('ERR_ABORTED', 'generation aborted');
+  if (signal?.aborted) throw new ScaleKVError('ERR_ABORTED', 'generation aborted', { cause: signal.reason });
+}
+
+/** The checked settings of one run. */
+function resolveRun(model: InfinityModel, opts: GenerateOptions) {
+  const cfgM = model.config;
+  const grids = (opts.schedule ?? []).map((s) => (s.length === 3 ? [s[1], s[2]] : [s[0], s[1]]) as [number, number]);
+  const S = grids.length;
+  if (S < 1) fail('ERR_INVALID_ARG', 'schedule must have at least one scale');
+  for (const [h, w] of grids) if (!Number.isSafeInteger(h) || !Number.isSafeInteger(w) || h < 1 || w < 1) fail('ERR_INVALID_ARG', `schedule grid ${h}x${w} is invalid`);
+  if (grids[0][0] !== 1 || grids[0][1] !== 1) fail('ERR_INVALID_ARG', 'schedule must start with the 1x1 scale');
+  if (S > cfgM.levels) fail('ERR_INVALID_ARG', `schedule has ${S} scales; the model has ${cfgM.levels} level embeddings`);
+  const cfgs = perScale(opts.cfg, S, 'cfg', 1);
+  const taus = perScale(opts.tau, S, 'tau', 1);
+  if (taus.some((t) => t === 0)) fail('ERR_INVALID_ARG', 'tau must not be 0');
+  const textFeatures = opts.textFeatures ?? opts.text;
+  if (!textFeatures) fail('ERR_INVALID_ARG', 'generate: textFeatures is required');
+  const B = textFeatures.lens?.length ?? 0;
+  const tokens = grids.map(([h, w]) => h * w);
+  const starts: number[] = [];
+  tokens.reduce((acc, n) => (starts.push(acc), acc + n), 0);
+  const d = cfgM.dVae;
+  if (opts.teacherBits) {
+    if (opts.teacherBits.length < S) fail('ERR_INVALID_ARG', `teacherBits has ${opts.teacherBits.length} scales, the schedule ${S}`);
+    for (let si = 0; si < S; si++)
+      if (opts.teacherBits[si].length !== B * tokens[si] * d) fail('ERR_SHAPE', `teacherBits[${si}] must hold B*h*w*d = ${B * tokens[si] * d} bits, got ${opts.teacherBits[si].length}`);
+  }
+  return {
+    grids, S, cfgs, taus, useCfg: cfgs.some((c) => c !== 1), textFeatures, B, tokens, starts,
+    vaeGrids: grids.map(([h, w]) => (cfgM.patchify ? [2 * h, 2 * w] : [h, w]) as [number, number]),
+    rope: rope2dPositions(grids, opts.ropeGrid ?? final1MGrid(grids[S - 1][0] / grids[S - 1][1])),
+    topK: opts.topK ?? 900,
+    topP: opts.topP ?? 0.97,
+    seed: opts.seed ?? 0,
+  };
+}
+
+/**
+ * The codes the next scale reads [rows, n, d]: the running sum [B, dv, H, W] resampled to the next latent grid
+ * (`vaeGrid`), as tokens (patchify: 2x2 pixel-unshuffled), the same for the conditional and unconditional rows.
+ */
+function nextScaleCodes(model: InfinityModel, sum: Tensor, rows: number, vaeGrid: readonly [number, number], scratch: Tensor[]): Tensor {
+  const e = model.engine;
+  const ops = e.ops;
+  const { dVae: d, codebookDim: dv, patchify } = model.config;
+  const B = sum.shape[0];
+  const [nh, nw] = vaeGrid;
+  const n = patchify ? (nh * nw) / 4 : nh * nw;
+  const track = (t: Tensor) => (scratch.push(t), t);
+  const resized = track(e.empty([B, dv, nh, nw], 'f32'));
+  ops.resizeBilinear({ input: sum, out: resized });
+  let perImage: Tensor | undefined;
+  if (patchify) {
+    perImage = track(e.empty([B, n, d], 'f32'));
+    ops.pixelUnshuffle2x({ input: resized, out: perImage });
+    if (rows === B) return perImage;
+  }
+  const codes = track(e.empty([rows, n, d], 'f32'));
+  for (let r = 0; r < rows; r += B) {
+    if (perImage) ops.transpose12({ input: perImage, out: codes, dims: [1, 1, 1, B * n * d], outOffset: r * n * d });
+    else ops.transpose12({ input: resized, out: codes, dims: [B, dv, n, 1], outOffset: r * n * d });
+  }
+  return codes;
 }
 
 /**
@@ -94,41 +167,12 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
   const ops = e.ops;
   const cfgM = model.config;
   const C = cfgM.embedDim;
-  const d = cfgM.dVae;
-  const dv = cfgM.codebookDim;
-  const V = cfgM.vocab;
-  const grids = (opts.schedule ?? []).map((s) => (s.length === 3 ? [s[1], s[2]] : [s[0], s[1]]) as [number, number]);
-  const S = grids.length;
-  if (S < 1) fail('ERR_INVALID_ARG', 'schedule must have at least one scale');
-  for (const [h, w] of grids) if (!Number.isSafeInteger(h) || !Number.isSafeInteger(w) || h < 1 || w < 1) fail('ERR_INVALID_ARG', `schedule grid ${h}x${w} is invalid`);
-  if (grids[0][0] !== 1 || grids[0][1] !== 1) fail('ERR_INVALID_ARG', 'schedule must start with the 1x1 scale');
-  if (S > cfgM.levels) fail('ERR_INVALID_ARG', `schedule has ${S} scales; the model has ${cfgM.levels} level embeddings`);
-  const cfgs = perScale(opts.cfg, S, 'cfg', 1);
-  const taus = perScale(opts.tau, S, 'tau', 1);
-  if (taus.some((t) => t === 0)) fail('ERR_INVALID_ARG', 'tau must not be 0');
-  const useCfg = cfgs.some((c) => c !== 1);
-  const topK = opts.topK ?? 900;
-  const topP = opts.topP ?? 0.97;
-  const seed = opts.seed ?? 0;
-  const textFeatures = opts.textFeatures ?? opts.text;
-  if (!textFeatures) fail('ERR_INVALID_ARG', 'generate: textFeatures is required');
-  const B = textFeatures.lens?.length ?? 0;
-  const tokens = grids.map(([h, w]) => h * w);
-  const starts: number[] = [];
-  tokens.reduce((acc, n) => (starts.push(acc), acc + n), 0);
-  const vaeGrids = grids.map(([h, w]) => (cfgM.patchify ? [2 * h, 2 * w] : [h, w]) as [number, number]);
+  const run = resolveRun(model, opts);
+  const { grids, S, B, tokens, vaeGrids } = run;
   const [Hf, Wf] = vaeGrids[S - 1];
-  if (opts.teacherBits) {
-    if (opts.teacherBits.length < S) fail('ERR_INVALID_ARG', `teacherBits has ${opts.teacherBits.length} scales, the schedule ${S}`);
-    for (let si = 0; si < S; si++)
-      if (opts.teacherBits[si].length !== B * tokens[si] * d) fail('ERR_SHAPE', `teacherBits[${si}] must hold B*h*w*d = ${B * tokens[si] * d} bits, got ${opts.teacherBits[si].length}`);
-  }
-  const rope = rope2dPositions(grids, opts.ropeGrid ?? final1MGrid(grids[S - 1][0] / grids[S - 1][1]));
   const policy: KvPolicy = opts.kvPolicy ?? new FullKvPolicy();
-  const capture = opts.capture ?? {};
-  const captured = new Map<string, Float32Array>();
-  const hiddenScales = new Set(capture.hidden?.scales ?? []);
-  const hiddenLayers = capture.hidden?.layers ? new Set(capture.hidden.layers) : undefined;
+  const capture = opts.capture ? captureObserver(model, opts.capture) : undefined;
+  const observer = composeObservers([opts.observer, capture?.observer]);
   const timings: ScaleTiming[] = [];
   const t0 = performance.now();
   aborted(opts.signal);
@@ -137,25 +181,18 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
   let cache: KvCache | undefined;
   let x: Tensor | undefined;
   let summed: Tensor | undefined;
-  let policyBegun = false;
+  let kv: KvPolicySession | undefined;
   const bitsOut: Int32Array[] = [];
   try {
-    const textCap = capture.text ? ({} as TextCapture) : undefined;
-    ctx = await model.prepareText(textFeatures, useCfg, { text: textCap });
-    if (textCap) {
-      captured.set('text/normed_kv', textCap.normedKv);
-      captured.set('text/cond_BD', textCap.condBD);
-      captured.set('text/cond_gss', textCap.condGss);
-      captured.set('text/ca_kv', textCap.caKv);
-    }
-    const bs = ctx.rows;
+    const rows = run.useCfg ? 2 * B : B;
+    if (observer?.onStart) await observer.onStart({ batch: B, rows, schedule: grids });
+    ctx = await model.prepareText(run.textFeatures, run.useCfg, observer?.onText?.bind(observer));
     cache = new KvCache(e, {
-      layers: cfgM.depth, rows: bs, heads: cfgM.numHeads, headDim: cfgM.headDim, dtype: model.dtype,
+      layers: cfgM.depth, rows, heads: cfgM.numHeads, headDim: cfgM.headDim, dtype: model.dtype,
       capacity: Array.from({ length: cfgM.depth }, (_, l) => policy.capacity(l, tokens)),
     });
-    policy.begin?.(cache);
-    policyBegun = true;
-    summed = e.empty([B, dv, Hf, Wf], 'f32', { fillByte: 0 });
+    kv = policy.begin(cache, { schedule: grids, batch: B });
+    summed = e.empty([B, cfgM.codebookDim, Hf, Wf], 'f32', { fillByte: 0 });
     x = ctx.x0;
     ctx.x0 = undefined;
     for (let si = 0; si < S; si++) {
@@ -163,81 +200,55 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
       const ts = performance.now();
       const [h, w] = grids[si];
       const n = tokens[si];
-      const positions = e.tensor(rope.subarray(2 * starts[si], 2 * (starts[si] + n)), [n, 2], 'i32', { category: 'scratch' });
+      const positions = e.tensor(run.rope.subarray(2 * run.starts[si], 2 * (run.starts[si] + n)), [n, 2], 'i32', { category: 'scratch' });
       const scratch: Tensor[] = [positions];
       try {
         cache.beginScale(n);
         const xs = x as Tensor;
-        if (capture.xIn) captured.set(`s${pad2(si)}/x_in`, (await xs.read()) as Float32Array);
-        const scaleInfo = { index: si, positions, schedule: grids, starts };
+        if (observer?.onScaleInput) await observer.onScaleInput(si, xs);
+        const scaleInfo = { index: si, positions, schedule: grids, starts: run.starts };
         for (let layer = 0; layer < cfgM.depth; layer++) {
           aborted(opts.signal);
-          await model.block(layer, xs, ctx, cache, scaleInfo, policy);
-          if (hiddenScales.has(si) && (!hiddenLayers || hiddenLayers.has(layer)))
-            captured.set(`hidden/s${pad2(si)}_layer${layer}`, (await xs.read()) as Float32Array);
+          await model.block(layer, xs, ctx, cache, scaleInfo, kv);
+          if (observer?.onLayer) await observer.onLayer(si, layer, xs);
         }
         // Head, CFG and temperature on logits.
         const all = model.head(xs, ctx);
         scratch.push(all);
-        const logits = e.empty([B, n, V], 'f32');
+        const logits = e.empty([B, n, cfgM.vocab], 'f32');
         scratch.push(logits);
-        ops.cfgTau({ logits: all, out: logits, cfg: bs === 2 * B ? cfgs[si] : 1, tau: taus[si] });
-        if (capture.logits) captured.set(`s${pad2(si)}/logits`, (await logits.read()) as Float32Array);
+        ops.cfgTau({ logits: all, out: logits, cfg: rows === 2 * B ? run.cfgs[si] : 1, tau: run.taus[si] });
+        if (observer?.onLogits) await observer.onLogits(si, logits);
         // Bits: sampled, or forced.
         let bits: Tensor;
         if (opts.teacherBits) {
           const tb = opts.teacherBits[si];
-          bits = e.tensor(tb instanceof Int32Array ? tb : Int32Array.from(tb), [B, h, w, d], 'i32');
+          bits = e.tensor(tb instanceof Int32Array ? tb : Int32Array.from(tb), [B, h, w, cfgM.dVae], 'i32');
         } else {
-          bits = e.empty([B, h, w, d], 'i32');
-          ops.sampleBits({ logits, out: bits, topK, topP, seed, scaleIndex: si });
+          bits = e.empty([B, h, w, cfgM.dVae], 'i32');
+          ops.sampleBits({ logits, out: bits, topK: run.topK, topP: run.topP, seed: run.seed, scaleIndex: si });
         }
         scratch.push(bits);
         let latentBits = bits;
         if (cfgM.patchify) {
-          latentBits = e.empty([B, 2 * h, 2 * w, dv], 'i32');
+          latentBits = e.empty([B, 2 * h, 2 * w, cfgM.codebookDim], 'i32');
           scratch.push(latentBits);
           ops.pixelShuffle2x({ input: bits, out: latentBits });
         }
         const [vh, vw] = vaeGrids[si];
-        const codes = e.empty([B, dv, vh, vw], 'f32');
+        const codes = e.empty([B, cfgM.codebookDim, vh, vw], 'f32');
         scratch.push(codes);
         ops.bitsToCodes({ bits: latentBits, out: codes });
         const sum = summed as Tensor;
         if (si !== S - 1) {
           ops.resizeBilinear({ input: codes, out: sum, accumulate: true });
-          // Next input: the running sum resampled to the next grid, as tokens, same for cond and uncond rows.
-          const n2 = tokens[si + 1];
-          const [nh, nw] = vaeGrids[si + 1];
-          const nxt = e.empty([B, dv, nh, nw], 'f32');
-          scratch.push(nxt);
-          ops.resizeBilinear({ input: sum, out: nxt });
-          const tok = e.empty([bs, n2, d], 'f32');
-          scratch.push(tok);
-          let tokB: Tensor | undefined;
-          if (cfgM.patchify) {
-            tokB = e.empty([B, n2, d], 'f32');
-            scratch.push(tokB);
-            ops.pixelUnshuffle2x({ input: nxt, out: tokB });
-          }
-          for (let r = 0; r < bs; r += B) {
-            if (tokB) ops.transpose12({ input: tokB, out: tok, dims: [1, 1, 1, B * n2 * d], outOffset: r * n2 * d });
-            else ops.transpose12({ input: nxt, out: tok, dims: [B, dv, n2, 1], outOffset: r * n2 * d });
-          }
-          if (capture.nextInput) {
-            const all2 = (await tok.read()) as Float32Array;
-            captured.set(`s${pad2(si + 1)}/next_codes`, all2.slice(0, B * n2 * d));
-            const plainB = e.tensor(model.wordEmbedBias(si + 1, false), [C], 'f32');
-            const we = e.empty([bs, n2, C], 'f32');
-            scratch.push(plainB, we);
-            ops.gemm({ x: tok, w: model.wordEmbedWeight, bias: plainB, y: we });
-            captured.set(`s${pad2(si + 1)}/word_embed`, ((await we.read()) as Float32Array).slice(0, B * n2 * C));
-          }
+          const next = nextScaleCodes(model, sum, rows, vaeGrids[si + 1], scratch);
+          if (observer?.onNextInput) await observer.onNextInput(si + 1, next);
           const bias = e.tensor(model.wordEmbedBias(si + 1), [C], 'f32');
           scratch.push(bias);
           xs.dispose();
-          x = e.empty([bs, n2, C], 'f32');
-          ops.gemm({ x: tok, w: model.wordEmbedWeight, bias, y: x });
+          x = e.empty([rows, tokens[si + 1], C], 'f32');
+          ops.gemm({ x: next, w: model.wordEmbedWeight, bias, y: x });
         } else {
           if (vh !== Hf || vw !== Wf) fail('ERR_INTERNAL', 'last scale is not the final latent size');
           ops.add({ a: sum, b: codes, out: sum });
@@ -256,13 +267,13 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
     const result = summed as Tensor;
     summed = undefined;
     const memory = e.memory();
-    return { summedCodes: result, bits: bitsOut, captured, timings, totalMs: performance.now() - t0, memory, kvBytes };
+    return { summedCodes: result, bits: bitsOut, captured: capture?.captured ?? new Map(), timings, totalMs: performance.now() - t0, memory, kvBytes };
   } finally {
     x?.dispose();
     summed?.dispose();
     cache?.dispose();
     ctx?.dispose();
-    if (policyBegun) policy.end?.();
+    kv?.end?.();
   }
 }
 

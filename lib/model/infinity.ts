@@ -13,7 +13,8 @@ import { fail } from '../errors.js';
 import { toHostArray } from '../checkpoint/load.js';
 import type { TensorData } from '../checkpoint/index.js';
 import { blockPrefix, expectedWeightShapes, InfinityConfig, isBufferKey } from './presets.js';
-import { appendUnlessLast, type AfterAttentionContext, type KvCache, type KvPolicy } from './kv-cache.js';
+import type { KvCache } from '../kv/cache.js';
+import { appendUnlessLast, type AfterAttentionContext, type KvPolicySession, type KvStep } from '../kv/policy.js';
 
 /** Where weights come from: a Checkpoint satisfies it. `entry` (optional) lets shapes be checked before any read. */
 export interface WeightSource {
@@ -114,12 +115,17 @@ export class TextContext {
   }
 }
 
-/** Intermediates of the text path, read back for conformance checks (fixture names text/*). */
-export interface TextCapture {
+/**
+ * Intermediates of the text path, shown to an observer of `prepareText` (conformance checks: fixture names
+ * text/*). The tensors are valid only until the observer's promise settles.
+ */
+export interface TextObservation {
+  /** [Ntext, Ct5] the RMS-normed T5 features (conditional rows, then the unconditional ones with CFG). */
   normedKv: Float32Array;
-  condBD: Float32Array;
-  condGss: Float32Array;
-  caKv: Float32Array;
+  /** [bs, 1, C] the pooled text after its projection (cond_BD, the sos token). */
+  cond: Tensor;
+  /** [Ntext, C] text_proj_for_ca of the normed features: the memory every block's cross-attention projects. */
+  projectedText: Tensor;
 }
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
@@ -344,7 +350,7 @@ export class InfinityModel {
    * its input arrives from the host anyway (T5 runs outside the engine), it is computed once per image on
    * [2N, Ct5] values (negligible work), and it needs no extra native op on three backends.
    */
-  async prepareText(text: TextFeatures, cfg: boolean, capture?: { text?: TextCapture }): Promise<TextContext> {
+  async prepareText(text: TextFeatures, cfg: boolean, onText?: (text: TextObservation) => void | Promise<void>): Promise<TextContext> {
     this.#check();
     const c = this.config;
     const e = this.engine;
@@ -398,17 +404,14 @@ export class InfinityModel {
       // Text attentive pool: one learned query per row over its own text segment.
       const ph = c.poolHeads;
       const phd = c.poolHeadDim;
-      const poolKv = t(e.empty([nText, 2 * C], 'f32'));
-      ops.gemm({ x: kvT, w: this.#dev.poolKvW, bias: this.#dev.poolKvB, y: poolKv });
-      const poolKv4 = t(e.empty([nText, 2, ph, phd], 'f32'));
-      ops.transpose12({ input: poolKv, out: poolKv4, dims: [1, 1, 1, nText * 2 * C] });
+      const poolKv = t(e.empty([nText, 2, ph, phd], 'f32'));
+      ops.gemm({ x: kvT, w: this.#dev.poolKvW, bias: this.#dev.poolKvB, y: t(poolKv.view([nText, 2 * C])) });
       const qHost = new Float32Array(rows * C);
       for (let r = 0; r < rows; r++) qHost.set(this.#host.poolQ, r * C);
       const poolQ = t(e.tensor(qHost, [rows, 1, ph, phd], 'f32'));
       const pooled4 = t(e.empty([rows, 1, ph, phd], 'f32'));
-      ops.crossAttention({ q: poolQ, kv: poolKv4, cuSeqlens: cuTensor, out: pooled4, scale: 1 / Math.sqrt(phd) });
-      const pooled = t(e.empty([rows, 1, C], 'f32'));
-      ops.transpose12({ input: pooled4, out: pooled, dims: [1, 1, 1, rows * C] });
+      ops.crossAttention({ q: poolQ, kv: poolKv, cuSeqlens: cuTensor, out: pooled4, scale: 1 / Math.sqrt(phd) });
+      const pooled = t(pooled4.view([rows, 1, C]));
       const cond = k(e.empty([rows, 1, C], 'f32'));
       ops.gemm({ x: pooled, w: this.#dev.poolProjW, bias: this.#dev.poolProjB, y: cond });
       // Scale-0 input: sos + pos_start + lvl_embed[0] (the two vectors folded into the projection's bias).
@@ -420,40 +423,26 @@ export class InfinityModel {
       // AdaLN: SiLU(cond) -> shared_ada_lin (+ ada_gss, folded per block) -> [bs, 6, C] tables; head_nm likewise.
       const siluCond = t(e.empty([rows, 1, C], 'f32'));
       ops.silu(cond, siluCond);
-      const flat6 = t(e.empty([rows, 1, 6 * C], 'f32'));
       const ada: Tensor[] = [];
       for (const blk of this.#blocks) {
-        ops.gemm({ x: siluCond, w: this.#dev.sharedW, bias: blk.adaBias, y: flat6 });
         const table = k(e.empty([rows, 6, C], 'f32'));
-        ops.transpose12({ input: flat6, out: table, dims: [1, 1, 1, rows * 6 * C] });
+        ops.gemm({ x: siluCond, w: this.#dev.sharedW, bias: blk.adaBias, y: t(table.view([rows, 1, 6 * C])) });
         ada.push(table);
       }
-      const flat2 = t(e.empty([rows, 1, 2 * C], 'f32'));
-      ops.gemm({ x: siluCond, w: this.#dev.headNmW, bias: this.#dev.headNmB, y: flat2 });
       const headAda = k(e.empty([rows, 2, C], 'f32'));
-      ops.transpose12({ input: flat2, out: headAda, dims: [1, 1, 1, rows * 2 * C] });
+      ops.gemm({ x: siluCond, w: this.#dev.headNmW, bias: this.#dev.headNmB, y: t(headAda.view([rows, 1, 2 * C])) });
       // Cross-attention memory: text_proj_for_ca (Linear -> GELU(tanh) -> Linear), then every block's K/V once.
       const h1 = t(e.empty([nText, C], 'f32'));
       ops.gemm({ x: kvT, w: this.#dev.ca0W, bias: this.#dev.ca0B, y: h1, epilogue: 'gelu_tanh' });
       const textKv = t(e.empty([nText, C], 'f32'));
       ops.gemm({ x: h1, w: this.#dev.ca2W, bias: this.#dev.ca2B, y: textKv });
-      const kvFlat = t(e.empty([nText, 2 * C], 'f32'));
       const blockKv: Tensor[] = [];
       for (const blk of this.#blocks) {
-        ops.gemm({ x: textKv, w: blk.caKvW, bias: blk.caKvB, y: kvFlat });
         const kv4 = k(e.empty([nText, 2, H, hd], 'f32'));
-        ops.transpose12({ input: kvFlat, out: kv4, dims: [1, 1, 1, nText * 2 * C] });
+        ops.gemm({ x: textKv, w: blk.caKvW, bias: blk.caKvB, y: t(kv4.view([nText, 2 * C])) });
         blockKv.push(kv4);
       }
-      if (capture?.text) {
-        const flat6plain = t(e.empty([rows, 1, 6 * C], 'f32'));
-        const sharedB = t(e.tensor(this.#host.sharedBias, [6 * C], 'f32'));
-        ops.gemm({ x: siluCond, w: this.#dev.sharedW, bias: sharedB, y: flat6plain });
-        capture.text.normedKv = normed;
-        capture.text.condBD = (await cond.read()) as Float32Array;
-        capture.text.condGss = (await flat6plain.read()) as Float32Array;
-        capture.text.caKv = (await textKv.read()) as Float32Array;
-      }
+      if (onText) await onText({ normedKv: normed, cond, projectedText: textKv });
       return new TextContext({ batch: B, rows, cuSeqlens: cu, cuTensor, cond, ada, headAda, textKv: blockKv, x0 });
     } catch (err) {
       for (const x of keep) x.dispose();
@@ -464,11 +453,12 @@ export class InfinityModel {
   }
 
   /**
-   * One CrossAttnBlock (spec sec. 5) on x [bs, n, C] f32, updated in place. This scale's K/V are written into the
-   * cache's shared current-scale scratch; attention runs over [history ‖ current] (no mask); then the policy hook
-   * decides what of it stays in the layer's history (default: append all, except at the last scale).
+   * One CrossAttnBlock (spec sec. 5) on x [bs, n, C] f32, updated in place. The KV policy session places this
+   * scale's K/V (straight after the layer's history, or in the scale's scratch); attention runs over
+   * [history ‖ current] (no mask); then the session decides what of a scratch placement stays (default: append all,
+   * except at the last scale).
    */
-  async block(layer: number, x: Tensor, ctx: TextContext, cache: KvCache, scale: { index: number; positions: Tensor; schedule: readonly (readonly [number, number])[]; starts: readonly number[] }, policy?: KvPolicy): Promise<void> {
+  async block(layer: number, x: Tensor, ctx: TextContext, cache: KvCache, scale: { index: number; positions: Tensor; schedule: readonly (readonly [number, number])[]; starts: readonly number[] }, kv?: KvPolicySession): Promise<void> {
     const c = this.config;
     const e = this.engine;
     const ops = e.ops;
@@ -487,38 +477,42 @@ export class InfinityModel {
       const qkv = t(e.empty([bs, n, 3 * C], dt));
       ops.gemm({ x: h, w: blk.qkvW, y: qkv });
       const q = t(e.empty([bs, H, n, hd], dt));
-      const cur = cache.current();
-      if (cur.k.shape[2] !== n) fail('ERR_INTERNAL', `current-scale scratch holds ${cur.k.shape[2]} tokens, the scale ${n}`);
+      if (cache.scaleTokens !== n) fail('ERR_INTERNAL', `the KV cache is at a scale of ${cache.scaleTokens} tokens, the block at ${n}`);
+      const step: KvStep = { layer, scaleIndex: scale.index, tokens: n, lastScale: scale.index === scale.schedule.length - 1 };
+      const historyLength = cache.len(layer);
+      const placement = kv ? kv.placement(step) : appendUnlessLast(step);
+      const dst = cache.place(layer, placement);
       ops.qkNormRope({
         qkv, qBias: blk.qBias, vBias: blk.vBias, scaleMul: blk.scaleMul, normalize: true, positions: scale.positions,
-        q, k: cur.k, v: cur.v, kvOffset: 0,
+        q, k: dst.k, v: dst.v, kvOffset: dst.offset,
       });
       const o = t(e.empty([bs, H, n, hd], dt));
-      ops.attention({ q, history: cache.history(layer), current: cur, out: o, scale: 1 });
-      const hook: AfterAttentionContext = {
-        engine: e, cache, layer, scaleIndex: scale.index, lastScale: scale.index === scale.schedule.length - 1,
-        schedule: scale.schedule, scaleStarts: scale.starts, input: h, qkv, q, tokens: n,
-      };
-      if (policy?.afterAttention) await policy.afterAttention(hook);
-      else appendUnlessLast(hook);
-      const oTok = t(e.empty([bs, n, C], dt));
-      ops.transpose12({ input: o, out: oTok, dims: [bs, H, n, hd] });
+      ops.attention({ q, ...cache.attentionOperands(layer), out: o, scale: 1 });
+      if (kv?.afterAttention) {
+        const hook: AfterAttentionContext = {
+          ...step, engine: e, cache, placement, historyLength, schedule: scale.schedule, scaleStarts: scale.starts, qkv, q,
+        };
+        await kv.afterAttention(hook);
+      }
+      // Heads-major to tokens-major; with one token (scale 0) or one head the layouts coincide.
+      let oTok: Tensor;
+      if (n === 1 || H === 1) oTok = t(o.view([bs, n, C]));
+      else {
+        oTok = t(e.empty([bs, n, C], dt));
+        ops.transpose12({ input: o, out: oTok, dims: [bs, H, n, hd] });
+      }
       const sa = t(e.empty([bs, n, C], 'f32'));
       ops.gemm({ x: oTok, w: blk.projW, bias: blk.projB, y: sa });
       ops.gatedResidual({ x, y: sa, gate: { table: ada, slot: 0 } });
       // Cross-attention branch (no gate).
       const hn = t(e.empty([bs, n, C], 'f32'));
       ops.layerNorm({ x, y: hn, eps: c.normEps, weight: blk.caNormW, bias: blk.caNormB });
-      const cq = t(e.empty([bs, n, C], 'f32'));
-      ops.gemm({ x: hn, w: blk.caQW, bias: blk.caQB, y: cq });
-      const cq4 = t(e.empty([bs, n, H, hd], 'f32'));
-      ops.transpose12({ input: cq, out: cq4, dims: [1, 1, 1, bs * n * C] });
-      const co4 = t(e.empty([bs, n, H, hd], 'f32'));
-      ops.crossAttention({ q: cq4, kv: ctx.textKv[layer], cuSeqlens: ctx.cuTensor, out: co4, scale: 1 / Math.sqrt(hd) });
-      const co = t(e.empty([bs, n, C], 'f32'));
-      ops.transpose12({ input: co4, out: co, dims: [1, 1, 1, bs * n * C] });
+      const cq = t(e.empty([bs, n, H, hd], 'f32'));
+      ops.gemm({ x: hn, w: blk.caQW, bias: blk.caQB, y: t(cq.view([bs, n, C])) });
+      const co = t(e.empty([bs, n, H, hd], 'f32'));
+      ops.crossAttention({ q: cq, kv: ctx.textKv[layer], cuSeqlens: ctx.cuTensor, out: co, scale: 1 / Math.sqrt(hd) });
       const ca = t(e.empty([bs, n, C], 'f32'));
-      ops.gemm({ x: co, w: blk.caProjW, bias: blk.caProjB, y: ca });
+      ops.gemm({ x: t(co.view([bs, n, C])), w: blk.caProjW, bias: blk.caProjB, y: ca });
       ops.gatedResidual({ x, y: ca });
       // FFN branch.
       const h2 = t(e.empty([bs, n, C], 'f32'));
@@ -528,6 +522,32 @@ export class InfinityModel {
       const f2 = t(e.empty([bs, n, C], 'f32'));
       ops.gemm({ x: f1, w: blk.fc2W, bias: blk.fc2B, y: f2 });
       ops.gatedResidual({ x, y: f2, gate: { table: ada, slot: 1 } });
+    } finally {
+      scope.dispose();
+    }
+  }
+
+  /**
+   * shared_ada_lin(cond) [bs, 1, 6C] without any block's ada_gss: the official `cond_BD_or_gss` before the blocks
+   * add their own table. Not on the sampling path (the blocks' tables fold ada_gss into the bias); for checks.
+   */
+  sharedAdaLin(cond: Tensor): Tensor {
+    this.#check();
+    const e = this.engine;
+    const [bs, , C] = cond.shape;
+    const scope = new Scope();
+    try {
+      const silu = scope.track(e.empty([bs, 1, C], 'f32'));
+      e.ops.silu(cond, silu);
+      const bias = scope.track(e.tensor(this.#host.sharedBias, [6 * C], 'f32'));
+      const out = e.empty([bs, 1, 6 * C], 'f32');
+      try {
+        e.ops.gemm({ x: silu, w: this.#dev.sharedW, bias, y: out });
+      } catch (err) {
+        out.dispose();
+        throw err;
+      }
+      return out;
     } finally {
       scope.dispose();
     }

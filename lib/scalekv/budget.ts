@@ -24,9 +24,23 @@ export interface BudgetPlan {
   scales: ScaleBudget[];
 }
 
+/** The last 0-based scale of the 13-scale 1M schedule, the only one the released update_kv was written for. */
+const OFFICIAL_LAST_SCALE = SCALE_TOKENS_1M_SQUARE.length - 1;
+
+/**
+ * The "Scale N" convention of the budget plans, in one place: the compression right after 0-based scale si uses
+ * entry N = si + 2 (the cache that scale si + 1 reads). `official`: the released update_kv also compresses after the
+ * last 1M scale (si 12, whose cache nothing reads) with entry 13 again, and there re-arms its base-capacity check.
+ */
+export function planEntry(si: number, official = false): { scale: number; rearmsBase: boolean } {
+  if (official && si === OFFICIAL_LAST_SCALE) return { scale: OFFICIAL_LAST_SCALE + 1, rearmsBase: true };
+  return { scale: si + 2, rearmsBase: false };
+}
+
 /** Per-layer budget of (layer, 0-based scale index) or undefined when that scale is not compressed. */
 export function layerBudget(plan: BudgetPlan, layer: number, scaleIndex: number): number | undefined {
-  const s = plan.scales.find((x) => x.scale === scaleIndex + 2);
+  const entry = planEntry(scaleIndex).scale;
+  const s = plan.scales.find((x) => x.scale === entry);
   if (!s) return undefined;
   return s.drafters.includes(layer) ? s.max : s.min;
 }
@@ -136,10 +150,11 @@ function walkCompressedScales(o: PlanOptions, budgets: (s: ScaleStep) => { max: 
   const scales: ScaleBudget[] = [];
   let prevMax = 0;
   for (let si = first; si <= table.length - 2; si++) {
-    const drafters = draftersFor(o, si + 2);
+    const scale = planEntry(si).scale;
+    const drafters = draftersFor(o, scale);
     const limit = si === first ? cumulative[si] : prevMax + table[si];
     const { max, min } = budgets({ k: si - first, high: drafters.length, limit, total: o.depth * o.tokensPerLayer, depth: o.depth });
-    scales.push({ scale: si + 2, drafters, max, min, limit });
+    scales.push({ scale, drafters, max, min, limit });
     prevMax = max;
   }
   return { depth: o.depth, scales };

@@ -8,6 +8,7 @@ import type { Engine } from '../engine.js';
 import { fail } from '../errors.js';
 import { openCheckpoint } from '../checkpoint/index.js';
 import { configFromManifest } from '../model/config.js';
+import { captureObserver } from '../model/capture.js';
 import { decodeImage, generate } from '../model/generate.js';
 import { InfinityModel } from '../model/infinity.js';
 import { VaeDecoder, vaeDecoderConfigFromManifest } from '../model/vae.js';
@@ -91,12 +92,10 @@ export async function verifyForwardFullcache(engine: Engine, manifest: ForwardFu
       }
     }
     const { schedule, S, options } = fixtureRun(manifest, io, opts.scales);
-    const res = await generate(model, {
-      ...options,
-      capture: { text: true, xIn: true, nextInput: true, logits: true, hidden: { scales: manifest.hidden_scales ?? [] } },
-    });
+    const { observer, captured } = captureObserver(model, { text: true, xIn: true, nextInput: true, logits: true, hidden: { scales: manifest.hidden_scales ?? [] } });
+    const res = await generate(model, { ...options, observer });
     try {
-      for (const [name, got] of res.captured) {
+      for (const [name, got] of captured) {
         if (!io.has(name)) continue;
         checks.push(relCheck(name, got, io.f32(name), tol));
       }
@@ -105,7 +104,7 @@ export async function verifyForwardFullcache(engine: Engine, manifest: ForwardFu
         const m = /^(?:s(\d\d)\/(?:x_in|logits|next_codes|word_embed)|hidden\/s(\d\d)_layer\d+|text\/(?:normed_kv|cond_BD|cond_gss|ca_kv))$/.exec(name);
         if (!m) continue;
         const si = Number(m[1] ?? m[2] ?? 0);
-        if (si < S && !res.captured.has(name)) checks.push(matchCheck(name, false, 'not produced'));
+        if (si < S && !captured.has(name)) checks.push(matchCheck(name, false, 'not produced'));
       }
       if (S === schedule.length) {
         checks.push(relCheck('summed_codes', (await res.summedCodes.read()) as Float32Array, io.f32('summed_codes'), tol));

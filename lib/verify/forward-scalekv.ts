@@ -1,16 +1,19 @@
 // Conformance of ScaleKV reference mode in the whole Infinity forward against the `forward_scalekv` golden fixture:
 // the official autoregressive_infer_cfg with the official ScaleKV patch (update_kv after every layer's attention),
-// teacher-forced with the fixture's bits, f32. Compares the per-scale logits, the kept cache positions per
-// (layer, scale, row, head), the observation windows, and the cache lengths before/after every update_kv.
+// teacher-forced with the fixture's bits, f32. Compares the per-scale logits (and those of the same run with the full
+// cache), the kept cache positions per (layer, scale, row, head), the observation windows, and the cache lengths
+// before/after every update_kv.
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Engine } from '../engine.js';
 import { fail } from '../errors.js';
 import { openCheckpoint } from '../checkpoint/index.js';
 import { configFromManifest } from '../model/config.js';
+import { captureObserver } from '../model/capture.js';
 import { generate } from '../model/generate.js';
 import { InfinityModel } from '../model/infinity.js';
-import { KvTraceRecord, ScaleKvPolicy } from '../kv/policies.js';
+import type { KvTraceRecord } from '../kv/selection.js';
+import { ScaleKvPolicy } from '../scalekv/policy.js';
 import { SafetensorsFile } from '../safetensors.js';
 import { Check, matchCheck, relCheck } from './compare.js';
 import { FORWARD_F32_TOLERANCE, fixtureRun } from './forward-fullcache.js';
@@ -67,17 +70,26 @@ export async function verifyForwardScalekv(engine: Engine, manifest: ForwardScal
       // The official code also compresses after the last scale (wasted work); the fixture records it.
       traceLastScale: S === schedule.length,
     });
-    const res = await generate(model, {
-      ...options,
-      kvPolicy: policy,
-      capture: { logits: true },
-    });
+    const { observer, captured } = captureObserver(model, { logits: true });
+    const res = await generate(model, { ...options, kvPolicy: policy, observer });
     res.summedCodes.dispose();
     for (let si = 0; si < S; si++) {
       const name = `s${pad2(si)}/logits`;
-      const got = res.captured.get(name);
+      const got = captured.get(name);
       if (!got) checks.push(matchCheck(name, false, 'not produced'));
       else checks.push(relCheck(name, got, io.f32(name), FORWARD_F32_TOLERANCE));
+    }
+    // The same run with the full cache, which the fixture records beside it (the 1M schedule's full-cache forward).
+    if (io.has('s00/logits_fullcache')) {
+      const full = captureObserver(model, { logits: true });
+      (await generate(model, { ...options, observer: full.observer })).summedCodes.dispose();
+      for (let si = 0; si < S; si++) {
+        const name = `s${pad2(si)}/logits_fullcache`;
+        const got = full.captured.get(`s${pad2(si)}/logits`);
+        if (!io.has(name)) continue;
+        if (!got) checks.push(matchCheck(name, false, 'not produced'));
+        else checks.push(relCheck(name, got, io.f32(name), FORWARD_F32_TOLERANCE));
+      }
     }
     // Cache lengths and compression flags per (layer, scale).
     const L = config.depth;
@@ -99,48 +111,49 @@ export async function verifyForwardScalekv(engine: Engine, manifest: ForwardScal
         }
         if (!r || Number(r.compressed) !== compressed[i]) flagBad++;
       }
-    checks.push({ name: 'kv/cache_len_before+after', metric: 'differences', value: lenBad, tolerance: 0, pass: lenBad === 0, note: lenNotes.join('; ') || `${L * S} (layer, scale) steps` });
+    checks.push({
+      name: 'kv/cache_len_before+after', metric: 'differences', value: lenBad, tolerance: 0, pass: lenBad === 0,
+      note: lenNotes.join('; ') || `${L * S} (layer, scale) steps`, covers: ['kv/cache_len_before', 'kv/cache_len_after'],
+    });
     checks.push({ name: 'kv/compressed', metric: 'differences', value: flagBad, tolerance: 0, pass: flagBad === 0 });
     // Kept positions and windows per (layer, scale, row, head).
-    let keptTotal = 0;
-    let keptBad = 0;
-    let listsBad = 0;
-    let winBad = 0;
-    let missing = 0;
-    const where: string[] = [];
-    for (const name of io.names) {
-      const m = /^kv\/L(\d+)_s(\d+)\/kept$/.exec(name);
-      if (!m) continue;
-      const l = Number(m[1]);
-      const si = Number(m[2]);
-      if (si >= S) continue;
-      const want = io.i32(name);
-      const [rows, heads, n] = io.entry(name).shape as number[];
-      const r = byKey.get(`${l}/${si}`);
-      if (!r?.kept || r.kept.length !== want.length) {
-        missing++;
-        continue;
+    const perStep = (what: 'kept' | 'window') => {
+      let total = 0;
+      let bad = 0;
+      let listsBad = 0;
+      let missing = 0;
+      const covers: string[] = [];
+      const where: string[] = [];
+      for (const name of io.names) {
+        const m = new RegExp(`^kv/L(\\d+)_s(\\d+)/${what}$`).exec(name);
+        if (!m || Number(m[2]) >= S) continue;
+        covers.push(name);
+        const want = io.i32(name);
+        const [rows, heads, n] = io.entry(name).shape as number[];
+        const r = byKey.get(`${Number(m[1])}/${Number(m[2])}`);
+        const ours = r?.[what];
+        // A window is shared by every (row, head): ours is one list.
+        const per = what === 'window' ? ours?.length : ours && ours.length / (rows * heads);
+        if (!ours || per !== n) {
+          missing++;
+          continue;
+        }
+        total += want.length;
+        for (let p = 0; p < rows * heads; p++) {
+          let d = 0;
+          for (let j = 0; j < n; j++) if (ours[(what === 'window' ? 0 : p * n) + j] !== want[p * n + j]) d++;
+          bad += d;
+          if (d) listsBad++;
+          if (d && where.length < 4 && !where.includes(`L${m[1]} s${m[2]}`)) where.push(`L${m[1]} s${m[2]}`);
+        }
       }
-      keptTotal += want.length;
-      for (let p = 0; p < rows * heads; p++) {
-        let d = 0;
-        for (let j = 0; j < n; j++) if (r.kept[p * n + j] !== want[p * n + j]) d++;
-        keptBad += d;
-        if (d) listsBad++;
-      }
-      if (keptBad && where.length < 4 && !where.includes(`L${l} s${si}`)) where.push(`L${l} s${si}`);
-      const wn = `kv/L${l}_s${pad2(si)}/window`;
-      if (io.has(wn)) {
-        const ww = io.i32(wn);
-        const per = r.window?.length ?? 0;
-        for (let p = 0; p < ww.length; p++) if (!r.window || ww[p] !== r.window[p % per]) winBad++;
-      }
-    }
-    checks.push({
-      name: 'kv/*/kept', metric: 'differences', value: keptBad + missing, tolerance: 0, pass: keptBad === 0 && missing === 0,
-      note: `${keptBad} of ${keptTotal} kept positions differ in ${listsBad} (row, head) lists${missing ? `, ${missing} (layer, scale) steps not compressed` : ''}${where.length ? ` (${where.join(', ')})` : ''}`,
-    });
-    checks.push({ name: 'kv/*/window', metric: 'differences', value: winBad, tolerance: 0, pass: winBad === 0 });
+      checks.push({
+        name: `kv/*/${what}`, metric: 'differences', value: bad + missing, tolerance: 0, pass: bad === 0 && missing === 0, covers,
+        note: `${bad} of ${total} positions differ in ${listsBad} (row, head) lists${missing ? `, ${missing} (layer, scale) steps not selected alike` : ''}${where.length ? ` (${where.join(', ')})` : ''}`,
+      });
+    };
+    perStep('kept');
+    perStep('window');
   } finally {
     model?.dispose();
     ckpt.close();

@@ -4,6 +4,7 @@ import { createEngine, BackendChoice } from '../engine.js';
 import { fail } from '../errors.js';
 import { SafetensorsFile } from '../safetensors.js';
 import type { Check } from './compare.js';
+import { coverage, Unchecked } from './coverage.js';
 import { UnitManifest, verifyUpdateKvUnits } from './update-kv-units.js';
 import { BsqCodesManifest, verifyBsqCodes } from './bsq-codes.js';
 import { Rope2dManifest, verifyRope2d } from './rope2d.js';
@@ -13,13 +14,16 @@ import { ForwardFullcacheManifest, verifyForwardFullcache } from './forward-full
 import { ForwardScalekvManifest, verifyForwardScalekv } from './forward-scalekv.js';
 import type { Engine } from '../engine.js';
 
-export type { Check } from './compare.js';
+export type { Check, ElementErrors } from './compare.js';
+export type { Unchecked } from './coverage.js';
 
 export interface VerifyReport {
   dir: string;
   kind: string;
   backend: string;
   checks: Check[];
+  /** Recorded tensors deliberately left unchecked, with the reason. */
+  unchecked: Unchecked[];
   pass: boolean;
 }
 
@@ -58,7 +62,12 @@ export async function verifyFixture(dir: string, opts: { backend?: BackendChoice
   const engine = await createEngine({ backend: opts.backend ?? 'auto' });
   try {
     const checks = await verifier(engine, manifest, dir);
-    return { dir, kind, backend: engine.backend, checks, pass: checks.length > 0 && checks.every((c) => c.pass) };
+    const io = new SafetensorsFile(join(dir, 'io.safetensors'));
+    const recorded = io.names;
+    io.close();
+    const { unchecked, failures } = coverage(kind, recorded, checks);
+    checks.push(...failures);
+    return { dir, kind, backend: engine.backend, checks, unchecked, pass: checks.length > 0 && checks.every((c) => c.pass) };
   } finally {
     engine.dispose();
   }

@@ -2,7 +2,7 @@
  * Attention Selectivity Index calibration (spec sec. 1): which (layer, scale) pairs are drafters.
  *
  * The full-cache loop runs over the calibration prompts; a KvPolicy hook (`afterAttention`, after every layer's
- * attention, before the current scale is appended) asks the attention kernel itself for the window output of the
+ * attention) asks the attention kernel itself for the window output of the
  * current scale's query rows: scaled logits against every key [history ‖ current] and each row's log-sum-exp, so
  * α_ij = exp(logit_ij − lse_i) are exactly the probabilities the layer used (same q: normalised, scaled, rotated).
  *
@@ -16,18 +16,18 @@
  * i_m = floor((m + 0.5) · n / maxQueries), m = 0..maxQueries−1 (default maxQueries 256).
  * Z(l,k) = (ASI − µ_k) / (σ_k + 1e-6) over the layers of each ranked scale (σ the population std); the N_d pairs
  * of lowest Z over all ranked scales are drafters (ties: lower scale, then lower layer first).
- * Scale mapping: ASI at 0-based scale si decides the budget of official entry "Scale N" with N = si + 1, i.e. the
- * cache that scale si reads (budget.ts: entry N is read by 0-based scale N − 1). Ranked scales default to those
- * the budget plan compresses.
+ * Scale mapping: ASI at 0-based scale si decides the budget of the cache that scale si reads, the plan entry of the
+ * compression after scale si − 1 (budget.ts planEntry). Ranked scales default to those that read a compressed cache.
  */
 import type { Engine, Tensor } from '../engine.js';
 import { fail } from '../errors.js';
 import { generate } from '../model/generate.js';
 import type { InfinityModel, TextFeatures } from '../model/infinity.js';
-import { appendUnlessLast, AfterAttentionContext, KvCache, KvPolicy } from '../model/kv-cache.js';
+import type { KvCache } from '../kv/cache.js';
+import { appendUnlessLast, AfterAttentionContext, KvGeneration, KvPolicy, KvPolicySession } from '../kv/policy.js';
 import type { ScaleGrid } from '../model/rope2d.js';
-import { BudgetPlan, budgetTokens, officialRulePlan } from '../scalekv/budget.js';
-import { SCALE_TOKENS_1M_SQUARE } from '../scalekv/window.js';
+import { BudgetPlan, budgetTokens, officialRulePlan, planEntry } from './budget.js';
+import { SCALE_TOKENS_1M_SQUARE } from './window.js';
 
 export interface AsiOptions {
   /** K′: history entries summed per query. Default 64. */
@@ -98,15 +98,14 @@ export interface AsiStats {
 
 /**
  * The profiling policy: keeps the full cache (FullKvPolicy's capacity and appends) and accumulates the ratios of
- * every (layer, scale) from the attention kernel's window output.
+ * every (layer, scale) from the attention kernel's window output, over every generation it serves (its sessions
+ * only add to the sums; each knows its own conditional rows).
  */
 export class AsiProfiler implements KvPolicy {
   readonly name = 'asi-profiler';
   readonly topK: number;
   readonly normalizeHistory: boolean;
   readonly maxQueries: number;
-  /** Conditional rows to average over (set per run: B). */
-  condRows = 1;
   readonly #sum = new Map<string, { cur: number; top: number; n: number }>();
   depth = 0;
   scales = 0;
@@ -123,16 +122,17 @@ export class AsiProfiler implements KvPolicy {
     return scaleTokens.slice(0, -1).reduce((a, b) => a + b, 0);
   }
 
-  begin(cache: KvCache): void {
+  begin(cache: KvCache, generation: KvGeneration): KvPolicySession {
     this.depth = Math.max(this.depth, cache.layers);
+    this.scales = Math.max(this.scales, generation.schedule.length);
+    // The conditional rows: the first B of 2B with CFG (all B rows without).
+    const condRows = generation.batch;
+    return { placement: appendUnlessLast, afterAttention: (ctx) => this.#measure(ctx, condRows) };
   }
 
-  async afterAttention(ctx: AfterAttentionContext): Promise<void> {
+  async #measure(ctx: AfterAttentionContext, condRows: number): Promise<void> {
     const e: Engine = ctx.engine;
-    const cache = ctx.cache;
-    this.scales = Math.max(this.scales, ctx.schedule.length);
-    const hist = cache.history(ctx.layer);
-    const histLen = hist?.len ?? 0;
+    const histLen = ctx.historyLength;
     const n = ctx.tokens;
     const rowsIdx = queryRows(n, this.maxQueries);
     const m = rowsIdx.length;
@@ -144,10 +144,10 @@ export class AsiProfiler implements KvPolicy {
       tensors.push(logits);
       const lse = e.empty([rows, heads, m], 'f32', { category: 'scratch' });
       tensors.push(lse);
-      e.ops.attention({ q: ctx.q, history: hist, current: cache.current(), scale: 1, window: { rows: rowsIdx, logits, lse } });
+      e.ops.attention({ q: ctx.q, ...ctx.cache.attentionOperands(ctx.layer), scale: 1, window: { rows: rowsIdx, logits, lse } });
       const L = (await logits.read()) as Float32Array;
       const S = (await lse.read()) as Float32Array;
-      const cond = Math.min(this.condRows, rows);
+      const cond = Math.min(condRows, rows);
       const p = new Float64Array(Math.max(1, histLen));
       let curSum = 0;
       let topSum = 0;
@@ -178,7 +178,6 @@ export class AsiProfiler implements KvPolicy {
     } finally {
       for (const t of tensors) t.dispose();
     }
-    appendUnlessLast(ctx);
   }
 
   stats(): AsiStats {
@@ -268,7 +267,6 @@ export async function calibrate(model: InfinityModel, o: CalibrateOptions): Prom
   const cfg = o.cfg ?? 3;
   const seed = o.seed ?? 0;
   for (let i = 0; i < o.prompts.length; i++) {
-    profiler.condRows = o.prompts[i].lens.length;
     const r = await generate(model, { text: o.prompts[i], schedule: o.schedule, cfg, seed: seed + i, kvPolicy: profiler });
     r.summedCodes.dispose();
     o.onProgress?.(i, o.prompts.length);
@@ -277,11 +275,12 @@ export async function calibrate(model: InfinityModel, o: CalibrateOptions): Prom
   const z = zScores(stats.asi);
   // Which scales the plan compresses: a plan without drafters tells.
   const bare = officialRulePlan({ depth: L, tokensPerLayer, drafters: [], scaleTokens: tokens });
-  const rankedScales = [...(o.scales ?? bare.scales.map((s) => s.scale - 1))].filter((k) => k >= 0 && k < tokens.length);
+  const readsCompressed = (si: number) => si > 0 && bare.scales.some((s) => s.scale === planEntry(si - 1).scale);
+  const rankedScales = [...(o.scales ?? tokens.map((_, si) => si).filter(readsCompressed))].filter((k) => k >= 0 && k < tokens.length);
   const nd = o.drafters ?? Math.max(1, Math.round((L * rankedScales.length) / 16));
   const drafters = pickDrafters(z, rankedScales, nd);
   const perScale: Record<number, number[]> = {};
-  for (const d of drafters) (perScale[d.scale + 1] ??= []).push(d.layer);
+  for (const d of drafters) (perScale[planEntry(d.scale - 1).scale] ??= []).push(d.layer);
   const refinerFloor = o.refinerFloor ?? Math.min(200, Math.floor(tokensPerLayer / 2));
   const plan = officialRulePlan({ depth: L, tokensPerLayer, drafters: perScale, scaleTokens: tokens, refinerFloor });
   return {

@@ -1,0 +1,397 @@
+/**
+ * `Pipeline`: load a model once (engine, Infinity weights or the built-in tiny model, VAE decoder), then turn text
+ * features into images as often as needed: sampling loop -> VAE decode -> pixels (and PNG files' bytes). What the
+ * `demo`, `generate` and `eval` commands run.
+ *
+ * ```ts
+ * const pipe = await Pipeline.load({ backend: 'auto' });             // the built-in tiny model, no download
+ * const { images } = await pipe.generate({ prompts: ['a red fox'], seed: 1, kv: 'scalekv:10%', png: true });
+ * writeFileSync('fox.png', images[0].png!);
+ * await pipe.dispose();
+ * ```
+ *
+ * Prompts as text need the T5 encoder, which this package does not ship yet: real checkpoints take precomputed T5
+ * features (in memory, or the safetensors file `scalekv generate --text` reads); the tiny model encodes prompts
+ * with its deterministic stand-in.
+ */
+import { Checkpoint, openCheckpoint } from './checkpoint/index.js';
+import { toHostArray } from './checkpoint/load.js';
+import { BackendChoice, createEngine, Engine, MemoryStats } from './engine.js';
+import { fail, ScaleKVError } from './errors.js';
+import { encodePng, RawImage } from './image/png.js';
+import { kvPolicyFromSpec } from './kv/spec.js';
+import { decodeImage, generate } from './model/generate.js';
+import { InfinityModel, TextFeatures, WeightSource } from './model/infinity.js';
+import type { KvPolicy } from './kv/policy.js';
+import { InfinityConfig, preset, PRESET_NAMES, PresetName } from './model/presets.js';
+import { PixelBudget, scaleSchedule } from './model/schedule.js';
+import { createTinyModel, TINY_VAE, tinyConfig, TinyModel } from './model/tiny.js';
+import { VaeDecoder } from './model/vae.js';
+import { SafetensorsFile } from './safetensors.js';
+
+export interface PipelineLoadOptions {
+  /** Run on this engine (the pipeline does not dispose it). Default: a new engine of `backend`, owned by the pipeline. */
+  engine?: Engine;
+  /** Backend of the pipeline's own engine. Default 'auto' (or env SCALEKV_BACKEND). */
+  backend?: BackendChoice;
+  /** CPU backend: intra-op threads. Default: all cores. */
+  threads?: number;
+  /**
+   * Infinity weights: a checkpoint path (.pth, .safetensors, a sharded directory) or an open checkpoint (left open).
+   * Default: the built-in tiny random-weight model.
+   */
+  weights?: string | WeightSource;
+  /**
+   * The VAE: a checkpoint path (a .pth holding it under 'vae.' is found by itself) or an open checkpoint with the
+   * decoder.* tensors (left open). Required with `weights` unless `decode` is false.
+   */
+  vae?: string | Checkpoint;
+  /** A preset name, 'tiny' (the tiny model's configuration) or a configuration. Default 'infinity-2b' with `weights`. */
+  preset?: PresetName | 'tiny' | InfinityConfig;
+  /** Block Linear weights and KV cache: default 'bf16' on CUDA, 'f32' elsewhere (InfinityModel.load). */
+  dtype?: 'bf16' | 'f32';
+  /** Load the VAE decoder. Without it `generate` cannot run (the model serves e.g. calibration). Default true. */
+  decode?: boolean;
+  /** Seed of the built-in tiny model's weights and text stand-in. Default 0. */
+  tinySeed?: number;
+}
+
+export interface PipelineProgress {
+  stage: 'sampling' | 'decode';
+  /** Steps done of `total`: scales while sampling, then 1 of 1 once the batch is decoded. */
+  done: number;
+  total: number;
+}
+
+export interface PipelineGenerateOptions {
+  /**
+   * Precomputed T5 features of the prompts: { kv [tokens, Ct5] f32 (prompts concatenated), lens [prompts] }, or a
+   * safetensors file of that layout ('kv' f32, 'lens' int).
+   */
+  textFeatures?: TextFeatures | string;
+  /** Prompts as text: only the built-in tiny model encodes them (with its stand-in for T5). */
+  prompts?: readonly string[];
+  /** Images per prompt: images b·batch .. b·batch + batch − 1 share prompt b, each samples its own bits. Default 1. */
+  batch?: number;
+  /** Sampler seed (integer). Default 0. */
+  seed?: number;
+  /** Classifier-free guidance, one value or one per scale. Default 3. */
+  cfg?: number | readonly number[];
+  /** Temperature, one value or one per scale. Default 1. */
+  tau?: number | readonly number[];
+  /** Default 900. */
+  topK?: number;
+  /** Default 0.97. */
+  topP?: number;
+  /** Height / width: a number or a ratio string ('4/3', '3:4'). Default 1. */
+  aspect?: number | string;
+  /** Pixel budget. Default '0.06M' on the built-in tiny model, '1M' otherwise. */
+  pn?: PixelBudget;
+  /** KV policy: an object (serving one generation at a time), or a spec such as 'full', 'scalekv:10%', 'window:650'. Default 'full'. */
+  kv?: KvPolicy | string;
+  /** Also encode every image as PNG (`PipelineImage.png`). Default false. */
+  png?: boolean;
+  onProgress?(p: PipelineProgress): void;
+  /** Cancels the generation: it rejects with ERR_ABORTED (cause: the signal's reason) and frees what it allocated. */
+  signal?: AbortSignal;
+}
+
+export interface PipelineImage extends RawImage {
+  channels: 3;
+  /** The PNG file's bytes, when `png` was asked. */
+  png?: Buffer;
+}
+
+export interface PipelineResult {
+  /** One RGB image per generated image, prompt-major (see `batch`). */
+  images: PipelineImage[];
+  /** The token grids (h, w) that were sampled. */
+  schedule: [number, number][];
+  seed: number;
+  timings: { samplingMs: number; decodeMs: number; encodeMs: number; totalMs: number; perScaleMs: number[] };
+  /** The engine's counters after the decode (peaks since the engine was created) and the KV cache bytes held. */
+  memory: MemoryStats;
+  kvBytes: number;
+}
+
+/** A ratio h / w from '1', '0.75', '4/3' or '3:4'. */
+export function parseAspect(s: string | number | undefined): number {
+  if (s === undefined) return 1;
+  const m = typeof s === 'number' ? null : /^(\d+(?:\.\d+)?)(?:[/:](\d+(?:\.\d+)?))?$/.exec(s.trim());
+  const v = typeof s === 'number' ? s : m ? (m[2] ? Number(m[1]) / Number(m[2]) : Number(m[1])) : NaN;
+  if (!(v > 0) || !Number.isFinite(v)) fail('ERR_INVALID_ARG', `aspect must be a ratio h/w such as 1, 4/3 or 0.75, got '${s}'`);
+  return v;
+}
+
+/** The prompts of several feature sets, in order. */
+export function concatTextFeatures(parts: readonly TextFeatures[]): TextFeatures {
+  const kv = new Float32Array(parts.reduce((n, p) => n + p.kv.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    kv.set(p.kv, at);
+    at += p.kv.length;
+  }
+  return { kv, lens: parts.flatMap((p) => [...p.lens]) };
+}
+
+/** One single-prompt feature set per prompt. */
+export function splitTextFeatures(t: TextFeatures): TextFeatures[] {
+  const channels = t.kv.length / t.lens.reduce((a, b) => a + b, 0);
+  const out: TextFeatures[] = [];
+  let at = 0;
+  for (const n of t.lens) {
+    out.push({ kv: t.kv.slice(at * channels, (at + n) * channels), lens: [n] });
+    at += n;
+  }
+  return out;
+}
+
+/** Each prompt `batch` times in a row. */
+export function repeatTextFeatures(t: TextFeatures, batch: number): TextFeatures {
+  if (!Number.isSafeInteger(batch) || batch < 1) fail('ERR_INVALID_ARG', `batch must be a positive integer, got ${batch}`);
+  if (batch === 1) return t;
+  return concatTextFeatures(splitTextFeatures(t).flatMap((p) => new Array<TextFeatures>(batch).fill(p)));
+}
+
+/** Precomputed T5 features from a safetensors file: 'kv' [tokens, channels] and 'lens' [prompts] summing to tokens. */
+export function readTextFeatures(path: string, channels: number): TextFeatures {
+  const f = new SafetensorsFile(path);
+  try {
+    if (!f.has('kv') || !f.has('lens')) fail('ERR_FORMAT', `${path}: text features need tensors 'kv' [tokens, ${channels}] and 'lens' [prompts]`);
+    const shape = f.entry('kv').shape;
+    if (shape.length !== 2 || shape[1] !== channels) fail('ERR_SHAPE', `${path}: 'kv' must be [tokens, ${channels}], got ${JSON.stringify(shape)}`);
+    const lens = Array.from(f.i32('lens'));
+    if (!lens.length || lens.some((n) => n < 1) || lens.reduce((a, b) => a + b, 0) !== shape[0])
+      fail('ERR_SHAPE', `${path}: 'lens' must be positive and sum to the ${shape[0]} rows of 'kv'`);
+    return { kv: f.f32('kv'), lens };
+  } finally {
+    f.close();
+  }
+}
+
+/** The VAE decoder's tensors of a checkpoint as f32 host arrays (the decoder is small next to the transformer). */
+async function readVaeDecoder(ckpt: Checkpoint): Promise<Map<string, Float32Array>> {
+  const out = new Map<string, Float32Array>();
+  for (const name of ckpt.names) {
+    if (!name.startsWith('decoder.')) continue;
+    out.set(name, toHostArray(await ckpt.read(name), 'f32', name) as Float32Array);
+  }
+  if (!out.size) fail('ERR_FORMAT', `${ckpt.path}: no VAE decoder tensors (decoder.*)`);
+  return out;
+}
+
+async function loadVae(engine: Engine, source: string | Checkpoint, config: InfinityConfig): Promise<VaeDecoder> {
+  if (typeof source !== 'string') return VaeDecoder.load(engine, await readVaeDecoder(source), config.vae);
+  const file = openCheckpoint(source);
+  let prefixed: Checkpoint | undefined;
+  try {
+    if (file.names.some((n) => n.startsWith('vae.'))) prefixed = openCheckpoint(source, { prefix: 'vae.' });
+    return await VaeDecoder.load(engine, await readVaeDecoder(prefixed ?? file), config.vae);
+  } finally {
+    prefixed?.close();
+    file.close();
+  }
+}
+
+/**
+ * The configuration of a preset name ('tiny': the built-in tiny model's, for checkpoints written from it) or the
+ * configuration given; `presetName` when it names an official preset.
+ */
+export function presetConfig(p: string | InfinityConfig = 'infinity-2b'): { config: InfinityConfig; presetName?: PresetName } {
+  if (typeof p !== 'string') return { config: p };
+  if (p === 'tiny') return { config: { ...tinyConfig(), vae: { ...TINY_VAE, chMult: [...TINY_VAE.chMult] } } };
+  if (!PRESET_NAMES.includes(p as PresetName)) fail('ERR_INVALID_ARG', `unknown preset '${p}' (${[...PRESET_NAMES, 'tiny'].join(', ')})`);
+  return { config: preset(p as PresetName), presetName: p as PresetName };
+}
+
+function abortError(signal: AbortSignal): ScaleKVError {
+  return new ScaleKVError('ERR_ABORTED', 'generation aborted', { cause: signal.reason });
+}
+
+export class Pipeline {
+  readonly engine: Engine;
+  readonly model: InfinityModel;
+  /** Undefined when loaded with `decode: false`. */
+  readonly vae?: VaeDecoder;
+  readonly config: Readonly<InfinityConfig>;
+  /** The preset the weights follow (it picks the built-in ScaleKV drafters), when one was named. */
+  readonly presetName?: PresetName;
+  readonly #tiny?: TinyModel;
+  readonly #ownsEngine: boolean;
+  /** Generations run one at a time, in call order; this settles when the last one queued has. */
+  #queue: Promise<unknown> = Promise.resolve();
+  #disposed = false;
+
+  private constructor(p: { engine: Engine; model: InfinityModel; vae?: VaeDecoder; presetName?: PresetName; tiny?: TinyModel; ownsEngine: boolean }) {
+    this.engine = p.engine;
+    this.model = p.model;
+    this.vae = p.vae;
+    this.config = p.model.config;
+    this.presetName = p.presetName;
+    this.#tiny = p.tiny;
+    this.#ownsEngine = p.ownsEngine;
+  }
+
+  /** Loads the model (and the VAE decoder) onto the engine; on failure frees what it loaded. */
+  static async load(opts: PipelineLoadOptions = {}): Promise<Pipeline> {
+    const decode = opts.decode ?? true;
+    let tiny: TinyModel | undefined;
+    let config: InfinityConfig;
+    let presetName: PresetName | undefined;
+    if (opts.weights === undefined) {
+      if (opts.vae !== undefined) fail('ERR_INVALID_ARG', 'Pipeline.load: a VAE needs weights (without them the built-in tiny model runs)');
+      if (opts.preset !== undefined && opts.preset !== 'tiny') fail('ERR_INVALID_ARG', 'Pipeline.load: a preset needs weights (without them the built-in tiny model runs)');
+      tiny = createTinyModel(opts.tinySeed ?? 0);
+      config = tiny.config;
+    } else {
+      if (decode && opts.vae === undefined) fail('ERR_INVALID_ARG', 'Pipeline.load: weights need a VAE (or decode: false)');
+      ({ config, presetName } = presetConfig(opts.preset));
+    }
+    if (opts.engine && (opts.backend !== undefined || opts.threads !== undefined)) fail('ERR_INVALID_ARG', 'Pipeline.load: give an engine or a backend (and threads), not both');
+    const ownsEngine = opts.engine === undefined;
+    const engine = opts.engine ?? (await createEngine({ backend: opts.backend, threads: opts.threads }));
+    let model: InfinityModel | undefined;
+    let vae: VaeDecoder | undefined;
+    try {
+      const weights = tiny ? tiny.weights : opts.weights ?? fail('ERR_INTERNAL', 'no weights');
+      if (typeof weights === 'string') {
+        const ckpt = openCheckpoint(weights);
+        try {
+          model = await InfinityModel.load(engine, ckpt, config, { dtype: opts.dtype });
+        } finally {
+          ckpt.close();
+        }
+      } else {
+        model = await InfinityModel.load(engine, weights, config, { dtype: opts.dtype });
+      }
+      if (decode) vae = await loadVae(engine, tiny ? tiny.vae : (opts.vae as string | Checkpoint), config);
+      return new Pipeline({ engine, model, vae, presetName, tiny, ownsEngine });
+    } catch (e) {
+      vae?.dispose();
+      model?.dispose();
+      if (ownsEngine) engine.dispose();
+      throw e;
+    }
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  /** Whether `prompts` can be given as text (the built-in tiny model). */
+  get encodesPrompts(): boolean {
+    return this.#tiny !== undefined;
+  }
+
+  /** The text features of a generation: `textFeatures` as given or read from its file, or the encoded `prompts`. */
+  text(o: Pick<PipelineGenerateOptions, 'textFeatures' | 'prompts'>): TextFeatures {
+    this.#check();
+    return this.#text(o);
+  }
+
+  #text(o: Pick<PipelineGenerateOptions, 'textFeatures' | 'prompts'>): TextFeatures {
+    if ((o.textFeatures === undefined) === (o.prompts === undefined)) fail('ERR_INVALID_ARG', 'give either textFeatures or prompts');
+    if (o.textFeatures !== undefined)
+      return typeof o.textFeatures === 'string' ? readTextFeatures(o.textFeatures, this.config.textChannels) : o.textFeatures;
+    const prompts = o.prompts as readonly string[];
+    if (!Array.isArray(prompts) || !prompts.length || prompts.some((p) => typeof p !== 'string')) fail('ERR_INVALID_ARG', 'prompts must be a non-empty array of strings');
+    const tiny = this.#tiny;
+    if (!tiny) fail('ERR_INVALID_ARG', 'prompts as text need the T5 text encoder, which is not available yet: pass precomputed textFeatures');
+    return concatTextFeatures(prompts.map((p) => tiny.encodeText(p)));
+  }
+
+  /** The KV policy of a spec ('full', 'scalekv:10%', ...) for this model, or the policy given. */
+  kvPolicy(kv: KvPolicy | string | undefined): KvPolicy {
+    if (kv === undefined || typeof kv === 'string') return kvPolicyFromSpec(kv ?? 'full', { depth: this.config.depth, preset: this.presetName });
+    return kv;
+  }
+
+  /**
+   * Samples and decodes one batch. Calls run one at a time in call order (each holds its KV cache and activations
+   * until it ends). Rejects with ERR_ABORTED on `signal`, ERR_DISPOSED when called after `dispose`.
+   */
+  generate(o: PipelineGenerateOptions): Promise<PipelineResult> {
+    try {
+      this.#check();
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const run = this.#queue.then(() => this.#generate(o));
+    this.#queue = run.catch(() => undefined);
+    return run;
+  }
+
+  async #generate(o: PipelineGenerateOptions): Promise<PipelineResult> {
+    if (o.signal?.aborted) throw abortError(o.signal);
+    const vae = this.vae ?? fail('ERR_INVALID_ARG', 'Pipeline.generate: this pipeline was loaded with decode: false');
+    const started = performance.now();
+    const text = repeatTextFeatures(this.#text(o), o.batch ?? 1);
+    const pn = o.pn ?? (this.#tiny ? '0.06M' : '1M');
+    const schedule = scaleSchedule({ aspect: parseAspect(o.aspect), pn, patchify: this.config.patchify }).scales.map(([h, w]) => [h, w] as [number, number]);
+    const seed = o.seed ?? 0;
+    const sampled = await generate(this.model, {
+      textFeatures: text,
+      schedule,
+      cfg: o.cfg ?? 3,
+      tau: o.tau ?? 1,
+      topK: o.topK,
+      topP: o.topP,
+      seed,
+      kvPolicy: this.kvPolicy(o.kv),
+      signal: o.signal,
+      onProgress: o.onProgress && ((si, total) => o.onProgress?.({ stage: 'sampling', done: si + 1, total })),
+    });
+    const samplingMs = performance.now() - started;
+    let decoded;
+    const decodeStart = performance.now();
+    try {
+      if (o.signal?.aborted) throw abortError(o.signal);
+      decoded = await decodeImage(vae, sampled.summedCodes);
+    } finally {
+      sampled.summedCodes.dispose();
+    }
+    const decodeMs = performance.now() - decodeStart;
+    o.onProgress?.({ stage: 'decode', done: 1, total: 1 });
+    if (o.signal?.aborted) throw abortError(o.signal);
+    const encodeStart = performance.now();
+    const [B, H, W] = decoded.shape;
+    const bytes = H * W * 3;
+    const images: PipelineImage[] = [];
+    for (let b = 0; b < B; b++) {
+      const image: PipelineImage = { width: W, height: H, channels: 3, data: decoded.pixels.subarray(b * bytes, (b + 1) * bytes) };
+      if (o.png) image.png = encodePng(image);
+      images.push(image);
+    }
+    const memory = this.engine.memory();
+    return {
+      images,
+      schedule,
+      seed,
+      timings: { samplingMs, decodeMs, encodeMs: performance.now() - encodeStart, totalMs: performance.now() - started, perScaleMs: sampled.timings.map((t) => t.ms) },
+      memory,
+      kvBytes: sampled.kvBytes,
+    };
+  }
+
+  /**
+   * Lets the generations already asked for finish (cancel them through their signals to stop sooner), then frees
+   * the model, the VAE and, when the pipeline created it, the engine. Later calls reject with ERR_DISPOSED.
+   * Idempotent.
+   */
+  async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    await this.#queue;
+    this.vae?.dispose();
+    this.model.dispose();
+    if (this.#ownsEngine) this.engine.dispose();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+
+  #check(): void {
+    if (this.#disposed) fail('ERR_DISPOSED', 'Pipeline was disposed');
+  }
+}

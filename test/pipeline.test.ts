@@ -1,0 +1,214 @@
+// Pipeline: load once, generate many. It must equal the lower-level path (generate + decodeImage) bit for bit,
+// cancel through its AbortSignal without leaking, and free everything on dispose.
+import test from 'ava';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createEngine, Engine, MemoryCategory } from '../lib/engine.js';
+import { ScaleKVError } from '../lib/errors.js';
+import { decodePng } from '../lib/image/png.js';
+import { kvPolicyFromSpec } from '../lib/kv/spec.js';
+import { decodeImage, generate } from '../lib/model/generate.js';
+import { InfinityModel, TextFeatures } from '../lib/model/infinity.js';
+import { scaleSchedule } from '../lib/model/schedule.js';
+import { createTinyModel } from '../lib/model/tiny.js';
+import { VaeDecoder } from '../lib/model/vae.js';
+import { Pipeline } from '../lib/pipeline.js';
+import { writeTinyModelFiles } from './checkpoint-writers.js';
+import { Rng, seedFor, testBackends, withEngine } from './helpers.js';
+
+const WORDS = ['a', 'red', 'fox', 'lighthouse', 'at', 'dawn', 'bowl', 'of', 'fruit', 'city', 'rain', 'snow', 'castle', 'lake', 'blue'];
+
+function randomPrompt(rng: Rng): string {
+  return Array.from({ length: rng.int(1, 7) }, () => rng.pick(WORDS)).join(' ');
+}
+
+/** Each prompt's features `batch` times in a row, built independently of the Pipeline's helpers. */
+function repeated(features: TextFeatures[], batch: number): TextFeatures {
+  const parts = features.flatMap((f) => new Array<TextFeatures>(batch).fill(f));
+  const kv = new Float32Array(parts.reduce((n, p) => n + p.kv.length, 0));
+  parts.reduce((at, p) => (kv.set(p.kv, at), at + p.kv.length), 0);
+  return { kv, lens: parts.map((p) => p.lens[0]) };
+}
+
+async function lowLevel(e: Engine, tinySeed: number, o: { prompts: string[]; batch: number; seed: number; aspect: number; kv: string }): Promise<{ pixels: Uint8Array; shape: number[]; kvBytes: number }> {
+  const tiny = createTinyModel(tinySeed);
+  const model = await InfinityModel.load(e, tiny.weights, tiny.config);
+  const decoder = new Map(tiny.vae.names.filter((n) => n.startsWith('decoder.')).map((n) => [n, tiny.vae.f32(n)]));
+  const vae = await VaeDecoder.load(e, decoder, tiny.vaeConfig);
+  try {
+    const r = await generate(model, {
+      textFeatures: repeated(o.prompts.map((p) => tiny.encodeText(p)), o.batch),
+      schedule: scaleSchedule({ aspect: o.aspect, pn: '0.06M' }).scales,
+      cfg: 3,
+      tau: 1,
+      seed: o.seed,
+      kvPolicy: kvPolicyFromSpec(o.kv, { depth: tiny.config.depth }),
+    });
+    try {
+      const img = await decodeImage(vae, r.summedCodes);
+      return { pixels: img.pixels, shape: img.shape, kvBytes: r.kvBytes };
+    } finally {
+      r.summedCodes.dispose();
+    }
+  } finally {
+    model.dispose();
+    vae.dispose();
+  }
+}
+
+const inUseTotal = (e: Engine) => Object.values(e.memory().inUse).reduce((a, b) => a + b, 0);
+
+// The cheap case runs on every backend; the CPU also takes a batch, two prompts, a tall aspect and a KV policy spec.
+const CASES = [
+  { name: 'one prompt, full cache', prompts: 1, batch: 1, aspect: '1', kv: 'full', backends: 'all' },
+  { name: 'two prompts x batch 2, aspect 3:4, streamingllm:4+60', prompts: 2, batch: 2, aspect: '3:4', kv: 'streamingllm:4+60', backends: 'cpu' },
+] as const;
+
+for (const backend of testBackends()) {
+  for (const c of CASES) {
+    if (c.backends === 'cpu' && backend !== 'cpu') continue;
+    test(`${backend}: Pipeline on the tiny model equals generate + decodeImage bit for bit (${c.name})`, async (t) => {
+      const rng = new Rng(seedFor(t));
+      const seed = rng.int(0, 2 ** 31 - 1);
+      const tinySeed = rng.int(0, 1000);
+      const prompts = Array.from({ length: c.prompts }, () => randomPrompt(rng));
+      t.log(`prompts ${JSON.stringify(prompts)}, sampler seed ${seed}, tiny model seed ${tinySeed}`);
+      await withEngine(backend, async (e) => {
+        const aspect = c.aspect === '1' ? 1 : 3 / 4;
+        const want = await lowLevel(e, tinySeed, { prompts, batch: c.batch, seed, aspect, kv: c.kv });
+        const pipe = await Pipeline.load({ engine: e, tinySeed });
+        try {
+          const progress: string[] = [];
+          const r = await pipe.generate({
+            prompts, batch: c.batch, seed, aspect: c.aspect, kv: c.kv, png: true, onProgress: (p) => progress.push(`${p.stage} ${p.done}/${p.total}`),
+          });
+          const [B, H, W] = want.shape;
+          t.is(r.images.length, B);
+          t.is(B, c.prompts * c.batch);
+          t.is(r.kvBytes, want.kvBytes);
+          t.true(r.memory.peak.kv >= r.kvBytes && r.kvBytes > 0);
+          t.is(r.schedule.length, 7);
+          t.deepEqual(progress, [...Array.from({ length: 7 }, (_, i) => `sampling ${i + 1}/7`), 'decode 1/1']);
+          for (let b = 0; b < B; b++) {
+            const img = r.images[b];
+            t.deepEqual([img.width, img.height, img.channels], [W, H, 3]);
+            t.true(Buffer.from(img.data).equals(Buffer.from(want.pixels.subarray(b * H * W * 3, (b + 1) * H * W * 3))), `image ${b} differs`);
+            const png = decodePng(img.png as Buffer);
+            t.true(Buffer.from(png.data).equals(Buffer.from(img.data)), `PNG of image ${b} does not decode to its pixels`);
+          }
+          if (c.batch > 1) t.false(Buffer.from(r.images[0].data).equals(Buffer.from(r.images[1].data)), 'images of one prompt must sample their own bits');
+        } finally {
+          await pipe.dispose();
+        }
+        t.is(inUseTotal(e), 0);
+      });
+    });
+  }
+
+  test(`${backend}: abort through the AbortSignal rejects with ERR_ABORTED and frees what the generation allocated`, async (t) => {
+    await withEngine(backend, async (e) => {
+      const pipe = await Pipeline.load({ engine: e });
+      try {
+        const baseline = e.memory().inUse;
+        t.true(baseline.weights > 0);
+        const ctl = new AbortController();
+        const reason = new Error('user cancelled');
+        const seen: string[] = [];
+        const err = await t.throwsAsync(
+          pipe.generate({
+            prompts: ['a red fox'], seed: 3, signal: ctl.signal,
+            onProgress: (p) => {
+              seen.push(`${p.stage} ${p.done}`);
+              if (p.done === 3) ctl.abort(reason);
+            },
+          }),
+          { instanceOf: ScaleKVError },
+        );
+        t.is((err as ScaleKVError).code, 'ERR_ABORTED');
+        t.is((err as ScaleKVError).cause, reason);
+        t.deepEqual(seen, ['sampling 1', 'sampling 2', 'sampling 3']);
+        await e.sync();
+        t.deepEqual(e.memory().inUse, baseline);
+        // Already aborted: nothing is allocated at all.
+        const peak = e.memory().totalPeak;
+        const pre = await t.throwsAsync(pipe.generate({ prompts: ['a red fox'], signal: AbortSignal.abort() }), { instanceOf: ScaleKVError });
+        t.is((pre as ScaleKVError).code, 'ERR_ABORTED');
+        t.deepEqual(e.memory().inUse, baseline);
+        t.is(e.memory().totalPeak, peak);
+        if (backend === 'cpu') {
+          // Cancelled once the batch is decoded: the pixels are dropped, the memory is back all the same.
+          const late = new AbortController();
+          const err2 = await t.throwsAsync(
+            pipe.generate({ prompts: ['a red fox'], signal: late.signal, onProgress: (p) => p.stage === 'decode' && late.abort() }),
+            { instanceOf: ScaleKVError },
+          );
+          t.is((err2 as ScaleKVError).code, 'ERR_ABORTED');
+          await e.sync();
+          t.deepEqual(e.memory().inUse, baseline);
+        }
+      } finally {
+        await pipe.dispose();
+      }
+      t.is(inUseTotal(e), 0);
+    });
+  });
+}
+
+test('cpu: dispose lets the generations already asked for finish, then frees everything; later calls reject; idempotent', async (t) => {
+  await withEngine('cpu', async (e) => {
+    t.is(inUseTotal(e), 0);
+    const pipe = await Pipeline.load({ engine: e });
+    t.true(e.memory().inUse.weights > 0);
+    const first = pipe.generate({ prompts: ['a blue lake'], seed: 1 });
+    const second = pipe.generate({ prompts: ['a blue lake'], seed: 2 });
+    const disposing = pipe.dispose();
+    t.false(pipe.model.disposed, 'weights freed under a running generation');
+    const [a, b] = await Promise.all([first, second]);
+    t.is(a.images.length, 1);
+    t.false(Buffer.from(a.images[0].data).equals(Buffer.from(b.images[0].data)), 'two seeds gave the same image');
+    await disposing;
+    t.true(pipe.disposed && pipe.model.disposed);
+    await e.sync();
+    for (const [category, bytes] of Object.entries(e.memory().inUse)) t.is(bytes, 0, `${category as MemoryCategory} still holds ${bytes} bytes`);
+    const after = await t.throwsAsync(pipe.generate({ prompts: ['a blue lake'] }), { instanceOf: ScaleKVError });
+    t.is((after as ScaleKVError).code, 'ERR_DISPOSED');
+    await pipe.dispose();
+    t.false(e.disposed, 'an engine the caller gave stays alive');
+  });
+  const own = await Pipeline.load({ backend: 'cpu', threads: 2 });
+  await own.dispose();
+  t.true(own.engine.disposed, 'the engine the pipeline created is disposed with it');
+});
+
+test('cpu: checkpoint files and a T5-features file give the images of the built-in model; text prompts need the tiny model', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'scalekv-pipeline-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const rng = new Rng(seedFor(t));
+  const tinySeed = rng.int(0, 1000);
+  const seed = rng.int(0, 2 ** 31 - 1);
+  const prompts = [randomPrompt(rng), randomPrompt(rng)];
+  const files = writeTinyModelFiles(dir, createTinyModel(tinySeed), prompts);
+  const e = await createEngine({ backend: 'cpu', threads: 2 });
+  const builtIn = await Pipeline.load({ engine: e, tinySeed });
+  const fromFiles = await Pipeline.load({ engine: e, weights: files.weights, vae: files.vae, preset: 'tiny', dtype: 'f32' });
+  try {
+    const want = await builtIn.generate({ prompts, seed, pn: '0.06M' });
+    const got = await fromFiles.generate({ textFeatures: files.text, seed, pn: '0.06M' });
+    t.is(got.images.length, 2);
+    for (let b = 0; b < 2; b++) t.true(Buffer.from(got.images[b].data).equals(Buffer.from(want.images[b].data)), `image ${b}`);
+    t.false(fromFiles.encodesPrompts);
+    const err = t.throws(() => fromFiles.text({ prompts }), { instanceOf: ScaleKVError });
+    t.is((err as ScaleKVError).code, 'ERR_INVALID_ARG');
+    const both = await t.throwsAsync(builtIn.generate({ prompts, textFeatures: files.text }), { instanceOf: ScaleKVError });
+    t.is((both as ScaleKVError).code, 'ERR_INVALID_ARG');
+    const badSpec = await t.throwsAsync(builtIn.generate({ prompts, kv: 'nonsense:1' }), { instanceOf: ScaleKVError });
+    t.is((badSpec as ScaleKVError).code, 'ERR_INVALID_ARG');
+    await t.throwsAsync(Pipeline.load({ engine: e, weights: files.weights, preset: 'tiny' }), { instanceOf: ScaleKVError, message: /VAE/ });
+  } finally {
+    await builtIn.dispose();
+    await fromFiles.dispose();
+    t.is(inUseTotal(e), 0);
+    e.dispose();
+  }
+});
