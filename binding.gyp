@@ -5,6 +5,7 @@
       "sources": [
         "csrc/addon.cc",
         "csrc/engine_core.cc",
+        "csrc/op_table.cc",
         "<!@(node -p \"require('fs').readdirSync('kernels/cpu').filter(f => f.endsWith('.cc')).map(f => 'kernels/cpu/' + f).join(' ')\")"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -4,7 +4,7 @@
 // skips the Infinity-2B last-scale attention shapes (tens of seconds each on a CPU).
 import { parseArgs } from 'node:util';
 import { Bench } from 'tinybench';
-import { createEngine, Engine, Tensor } from '../lib/engine.js';
+import { createEngine, Engine } from '../lib/engine.js';
 import type { BackendChoice } from '../lib/engine.js';
 import { formatE2e, runE2e, E2eResult } from './e2e.js';
 

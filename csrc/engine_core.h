@@ -86,6 +86,10 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // the pending error; later ops still run (each validates its own inputs). False once shut down.
   // `name` (a string literal) labels the op in profiles.
   bool enqueue(std::function<void()> op, const char* name = nullptr);
+  // Runs `launch` on the backend after everything enqueued before it, holding `hold` until it has run.
+  bool enqueue(std::function<void(Backend&)> launch, std::vector<std::shared_ptr<Buffer>> hold, const char* name);
+  // How many ops were accepted since the engine was created (a rejected call adds none).
+  uint64_t enqueued() const { return enqueued_.load(std::memory_order_relaxed); }
 
   // Profiling: while on, the queue thread brackets every named op with backend timing marks (CUDA events on
   // the stream, the host clock elsewhere), so device time is measured without synchronising per op.
@@ -109,6 +113,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
 
  private:
   void run();
+  void await_work();
   void record_error(const QueuedError& e);
 
   std::unique_ptr<Backend> backend_;
@@ -117,10 +122,14 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   std::condition_variable cv_;
   struct QueuedOp {
     std::function<void()> fn;
+    std::function<void(Backend&)> launch;       // an op of the table (fn is empty)
+    std::vector<std::shared_ptr<Buffer>> hold;  // its operands, alive until it has run
     const char* name;
   };
   std::deque<QueuedOp> queue_;
   std::atomic<bool> profiling_{false};
+  std::atomic<uint64_t> enqueued_{0};
+  std::atomic<size_t> queued_{0};  // queue_.size(), readable without mu_ (the worker's look before it sleeps)
   struct TimedOp {
     const char* name;
     Backend::TimingMark start, end;

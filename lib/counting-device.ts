@@ -11,7 +11,8 @@
  */
 import { dtypeSize, DTYPES, type DType } from './dtype.js';
 import { ScaleKVError } from './errors.js';
-import type { NativeEngine, NativeMemory, NativeTensor } from './native.js';
+import { NATIVE_OP_NAMES } from './native-ops.generated.js';
+import type { NativeEngine, NativeMemory, NativeOps, NativeTensor } from './native.js';
 
 const CATEGORIES = ['weights', 'kv', 'activations', 'scratch'] as const;
 type Category = (typeof CATEGORIES)[number];
@@ -74,8 +75,8 @@ class CountedTensor implements NativeTensor {
   }
 }
 
-const noop = (): void => {};
-
+// Every op of the table: accepted, counted, not run.
+export interface CountingDevice extends NativeOps {}
 export class CountingDevice implements NativeEngine {
   readonly backend = 'count';
   readonly device = 'count (no memory, no compute: allocation accounting only)';
@@ -88,6 +89,13 @@ export class CountingDevice implements NativeEngine {
   /** Sizes of the cached (released) blocks, ascending. */
   #cache: number[] = [];
   #disposed = false;
+
+  constructor() {
+    const count = (): void => {
+      this.#enqueued++;
+    };
+    for (const name of NATIVE_OP_NAMES) this[name] = count;
+  }
 
   tensor(dtype: string, shape: number[], data?: ArrayBufferView | null, category?: string, _fillByte?: number): NativeTensor {
     if (this.#disposed) throw new ScaleKVError('ERR_DISPOSED', 'engine was disposed');
@@ -152,28 +160,11 @@ export class CountingDevice implements NativeEngine {
     return {};
   }
 
-  attention = noop;
-  evictCompact = noop;
-  selection = noop;
-  gemm = noop;
-  layerNorm = noop;
-  gatedResidual = noop;
-  activation = noop;
-  qkNormRope = noop;
-  crossAttention = noop;
-  cfgTau = noop;
-  topkTopPMask = noop;
-  sampleBits = noop;
-  bitsToCodes = noop;
-  resizeBilinear = noop;
-  conv2d = noop;
-  groupNorm = noop;
-  upsampleNearest2x = noop;
-  pixelShuffle2x = noop;
-  pixelUnshuffle2x = noop;
-  add = noop;
-  transpose12 = noop;
-  imageToU8 = noop;
+
+  enqueued(): number {
+    return this.#enqueued;
+  }
+  #enqueued = 0;
 }
 
 // First index whose value is >= x.

@@ -1,9 +1,12 @@
 import { availableParallelism } from 'node:os';
-import { bf16ToF32Array, DType, DTYPES, f16ToF32Array } from './dtype.js';
+import { DType, DTYPES } from './dtype.js';
 import { fail, rethrowNative, ScaleKVError } from './errors.js';
 import { CountingDevice } from './counting-device.js';
-import { loadNative, NativeEngine, NativeTensor } from './native.js';
+import { loadNative, NativeEngine } from './native.js';
 import { Ops } from './ops.js';
+import { HostArray, Tensor, type TensorOwner } from './tensor.js';
+
+export { Tensor, type HostArray, type TensorOwner } from './tensor.js';
 
 /** 'count' has no memory and no compute: a dry run of a workload's allocations (see counting-device.ts). */
 export type BackendName = 'cpu' | 'cuda' | 'emu' | 'count';
@@ -44,97 +47,9 @@ export interface OpProfileEntry {
   ms: number;
 }
 
-export type HostArray = Float32Array | Uint16Array | Int32Array | Uint8Array;
-
 export interface TensorOptions {
   /** Which memory counter the tensor is charged to (default 'activations'). */
   category?: MemoryCategory;
-}
-
-/** A contiguous tensor on an engine's device. Its contents are read back asynchronously. */
-export class Tensor {
-  readonly shape: readonly number[];
-  readonly dtype: DType;
-  /** @internal */
-  readonly native: NativeTensor;
-  readonly engine: Engine;
-
-  /** @internal */
-  constructor(engine: Engine, native: NativeTensor, shape: readonly number[], dtype: DType) {
-    this.engine = engine;
-    this.native = native;
-    this.shape = Object.freeze([...shape]);
-    this.dtype = dtype;
-  }
-
-  get size(): number {
-    return this.shape.reduce((a, b) => a * b, 1);
-  }
-  get bytes(): number {
-    return this.native.bytes;
-  }
-  get disposed(): boolean {
-    return this.native.disposed;
-  }
-
-  /** The contents after all work queued before this call: f32/bf16/f16 as Float32Array, i32, u8. */
-  async read(): Promise<Float32Array | Int32Array | Uint8Array> {
-    const raw = await this.readRaw();
-    if (this.dtype === 'bf16') return bf16ToF32Array(raw as Uint16Array);
-    if (this.dtype === 'f16') return f16ToF32Array(raw as Uint16Array);
-    return raw as Float32Array | Int32Array | Uint8Array;
-  }
-
-  /** The stored bits: Uint16Array for bf16/f16. */
-  async readRaw(): Promise<HostArray> {
-    let buffer: ArrayBuffer;
-    try {
-      buffer = await this.native.read();
-    } catch (e) {
-      rethrowNative(e);
-    }
-    switch (this.dtype) {
-      case 'f32':
-        return new Float32Array(buffer);
-      case 'bf16':
-      case 'f16':
-        return new Uint16Array(buffer);
-      case 'i32':
-        return new Int32Array(buffer);
-      case 'u8':
-        return new Uint8Array(buffer);
-    }
-  }
-
-  /** Replaces the contents (in queue order). bf16/f16 take a Float32Array (rounded) or raw Uint16Array bits. */
-  write(data: HostArray): void {
-    try {
-      this.native.write(data);
-    } catch (e) {
-      rethrowNative(e);
-    }
-  }
-
-  /**
-   * The same memory under another shape with as many elements: no copy, no allocation. Writes through either
-   * are seen by both; the memory is released when the tensor and all its views are disposed.
-   */
-  view(shape: readonly number[]): Tensor {
-    if (!Array.isArray(shape)) fail('ERR_SHAPE', 'view: shape must be an array of integers');
-    try {
-      return new Tensor(this.engine, this.native.view([...shape]), shape, this.dtype);
-    } catch (e) {
-      rethrowNative(e);
-    }
-  }
-
-  /**
-   * Releases this handle. Once no view of the same memory is left, the memory may serve the next allocation at
-   * once: work already queued on this tensor runs before any work on the new one. Idempotent.
-   */
-  dispose(): void {
-    this.native.dispose();
-  }
 }
 
 function resolveChoice(opts: EngineOptions): BackendChoice {
@@ -179,7 +94,7 @@ export async function createEngine(opts: EngineOptions = {}): Promise<Engine> {
   return new Engine(native, backend, fallbackReason);
 }
 
-export class Engine {
+export class Engine implements TensorOwner {
   readonly backend: BackendName;
   /** A description of the device (name, memory, threads). */
   readonly device: string;
@@ -202,6 +117,11 @@ export class Engine {
 
   get disposed(): boolean {
     return this.#disposed;
+  }
+
+  /** Ops accepted since the engine was created: a call its checks reject adds none. */
+  get enqueued(): number {
+    return this.native.enqueued();
   }
 
   /** A tensor holding `data` (converted to `dtype`: a Float32Array rounds into bf16/f16). */

@@ -3,6 +3,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ScaleKVError } from './errors.js';
+import type { NativeOpArgs, NativeOpName } from './native-ops.generated.js';
 
 /** The raw addon surface (csrc/addon.cc). Library code goes through Engine and Tensor instead. */
 export interface NativeTensor {
@@ -25,7 +26,10 @@ export interface NativeMemory {
   reservedPeak: number;
 }
 
-export interface NativeEngine {
+/** One native method per op of the table, taking the generated argument object. */
+export type NativeOps = { [K in NativeOpName]: (args: NativeOpArgs<NativeTensor>[K]) => void };
+
+export interface NativeEngine extends NativeOps {
   readonly backend: string;
   readonly device: string;
   tensor(dtype: string, shape: number[], data?: ArrayBufferView | null, category?: string, fillByte?: number): NativeTensor;
@@ -35,28 +39,28 @@ export interface NativeEngine {
   setProfiling(on: boolean): void;
   trimCache(): void;
   profile(): Record<string, { count: number; ms: number }>;
-  attention(args: Record<string, unknown>): void;
-  evictCompact(args: Record<string, unknown>): void;
-  selection(args: Record<string, unknown>): void;
-  gemm(args: Record<string, unknown>): void;
-  layerNorm(args: Record<string, unknown>): void;
-  gatedResidual(args: Record<string, unknown>): void;
-  activation(args: Record<string, unknown>): void;
-  qkNormRope(args: Record<string, unknown>): void;
-  crossAttention(args: Record<string, unknown>): void;
-  cfgTau(args: Record<string, unknown>): void;
-  topkTopPMask(args: Record<string, unknown>): void;
-  sampleBits(args: Record<string, unknown>): void;
-  bitsToCodes(args: Record<string, unknown>): void;
-  resizeBilinear(args: Record<string, unknown>): void;
-  conv2d(args: Record<string, unknown>): void;
-  groupNorm(args: Record<string, unknown>): void;
-  upsampleNearest2x(args: Record<string, unknown>): void;
-  pixelShuffle2x(args: Record<string, unknown>): void;
-  pixelUnshuffle2x(args: Record<string, unknown>): void;
-  add(args: Record<string, unknown>): void;
-  transpose12(args: Record<string, unknown>): void;
-  imageToU8(args: Record<string, unknown>): void;
+  /** Ops accepted since the engine was created; a call rejected by its checks adds none. */
+  enqueued(): number;
+}
+
+/** One declaration of the op table (csrc/op_table.h), as `opTable()` returns it. */
+export interface OpDeclaration {
+  name: NativeOpName;
+  kernel: string;
+  summary: string;
+  /** Valid calls, one per line: "operands present | symbol=value ... | attribute=value ...". */
+  examples: string;
+  operands: { name: string; io: 'in' | 'out' | 'inout'; optional: boolean; dtypes: string; shape: string; mayAlias: string }[];
+  attributes: {
+    name: string;
+    kind: 'integer' | 'number' | 'boolean' | 'choice' | 'intList';
+    required: boolean;
+    default?: number;
+    min?: number;
+    max?: number;
+    choices?: string;
+    length?: number;
+  }[];
 }
 
 export interface NativeAddon {
@@ -64,6 +68,7 @@ export interface NativeAddon {
   NativeTensor: new () => NativeTensor;
   backends(): string[];
   cudaProbe(): { available: boolean; reason: string };
+  opTable(): OpDeclaration[];
   path: string;
 }
 

@@ -1,6 +1,20 @@
-import type { Engine, Tensor } from './engine.js';
 import { fail, rethrowNative } from './errors.js';
-import type { NativeTensor } from './native.js';
+import type { NativeEngine, NativeTensor } from './native.js';
+import type { ActivationFn, GemmEpilogue, NativeOpArgs, NativeOpName, SelectionMode, SelectionPooling } from './native-ops.generated.js';
+import type { Tensor } from './tensor.js';
+
+/** What the ops need of an engine (engine.ts implements it; the two modules do not import each other). */
+export interface OpContext {
+  readonly native: NativeEngine;
+  checkOwn(t: Tensor, what: string): void;
+  tensor(data: Int32Array, shape: readonly number[], dtype: 'i32', opts: { category: 'scratch' }): Tensor;
+}
+
+/**
+ * The native arguments of op K as this layer builds them: names and value types come from the op table; an
+ * absent operand may be undefined here because the native checker reports it (ERR_INVALID_ARG naming it).
+ */
+type NativeCall<K extends NativeOpName> = { [P in keyof NativeOpArgs<NativeTensor>[K]]?: NativeOpArgs<NativeTensor>[K][P] };
 
 /** Index lists may be given as host arrays; they are uploaded for the one op that uses them. */
 export type IndexInput = Int32Array | Tensor;
@@ -49,8 +63,8 @@ export interface EvictCompactArgs {
   repeats?: boolean;
 }
 
-export type ScoreMode = 'logits' | 'probs';
-export type PoolingMode = 'none' | 'max' | 'avg';
+export type ScoreMode = SelectionMode;
+export type PoolingMode = SelectionPooling;
 
 export interface SelectionArgs {
   /** [rows, heads, nWindow, nKeys] f32 window logits (from attention's window output). */
@@ -73,10 +87,6 @@ export interface SelectionArgs {
 }
 
 // ---- Latent and VAE-decoder ops (Infinity spec sec. 7.1, 9, 10). "NCHW" is [batch, channels, height, width].
-
-type LatentOpName =
-  | 'bitsToCodes' | 'resizeBilinear' | 'conv2d' | 'groupNorm' | 'upsampleNearest2x'
-  | 'pixelShuffle2x' | 'pixelUnshuffle2x' | 'add' | 'imageToU8' | 'transpose12';
 
 /**
  * The magnitude of every BSQ code entry for `dim` channels, computed as the official
@@ -147,12 +157,8 @@ export interface ImageToU8Args {
 
 // ---- Infinity transformer ops (spec sec. 5, 6, 8). Float tensors are f32 or bf16 unless stated; math is f32.
 
-type TransformerOpName =
-  | 'gemm' | 'layerNorm' | 'gatedResidual' | 'activation' | 'qkNormRope' | 'crossAttention'
-  | 'cfgTau' | 'topkTopPMask' | 'sampleBits';
-
 /** An elementwise function fused after a GEMM's bias, or run alone by `activation`. */
-export type Epilogue = 'none' | 'gelu_tanh' | 'silu';
+export type Epilogue = GemmEpilogue;
 
 /**
  * One f32 vector of C channels per image: a [B, C] tensor, or slot `slot` of a [B, S, C] table (e.g. the six
@@ -201,7 +207,7 @@ export interface ActivationArgs {
   x: Tensor;
   /** x's shape; may be x itself when the dtypes match. */
   out: Tensor;
-  fn: 'silu' | 'gelu_tanh';
+  fn: ActivationFn;
 }
 
 export interface QkNormRopeArgs {
@@ -282,8 +288,8 @@ export interface SampleBitsArgs {
 
 /** The kernel-level ops of an engine. Each validates at the call, then runs in queue order. */
 export class Ops {
-  readonly #engine: Engine;
-  constructor(engine: Engine) {
+  readonly #engine: OpContext;
+  constructor(engine: OpContext) {
     this.#engine = engine;
   }
 
@@ -304,9 +310,9 @@ export class Ops {
     return { tensor: x, temp: false };
   }
 
-  #run(name: 'attention' | 'evictCompact' | 'selection' | LatentOpName | TransformerOpName, args: Record<string, unknown>, temps: { tensor?: Tensor; temp: boolean }[]) {
+  #run<K extends NativeOpName>(name: K, args: NativeCall<K>, temps: { tensor?: Tensor; temp: boolean }[]) {
     try {
-      (this.#engine.native[name] as (a: Record<string, unknown>) => void)(args);
+      (this.#engine.native[name] as unknown as (a: NativeCall<K>) => void)(args);
     } catch (e) {
       rethrowNative(e);
     } finally {

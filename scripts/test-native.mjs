@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// The native half of `npm test`: the SIMT emulator's own tests (planted bugs: missing barriers, divergent
+// The native half of `npm test`: the op table's C++ harness (test/native/op_table_check.cc), the SIMT emulator's own tests (planted bugs: missing barriers, divergent
 // barriers, wrong fragment indices, out-of-bounds shared writes, bad shuffle masks — built with
 // AddressSanitizer) and the real kernels/cuda sources on the emulator against the CPU kernels. Skipped, with
 // a notice, when the addon was built without the emulator (no Boost.Context).
@@ -10,11 +10,16 @@ import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const buildDir = join(root, 'build-cmake');
-const programs = ['emu_selftest', 'emu_kernel_check'];
+// op_table_check comes with every cmake-js build; the emulator's programs only with Boost.Context.
+const programs = ['op_table_check', 'emu_selftest', 'emu_kernel_check'];
 const found = programs.map((p) => [p, [join(buildDir, p), join(buildDir, 'Release', p)].find(existsSync)]);
-if (found.every(([, path]) => !path)) {
-  console.log('NOTICE: emulator test programs not built (install libboost-context-dev and rerun npm install); emu native suite skipped');
+if (!existsSync(buildDir)) {
+  console.log('NOTICE: no cmake-js build (build-cmake/); native suites skipped');
   process.exit(0);
+}
+if (found.slice(1).every(([, path]) => !path)) {
+  console.log('NOTICE: emulator test programs not built (install libboost-context-dev and rerun npm install); emu native suite skipped');
+  found.splice(1);
 }
 let failed = 0;
 for (const [name, path] of found) {
