@@ -137,7 +137,7 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
   }
   Napi::Value NewPending(Napi::Env env, std::function<void()> op, std::vector<uint8_t>* staging_out,
                          std::shared_ptr<std::vector<uint8_t>> staging);
-  JsTensor* unwrap_tensor(Napi::Env env, Napi::Value v, const char* what, bool optional);
+  [[noreturn]] void reject_tensor(Napi::Env env, Napi::Value v, const std::string& what);
 
  private:
   Napi::Value Tensor(const Napi::CallbackInfo& info);
@@ -352,17 +352,12 @@ Napi::Value JsEngine::Profile(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::GetBackend(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), backend_name); }
 Napi::Value JsEngine::GetDevice(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), device_); }
 
-JsTensor* JsEngine::unwrap_tensor(Napi::Env env, Napi::Value v, const char* what, bool optional) {
-  if (v.IsUndefined() || v.IsNull()) {
-    if (optional) return nullptr;
-    throw_coded(env, "ERR_INVALID_ARG", std::string(what) + " is required");
-  }
+// The coded error for an argument that is not a live tensor of this engine (the check itself is in RunOp).
+void JsEngine::reject_tensor(Napi::Env env, Napi::Value v, const std::string& what) {
   if (!v.IsObject() || !v.As<Napi::Object>().CheckTypeTag(&kTensorTag))
-    throw_coded(env, "ERR_INVALID_ARG", std::string(what) + " must be a Tensor");
-  JsTensor* t = JsTensor::Unwrap(v.As<Napi::Object>());
-  t->live(env, what);
-  if (t->engine != this) throw_coded(env, "ERR_INVALID_ARG", std::string(what) + " belongs to another engine");
-  return t;
+    throw_coded(env, "ERR_INVALID_ARG", what + " must be a Tensor");
+  JsTensor::Unwrap(v.As<Napi::Object>())->live(env, what.c_str());
+  throw_coded(env, "ERR_INVALID_ARG", what + " belongs to another engine");
 }
 
 size_t copy_typed_array(Napi::Env env, Napi::Value v, DType dtype, int64_t numel, std::vector<uint8_t>& out) {
@@ -492,8 +487,7 @@ Napi::Value JsEngine::RunOp(const Napi::CallbackInfo& info) {
     const napi_valuetype type = v.Type();
     if (type == napi_undefined || type == napi_null) continue;
     JsTensor* t = type == napi_object && v.As<Napi::Object>().CheckTypeTag(&kTensorTag) ? JsTensor::Unwrap(v.As<Napi::Object>()) : nullptr;
-    if (!t || !t->state || t->engine != this)  // the message is built only for a rejected call
-      unwrap_tensor(env, v, (std::string(op.name) + ": " + op.operands[i].name).c_str(), false);
+    if (!t || !t->state || t->engine != this) reject_tensor(env, v, std::string(op.name) + ": " + op.operands[i].name);
     const TensorState& st = *t->state;
     in.operands[i] = TensorRef{true, st.dtype, &st.shape, st.buffer.get(), st.buffer->data()};
     hold.push_back(st.buffer);

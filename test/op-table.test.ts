@@ -224,3 +224,24 @@ for (const backend of testBackends()) {
     });
   }
 }
+
+for (const backend of testBackends()) {
+  test(`${backend}: an operand that is not a live tensor of this engine is rejected before anything is enqueued`, async (t) => {
+    await withEngine(backend, async (e) => {
+      await withEngine(backend, async (other) => {
+        const rng = new Rng(seedFor(t));
+        const [a, b, out] = [0, 1, 2].map(() => e.tensor(rng.normals(6), [2, 3], 'f32'));
+        const foreign = other.tensor(rng.normals(6), [2, 3], 'f32');
+        const gone = e.tensor(rng.normals(6), [2, 3], 'f32');
+        gone.dispose();
+        const add = (x: unknown) => (e.native as unknown as { add(args: object): void }).add({ a: a.native, b: x, out: out.native });
+        rejects(t, e, () => add({ shape: [2, 3], dtype: 'f32' }), 'ERR_INVALID_ARG', 'b', 'a look-alike object');
+        rejects(t, e, () => add(foreign.native), 'ERR_INVALID_ARG', 'b', "another engine's tensor");
+        rejects(t, e, () => add(gone.native), 'ERR_DISPOSED', 'b', 'a disposed tensor');
+        rejects(t, e, () => add(7), 'ERR_INVALID_ARG', 'b', 'a number');
+        t.throws(() => (e.native as unknown as { add(args: unknown): void }).add(undefined), { code: 'ERR_INVALID_ARG' });
+        for (const x of [a, b, out, foreign]) x.dispose();
+      });
+    });
+  });
+}
