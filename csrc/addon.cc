@@ -4,6 +4,7 @@
 // thread-safe function per engine.
 #include <napi.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -472,31 +473,32 @@ Napi::Value JsEngine::Tensor(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::RunOp(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const OpDecl& op = *static_cast<const OpDecl*>(info.Data());
-  EngineCore& c = live(env);
+  live(env);
   if (info.Length() < 1 || !info[0].IsObject()) throw_coded(env, "ERR_INVALID_ARG", std::string(op.name) + "(args: object)");
   Napi::Object o = info[0].As<Napi::Object>();
-  // Reused between calls (JS thread only), so reading the arguments allocates nothing once warm.
-  thread_local OpInputs in;
-  in.operands.assign(op.operands.size(), TensorRef{});
+  // Reading an argument can run JS (a getter, a Proxy), which may call another op or dispose a tensor. So every
+  // JS value is read before any tensor is looked at, and each nesting level has its own inputs, reused between
+  // calls so that reading arguments allocates nothing once warm.
+  thread_local std::vector<std::unique_ptr<OpInputs>> scratch;
+  thread_local size_t depth = 0;
+  if (scratch.size() <= depth) scratch.push_back(std::make_unique<OpInputs>());
+  OpInputs& in = *scratch[depth];
+  struct Nesting {
+    size_t& depth;
+    ~Nesting() { --depth; }
+  } nesting{++depth};
+  std::array<napi_value, 32> operands;
+  if (op.operands.size() > operands.size()) throw_coded(env, "ERR_INTERNAL", std::string(op.name) + ": too many operands");
+  for (size_t i = 0; i < op.operands.size(); ++i) operands[i] = o.Get(op.operands[i].name);
+  std::array<napi_value, OpCall::kMaxAttrs> attrs;
+  for (size_t i = 0; i < op.attrs.size(); ++i) attrs[i] = o.Get(op.attrs[i].name);
   in.attrs.resize(op.attrs.size());
-  std::vector<std::shared_ptr<Buffer>> hold;
-  hold.reserve(op.operands.size());
-  for (size_t i = 0; i < op.operands.size(); ++i) {
-    // One typeof per value: each Is*() test is a call into the engine.
-    const Napi::Value v = o.Get(op.operands[i].name);
-    const napi_valuetype type = v.Type();
-    if (type == napi_undefined || type == napi_null) continue;
-    JsTensor* t = type == napi_object && v.As<Napi::Object>().CheckTypeTag(&kTensorTag) ? JsTensor::Unwrap(v.As<Napi::Object>()) : nullptr;
-    if (!t || !t->state || t->engine != this) reject_tensor(env, v, std::string(op.name) + ": " + op.operands[i].name);
-    const TensorState& st = *t->state;
-    in.operands[i] = TensorRef{true, st.dtype, &st.shape, st.buffer.get(), st.buffer->data()};
-    hold.push_back(st.buffer);
-  }
   for (size_t i = 0; i < op.attrs.size(); ++i) {
-    const Napi::Value v = o.Get(op.attrs[i].name);
+    const Napi::Value v(env, attrs[i]);
     AttrValue& a = in.attrs[i];
     a.kind = AttrValue::absent;
     a.items.clear();
+    // One typeof per value: each Is*() test is a call into the engine.
     switch (v.Type()) {
       case napi_undefined:
       case napi_null:
@@ -526,6 +528,22 @@ Napi::Value JsEngine::RunOp(const Napi::CallbackInfo& info) {
         }
     }
   }
+  // From here on no JS runs until the op is enqueued. The states are held for the call, so a shape the checker
+  // reads stays alive; the queued op holds only the buffers (a disposal still counts at once).
+  in.operands.assign(op.operands.size(), TensorRef{});
+  std::array<std::shared_ptr<TensorState>, 32> states;
+  std::vector<std::shared_ptr<Buffer>> hold;
+  hold.reserve(op.operands.size());
+  for (size_t i = 0; i < op.operands.size(); ++i) {
+    const Napi::Value v(env, operands[i]);
+    const napi_valuetype type = v.Type();
+    if (type == napi_undefined || type == napi_null) continue;
+    JsTensor* t = type == napi_object && v.As<Napi::Object>().CheckTypeTag(&kTensorTag) ? JsTensor::Unwrap(v.As<Napi::Object>()) : nullptr;
+    if (!t || !t->state || t->engine != this) reject_tensor(env, v, std::string(op.name) + ": " + op.operands[i].name);
+    states[i] = t->state;
+    in.operands[i] = TensorRef{true, t->state->dtype, &t->state->shape, t->state->buffer.get(), t->state->buffer->data()};
+    hold.push_back(t->state->buffer);
+  }
   Launch launch;
   try {
     launch = check_and_bind(op, in);
@@ -534,7 +552,7 @@ Napi::Value JsEngine::RunOp(const Napi::CallbackInfo& info) {
   } catch (const std::exception& e) {
     throw_coded(env, "ERR_INTERNAL", std::string(op.name) + ": " + e.what());
   }
-  c.enqueue(std::move(launch), std::move(hold), op.kernel);
+  if (!live(env).enqueue(std::move(launch), std::move(hold), op.kernel)) throw_coded(env, "ERR_DISPOSED", "engine was disposed");
   return env.Undefined();
 }
 

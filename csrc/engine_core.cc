@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 
 namespace scalekv {
 
@@ -195,7 +196,9 @@ bool EngineCore::enqueue_completion(std::function<void()> op,
 // The JS thread issues small ops in bursts, each faster than a sleeping thread takes to wake: with the queue
 // empty, look for the next op for a moment before sleeping, so a burst costs no wake-up per op.
 void EngineCore::await_work() {
-  if (queued_.load(std::memory_order_acquire) != 0) return;
+  // On one core the look would only take time from the thread about to enqueue.
+  static const bool several_cores = std::thread::hardware_concurrency() > 1;
+  if (!several_cores || queued_.load(std::memory_order_acquire) != 0) return;
   const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
   for (int i = 1;; ++i) {
     if (queued_.load(std::memory_order_acquire) != 0) return;

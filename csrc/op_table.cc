@@ -183,9 +183,9 @@ void parse_op(const OpDecl& op, ParsedOp& p) {
     for (const ShapeAlt& a : po.alts) most = std::max(most, a.dims.size());
     dims += most;
   }
-  if (p.symbols.size() > OpCall::kMaxSymbols || op.attrs.size() > OpCall::kMaxAttrs || p.runs.size() > kMaxRuns ||
-      dims > kMaxDims)
-    bad_decl(op, "more symbols, attributes, runs or dimensions than the checker holds");
+  if (p.symbols.size() > OpCall::kMaxSymbols || op.attrs.size() > OpCall::kMaxAttrs ||
+      op.operands.size() > OpCall::kMaxOperands || p.runs.size() > kMaxRuns || dims > kMaxDims)
+    bad_decl(op, "more operands, symbols, attributes, runs or dimensions than the checker holds");
 }
 
 std::string shape_text(const std::vector<int64_t>& shape) {
@@ -384,6 +384,11 @@ class Checker {
       for (size_t k = 0; k < n_pending; ++k)
         if (!done[k] && resolve(pending[k])) done[k] = progress = true;
     }
+    // A product whose symbols no other dimension determines would go unchecked: a flaw of the declaration.
+    for (size_t k = 0; k < n_pending; ++k)
+      if (!done[k])
+        throw std::logic_error(std::string(op_.name) + ": the declaration leaves " + pending[k].expr->text + " of " +
+                               name(pending[k].operand) + " undetermined");
     for (size_t i = 0; i < op_.operands.size(); ++i) {
       const ParsedOperand& po = p_.operands[i];
       if (!ref(int(i)).present || po.shape_same < 0 || !ref(po.shape_same).present) continue;
@@ -432,6 +437,7 @@ class Checker {
     const DimExpr& d = *w.expr;
     std::string from;
     for (int s : d.syms) {
+      if (call_.symbols[size_t(s)] < 0) continue;  // left free by a zero factor
       const Binding& b = binding_[size_t(s)];
       from += (from.empty() ? "" : ", ") + p_.symbols[size_t(s)] + " = " + std::to_string(call_.symbols[size_t(s)]) +
               (b.operand < 0 ? " (the attribute)"
@@ -533,7 +539,7 @@ Launch bind_attention(const OpCall& c) {
   a.rows = narrow(c, c.dim("rows"), "rows");
   a.heads = narrow(c, c.dim("heads"), "heads");
   a.lq = narrow(c, c.dim("Lq"), "Lq");
-  a.head_dim = int(c.dim("headDim"));
+  a.head_dim = narrow(c, c.dim("headDim"), "headDim");
   a.dtype = c.dtype("q");
   if (a.head_dim <= 0 || a.head_dim % 8 != 0 || a.head_dim > 256)
     c.fail("ERR_SHAPE", "headDim must be a multiple of 8 in [8, 256], got " + std::to_string(a.head_dim));
@@ -701,7 +707,7 @@ Launch bind_qk_norm_rope(const OpCall& c) {
   a.batch = narrow(c, c.dim("batch"), "batch");
   a.heads = narrow(c, c.dim("heads"), "heads");
   a.tokens = narrow(c, c.dim("tokens"), "tokens");
-  a.head_dim = int(c.dim("headDim"));
+  a.head_dim = narrow(c, c.dim("headDim"), "headDim");
   if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.head_dim > 256)
     c.fail("ERR_SHAPE", "headDim must be even and in [2, 256], got " + std::to_string(a.head_dim));
   together(c, "k", "v");
@@ -735,7 +741,7 @@ Launch bind_cross_attention(const OpCall& c) {
   a.batch = narrow(c, c.dim("batch"), "batch");
   a.tokens = narrow(c, c.dim("tokens"), "tokens");
   a.heads = narrow(c, c.dim("heads"), "heads");
-  a.head_dim = int(c.dim("headDim"));
+  a.head_dim = narrow(c, c.dim("headDim"), "headDim");
   a.dtype = c.dtype("q");
   if (a.head_dim <= 0 || a.head_dim > 256) c.fail("ERR_SHAPE", "headDim must be in [1, 256], got " + std::to_string(a.head_dim));
   together(c, "k", "v");
@@ -761,7 +767,7 @@ Launch bind_cfg_tau(const OpCall& c) {
   const double cfg = c.number("cfg"), tau = c.number("tau");
   if (tau == 0.0) c.fail("ERR_INVALID_ARG", "tau must not be 0");
   const int64_t rows = c.dim("rowsIn"), batch = c.dim("batch");
-  if (rows == 2 * batch && batch > 0) {
+  if (rows == 2 * batch) {
     a.mixed = true;
   } else if (rows == batch) {
     if (cfg != 1.0) c.fail("ERR_SHAPE", "cfg " + std::to_string(cfg) + " needs logits with 2 * batch rows (conditional first)");
@@ -929,9 +935,12 @@ Launch bind_transpose12(const OpCall& c) {
   a.b = int64_t(dims[1]);
   a.c = int64_t(dims[2]);
   a.d = int64_t(dims[3]);
-  const int64_t numel = a.a * a.b * a.c * a.d;
-  if (numel != c.numel("input"))
-    c.fail("ERR_SHAPE", "dims hold " + std::to_string(numel) + " elements, input has " + std::to_string(c.numel("input")));
+  // Each entry is at most 2^40, so the product is taken in 128 bits before it is compared.
+  const __int128 product = __int128(a.a) * a.b * a.c * a.d;
+  if (product != c.numel("input"))
+    c.fail("ERR_SHAPE", "dims hold " + (product > INT64_MAX ? std::string("more than 2^63") : std::to_string(int64_t(product))) +
+                            " elements, input has " + std::to_string(c.numel("input")));
+  const int64_t numel = int64_t(product);
   a.out_offset = int64_t(c.number("outOffset"));
   if (a.out_offset + numel > c.numel("out"))
     c.fail("ERR_SHAPE", "outOffset " + std::to_string(a.out_offset) + " + " + std::to_string(numel) + " elements exceed out's " +

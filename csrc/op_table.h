@@ -124,7 +124,7 @@ class OpCall {
   [[noreturn]] void fail(const char* code, const std::string& message) const;
 
   // Fixed capacity, so checking a call allocates nothing (op_table() rejects a declaration that needs more).
-  static constexpr size_t kMaxSymbols = 32, kMaxAttrs = 16;
+  static constexpr size_t kMaxSymbols = 32, kMaxAttrs = 16, kMaxOperands = 32;
   std::array<int64_t, kMaxSymbols> symbols;  // by the op's symbol index; -1 unbound
   std::array<double, kMaxAttrs> attr_values;  // NaN: not given and no default
 

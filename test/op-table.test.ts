@@ -245,3 +245,65 @@ for (const backend of testBackends()) {
     });
   });
 }
+
+for (const backend of testBackends()) {
+  test(`${backend}: arguments read through getters that call ops or dispose tensors cannot confuse a call`, async (t) => {
+    await withEngine(backend, async (e) => {
+      const rng = new Rng(seedFor(t));
+      const native = e.native as unknown as Record<string, (args: object) => void>;
+      const [a, b, x] = [0, 1, 2].map(() => e.tensor(rng.normals(6), [2, 3], 'f32'));
+      const [out, y] = [0, 1].map(() => e.empty([2, 3], 'f32', { fillByte: 0xff }));
+      const [av, bv, xv] = (await Promise.all([a.read(), b.read(), x.read()])) as Float32Array[];
+      // A nested op while the outer call reads its arguments: each keeps its own operands.
+      native.add({
+        a: a.native,
+        get b() {
+          native.add({ a: x.native, b: x.native, out: y.native });
+          return b.native;
+        },
+        out: out.native,
+      });
+      t.deepEqual(await out.read(), Float32Array.from(av, (v, i) => Math.fround(v + bv[i])), 'out = a + b');
+      t.deepEqual(await y.read(), Float32Array.from(xv, (v) => Math.fround(v + v)), 'y = x + x');
+      // Nested calls of ops with other attribute counts, one rejected, around a long attribute string.
+      const w = e.tensor(rng.normals(9), [3, 3], 'f32');
+      const square = e.tensor(rng.normals(9), [3, 3], 'f32');
+      const z = e.empty([3, 3], 'f32');
+      t.throws(() => native.gemm({ x: square.native, w: w.native, y: z.native, epilogue: 'x'.repeat(100) }), { code: 'ERR_INVALID_ARG' });
+      t.throws(
+        () =>
+          native.gemm({
+            x: square.native,
+            w: w.native,
+            get y() {
+              native.add({ a: a.native, b: b.native, out: out.native });
+              return z.native;
+            },
+            epilogue: 'y'.repeat(200),
+          }),
+        { code: 'ERR_INVALID_ARG', message: /epilogue/ },
+      );
+      // An operand disposed by a later argument's getter is a disposed tensor, not freed memory.
+      const gone = e.tensor(rng.normals(6), [2, 3], 'f32');
+      const before = e.enqueued;
+      t.throws(
+        () =>
+          native.activation({
+            x: gone.native,
+            out: out.native,
+            get fn() {
+              gone.dispose();
+              return 'silu';
+            },
+          }),
+        { code: 'ERR_DISPOSED', message: /\bx\b/ },
+      );
+      t.is(e.enqueued, before, 'nothing enqueued');
+      // transpose12's dims multiply past 2^64 without wrapping to the input's size.
+      const [empty, emptyOut] = [e.empty([0], 'f32'), e.empty([0], 'f32')];
+      rejects(t, e, () => native.transpose12({ input: empty.native, out: emptyOut.native, dims: [2 ** 32, 2 ** 32, 1, 1] }), 'ERR_SHAPE', 'dims', 'dims whose product wraps');
+      await e.sync();
+      for (const tensor of [a, b, x, out, y, w, square, z, empty, emptyOut]) tensor.dispose();
+    });
+  });
+}
