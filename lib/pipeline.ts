@@ -87,7 +87,7 @@ export interface PipelineGenerateOptions {
   aspect?: number | string;
   /** Pixel budget. Default '0.06M' on the built-in tiny model, '1M' otherwise. */
   pn?: PixelBudget;
-  /** KV policy: an object (serving one generation at a time), or a spec such as 'full', 'scalekv:10%', 'window:650'. Default 'full'. */
+  /** KV policy: a policy object (one may serve many generations: each gets its own session), or a spec such as 'full', 'scalekv:10%', 'window:650'. Default 'full'. */
   kv?: KvPolicy | string;
   /** Also encode every image as PNG (`PipelineImage.png`). Default false. */
   png?: boolean;
