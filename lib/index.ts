@@ -32,6 +32,10 @@ export type { DecodedImage, GenerateObserver, GenerateOptions, GenerateResult, S
 export { captureObserver, composeObservers } from './model/capture.js';
 export type { CaptureOptions } from './model/capture.js';
 
+// Text: the flan-t5 tokenizer (prompts -> T5 ids, as Infinity calls it).
+export { T5Tokenizer, T5_MAX_LENGTH } from './text/tokenizer.js';
+export type { TokenizedPrompts } from './text/tokenizer.js';
+
 // Checkpoints and images.
 export { SafetensorsFile } from './safetensors.js';
 export { openCheckpoint, infinityBlockKey, normalizeVaeKey } from './checkpoint/index.js';

@@ -3,9 +3,9 @@
 // (symlinks: dist/native.js looks for the addon next to dist/). Code in `root` imports 'scalekv', 'scalekv/kv', ...
 // through Node's package resolution, never through a path into lib/ or dist/.
 import { execFile } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 
@@ -43,6 +43,12 @@ export function packageBuild(): Promise<PackageBuild> {
     mkdirSync(pkg, { recursive: true });
     copyFileSync(join(repoRoot, 'package.json'), join(pkg, 'package.json'));
     for (const dir of ['build-cmake', 'build']) if (existsSync(join(repoRoot, dir))) symlinkSync(join(repoRoot, dir), join(pkg, dir), 'dir');
+    // The package's run-time dependencies sit beside it, as npm installs them for a consumer.
+    const manifest = JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { dependencies?: Record<string, string> };
+    for (const dep of Object.keys(manifest.dependencies ?? {})) {
+      mkdirSync(dirname(join(root, 'node_modules', dep)), { recursive: true });
+      symlinkSync(join(repoRoot, 'node_modules', dep), join(root, 'node_modules', dep), 'dir');
+    }
     try {
       await tsc(['-p', join(repoRoot, 'tsconfig.json'), '--outDir', join(pkg, 'dist'), '--sourceMap', 'false']);
     } catch (e) {
