@@ -32,9 +32,11 @@ export type { DecodedImage, GenerateObserver, GenerateOptions, GenerateResult, S
 export { captureObserver, composeObservers } from './model/capture.js';
 export type { CaptureOptions } from './model/capture.js';
 
-// Text: the flan-t5 tokenizer (prompts -> T5 ids, as Infinity calls it).
+// Text: the flan-t5 tokenizer (prompts -> T5 ids, as Infinity calls it) and T5 model directories.
 export { T5Tokenizer, T5_MAX_LENGTH } from './text/tokenizer.js';
 export type { TokenizedPrompts } from './text/tokenizer.js';
+export { parseT5Config, T5Checkpoint, t5EncoderShapes } from './text/t5-checkpoint.js';
+export type { T5Config } from './text/t5-checkpoint.js';
 
 // Checkpoints and images.
 export { SafetensorsFile } from './safetensors.js';

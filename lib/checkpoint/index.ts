@@ -28,7 +28,7 @@ export interface TensorData {
   data: Buffer;
 }
 
-export type CheckpointFormat = 'safetensors' | 'safetensors-sharded' | 'pth' | 'memory';
+export type CheckpointFormat = 'safetensors' | 'safetensors-sharded' | 'pth' | 'pth-sharded' | 'memory';
 
 export interface Checkpoint {
   readonly path: string;
@@ -47,6 +47,9 @@ export interface OpenOptions {
 }
 
 const INDEX_NAME = 'model.safetensors.index.json';
+const SINGLE_NAME = 'model.safetensors';
+const BIN_INDEX_NAME = 'pytorch_model.bin.index.json';
+const BIN_NAME = 'pytorch_model.bin';
 const MAX_INDEX_JSON = 64 << 20;
 const MAX_PICKLE = 256 << 20;
 const MAX_NESTING = 32;
@@ -71,13 +74,19 @@ function openRaw(path: string): Checkpoint {
     fail('ERR_INVALID_ARG', `${path}: no such checkpoint file or directory`);
   }
   if (st.isDirectory()) {
+    // Hugging Face layouts, safetensors first: model.safetensors(.index.json), then pytorch_model.bin(.index.json).
     if (existsSync(join(path, INDEX_NAME))) return new ShardedCheckpoint(join(path, INDEX_NAME));
     const files = readdirSync(path);
     const indexes = files.filter((f) => f.endsWith('.safetensors.index.json'));
     if (indexes.length === 1) return new ShardedCheckpoint(join(path, indexes[0]));
+    if (indexes.length === 0 && files.includes(SINGLE_NAME)) return new SafetensorsCheckpoint(join(path, SINGLE_NAME));
     const singles = files.filter((f) => f.endsWith('.safetensors'));
     if (indexes.length === 0 && singles.length === 1) return new SafetensorsCheckpoint(join(path, singles[0]));
-    fail('ERR_FORMAT', `${path}: a checkpoint directory needs ${INDEX_NAME} or exactly one .safetensors file`);
+    if (indexes.length === 0 && singles.length === 0) {
+      if (existsSync(join(path, BIN_INDEX_NAME))) return new ShardedCheckpoint(join(path, BIN_INDEX_NAME));
+      if (existsSync(join(path, BIN_NAME))) return openRaw(join(path, BIN_NAME));
+    }
+    fail('ERR_FORMAT', `${path}: a checkpoint directory needs ${INDEX_NAME}, ${SINGLE_NAME} (or exactly one .safetensors file), ${BIN_INDEX_NAME} or ${BIN_NAME}`);
   }
   if (path.endsWith('.json')) return new ShardedCheckpoint(path);
   const head = Buffer.alloc(16);
@@ -137,11 +146,14 @@ class SafetensorsCheckpoint implements Checkpoint {
   }
 }
 
-/** `weight_map` name → shard file; shards are opened (headers parsed) on first use only. */
+/**
+ * `weight_map` name → shard file (safetensors, or torch.save archives as in pytorch_model.bin.index.json); shards
+ * are opened (headers or pickles parsed) on first use only.
+ */
 class ShardedCheckpoint implements Checkpoint {
-  readonly format = 'safetensors-sharded';
+  readonly format: 'safetensors-sharded' | 'pth-sharded';
   readonly #map = new Map<string, string>();
-  readonly #open = new Map<string, SafetensorsFile>();
+  readonly #open = new Map<string, Checkpoint>();
   readonly #dir: string;
 
   constructor(readonly path: string) {
@@ -170,6 +182,7 @@ class ShardedCheckpoint implements Checkpoint {
         fail('ERR_FORMAT', `${path}: shard ${shard} (holding e.g. ${example}) is missing from ${this.#dir}`);
     }
     // `metadata.total_size` is not checked: the official 8B index disagrees with its own shards by 1,728 bytes.
+    this.format = [...examples.keys()].every((shard) => shard.endsWith('.safetensors')) ? 'safetensors-sharded' : 'pth-sharded';
   }
 
   get names(): string[] {
@@ -178,24 +191,26 @@ class ShardedCheckpoint implements Checkpoint {
   has(name: string): boolean {
     return this.#map.has(name);
   }
-  #fileFor(name: string): SafetensorsFile {
+  #shardFor(name: string): Checkpoint {
     const shard = this.#map.get(name);
     if (shard === undefined) fail('ERR_FORMAT', `${this.path}: no tensor named ${name}`);
     let f = this.#open.get(shard);
     if (!f) {
-      f = new SafetensorsFile(join(this.#dir, shard));
+      f = openRaw(join(this.#dir, shard));
+      if (f.format !== 'safetensors' && f.format !== 'pth') {
+        f.close();
+        fail('ERR_FORMAT', `${this.path}: shard ${shard} is itself an index or a directory`);
+      }
       this.#open.set(shard, f);
     }
     if (!f.has(name)) fail('ERR_FORMAT', `${this.path}: the index puts ${name} in ${shard}, which has no such tensor`);
     return f;
   }
   entry(name: string): TensorInfo {
-    return stInfo(this.#fileFor(name), name);
+    return this.#shardFor(name).entry(name);
   }
   async read(name: string): Promise<TensorData> {
-    const f = this.#fileFor(name);
-    const info = stInfo(f, name);
-    return { dtype: info.dtype, shape: info.shape, data: await f.bytesAsync(name) };
+    return this.#shardFor(name).read(name);
   }
   close(): void {
     for (const f of this.#open.values()) f.close();

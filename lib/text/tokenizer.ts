@@ -4,10 +4,11 @@
  * and Unigram model), with `max_length=512` and truncation, so a prompt's ids are its first 511 pieces
  * followed by `</s>`. No padding: the encoder runs each prompt's real tokens only.
  */
-import { readFileSync, statSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { fail, ScaleKVError } from '../errors.js';
+import { readJsonFile } from './json-file.js';
 
 /** Infinity's `max_length`: at most this many ids per prompt, `</s>` included. */
 export const T5_MAX_LENGTH = 512;
@@ -54,18 +55,7 @@ export class T5Tokenizer {
     } catch {
       fail('ERR_INVALID_ARG', `${path}: no such tokenizer file or model directory`);
     }
-    let text: string;
-    try {
-      text = readFileSync(file, 'utf8');
-    } catch (e) {
-      throw new ScaleKVError('ERR_INVALID_ARG', `${file}: cannot read the tokenizer (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, { cause: e });
-    }
-    let json: unknown;
-    try {
-      json = JSON.parse(text);
-    } catch (e) {
-      throw new ScaleKVError('ERR_FORMAT', `${file}: not JSON (${(e as Error).message})`, { cause: e });
-    }
+    const json = readJsonFile(file, 'tokenizer');
     return new T5Tokenizer(json, opts);
   }
 
