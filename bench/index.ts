@@ -184,6 +184,36 @@ async function selectionCase(e: Engine, rows: Row[], o: { b: number; heads: numb
   for (const t of [logits, out]) t.dispose();
 }
 
+function naiveRmsNorm(x: Float32Array, w: Float32Array, rows: number, C: number, y: Float32Array) {
+  for (let r = 0; r < rows; r++) {
+    let sq = 0;
+    for (let c = 0; c < C; c++) sq += x[r * C + c] * x[r * C + c];
+    const inv = 1 / Math.sqrt(sq / C + 1e-6);
+    for (let c = 0; c < C; c++) y[r * C + c] = w[c] * x[r * C + c] * inv;
+  }
+}
+
+async function rmsNormCase(e: Engine, rows: Row[], o: { tokens: number; C: number }) {
+  const shape = `tokens ${o.tokens}, C ${o.C} (T5-XL), f32`;
+  const xa = rand(o.tokens * o.C, 11);
+  const wa = rand(o.C, 12);
+  const x = e.tensor(xa, [o.tokens, o.C], 'f32');
+  const weight = e.tensor(wa, [o.C], 'f32');
+  const y = e.empty([o.tokens, o.C], 'f32');
+  const bytes = 2 * o.tokens * o.C * 4; // read x, write y
+  const ms = await timeKernel(e, 'rms_norm', async () => {
+    e.ops.rmsNorm({ x, weight, y });
+    await e.sync();
+  }, 20);
+  const ya = new Float32Array(o.tokens * o.C);
+  const nms = await timeIt('naive', () => naiveRmsNorm(xa, wa, o.tokens, o.C, ya), 20);
+  const gbs = bytes / ms / 1e6;
+  const ngbs = bytes / nms / 1e6;
+  rows.push({ kernel: 'rmsNorm', shape, impl: `${e.backend} kernel`, ms, rate: `${gbs.toFixed(2)} GB/s`, ratio: `${(gbs / ngbs).toFixed(1)}×` });
+  rows.push({ kernel: 'rmsNorm', shape, impl: 'naive JS', ms: nms, rate: `${ngbs.toFixed(2)} GB/s` });
+  for (const t of [x, weight, y]) t.dispose();
+}
+
 if (values.only && values.only !== 'kernels' && values.only !== 'e2e') throw new Error(`--only takes kernels or e2e`);
 const engine = await createEngine({ backend: values.backend as BackendChoice });
 const rows: Row[] = [];
@@ -206,6 +236,7 @@ async function kernelCases() {
   }
   await compactCase(engine, rows, { b: 2, heads: 16, cap: 6425 + 4096, keep: 650, d: 128 });
   await selectionCase(engine, rows, { b: 2, heads: 16, nw: 16, nk: 10521, budget: 650 });
+  await rmsNormCase(engine, rows, { tokens: 512, C: 2048 });
 }
 
 if (values.json) {

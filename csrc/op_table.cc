@@ -677,6 +677,22 @@ Launch bind_layer_norm(const OpCall& c) {
   return [a](Backend& b) { b.layer_norm(a); };
 }
 
+Launch bind_rms_norm(const OpCall& c) {
+  RmsNormArgs a;
+  a.channels = narrow(c, c.dim("C"), "C");
+  if (a.channels <= 0) c.fail("ERR_SHAPE", "x has no channels");
+  a.rows = c.numel("x") / a.channels;
+  a.eps = float(c.number("eps"));
+  if (!(a.eps > 0)) c.fail("ERR_INVALID_ARG", "eps must be positive");
+  a.x_dtype = c.dtype("x");
+  a.weight_dtype = c.dtype("weight");
+  a.y_dtype = c.dtype("y");
+  a.x = c.data("x");
+  a.weight = c.data("weight");
+  a.y = c.data("y");
+  return [a](Backend& b) { b.rms_norm(a); };
+}
+
 Launch bind_gated_residual(const OpCall& c) {
   GatedResidualArgs a;
   a.batch = narrow(c, c.dim("batch"), "batch");
@@ -1012,6 +1028,11 @@ std::vector<OpDecl> declarations() {
        bind_layer_norm,
        "x y scale shift | batch=2 tokens=3 channels=4 scaleSlots=6 shiftSlots=6 | scaleSlot=1 shiftSlot=0\n"
        "x y weight bias | batch=2 tokens=3 channels=4 |"},
+      {"rmsNorm", "rms_norm", "T5LayerNorm over the last axis: y = weight * x * rsqrt(mean(x^2) + eps), statistics in f32",
+       {in("x", F, "[...R, C]"), in("weight", F, "[C]"), out("y", F, "=x", "x")},
+       {num_def("eps", 1e-6)},
+       bind_rms_norm,
+       "x weight y | R=2,3 C=8 | eps=0.001"},
       {"gatedResidual", "gated_residual", "x += gate * y, in place",
        {inout("x", F, "[batch, tokens, channels] | [batch, channels]"), in("y", F, "=x"),
         in_opt("gate", "f32", "[batch, channels] | [batch, gateSlots, channels]")},

@@ -397,6 +397,19 @@ struct SampleBitsArgs {
 
 // A device: memory, copies and the ops. Every call is ordered on the backend's single queue (the CUDA
 // stream, or the calling worker thread on CPU); `synchronize` waits and reports the first pending error.
+// rms_norm (T5LayerNorm): per row of C channels, n = x * rsqrt(mean(x^2) + eps) with the mean of squares in
+// f32; n is rounded to the weight's dtype when that is bf16 (as HF casts before the weight), then
+// y = weight * n. y may be x.
+struct RmsNormArgs {
+  int64_t rows = 0;
+  int channels = 0;
+  float eps = 1e-6f;
+  DType x_dtype = DType::f32, weight_dtype = DType::f32, y_dtype = DType::f32;  // each f32 or bf16
+  const void* x = nullptr;       // [rows, C]
+  const void* weight = nullptr;  // [C]
+  void* y = nullptr;             // [rows, C]
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -434,6 +447,7 @@ class Backend {
   virtual void cfg_tau(const CfgTauArgs&) { unavailable("cfgTau"); }
   virtual void topk_topp_mask(const TopkToppMaskArgs&) { unavailable("topkTopPMask"); }
   virtual void sample_bits(const SampleBitsArgs&) { unavailable("sampleBits"); }
+  virtual void rms_norm(const RmsNormArgs&) { unavailable("rmsNorm"); }
 
   // Latent and VAE-decoder ops (structs above).
   virtual void bits_to_codes(const BitsToCodesArgs&) { unavailable("bitsToCodes"); }

@@ -107,6 +107,17 @@ export interface NativeOpArgs<T> {
     /** integer, in [0, 2147483647]. */
     shiftSlot?: number;
   };
+  /** T5LayerNorm over the last axis: y = weight * x * rsqrt(mean(x^2) + eps), statistics in f32 (kernel 'rms_norm'). */
+  rmsNorm: {
+    /** in: f32|bf16, [...R, C]. */
+    x: T;
+    /** in: f32|bf16, [C]. */
+    weight: T;
+    /** out: f32|bf16, x's shape, may be x. */
+    y: T;
+    /** number, default 0.000001. */
+    eps?: number;
+  };
   /** x += gate * y, in place (kernel 'gated_residual'). */
   gatedResidual: {
     /** inout: f32|bf16, [batch, tokens, channels] | [batch, channels]. */
@@ -304,4 +315,4 @@ export interface NativeOpArgs<T> {
 
 export type NativeOpName = keyof NativeOpArgs<unknown>;
 
-export const NATIVE_OP_NAMES: readonly NativeOpName[] = ['attention', 'evictCompact', 'selection', 'gemm', 'layerNorm', 'gatedResidual', 'activation', 'qkNormRope', 'crossAttention', 'cfgTau', 'topkTopPMask', 'sampleBits', 'bitsToCodes', 'resizeBilinear', 'conv2d', 'groupNorm', 'upsampleNearest2x', 'pixelShuffle2x', 'pixelUnshuffle2x', 'add', 'transpose12', 'imageToU8'];
+export const NATIVE_OP_NAMES: readonly NativeOpName[] = ['attention', 'evictCompact', 'selection', 'gemm', 'layerNorm', 'rmsNorm', 'gatedResidual', 'activation', 'qkNormRope', 'crossAttention', 'cfgTau', 'topkTopPMask', 'sampleBits', 'bitsToCodes', 'resizeBilinear', 'conv2d', 'groupNorm', 'upsampleNearest2x', 'pixelShuffle2x', 'pixelUnshuffle2x', 'add', 'transpose12', 'imageToU8'];

@@ -194,6 +194,17 @@ export interface LayerNormArgs {
   bias?: Tensor;
 }
 
+export interface RmsNormArgs {
+  /** [..., C], f32 or bf16. */
+  x: Tensor;
+  /** [C], f32 or bf16: with bf16, the normalised x is rounded to bf16 before the weight (as T5LayerNorm casts). */
+  weight: Tensor;
+  /** x's shape, f32 or bf16; may be x itself when the dtypes match. */
+  y: Tensor;
+  /** Added to the mean of squares. Default 1e-6 (T5's layer_norm_epsilon). */
+  eps?: number;
+}
+
 export interface GatedResidualArgs {
   /** [B, L, C] or [rows, C], updated in place: x += gate[b] ⊙ y. */
   x: Tensor;
@@ -423,6 +434,11 @@ export class Ops {
       },
       [],
     );
+  }
+
+  /** T5's RMS norm over the last axis: y = weight · x / sqrt(mean(x²) + eps), with the statistics in f32. */
+  rmsNorm(a: RmsNormArgs): void {
+    this.#run('rmsNorm', { x: this.#own(a?.x, 'x'), weight: this.#own(a?.weight, 'weight'), y: this.#own(a?.y, 'y'), eps: a?.eps ?? 1e-6 }, []);
   }
 
   /** x += gate ⊙ y in place (the gated residual of the attention and FFN branches). */

@@ -152,6 +152,7 @@ class CudaBackend final : public Backend {
   // Transformer ops: none needs workspace; only crossAttention can set the status word.
   void gemm(const GemmArgs& a) override { run_op([&] { cuda_ops::gemm(a, stream_, status_); }); }
   void layer_norm(const LayerNormArgs& a) override { run_op([&] { cuda_ops::layer_norm(a, stream_, status_); }); }
+  void rms_norm(const RmsNormArgs& a) override { run_op([&] { cuda_ops::rms_norm(a, stream_, status_); }); }
   void gated_residual(const GatedResidualArgs& a) override {
     run_op([&] { cuda_ops::gated_residual(a, stream_, status_); });
   }

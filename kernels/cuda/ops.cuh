@@ -25,6 +25,7 @@ void selection(const SelectionArgs& a, cudaStream_t stream, int32_t* status, voi
 // (cuSeqlens out of order or range: index_out_of_range, the output untouched).
 void gemm(const GemmArgs& a, cudaStream_t stream, int32_t* status);
 void layer_norm(const LayerNormArgs& a, cudaStream_t stream, int32_t* status);
+void rms_norm(const RmsNormArgs& a, cudaStream_t stream, int32_t* status);
 void gated_residual(const GatedResidualArgs& a, cudaStream_t stream, int32_t* status);
 void activation(const ActivationArgs& a, cudaStream_t stream, int32_t* status);
 void qk_norm_rope(const QkNormRopeArgs& a, cudaStream_t stream, int32_t* status);
