@@ -683,49 +683,8 @@ Napi::Value CudaProbe(const Napi::CallbackInfo& info) {
 // opTable(): the declarations, for the TS argument types (scripts/gen-op-types.mjs) and the op-table test.
 Napi::Value OpTable(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  static const char* const io_names[] = {"in", "out", "inout"};
-  static const char* const kind_names[] = {"integer", "number", "boolean", "choice", "intList"};
-  Napi::Array ops = Napi::Array::New(env);
-  uint32_t n = 0;
-  for (const OpDecl& op : op_table()) {
-    Napi::Object d = Napi::Object::New(env);
-    d.Set("name", op.name);
-    d.Set("kernel", op.kernel);
-    d.Set("summary", op.summary);
-    d.Set("examples", op.examples);
-    Napi::Array operands = Napi::Array::New(env);
-    for (uint32_t i = 0; i < op.operands.size(); ++i) {
-      const OperandDecl& od = op.operands[i];
-      Napi::Object x = Napi::Object::New(env);
-      x.Set("name", od.name);
-      x.Set("io", io_names[int(od.io)]);
-      x.Set("optional", od.optional);
-      x.Set("dtypes", od.dtypes);
-      x.Set("shape", od.shape);
-      x.Set("mayAlias", od.may_alias);
-      operands.Set(i, x);
-    }
-    d.Set("operands", operands);
-    Napi::Array attrs = Napi::Array::New(env);
-    for (uint32_t i = 0; i < op.attrs.size(); ++i) {
-      const AttrDecl& ad = op.attrs[i];
-      Napi::Object x = Napi::Object::New(env);
-      x.Set("name", ad.name);
-      x.Set("kind", kind_names[int(ad.kind)]);
-      x.Set("required", ad.required);
-      if (ad.has_default) x.Set("default", ad.fallback);
-      if (ad.kind == AttrKind::integer || ad.kind == AttrKind::number || ad.kind == AttrKind::int_list) {
-        x.Set("min", ad.min);
-        x.Set("max", ad.max);
-      }
-      if (ad.kind == AttrKind::choice) x.Set("choices", ad.choices);
-      if (ad.kind == AttrKind::int_list) x.Set("length", ad.length);
-      attrs.Set(i, x);
-    }
-    d.Set("attributes", attrs);
-    ops.Set(n++, d);
-  }
-  return ops;
+  const Napi::Object json = env.Global().Get("JSON").As<Napi::Object>();
+  return json.Get("parse").As<Napi::Function>().Call(json, {Napi::String::New(env, op_table_json())});
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <limits>
@@ -1213,6 +1214,59 @@ const std::vector<OpDecl>& op_table() {
     return ops;
   }();
   return table;
+}
+
+namespace {
+
+std::string json_string(const char* s) {
+  std::string out = "\"";
+  for (const char* p = s; *p; ++p) {
+    const unsigned char c = static_cast<unsigned char>(*p);
+    if (c == '"' || c == '\\') out += '\\', out += char(c);
+    else if (c == '\n') out += "\\n";
+    else if (c < 0x20) out += "\\u00" + std::string(1, "0123456789abcdef"[c >> 4]) + "0123456789abcdef"[c & 15];
+    else out += char(c);  // UTF-8 passes through
+  }
+  return out + "\"";
+}
+
+std::string json_number(double x) {
+  if (std::isinf(x)) return x > 0 ? "1e999" : "-1e999";  // JSON.parse reads these as ±Infinity
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", x);
+  return buf;
+}
+
+}  // namespace
+
+std::string op_table_json() {
+  static const char* const io_names[] = {"in", "out", "inout"};
+  static const char* const kind_names[] = {"integer", "number", "boolean", "choice", "intList"};
+  std::string j = "[";
+  for (const OpDecl& op : op_table()) {
+    j += std::string(j.size() > 1 ? "," : "") + "{\"name\":" + json_string(op.name) + ",\"kernel\":" + json_string(op.kernel) +
+         ",\"summary\":" + json_string(op.summary) + ",\"examples\":" + json_string(op.examples) + ",\"operands\":[";
+    for (size_t i = 0; i < op.operands.size(); ++i) {
+      const OperandDecl& x = op.operands[i];
+      j += std::string(i ? "," : "") + "{\"name\":" + json_string(x.name) + ",\"io\":" + json_string(io_names[int(x.io)]) +
+           ",\"optional\":" + (x.optional ? "true" : "false") + ",\"dtypes\":" + json_string(x.dtypes) +
+           ",\"shape\":" + json_string(x.shape) + ",\"mayAlias\":" + json_string(x.may_alias) + "}";
+    }
+    j += "],\"attributes\":[";
+    for (size_t i = 0; i < op.attrs.size(); ++i) {
+      const AttrDecl& a = op.attrs[i];
+      j += std::string(i ? "," : "") + "{\"name\":" + json_string(a.name) + ",\"kind\":" + json_string(kind_names[int(a.kind)]) +
+           ",\"required\":" + (a.required ? "true" : "false");
+      if (a.has_default) j += ",\"default\":" + json_number(a.fallback);
+      if (a.kind == AttrKind::integer || a.kind == AttrKind::number || a.kind == AttrKind::int_list)
+        j += ",\"min\":" + json_number(a.min) + ",\"max\":" + json_number(a.max);
+      if (a.kind == AttrKind::choice) j += ",\"choices\":" + json_string(a.choices);
+      if (a.kind == AttrKind::int_list) j += ",\"length\":" + std::to_string(a.length);
+      j += "}";
+    }
+    j += "]}";
+  }
+  return j + "]";
 }
 
 Launch check_and_bind(const OpDecl& op, const OpInputs& in) {

@@ -77,6 +77,10 @@ struct OpDecl {
 
 const std::vector<OpDecl>& op_table();
 
+// The declarations as JSON: [{name, kernel, summary, examples, operands: [{name, io, optional, dtypes, shape,
+// mayAlias}], attributes: [{name, kind, required, default?, min?, max?, choices?, length?}]}].
+std::string op_table_json();
+
 // One call's arguments, in declaration order. `storage` identifies memory for the aliasing rule (views of one
 // tensor share it); `data` is what the kernel receives.
 struct TensorRef {
