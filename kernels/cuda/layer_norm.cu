@@ -41,11 +41,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const LayerNormArg
 void layer_norm(const LayerNormArgs& a, cudaStream_t stream, int32_t* /*status*/) {
   const int64_t rows = static_cast<int64_t>(a.batch) * a.tokens;
   if (rows == 0) return;
-  const size_t smem = sizeof(float) * (32 + static_cast<size_t>(a.channels));
-  if (smem > 48 * 1024)
-    throw BackendError(StatusCode::internal, "layerNorm: " + std::to_string(a.channels) +
-                                                 " channels exceed the CUDA kernel's limit of 12256");
-  if (rows > 0x7fffffff) throw BackendError(StatusCode::internal, "layerNorm: too many rows");
+  const size_t smem = tx::row_staging_smem("layerNorm", a.channels, rows);
   SKV_LAUNCH(layer_norm_kernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), smem, stream, a);
   tx::check_launch("layerNorm");
 }

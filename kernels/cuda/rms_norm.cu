@@ -32,10 +32,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs a)
 
 void rms_norm(const RmsNormArgs& a, cudaStream_t stream, int32_t* /*status*/) {
   if (a.rows == 0) return;
-  const size_t smem = sizeof(float) * (32 + static_cast<size_t>(a.channels));
-  if (smem > 48 * 1024)
-    throw BackendError(StatusCode::internal, "rmsNorm: " + std::to_string(a.channels) + " channels exceed the CUDA kernel's limit of 12256");
-  if (a.rows > 0x7fffffff) throw BackendError(StatusCode::internal, "rmsNorm: too many rows");
+  const size_t smem = tx::row_staging_smem("rmsNorm", a.channels, a.rows);
   SKV_LAUNCH(rms_norm_kernel, dim3(static_cast<unsigned>(a.rows)), dim3(kThreads), smem, stream, a);
   tx::check_launch("rmsNorm");
 }

@@ -48,6 +48,17 @@ inline unsigned elementwise_blocks(int64_t n, int threads) {
   return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
 }
 
+// The shared memory of a one-block-per-row kernel that stages its row as f32 after 32 floats of block_sum
+// scratch (layer_norm.cu, rms_norm.cu); throws where the row or the grid does not fit a launch.
+inline size_t row_staging_smem(const char* what, int channels, int64_t rows) {
+  const size_t smem = sizeof(float) * (32 + static_cast<size_t>(channels));
+  if (smem > 48 * 1024)
+    throw BackendError(StatusCode::internal, std::string(what) + ": " + std::to_string(channels) +
+                                                 " channels exceed the CUDA kernel's limit of 12256");
+  if (rows > 0x7fffffff) throw BackendError(StatusCode::internal, std::string(what) + ": too many rows");
+  return smem;
+}
+
 inline void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
