@@ -753,6 +753,39 @@ Launch bind_qk_norm_rope(const OpCall& c) {
   return [a](Backend& b) { b.qk_norm_rope(a); };
 }
 
+Launch bind_gated_activation(const OpCall& c) {
+  GatedActivationArgs a;
+  a.features = narrow(c, c.dim("F"), "F");
+  a.rows = a.features > 0 ? c.numel("out") / a.features : 0;
+  a.fn = c.choice("fn") == 0 ? Epilogue::silu : Epilogue::gelu_tanh;
+  a.x_dtype = c.dtype("x");
+  a.y_dtype = c.dtype("out");
+  a.x = c.data("x");
+  a.y = c.data("out");
+  return [a](Backend& b) { b.gated_activation(a); };
+}
+Launch bind_segment_attention(const OpCall& c) {
+  SegmentAttentionArgs a;
+  a.tokens = narrow(c, c.dim("tokens"), "tokens");
+  a.heads = narrow(c, c.dim("heads"), "heads");
+  a.head_dim = narrow(c, c.dim("headDim"), "headDim");
+  a.segments = narrow(c, c.dim("segments"), "segments");
+  if (a.head_dim <= 0 || a.head_dim > 256) c.fail("ERR_SHAPE", "headDim must be in [1, 256], got " + std::to_string(a.head_dim));
+  if (a.heads > 65535 || a.segments > 65535) c.fail("ERR_SHAPE", "heads and segments must each be at most 65535");
+  a.max_seqlen = c.given("maxSeqlen") ? int(c.integer("maxSeqlen")) : a.tokens;
+  if (a.max_seqlen > a.tokens) c.fail("ERR_INVALID_ARG", "maxSeqlen " + std::to_string(a.max_seqlen) + " exceeds tokens " + std::to_string(a.tokens));
+  if (c.has("relativeBias")) {
+    a.span = narrow(c, c.dim("span"), "span");
+    if (a.span % 2 == 0) c.fail("ERR_SHAPE", "relativeBias span must be odd (offsets -R..R), got " + std::to_string(a.span));
+    a.relative_bias = c.data_as<const float>("relativeBias");
+  }
+  a.dtype = c.dtype("qkv");
+  a.scale = float(c.number("scale"));
+  a.qkv = c.data("qkv");
+  a.cu_seqlens = c.data_as<const int32_t>("cuSeqlens");
+  a.out = c.data("out");
+  return [a](Backend& b) { b.segment_attention(a); };
+}
 Launch bind_cross_attention(const OpCall& c) {
   CrossAttentionArgs a;
   a.batch = narrow(c, c.dim("batch"), "batch");
@@ -1034,6 +1067,19 @@ std::vector<OpDecl> declarations() {
        {num_def("eps", 1e-6)},
        bind_rms_norm,
        "x weight y | R=2,3 C=8 | eps=0.001"},
+      {"gatedActivation", "gated_activation", "out = fn(x[..., :F]) * x[..., F:] (GEGLU with gelu_tanh, SwiGLU with silu)",
+       {in("x", F, "[...R, 2*F]"), out("out", F, "[...R, F]")},
+       {choice_req("fn", "silu|gelu_tanh")},
+       bind_gated_activation,
+       "x out | R=2,3 F=4 | fn=gelu_tanh"},
+      {"segmentAttention", "segment_attention",
+       "varlen self-attention within each segment of packed tokens, with an optional relative-position bias (T5)",
+       {in("qkv", F, "[tokens, 3, heads, headDim]"), in("cuSeqlens", "i32", "[segments+1]"),
+        in_opt("relativeBias", "f32", "[heads, span]"), out("out", "=qkv", "[tokens, heads, headDim]")},
+       {num_req("scale"), int_opt("maxSeqlen", 0, kI32Max)},
+       bind_segment_attention,
+       "qkv cuSeqlens relativeBias out | tokens=2 heads=2 headDim=4 segments=2 span=7 | scale=1 maxSeqlen=1\n"
+       "qkv cuSeqlens out | tokens=3 heads=2 headDim=4 segments=3 | scale=0.5"},
       {"gatedResidual", "gated_residual", "x += gate * y, in place",
        {inout("x", F, "[batch, tokens, channels] | [batch, channels]"), in("y", F, "=x"),
         in_opt("gate", "f32", "[batch, channels] | [batch, gateSlots, channels]")},

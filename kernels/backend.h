@@ -395,8 +395,34 @@ struct SampleBitsArgs {
   void* out = nullptr;            // [B, T]
 };
 
-// A device: memory, copies and the ops. Every call is ordered on the backend's single queue (the CUDA
-// stream, or the calling worker thread on CPU); `synchronize` waits and reports the first pending error.
+// gated_activation (GEGLU / SwiGLU): per row of 2F values x = [a | b], y = f(a) * b with f silu or gelu_tanh
+// (as ActivationArgs), f32 math. x/y f32 or bf16; y [rows, F] must not overlap x.
+struct GatedActivationArgs {
+  int64_t rows = 0;
+  int features = 0;  // F
+  Epilogue fn = Epilogue::gelu_tanh;
+  DType x_dtype = DType::f32, y_dtype = DType::f32;
+  const void* x = nullptr;  // [rows, 2F]
+  void* y = nullptr;        // [rows, F]
+};
+
+// segment_attention (varlen self-attention, T5's encoder attention): tokens are packed as segments
+// [cu[s], cu[s+1]); token i of a segment attends to every token j of the same segment:
+//   out[t, h] = sum_j softmax_j(scale * q_i . k_j + bias[h, clamp(j - i, -R, R) + R]) v_j,   R = (span - 1) / 2
+// with no bias term when relative_bias is null. A bias given over a span of 2R + 1 offsets extends its edge
+// values beyond it (T5's buckets are constant past max_distance). qkv [T, 3, H, c]: q, k, v of token t at
+// (t * 3 + {0, 1, 2}) * H * c + h * c; out [T, H, c]. Segments must tile [0, T) (cu[0] = 0, non-decreasing,
+// cu[S] = T) and be at most max_seqlen long, else status index_out_of_range and nothing is written.
+struct SegmentAttentionArgs {
+  int tokens = 0, heads = 0, head_dim = 0, segments = 0, max_seqlen = 0, span = 0;
+  DType dtype = DType::f32;  // qkv and out
+  float scale = 1.0f;
+  const void* qkv = nullptr;
+  const int32_t* cu_seqlens = nullptr;  // [S + 1]
+  const float* relative_bias = nullptr; // [H, span] or null
+  void* out = nullptr;
+};
+
 // rms_norm (T5LayerNorm): per row of C channels, n = x * rsqrt(mean(x^2) + eps) with the mean of squares in
 // f32; n is rounded to the weight's dtype when that is bf16 (as HF casts before the weight), then
 // y = weight * n. y may be x.
@@ -410,6 +436,8 @@ struct RmsNormArgs {
   void* y = nullptr;             // [rows, C]
 };
 
+// A device: memory, copies and the ops. Every call is ordered on the backend's single queue (the CUDA
+// stream, or the calling worker thread on CPU); `synchronize` waits and reports the first pending error.
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -448,6 +476,8 @@ class Backend {
   virtual void topk_topp_mask(const TopkToppMaskArgs&) { unavailable("topkTopPMask"); }
   virtual void sample_bits(const SampleBitsArgs&) { unavailable("sampleBits"); }
   virtual void rms_norm(const RmsNormArgs&) { unavailable("rmsNorm"); }
+  virtual void gated_activation(const GatedActivationArgs&) { unavailable("gatedActivation"); }
+  virtual void segment_attention(const SegmentAttentionArgs&) { unavailable("segmentAttention"); }
 
   // Latent and VAE-decoder ops (structs above).
   virtual void bits_to_codes(const BitsToCodesArgs&) { unavailable("bitsToCodes"); }

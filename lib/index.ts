@@ -32,11 +32,13 @@ export type { DecodedImage, GenerateObserver, GenerateOptions, GenerateResult, S
 export { captureObserver, composeObservers } from './model/capture.js';
 export type { CaptureOptions } from './model/capture.js';
 
-// Text: the flan-t5 tokenizer (prompts -> T5 ids, as Infinity calls it) and T5 model directories.
+// Text: the flan-t5 tokenizer (prompts -> T5 ids, as Infinity calls it), T5 model directories and the T5 encoder.
 export { T5Tokenizer, T5_MAX_LENGTH } from './text/tokenizer.js';
 export type { TokenizedPrompts } from './text/tokenizer.js';
 export { parseT5Config, T5Checkpoint, t5EncoderShapes } from './text/t5-checkpoint.js';
 export type { T5Config } from './text/t5-checkpoint.js';
+export { loadTextEncoder, relativePositionBias, t5RelativeBucket, T5TextEncoder } from './text/t5-encoder.js';
+export type { EncodedText, T5EncoderLoadOptions, T5WeightSource } from './text/t5-encoder.js';
 
 // Checkpoints and images.
 export { SafetensorsFile } from './safetensors.js';

@@ -4,6 +4,7 @@
 export type SelectionMode = 'logits' | 'probs';
 export type SelectionPooling = 'none' | 'max' | 'avg';
 export type GemmEpilogue = 'none' | 'gelu_tanh' | 'silu';
+export type GatedActivationFn = 'silu' | 'gelu_tanh';
 export type ActivationFn = 'silu' | 'gelu_tanh';
 
 /** The arguments object of every native op, `T` being the native tensor type. */
@@ -117,6 +118,30 @@ export interface NativeOpArgs<T> {
     y: T;
     /** number, default 0.000001. */
     eps?: number;
+  };
+  /** out = fn(x[..., :F]) * x[..., F:] (GEGLU with gelu_tanh, SwiGLU with silu) (kernel 'gated_activation'). */
+  gatedActivation: {
+    /** in: f32|bf16, [...R, 2*F]. */
+    x: T;
+    /** out: f32|bf16, [...R, F]. */
+    out: T;
+    /** 'silu' | 'gelu_tanh', required. */
+    fn: GatedActivationFn;
+  };
+  /** varlen self-attention within each segment of packed tokens, with an optional relative-position bias (T5) (kernel 'segment_attention'). */
+  segmentAttention: {
+    /** in: f32|bf16, [tokens, 3, heads, headDim]. */
+    qkv: T;
+    /** in: i32, [segments+1]. */
+    cuSeqlens: T;
+    /** in: f32, [heads, span]. */
+    relativeBias?: T;
+    /** out: qkv's dtype, [tokens, heads, headDim]. */
+    out: T;
+    /** number, required. */
+    scale: number;
+    /** integer, in [0, 2147483647]. */
+    maxSeqlen?: number;
   };
   /** x += gate * y, in place (kernel 'gated_residual'). */
   gatedResidual: {
@@ -315,4 +340,4 @@ export interface NativeOpArgs<T> {
 
 export type NativeOpName = keyof NativeOpArgs<unknown>;
 
-export const NATIVE_OP_NAMES: readonly NativeOpName[] = ['attention', 'evictCompact', 'selection', 'gemm', 'layerNorm', 'rmsNorm', 'gatedResidual', 'activation', 'qkNormRope', 'crossAttention', 'cfgTau', 'topkTopPMask', 'sampleBits', 'bitsToCodes', 'resizeBilinear', 'conv2d', 'groupNorm', 'upsampleNearest2x', 'pixelShuffle2x', 'pixelUnshuffle2x', 'add', 'transpose12', 'imageToU8'];
+export const NATIVE_OP_NAMES: readonly NativeOpName[] = ['attention', 'evictCompact', 'selection', 'gemm', 'layerNorm', 'rmsNorm', 'gatedActivation', 'segmentAttention', 'gatedResidual', 'activation', 'qkNormRope', 'crossAttention', 'cfgTau', 'topkTopPMask', 'sampleBits', 'bitsToCodes', 'resizeBilinear', 'conv2d', 'groupNorm', 'upsampleNearest2x', 'pixelShuffle2x', 'pixelUnshuffle2x', 'add', 'transpose12', 'imageToU8'];

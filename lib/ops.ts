@@ -205,6 +205,33 @@ export interface RmsNormArgs {
   eps?: number;
 }
 
+export interface GatedActivationArgs {
+  /** [..., 2F], f32 or bf16: the gate half then the linear half (one fused projection, e.g. T5's wi_0 ‖ wi_1). */
+  x: Tensor;
+  /** [..., F], f32 or bf16; must not overlap x. */
+  out: Tensor;
+  /** 'gelu_tanh' (GEGLU, T5's gated-gelu) or 'silu' (SwiGLU). */
+  fn: ActivationFn;
+}
+
+export interface SegmentAttentionArgs {
+  /** [T, 3, H, c], f32 or bf16: the fused q/k/v projection of T packed tokens. */
+  qkv: Tensor;
+  /** [S + 1] int32 from 0 to T, non-decreasing: segment s (a prompt) is tokens cuSeqlens[s] .. cuSeqlens[s + 1]. */
+  cuSeqlens: IndexInput;
+  /**
+   * [H, 2R + 1] f32: added to the logit of query i and key j of a segment at offset clamp(j − i, −R, R) + R
+   * (T5's relative-position bias, expanded from its buckets; see relativePositionBias).
+   */
+  relativeBias?: Tensor;
+  /** [T, H, c], qkv's dtype. */
+  out: Tensor;
+  /** Multiplies q·k (T5: 1, no 1/√c). */
+  scale: number;
+  /** The longest segment (sizes the launch). Default T. */
+  maxSeqlen?: number;
+}
+
 export interface GatedResidualArgs {
   /** [B, L, C] or [rows, C], updated in place: x += gate[b] ⊙ y. */
   x: Tensor;
@@ -439,6 +466,24 @@ export class Ops {
   /** T5's RMS norm over the last axis: y = weight · x / sqrt(mean(x²) + eps), with the statistics in f32. */
   rmsNorm(a: RmsNormArgs): void {
     this.#run('rmsNorm', { x: this.#own(a?.x, 'x'), weight: this.#own(a?.weight, 'weight'), y: this.#own(a?.y, 'y'), eps: a?.eps ?? 1e-6 }, []);
+  }
+
+  /** out = fn(gate) ⊙ linear over the two halves of x's last axis (GEGLU / SwiGLU). */
+  gatedActivation(a: GatedActivationArgs): void {
+    this.#run('gatedActivation', { x: this.#own(a?.x, 'x'), out: this.#own(a?.out, 'out'), fn: a?.fn }, []);
+  }
+
+  /** Varlen self-attention within each segment of packed tokens (T5's encoder attention, with its position bias). */
+  segmentAttention(a: SegmentAttentionArgs): void {
+    const cu = this.#indices(a?.cuSeqlens, null, 'cuSeqlens');
+    this.#run(
+      'segmentAttention',
+      {
+        qkv: this.#own(a?.qkv, 'qkv'), cuSeqlens: cu.tensor?.native, relativeBias: this.#own(a?.relativeBias, 'relativeBias'),
+        out: this.#own(a?.out, 'out'), scale: a?.scale, maxSeqlen: a?.maxSeqlen,
+      },
+      [cu],
+    );
   }
 
   /** x += gate ⊙ y in place (the gated residual of the attention and FFN branches). */

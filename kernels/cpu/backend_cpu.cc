@@ -44,6 +44,8 @@ class CpuBackend final : public Backend {
   void gemm(const GemmArgs& a) override { cpu::gemm(pool_, a); }
   void layer_norm(const LayerNormArgs& a) override { cpu::layer_norm(pool_, a); }
   void rms_norm(const RmsNormArgs& a) override { cpu::rms_norm(pool_, a); }
+  void gated_activation(const GatedActivationArgs& a) override { cpu::gated_activation(pool_, a); }
+  void segment_attention(const SegmentAttentionArgs& a) override { cpu::segment_attention(pool_, a); }
   void gated_residual(const GatedResidualArgs& a) override { cpu::gated_residual(pool_, a); }
   void activation(const ActivationArgs& a) override { cpu::activation(pool_, a); }
   void qk_norm_rope(const QkNormRopeArgs& a) override { cpu::qk_norm_rope(pool_, a); }

@@ -11,6 +11,8 @@ namespace scalekv::cpu {
 void gemm(ThreadPool& pool, const GemmArgs& a);
 void layer_norm(ThreadPool& pool, const LayerNormArgs& a);
 void rms_norm(ThreadPool& pool, const RmsNormArgs& a);
+void gated_activation(ThreadPool& pool, const GatedActivationArgs& a);
+void segment_attention(ThreadPool& pool, const SegmentAttentionArgs& a);
 void gated_residual(ThreadPool& pool, const GatedResidualArgs& a);
 void activation(ThreadPool& pool, const ActivationArgs& a);
 void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a);

@@ -149,10 +149,19 @@ class CudaBackend final : public Backend {
     check(cudaGetLastError(), "selection launch");
   }
 
-  // Transformer ops: none needs workspace; only crossAttention can set the status word.
+  // Transformer ops: none needs workspace; only crossAttention and segmentAttention can set the status word.
   void gemm(const GemmArgs& a) override { run_op([&] { cuda_ops::gemm(a, stream_, status_); }); }
   void layer_norm(const LayerNormArgs& a) override { run_op([&] { cuda_ops::layer_norm(a, stream_, status_); }); }
   void rms_norm(const RmsNormArgs& a) override { run_op([&] { cuda_ops::rms_norm(a, stream_, status_); }); }
+  void gated_activation(const GatedActivationArgs& a) override {
+    run_op([&] { cuda_ops::gated_activation(a, stream_, status_); });
+  }
+  void segment_attention(const SegmentAttentionArgs& a) override {
+    run_op([&] {
+      note_pending("segmentAttention");
+      cuda_ops::segment_attention(a, stream_, status_);
+    });
+  }
   void gated_residual(const GatedResidualArgs& a) override {
     run_op([&] { cuda_ops::gated_residual(a, stream_, status_); });
   }

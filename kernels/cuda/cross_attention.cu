@@ -17,7 +17,7 @@
 namespace scalekv::cuda_ops {
 namespace {
 
-constexpr int kWarps = 4, kRowsPerWarp = 4, kQT = kWarps * kRowsPerWarp, kKT = 32;
+constexpr int kWarps = 4, kRowsPerWarp = 4, kQT = kWarps * kRowsPerWarp, kKT = 32;  // kKT: one key per lane
 
 __global__ void cu_seqlens_validate_kernel(const int32_t* cu, int batch, int n_text, int32_t* status) {
   for (int b = threadIdx.x; b < batch; b += blockDim.x) {
@@ -45,14 +45,8 @@ __global__ void __launch_bounds__(32 * kWarps) cross_attention_kernel(const Cros
     const int l = l0 + e / c;
     sQ[e] = l < L ? to_f32(q[((static_cast<int64_t>(b) * L + l) * H + h) * c + e % c]) : 0.0f;
   }
-  float m_run[kRowsPerWarp], l_run[kRowsPerWarp], o[kRowsPerWarp][DV];
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    m_run[r] = -INFINITY;
-    l_run[r] = 0.0f;  // this lane's partial sum
-#pragma unroll
-    for (int i = 0; i < DV; ++i) o[r][i] = 0.0f;
-  }
+  tx::WarpSoftmaxRows<kRowsPerWarp, DV> acc;
+  acc.init();
   const float* qw = sQ + warp * kRowsPerWarp * c;
 
   for (int j0 = 0; j0 < n; j0 += kKT) {
@@ -64,77 +58,28 @@ __global__ void __launch_bounds__(32 * kWarps) cross_attention_kernel(const Cros
     }
     __syncthreads();  // also publishes sQ on the first tile
     float s[kRowsPerWarp];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) s[r] = 0.0f;
-    const float* krow = sK + lane * (c + 1);
-    for (int d = 0; d < c; ++d) {
-      const float kd = krow[d];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) s[r] += qw[r * c + d] * kd;
-    }
+    acc.dots(qw, sK + lane * (c + 1), c, s);
     const bool valid = j0 + lane < n;
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const float x = valid ? s[r] * a.scale : -INFINITY;
-      const float m_new = fmaxf(m_run[r], warp_max(x));  // finite: every tile has a valid token
-      const float alpha = expf(m_run[r] - m_new);            // 0 on the first tile
-      s[r] = expf(x - m_new);
-      l_run[r] = l_run[r] * alpha + s[r];
-      m_run[r] = m_new;
-#pragma unroll
-      for (int i = 0; i < DV; ++i) o[r][i] *= alpha;
-    }
-    for (int j = 0; j < kKT; ++j) {
-      float pj[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) pj[r] = __shfl_sync(0xffffffffu, s[r], j);
-#pragma unroll
-      for (int i = 0; i < DV; ++i) {
-        const int d = lane + 32 * i;
-        if (d < c) {
-          const float vd = sV[j * c + d];
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r) o[r][i] += pj[r] * vd;
-        }
-      }
-    }
+    for (int r = 0; r < kRowsPerWarp; ++r) s[r] = valid ? s[r] * a.scale : -INFINITY;
+    acc.add_tile(s, sV, c, lane);
     __syncthreads();  // all reads of sK/sV done before the next tile overwrites them
   }
 
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    const float total = warp_sum(l_run[r]);
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no text: zeros, as the CPU backend
     const int l = l0 + warp * kRowsPerWarp + r;
-    if (l >= L) continue;
-    T* out = static_cast<T*>(a.out) + ((static_cast<int64_t>(b) * L + l) * H + h) * c;
-#pragma unroll
-    for (int i = 0; i < DV; ++i) {
-      const int d = lane + 32 * i;
-      if (d < c) tx::store_f32(out, a.dtype, d, o[r][i] * inv);
-    }
+    if (l < L) acc.store(r, static_cast<T*>(a.out) + ((static_cast<int64_t>(b) * L + l) * H + h) * c, a.dtype, c, lane);
   }
-}
-
-template <typename T, int DV>
-void launch(const CrossAttentionArgs& a, cudaStream_t stream, const int32_t* status) {
-  const dim3 grid((a.tokens + kQT - 1) / kQT, a.heads, a.batch);
-  const size_t smem = sizeof(float) * (kQT * a.head_dim + kKT * (a.head_dim + 1) + kKT * a.head_dim);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(cross_attention_kernel<T, DV>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) tx::check_launch("crossAttention (shared memory opt-in)");
-  }
-  const auto kernel = cross_attention_kernel<T, DV>;  // a template-id with a comma cannot be a macro argument
-  SKV_LAUNCH(kernel, grid, dim3(32 * kWarps), smem, stream, a, status);
 }
 
 template <typename T>
 void dispatch(const CrossAttentionArgs& a, cudaStream_t stream, const int32_t* status) {
-  if (a.head_dim <= 32) launch<T, 1>(a, stream, status);
-  else if (a.head_dim <= 64) launch<T, 2>(a, stream, status);
-  else if (a.head_dim <= 128) launch<T, 4>(a, stream, status);
-  else launch<T, 8>(a, stream, status);
+  const size_t smem = sizeof(float) * (kQT * a.head_dim + kKT * (a.head_dim + 1) + kKT * a.head_dim);
+  const dim3 grid((a.tokens + kQT - 1) / kQT, a.heads, a.batch);
+  tx::dispatch_channels_per_lane(a.head_dim, [&](auto dv) {
+    tx::launch_with_smem("crossAttention", cross_attention_kernel<T, decltype(dv)::value>, grid, dim3(32 * kWarps), smem, stream, a, status);
+  });
 }
 
 }  // namespace
@@ -150,7 +95,6 @@ void cross_attention(const CrossAttentionArgs& a, cudaStream_t stream, int32_t* 
   if (a.tokens == 0) return;
   if (a.dtype == DType::bf16) dispatch<bf16>(a, stream, status);
   else dispatch<float>(a, stream, status);
-  tx::check_launch("crossAttention");
 }
 
 }  // namespace scalekv::cuda_ops

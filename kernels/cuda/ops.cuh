@@ -21,11 +21,13 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
 size_t selection_workspace_bytes(const SelectionArgs& a);
 void selection(const SelectionArgs& a, cudaStream_t stream, int32_t* status, void* workspace);
 
-// Transformer ops (gemm.cu, layer_norm.cu, ...): no workspace. Only cross_attention reports data errors
-// (cuSeqlens out of order or range: index_out_of_range, the output untouched).
+// Transformer ops (gemm.cu, layer_norm.cu, ...): no workspace. Only cross_attention and
+// segment_attention report data errors (cuSeqlens out of order or range: index_out_of_range, the output untouched).
 void gemm(const GemmArgs& a, cudaStream_t stream, int32_t* status);
 void layer_norm(const LayerNormArgs& a, cudaStream_t stream, int32_t* status);
 void rms_norm(const RmsNormArgs& a, cudaStream_t stream, int32_t* status);
+void gated_activation(const GatedActivationArgs& a, cudaStream_t stream, int32_t* status);
+void segment_attention(const SegmentAttentionArgs& a, cudaStream_t stream, int32_t* status);
 void gated_residual(const GatedResidualArgs& a, cudaStream_t stream, int32_t* status);
 void activation(const ActivationArgs& a, cudaStream_t stream, int32_t* status);
 void qk_norm_rope(const QkNormRopeArgs& a, cudaStream_t stream, int32_t* status);

@@ -2,6 +2,8 @@
 // and stores in f32, the activations as torch computes them, warp/block sums, the status word, launch checks.
 #pragma once
 
+#include <type_traits>
+
 #include <string>
 
 #include "device_common.cuh"
@@ -64,6 +66,97 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess)
     throw BackendError(StatusCode::device, std::string("cuda: ") + what + " launch: " + cudaGetErrorName(err) + ": " +
                                                cudaGetErrorString(err));
+}
+
+// One warp's online-softmax state for R query rows in the SIMT attention kernels (cross_attention.cu,
+// segment_attention.cu): per 32-key tile, lane j holds key j's logit of each row; `add_tile` folds the tile into
+// the running max / sum and accumulates P V from the tile's V rows in shared memory ([32][c] f32), lane l
+// owning channels l, l + 32, ... (DV of them). A tile needs at least one finite logit per row.
+template <int R, int DV>
+struct WarpSoftmaxRows {
+  float m[R], l[R], o[R][DV];
+
+  __device__ void init() {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      m[r] = -INFINITY;
+      l[r] = 0.0f;  // this lane's partial sum
+#pragma unroll
+      for (int i = 0; i < DV; ++i) o[r][i] = 0.0f;
+    }
+  }
+
+  // s[r] = q_rows[r] . k_row over c channels: this lane's key against the warp's R query rows (smem, f32).
+  static __device__ void dots(const float* q_rows, const float* k_row, int c, float (&s)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = 0.0f;
+    for (int d = 0; d < c; ++d) {
+      const float kd = k_row[d];
+#pragma unroll
+      for (int r = 0; r < R; ++r) s[r] += q_rows[r * c + d] * kd;
+    }
+  }
+
+  // x[r]: this lane's key logit for row r (-INFINITY where masked). Overwrites x.
+  __device__ void add_tile(float (&x)[R], const float* sV, int c, int lane) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float m_new = fmaxf(m[r], warp_max(x[r]));
+      const float alpha = expf(m[r] - m_new);  // 0 on the first tile
+      x[r] = expf(x[r] - m_new);
+      l[r] = l[r] * alpha + x[r];
+      m[r] = m_new;
+#pragma unroll
+      for (int i = 0; i < DV; ++i) o[r][i] *= alpha;
+    }
+    for (int j = 0; j < 32; ++j) {
+      float pj[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) pj[r] = __shfl_sync(0xffffffffu, x[r], j);
+#pragma unroll
+      for (int i = 0; i < DV; ++i) {
+        const int d = lane + 32 * i;
+        if (d < c) {
+          const float vd = sV[j * c + d];
+#pragma unroll
+          for (int r = 0; r < R; ++r) o[r][i] += pj[r] * vd;
+        }
+      }
+    }
+  }
+
+  // Row r's normalised output channels to out[0, c) (zeros for a row that saw no key).
+  template <typename T>
+  __device__ void store(int r, T* out, DType dtype, int c, int lane) const {
+    const float total = warp_sum(l[r]);
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma unroll
+    for (int i = 0; i < DV; ++i) {
+      const int d = lane + 32 * i;
+      if (d < c) store_f32(out, dtype, d, o[r][i] * inv);
+    }
+  }
+};
+
+// The per-lane channel registers of the SIMT attention kernels (cross_attention.cu, segment_attention.cu): lane l
+// holds channels l, l + 32, ...; DV = 1, 2, 4 or 8 covers head_dim up to 32 * DV (at most 256).
+template <class Launch>
+void dispatch_channels_per_lane(int head_dim, Launch&& launch) {
+  if (head_dim <= 32) launch(std::integral_constant<int, 1>{});
+  else if (head_dim <= 64) launch(std::integral_constant<int, 2>{});
+  else if (head_dim <= 128) launch(std::integral_constant<int, 4>{});
+  else launch(std::integral_constant<int, 8>{});
+}
+
+// Launches `kernel` with `smem` bytes of dynamic shared memory, opting in past the default 48 KiB first.
+template <class Kernel, class... Args>
+void launch_with_smem(const char* what, Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) check_launch(what);
+  }
+  SKV_LAUNCH(kernel, grid, block, smem, stream, args...);
+  check_launch(what);
 }
 
 }  // namespace scalekv::cuda_ops::tx

@@ -106,6 +106,8 @@ class EmuBackend final : public Backend {
   SKV_EMU_FORWARD(gemm, GemmArgs, "gemm")
   SKV_EMU_FORWARD(layer_norm, LayerNormArgs, "layerNorm")
   SKV_EMU_FORWARD(rms_norm, RmsNormArgs, "rmsNorm")
+  SKV_EMU_FORWARD(gated_activation, GatedActivationArgs, "gatedActivation")
+  SKV_EMU_FORWARD(segment_attention, SegmentAttentionArgs, "segmentAttention")
   SKV_EMU_FORWARD(gated_residual, GatedResidualArgs, "gatedResidual")
   SKV_EMU_FORWARD(activation, ActivationArgs, "activation")
   SKV_EMU_FORWARD(qk_norm_rope, QkNormRopeArgs, "qkNormRope")
