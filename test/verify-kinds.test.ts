@@ -1,4 +1,4 @@
-// `scalekv verify` on the golden rope2d, bsq_codes, vae_decode and sampling fixtures, on every backend.
+// `scalekv verify` on the golden rope2d, bsq_codes, vae_decode, sampling and text_encoder fixtures, on every backend.
 import test from 'ava';
 import { compareFloats, diffCheck, matchCheck } from '../lib/verify/compare.js';
 import { coverage } from '../lib/verify/coverage.js';
@@ -10,9 +10,10 @@ const KINDS: { kind: string; minChecks: number; exact: RegExp }[] = [
   { kind: 'bsq_codes', minChecks: 15, exact: /\/(codes|schedule)$/ },
   { kind: 'vae_decode', minChecks: 2, exact: /^$/ },
   { kind: 'sampling', minChecks: 12, exact: /\/(masked|keep)$/ },
+  { kind: 'text_encoder', minChecks: 4, exact: /^(ids|lens)$/ },
 ];
 
-test('the four kinds are registered', (t) => {
+test('the kinds are registered', (t) => {
   for (const { kind } of KINDS) t.true((VERIFY_KINDS as readonly string[]).includes(kind), kind);
   t.true((VERIFY_KINDS as readonly string[]).includes('update_kv_units'));
 });

@@ -48,6 +48,9 @@ export const TENSOR_ROLES: Record<string, TensorRole[]> = {
     { match: /^[^/]+\/logits$/, role: 'input' },
     { match: /^[^/]+\/(masked|keep)$/, role: 'expected' },
   ],
+  text_encoder: [
+    { match: /^(ids|lens|kv|hidden_padded_first)$/, role: 'expected' },
+  ],
   vae_decode: [
     { match: /^z_[^/]+$/, role: 'input' },
     { match: /^raw_[^/]+$/, role: 'expected' },

@@ -12,6 +12,7 @@ import { SamplingManifest, verifySampling } from './sampling.js';
 import { VaeDecodeManifest, verifyVaeDecode } from './vae-decode.js';
 import { ForwardFullcacheManifest, verifyForwardFullcache } from './forward-fullcache.js';
 import { ForwardScalekvManifest, verifyForwardScalekv } from './forward-scalekv.js';
+import { TextEncoderManifest, verifyTextEncoder } from './text-encoder.js';
 import type { Engine } from '../engine.js';
 
 export type { Check, ElementErrors } from './compare.js';
@@ -28,7 +29,7 @@ export interface VerifyReport {
 }
 
 /** The fixture kinds this build can verify. */
-export const VERIFY_KINDS = ['update_kv_units', 'rope2d', 'bsq_codes', 'vae_decode', 'sampling', 'forward_fullcache', 'forward_scalekv'] as const;
+export const VERIFY_KINDS = ['update_kv_units', 'rope2d', 'bsq_codes', 'vae_decode', 'sampling', 'forward_fullcache', 'forward_scalekv', 'text_encoder'] as const;
 
 /** One verifier per kind: the engine, the parsed manifest.json and the fixture directory. */
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
@@ -47,6 +48,7 @@ const VERIFIERS: Record<string, (engine: Engine, manifest: any, dir: string) => 
   sampling: (engine, manifest: SamplingManifest, dir) => verifySampling(engine, manifest, dir),
   forward_fullcache: (engine, manifest: ForwardFullcacheManifest, dir) => verifyForwardFullcache(engine, manifest, dir),
   forward_scalekv: (engine, manifest: ForwardScalekvManifest, dir) => verifyForwardScalekv(engine, manifest, dir),
+  text_encoder: (engine, manifest: TextEncoderManifest, dir) => verifyTextEncoder(engine, manifest, dir),
 };
 
 /** Runs one fixture directory (manifest.json + io.safetensors, the ../shared/golden format) on an engine. */
