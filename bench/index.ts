@@ -214,6 +214,98 @@ async function rmsNormCase(e: Engine, rows: Row[], o: { tokens: number; C: numbe
   for (const t of [x, weight, y]) t.dispose();
 }
 
+// T5's encoder attention on packed prompts: qkv [T, 3, H, c], scores q·k (scale 1, as T5) + bias[h][clamp(j − i)].
+function naiveSegmentAttention(qkv: Float32Array, cu: Int32Array, bias: Float32Array, H: number, c: number, out: Float32Array) {
+  const R = (bias.length / H - 1) / 2;
+  const stride = 3 * H * c;
+  for (let seg = 0; seg + 1 < cu.length; seg++) {
+    const first = cu[seg];
+    const n = cu[seg + 1] - first;
+    const s = new Float64Array(n);
+    for (let h = 0; h < H; h++)
+      for (let i = 0; i < n; i++) {
+        const q = (first + i) * stride + h * c;
+        let m = -Infinity;
+        for (let j = 0; j < n; j++) {
+          const k = (first + j) * stride + H * c + h * c;
+          let acc = 0;
+          for (let x = 0; x < c; x++) acc += qkv[q + x] * qkv[k + x];
+          s[j] = acc + bias[h * (2 * R + 1) + Math.min(R, Math.max(-R, j - i)) + R];
+          m = Math.max(m, s[j]);
+        }
+        let z = 0;
+        for (let j = 0; j < n; j++) z += s[j] = Math.exp(s[j] - m);
+        for (let x = 0; x < c; x++) {
+          let acc = 0;
+          for (let j = 0; j < n; j++) acc += s[j] * qkv[(first + j) * stride + 2 * H * c + h * c + x];
+          out[((first + i) * H + h) * c + x] = acc / z;
+        }
+      }
+  }
+}
+
+// The naive reference runs only at the first (small) shape: at 1 × 512 tokens it would take seconds per call,
+// so larger shapes are compared against the naive GFLOP/s measured just before.
+let naiveSegmentGflops = 0;
+async function segmentAttentionCase(e: Engine, rows: Row[], o: { prompts: number; tokens: number; heads: number; c: number; naive: boolean; iterations: number }) {
+  const { heads: H, c } = o;
+  const T = o.prompts * o.tokens;
+  const shape = `${o.prompts} prompt${o.prompts === 1 ? '' : 's'} × ${o.tokens} tokens, heads ${H}, c ${c}, rel. bias (T5-XL), f32`;
+  const flops = 4 * H * c * o.prompts * o.tokens * o.tokens;
+  const cu = Int32Array.from({ length: o.prompts + 1 }, (_, s) => s * o.tokens);
+  const qkvA = rand(T * 3 * H * c, 13);
+  const biasA = rand(H * 257, 14);
+  const qkv = e.tensor(qkvA, [T, 3, H, c], 'f32');
+  const cuSeqlens = e.tensor(cu, [o.prompts + 1], 'i32');
+  const relativeBias = e.tensor(biasA, [H, 257], 'f32');
+  const out = e.empty([T, H, c], 'f32');
+  const ms = await timeKernel(e, 'segment_attention', async () => {
+    e.ops.segmentAttention({ qkv, cuSeqlens, relativeBias, out, scale: 1, maxSeqlen: o.tokens });
+    await e.sync();
+  }, o.iterations);
+  const gflops = flops / ms / 1e6;
+  const row: Row = { kernel: 'segmentAttention', shape, impl: `${e.backend} kernel`, ms, rate: `${gflops.toFixed(2)} GFLOP/s` };
+  rows.push(row);
+  if (o.naive) {
+    const outA = new Float32Array(T * H * c);
+    const nms = await timeIt('naive', () => naiveSegmentAttention(qkvA, cu, biasA, H, c, outA), 2);
+    naiveSegmentGflops = flops / nms / 1e6;
+    rows.push({ kernel: 'segmentAttention', shape, impl: 'naive JS', ms: nms, rate: `${naiveSegmentGflops.toFixed(2)} GFLOP/s` });
+  } else {
+    row.note = 'ratio vs the naive GFLOP/s measured above at the smaller shape';
+  }
+  if (naiveSegmentGflops) row.ratio = `${(gflops / naiveSegmentGflops).toFixed(1)}×`;
+  for (const t of [qkv, cuSeqlens, relativeBias, out]) t.dispose();
+}
+
+function naiveGegluTanh(x: Float32Array, rows: number, F: number, out: Float32Array) {
+  for (let r = 0; r < rows; r++)
+    for (let i = 0; i < F; i++) {
+      const g = x[r * 2 * F + i];
+      const gelu = 0.5 * g * (1 + Math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)));
+      out[r * F + i] = gelu * x[r * 2 * F + F + i];
+    }
+}
+
+async function gatedActivationCase(e: Engine, rows: Row[], o: { tokens: number; F: number }) {
+  const shape = `tokens ${o.tokens}, F ${o.F} (T5-XL GEGLU, gelu_tanh), f32`;
+  const xa = rand(o.tokens * 2 * o.F, 15);
+  const x = e.tensor(xa, [o.tokens, 2 * o.F], 'f32');
+  const out = e.empty([o.tokens, o.F], 'f32');
+  const bytes = 3 * o.tokens * o.F * 4; // read both halves, write one
+  const ms = await timeKernel(e, 'gated_activation', async () => {
+    e.ops.gatedActivation({ x, out, fn: 'gelu_tanh' });
+    await e.sync();
+  }, 20);
+  const outA = new Float32Array(o.tokens * o.F);
+  const nms = await timeIt('naive', () => naiveGegluTanh(xa, o.tokens, o.F, outA), 5);
+  const gbs = bytes / ms / 1e6;
+  const ngbs = bytes / nms / 1e6;
+  rows.push({ kernel: 'gatedActivation', shape, impl: `${e.backend} kernel`, ms, rate: `${gbs.toFixed(2)} GB/s`, ratio: `${(gbs / ngbs).toFixed(1)}×` });
+  rows.push({ kernel: 'gatedActivation', shape, impl: 'naive JS', ms: nms, rate: `${ngbs.toFixed(2)} GB/s` });
+  for (const t of [x, out]) t.dispose();
+}
+
 if (values.only && values.only !== 'kernels' && values.only !== 'e2e') throw new Error(`--only takes kernels or e2e`);
 const engine = await createEngine({ backend: values.backend as BackendChoice });
 const rows: Row[] = [];
@@ -237,6 +329,10 @@ async function kernelCases() {
   await compactCase(engine, rows, { b: 2, heads: 16, cap: 6425 + 4096, keep: 650, d: 128 });
   await selectionCase(engine, rows, { b: 2, heads: 16, nw: 16, nk: 10521, budget: 650 });
   await rmsNormCase(engine, rows, { tokens: 512, C: 2048 });
+  const t5Iterations = engine.backend === 'cuda' ? 20 : 3;
+  await segmentAttentionCase(engine, rows, { prompts: 8, tokens: 64, heads: 32, c: 64, naive: true, iterations: t5Iterations });
+  await segmentAttentionCase(engine, rows, { prompts: 1, tokens: 512, heads: 32, c: 64, naive: false, iterations: t5Iterations });
+  await gatedActivationCase(engine, rows, { tokens: 512, F: 5120 });
 }
 
 if (values.json) {
