@@ -1,27 +1,52 @@
 #!/usr/bin/env node
+import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { openCheckpoint } from './checkpoint/index.js';
 import { backendInfo, BackendChoice } from './engine.js';
 import { ScaleKVError } from './errors.js';
-import { demoCommand, generateCommand, GENERATION_USAGE } from './cli/generation.js';
+import { demoCommand, encodeTextCommand, generateCommand, GENERATION_USAGE } from './cli/generation.js';
 import { calibrateCommand, evalCommand, KV_USAGE, planCommand } from './cli/kv-commands.js';
 import { verifyFixture, VERIFY_KINDS } from './verify/index.js';
 import { formatElements } from './verify/compare.js';
 
-const USAGE = `usage: scalekv <command> [options]
-
-commands:
-${GENERATION_USAGE}${KV_USAGE}  verify <dir> [--backend auto|cpu|cuda|emu] [--json]
+const OTHER_USAGE: Record<string, string> = {
+  verify: `  verify <dir> [--backend auto|cpu|cuda|emu] [--json]
       Run a conformance fixture directory (manifest.json + io.safetensors, the format of the official
       golden fixtures) and print the agreement of every recorded quantity. Exit code 1 when any check is
       outside tolerance. Kinds: ${VERIFY_KINDS.join(', ')}.
-  inspect <file|dir> [--prefix P] [--json]
+      examples:
+        scalekv verify ../shared/golden/text_encoder --backend cpu
+        scalekv verify ../shared/golden/forward_scalekv --json
+`,
+  inspect: `  inspect <file|dir> [--prefix P] [--json]
       List the tensors of a checkpoint (.safetensors, a sharded set's directory or model.safetensors.index.json,
       or a torch.save .pth/.pt/.bin, whose nested dicts are flattened to dotted names) with dtype, shape and byte
       size, plus totals. Only headers are read. --prefix keeps the names under P (e.g. 'vae.') and strips it.
-  info [--json]
+      examples:
+        scalekv inspect flan-t5-xl
+        scalekv inspect infinity_vae_d32_reg.pth --prefix vae.
+`,
+  info: `  info [--json]
       Backends built into the addon, and whether a CUDA device is usable.
-`;
+      examples:
+        scalekv info --json
+`,
+};
+
+/** Every command's usage and examples, in the order `scalekv --help` lists them. */
+const COMMAND_USAGE: Record<string, string> = { ...GENERATION_USAGE, ...KV_USAGE, ...OTHER_USAGE };
+
+const USAGE = `usage: scalekv <command> [options]     (scalekv <command> --help: that command alone; scalekv --version)
+
+commands:
+${Object.values(COMMAND_USAGE).join('')}`;
+
+function packageVersion(): string {
+  const pkg = JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), '..', 'package.json'), 'utf8')) as { version: string };
+  return pkg.version;
+}
 
 function formatValue(metric: string, v: number): string {
   if (metric === 'maxRelErr') return Number.isFinite(v) ? v.toExponential(2) : String(v);
@@ -122,7 +147,17 @@ function info(argv: string[]): number {
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  if (command !== undefined && command in COMMAND_USAGE && (rest.includes('--help') || rest.includes('-h'))) {
+    process.stdout.write(`usage: scalekv ${COMMAND_USAGE[command].trimStart()}`);
+    return 0;
+  }
   switch (command) {
+    case '--version':
+    case '-v':
+      process.stdout.write(`${packageVersion()}\n`);
+      return 0;
+    case 'encode-text':
+      return encodeTextCommand(rest);
     case 'verify':
       return verify(rest);
     case 'info':

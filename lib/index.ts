@@ -23,7 +23,8 @@ export {
 } from './model/presets.js';
 export type { ConfigInput, InfinityConfig, ParameterCount, PresetName, ShapeProblems } from './model/presets.js';
 export { createTinyModel, tinyConfig, GeneratedCheckpoint, TINY_VAE } from './model/tiny.js';
-export type { TextFeatures, TinyModel } from './model/tiny.js';
+export type { TinyModel } from './model/tiny.js';
+export { tinyTokenizerJson, tinyT5Config } from './model/tiny.js';
 export { configFromManifest } from './model/config.js';
 export { InfinityModel, TextContext } from './model/infinity.js';
 export type { InfinityLoadOptions, TextObservation, WeightSource as InfinityWeightSource } from './model/infinity.js';

@@ -10,9 +10,9 @@
  * await pipe.dispose();
  * ```
  *
- * Prompts as text need the T5 encoder, which this package does not ship yet: real checkpoints take precomputed T5
- * features (in memory, or the safetensors file `scalekv generate --text` reads); the tiny model encodes prompts
- * with its deterministic stand-in.
+ * Prompts as text run through the T5 text encoder on the same engine: with real weights, a Hugging Face flan-t5-xl
+ * directory (`t5`); the built-in tiny model has its own tiny random T5 and tokenizer. Precomputed T5 features (in
+ * memory, or the safetensors file `scalekv generate --text` reads) are taken as well.
  */
 import { Checkpoint, openCheckpoint } from './checkpoint/index.js';
 import { toHostArray } from './checkpoint/load.js';
@@ -28,6 +28,9 @@ import { PixelBudget, scaleSchedule } from './model/schedule.js';
 import { createTinyModel, TINY_VAE, tinyConfig, TinyModel } from './model/tiny.js';
 import { VaeDecoder } from './model/vae.js';
 import { SafetensorsFile } from './safetensors.js';
+import { T5Checkpoint } from './text/t5-checkpoint.js';
+import { EncodedText, T5TextEncoder, T5WeightSource } from './text/t5-encoder.js';
+import { T5Tokenizer } from './text/tokenizer.js';
 
 export interface PipelineLoadOptions {
   /** Run on this engine (the pipeline does not dispose it). Default: a new engine of `backend`, owned by the pipeline. */
@@ -52,8 +55,20 @@ export interface PipelineLoadOptions {
   dtype?: 'bf16' | 'f32';
   /** Load the VAE decoder. Without it `generate` cannot run (the model serves e.g. calibration). Default true. */
   decode?: boolean;
-  /** Seed of the built-in tiny model's weights and text stand-in. Default 0. */
+  /** Seed of the built-in tiny model's weights (its T5 included). Default 0. */
   tinySeed?: number;
+  /**
+   * A Hugging Face T5 directory (google/flan-t5-xl for Infinity: config.json, the weights, tokenizer.json), so that
+   * `generate` takes prompts as text. Only its encoder half is read. The built-in tiny model has its own tiny T5.
+   */
+  t5?: string;
+  /**
+   * Keep the text encoder's weights on the engine between generations (a server will). Default false: each
+   * generation loads it, encodes its prompts and frees it before sampling, so it never shares memory with the KV cache.
+   */
+  keepTextEncoder?: boolean;
+  /** The T5 Linear weights: default 'bf16' on CUDA, 'f32' elsewhere (never f16: T5 overflows it). */
+  t5Dtype?: 'bf16' | 'f32';
 }
 
 export interface PipelineProgress {
@@ -69,8 +84,15 @@ export interface PipelineGenerateOptions {
    * safetensors file of that layout ('kv' f32, 'lens' int).
    */
   textFeatures?: TextFeatures | string;
-  /** Prompts as text: only the built-in tiny model encodes them (with its stand-in for T5). */
+  /** Prompts as text, through the T5 encoder (the tiny model's, or the `t5` directory the pipeline was loaded with). */
   prompts?: readonly string[];
+  /**
+   * Negative prompts (spec sec. 4.2): with CFG the unconditional rows attend to their T5 features instead of the
+   * learned cfg_uncond. One string for every prompt, or one per prompt. Needs `prompts`.
+   */
+  negativePrompts?: string | readonly string[];
+  /** Negative prompts as precomputed T5 features (one per prompt of textFeatures), or their safetensors file. */
+  negativeTextFeatures?: TextFeatures | string;
   /** Images per prompt: images b·batch .. b·batch + batch − 1 share prompt b, each samples its own bits. Default 1. */
   batch?: number;
   /** Sampler seed (integer). Default 0. */
@@ -108,7 +130,10 @@ export interface PipelineResult {
   /** The token grids (h, w) that were sampled. */
   schedule: [number, number][];
   seed: number;
-  timings: { samplingMs: number; decodeMs: number; encodeMs: number; totalMs: number; perScaleMs: number[] };
+  /** textMs: the T5 encoder (loading it too unless kept); encodeMs: PNG encoding. */
+  timings: { textMs: number; samplingMs: number; decodeMs: number; encodeMs: number; totalMs: number; perScaleMs: number[] };
+  /** Prompts the tokenizer cut at 511 pieces (with prompts as text). */
+  truncated?: boolean[];
   /** The engine's counters after the decode (peaks since the engine was created) and the KV cache bytes held. */
   memory: MemoryStats;
   kvBytes: number;
@@ -151,6 +176,12 @@ export function repeatTextFeatures(t: TextFeatures, batch: number): TextFeatures
   if (!Number.isSafeInteger(batch) || batch < 1) fail('ERR_INVALID_ARG', `batch must be a positive integer, got ${batch}`);
   if (batch === 1) return t;
   return concatTextFeatures(splitTextFeatures(t).flatMap((p) => new Array<TextFeatures>(batch).fill(p)));
+}
+
+/** The first `n` prompts of a feature set and the rest. */
+function splitAt(t: TextFeatures, n: number): [TextFeatures, TextFeatures] {
+  const parts = splitTextFeatures(t);
+  return [concatTextFeatures(parts.slice(0, n)), parts.length > n ? concatTextFeatures(parts.slice(n)) : { kv: new Float32Array(0), lens: [] }];
 }
 
 /** Precomputed T5 features from a safetensors file: 'kv' [tokens, channels] and 'lens' [prompts] summing to tokens. */
@@ -208,6 +239,23 @@ function abortError(signal: AbortSignal): ScaleKVError {
   return new ScaleKVError('ERR_ABORTED', 'generation aborted', { cause: signal.reason });
 }
 
+type TextOptions = Pick<PipelineGenerateOptions, 'textFeatures' | 'prompts' | 'negativePrompts' | 'negativeTextFeatures' | 'signal'>;
+
+/** What a generation conditions on: its prompts' features, its negative prompts' (with CFG), what was truncated. */
+export interface Conditioning {
+  text: TextFeatures;
+  negative?: TextFeatures;
+  truncated?: boolean[];
+}
+
+/** A text encoder the pipeline can load: its weights, its tokenizer, and the encoder when kept loaded. */
+interface TextEncoderSource {
+  weights: T5WeightSource;
+  tokenizer: T5Tokenizer;
+  dtype?: 'bf16' | 'f32';
+  close(): void;
+}
+
 export class Pipeline {
   readonly engine: Engine;
   readonly model: InfinityModel;
@@ -216,23 +264,28 @@ export class Pipeline {
   readonly config: Readonly<InfinityConfig>;
   /** The preset the weights follow (it picks the built-in ScaleKV drafters), when one was named. */
   readonly presetName?: PresetName;
-  readonly #tiny?: TinyModel;
+  readonly #text?: TextEncoderSource;
+  /** The loaded text encoder when `keepTextEncoder`. */
+  #encoder?: T5TextEncoder;
+  readonly #tiny: boolean;
   readonly #ownsEngine: boolean;
   /** Generations run one at a time, in call order; this settles when the last one queued has. */
   #queue: Promise<unknown> = Promise.resolve();
   #disposed = false;
 
-  private constructor(p: { engine: Engine; model: InfinityModel; vae?: VaeDecoder; presetName?: PresetName; tiny?: TinyModel; ownsEngine: boolean }) {
+  private constructor(p: { engine: Engine; model: InfinityModel; vae?: VaeDecoder; presetName?: PresetName; tiny: boolean; text?: TextEncoderSource; encoder?: T5TextEncoder; ownsEngine: boolean }) {
     this.engine = p.engine;
     this.model = p.model;
     this.vae = p.vae;
     this.config = p.model.config;
     this.presetName = p.presetName;
     this.#tiny = p.tiny;
+    this.#text = p.text;
+    this.#encoder = p.encoder;
     this.#ownsEngine = p.ownsEngine;
   }
 
-  /** Loads the model (and the VAE decoder) onto the engine; on failure frees what it loaded. */
+  /** Loads the model (the VAE decoder, and the text encoder when kept) onto the engine; on failure frees what it loaded. */
   static async load(opts: PipelineLoadOptions = {}): Promise<Pipeline> {
     const decode = opts.decode ?? true;
     let tiny: TinyModel | undefined;
@@ -241,6 +294,7 @@ export class Pipeline {
     if (opts.weights === undefined) {
       if (opts.vae !== undefined) fail('ERR_INVALID_ARG', 'Pipeline.load: a VAE needs weights (without them the built-in tiny model runs)');
       if (opts.preset !== undefined && opts.preset !== 'tiny') fail('ERR_INVALID_ARG', 'Pipeline.load: a preset needs weights (without them the built-in tiny model runs)');
+      if (opts.t5 !== undefined) fail('ERR_INVALID_ARG', 'Pipeline.load: t5 needs weights (the built-in tiny model has its own tiny T5)');
       tiny = createTinyModel(opts.tinySeed ?? 0);
       config = tiny.config;
     } else {
@@ -248,11 +302,29 @@ export class Pipeline {
       ({ config, presetName } = presetConfig(opts.preset));
     }
     if (opts.engine && (opts.backend !== undefined || opts.threads !== undefined)) fail('ERR_INVALID_ARG', 'Pipeline.load: give an engine or a backend (and threads), not both');
+    if (opts.t5Dtype !== undefined && opts.t5Dtype !== 'bf16' && opts.t5Dtype !== 'f32') fail('ERR_DTYPE', `t5Dtype must be 'bf16' or 'f32' (T5 overflows f16), got ${String(opts.t5Dtype)}`);
+    // The text encoder's files are checked before any weight is loaded.
+    let text: TextEncoderSource | undefined;
+    if (tiny) {
+      text = { weights: tiny.t5, tokenizer: tiny.tokenizer, dtype: opts.t5Dtype, close: () => undefined };
+    } else if (opts.t5 !== undefined) {
+      const ckpt = T5Checkpoint.open(opts.t5);
+      try {
+        if (ckpt.config.dModel !== config.textChannels)
+          fail('ERR_SHAPE', `${opts.t5}: the T5 d_model ${ckpt.config.dModel} is not the model's text_channels ${config.textChannels}`);
+        text = { weights: ckpt, tokenizer: T5Tokenizer.fromFile(ckpt.tokenizerPath), dtype: opts.t5Dtype, close: () => ckpt.close() };
+      } catch (e) {
+        ckpt.close();
+        throw e;
+      }
+    }
     const ownsEngine = opts.engine === undefined;
-    const engine = opts.engine ?? (await createEngine({ backend: opts.backend, threads: opts.threads }));
+    let engine: Engine | undefined;
     let model: InfinityModel | undefined;
     let vae: VaeDecoder | undefined;
+    let encoder: T5TextEncoder | undefined;
     try {
+      engine = opts.engine ?? (await createEngine({ backend: opts.backend, threads: opts.threads }));
       const weights = tiny ? tiny.weights : opts.weights ?? fail('ERR_INTERNAL', 'no weights');
       if (typeof weights === 'string') {
         const ckpt = openCheckpoint(weights);
@@ -265,11 +337,14 @@ export class Pipeline {
         model = await InfinityModel.load(engine, weights, config, { dtype: opts.dtype });
       }
       if (decode) vae = await loadVae(engine, tiny ? tiny.vae : (opts.vae as string | Checkpoint), config);
-      return new Pipeline({ engine, model, vae, presetName, tiny, ownsEngine });
+      if (text && opts.keepTextEncoder) encoder = await T5TextEncoder.load(engine, text.weights, text.tokenizer, { dtype: text.dtype });
+      return new Pipeline({ engine, model, vae, presetName, tiny: tiny !== undefined, text, encoder, ownsEngine });
     } catch (e) {
+      encoder?.dispose();
       vae?.dispose();
       model?.dispose();
-      if (ownsEngine) engine.dispose();
+      text?.close();
+      if (ownsEngine) engine?.dispose();
       throw e;
     }
   }
@@ -278,26 +353,60 @@ export class Pipeline {
     return this.#disposed;
   }
 
-  /** Whether `prompts` can be given as text (the built-in tiny model). */
+  /** Whether `prompts` can be given as text (the built-in tiny model, or a pipeline loaded with `t5`). */
   get encodesPrompts(): boolean {
-    return this.#tiny !== undefined;
+    return this.#text !== undefined;
   }
 
-  /** The text features of a generation: `textFeatures` as given or read from its file, or the encoded `prompts`. */
-  text(o: Pick<PipelineGenerateOptions, 'textFeatures' | 'prompts'>): TextFeatures {
+  /**
+   * The T5 features of prompts (and which were truncated): the encoder kept loaded, or loaded for this call and
+   * freed after it.
+   */
+  async encodeText(prompts: readonly string[], opts: { signal?: AbortSignal } = {}): Promise<EncodedText> {
     this.#check();
-    return this.#text(o);
+    return this.#encodeText(prompts, opts);
   }
 
-  #text(o: Pick<PipelineGenerateOptions, 'textFeatures' | 'prompts'>): TextFeatures {
-    if ((o.textFeatures === undefined) === (o.prompts === undefined)) fail('ERR_INVALID_ARG', 'give either textFeatures or prompts');
-    if (o.textFeatures !== undefined)
-      return typeof o.textFeatures === 'string' ? readTextFeatures(o.textFeatures, this.config.textChannels) : o.textFeatures;
-    const prompts = o.prompts as readonly string[];
+  // Unchecked: generations queued before dispose() still run.
+  async #encodeText(prompts: readonly string[], opts: { signal?: AbortSignal }): Promise<EncodedText> {
+    const src = this.#text ?? fail('ERR_INVALID_ARG', 'prompts as text need a T5 encoder: load the pipeline with t5 (a flan-t5-xl directory), or pass textFeatures');
     if (!Array.isArray(prompts) || !prompts.length || prompts.some((p) => typeof p !== 'string')) fail('ERR_INVALID_ARG', 'prompts must be a non-empty array of strings');
-    const tiny = this.#tiny;
-    if (!tiny) fail('ERR_INVALID_ARG', 'prompts as text need the T5 text encoder, which is not available yet: pass precomputed textFeatures');
-    return concatTextFeatures(prompts.map((p) => tiny.encodeText(p)));
+    const encoder = this.#encoder ?? (await T5TextEncoder.load(this.engine, src.weights, src.tokenizer, { dtype: src.dtype }));
+    try {
+      return await encoder.encode(prompts, opts);
+    } finally {
+      if (encoder !== this.#encoder) encoder.dispose();
+    }
+  }
+
+  /**
+   * The text features of a generation and of its negative prompts: `textFeatures` as given or read from its file,
+   * or the `prompts` encoded (`negativePrompts` with them).
+   */
+  async text(o: TextOptions): Promise<Conditioning> {
+    this.#check();
+    return this.#conditioning(o);
+  }
+
+  async #conditioning(o: TextOptions): Promise<Conditioning> {
+    if ((o.textFeatures === undefined) === (o.prompts === undefined)) fail('ERR_INVALID_ARG', 'give either textFeatures or prompts');
+    const read = (f: TextFeatures | string) => (typeof f === 'string' ? readTextFeatures(f, this.config.textChannels) : f);
+    if (o.textFeatures !== undefined) {
+      if (o.negativePrompts !== undefined) fail('ERR_INVALID_ARG', 'negativePrompts go with prompts; with textFeatures give negativeTextFeatures');
+      return { text: read(o.textFeatures), negative: o.negativeTextFeatures === undefined ? undefined : read(o.negativeTextFeatures) };
+    }
+    if (o.negativeTextFeatures !== undefined) fail('ERR_INVALID_ARG', 'negativeTextFeatures go with textFeatures; with prompts give negativePrompts');
+    const prompts = o.prompts as readonly string[];
+    let negatives: readonly string[] = [];
+    if (o.negativePrompts !== undefined) {
+      negatives = typeof o.negativePrompts === 'string' ? prompts.map(() => o.negativePrompts as string) : o.negativePrompts;
+      if (!Array.isArray(negatives) || negatives.length !== prompts.length || negatives.some((p) => typeof p !== 'string'))
+        fail('ERR_INVALID_ARG', `negativePrompts must be one string, or one string per prompt (${prompts.length})`);
+    }
+    // One pass for both sets: one encoder load.
+    const all = await this.#encodeText([...prompts, ...negatives], { signal: o.signal });
+    const [text, negative] = splitAt(all, prompts.length);
+    return { text, negative: negatives.length ? negative : undefined, truncated: all.truncated.slice(0, prompts.length) };
   }
 
   /** The KV policy of a spec ('full', 'scalekv:10%', ...) for this model, or the policy given. */
@@ -325,12 +434,17 @@ export class Pipeline {
     if (o.signal?.aborted) throw abortError(o.signal);
     const vae = this.vae ?? fail('ERR_INVALID_ARG', 'Pipeline.generate: this pipeline was loaded with decode: false');
     const started = performance.now();
-    const text = repeatTextFeatures(this.#text(o), o.batch ?? 1);
+    const conditioning = await this.#conditioning(o);
+    const batch = o.batch ?? 1;
+    const text = repeatTextFeatures(conditioning.text, batch);
+    const negativeText = conditioning.negative && repeatTextFeatures(conditioning.negative, batch);
+    const textMs = performance.now() - started;
     const pn = o.pn ?? (this.#tiny ? '0.06M' : '1M');
     const schedule = scaleSchedule({ aspect: parseAspect(o.aspect), pn, patchify: this.config.patchify }).scales.map(([h, w]) => [h, w] as [number, number]);
     const seed = o.seed ?? 0;
     const sampled = await generate(this.model, {
       textFeatures: text,
+      negativeText,
       schedule,
       cfg: o.cfg ?? 3,
       tau: o.tau ?? 1,
@@ -341,7 +455,7 @@ export class Pipeline {
       signal: o.signal,
       onProgress: o.onProgress && ((si, total) => o.onProgress?.({ stage: 'sampling', done: si + 1, total })),
     });
-    const samplingMs = performance.now() - started;
+    const samplingMs = performance.now() - started - textMs;
     let decoded;
     const decodeStart = performance.now();
     try {
@@ -367,7 +481,8 @@ export class Pipeline {
       images,
       schedule,
       seed,
-      timings: { samplingMs, decodeMs, encodeMs: performance.now() - encodeStart, totalMs: performance.now() - started, perScaleMs: sampled.timings.map((t) => t.ms) },
+      truncated: conditioning.truncated,
+      timings: { textMs, samplingMs, decodeMs, encodeMs: performance.now() - encodeStart, totalMs: performance.now() - started, perScaleMs: sampled.timings.map((t) => t.ms) },
       memory,
       kvBytes: sampled.kvBytes,
     };
@@ -382,6 +497,8 @@ export class Pipeline {
     if (this.#disposed) return;
     this.#disposed = true;
     await this.#queue;
+    this.#encoder?.dispose();
+    this.#text?.close();
     this.vae?.dispose();
     this.model.dispose();
     if (this.#ownsEngine) this.engine.dispose();

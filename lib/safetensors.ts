@@ -163,3 +163,30 @@ export class SafetensorsFile {
     }
   }
 }
+
+/** A tensor to write: f32 or int32 data in row-major order. */
+export interface SafetensorsTensor {
+  name: string;
+  shape: readonly number[];
+  data: Float32Array | Int32Array;
+}
+
+/**
+ * The bytes of a safetensors file holding `tensors` (little-endian, the header padded with spaces to a multiple
+ * of 8 as the reference writer does): what `scalekv encode-text` writes and `readTextFeatures` reads.
+ */
+export function encodeSafetensors(tensors: readonly SafetensorsTensor[], metadata: Record<string, string> = {}): Buffer {
+  const header: Record<string, unknown> = Object.keys(metadata).length ? { __metadata__: metadata } : {};
+  let offset = 0;
+  for (const t of tensors) {
+    const count = t.shape.reduce((a, b) => a * b, 1);
+    if (count !== t.data.length) fail('ERR_SHAPE', `safetensors: ${t.name} has shape [${t.shape.join(', ')}] but ${t.data.length} values`);
+    header[t.name] = { dtype: t.data instanceof Float32Array ? 'F32' : 'I32', shape: [...t.shape], data_offsets: [offset, offset + t.data.byteLength] };
+    offset += t.data.byteLength;
+  }
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
+  const size = Buffer.alloc(8);
+  size.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+  return Buffer.concat([size, Buffer.from(json, 'utf8'), ...tensors.map((t) => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength))]);
+}

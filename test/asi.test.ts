@@ -9,6 +9,7 @@ import { calibrate, pickDrafters, queryRows, zScores } from '../lib/scalekv/asi.
 import { InfinityModel } from '../lib/model/infinity.js';
 import { scaleSchedule } from '../lib/model/schedule.js';
 import { createTinyModel } from '../lib/model/tiny.js';
+import { syntheticText } from './helpers.js';
 import { budgetPlanToJson, parseBudgetPlan } from '../lib/scalekv/budget.js';
 
 const schedule = scaleSchedule({ aspect: 1, pn: '0.06M' }).scales;
@@ -52,7 +53,7 @@ test('z-scores per scale and the global lowest-N_d cut', (t) => {
 test('calibration on the tiny model: exact kernel probabilities, deterministic, loads as a budget plan', async (t) => {
   const prompts = ['a red fox in snow', 'a lighthouse at dawn'];
   await withTiny(async (m, tiny) => {
-    const feats = prompts.map((p) => tiny.encodeText(p));
+    const feats = prompts.map((p) => syntheticText(p));
     const t0 = performance.now();
     // K' larger than any history and no normalisation: history top-K' = all history mass = 1 − current.
     const all = await calibrate(m, { prompts: feats, schedule, topK: 1 << 20, normalizeHistory: false, budget: 0.1 });
@@ -108,11 +109,11 @@ test('scalekv calibrate CLI writes a loadable plan; eval CLI reports fidelity ag
   }
 });
 
-test('calibrate and eval accept checkpoints and text features on disk (like generate)', (t) => {
+test('calibrate and eval accept checkpoints and text features on disk (like generate)', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'scalekv-cal-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   const tiny = createTinyModel(0);
-  const files = writeTinyModelFiles(dir, tiny, ['a red fox', 'a blue lake']);
+  const files = await writeTinyModelFiles(dir, tiny, ['a red fox', 'a blue lake']);
   const cli = (...args: string[]) => spawnSync(process.execPath, ['--import=tsx', 'lib/cli.ts', ...args], { encoding: 'utf8', timeout: 300_000 });
   const model = ['--preset', 'tiny', '--weights', files.weights, '--text', files.text, '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu'];
   // The same prompts through the built-in tiny model give the same calibration.

@@ -4,10 +4,13 @@
  * tests can also forge broken files byte by byte.
  */
 
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { crc32 } from '../lib/image/png.js';
-import type { TinyModel } from '../lib/model/tiny.js';
+import { createEngine } from '../lib/engine.js';
+import { tinyTokenizerJson, type TinyModel } from '../lib/model/tiny.js';
+import { t5EncoderShapes } from '../lib/text/t5-checkpoint.js';
+import { T5TextEncoder } from '../lib/text/t5-encoder.js';
 
 export { crc32 };
 
@@ -323,26 +326,46 @@ export function safetensors(tensors: StTensor[], metadata: Record<string, string
 }
 
 /**
- * Writes a tiny model as files the CLI reads: weights.safetensors, vae.safetensors and text.safetensors (the T5
- * stand-in features of `prompts`, concatenated, with their lengths). Returns the three paths.
+ * Writes a tiny model as files the CLI reads: weights.safetensors, vae.safetensors, its T5 as a Hugging Face
+ * directory (t5/: config.json, model.safetensors, tokenizer.json) and text.safetensors, the T5 features of `prompts`
+ * (concatenated, with their lengths) as the tiny T5 computes them on the CPU. Returns the paths.
  */
-export function writeTinyModelFiles(dir: string, tiny: TinyModel, prompts: string[]): { weights: string; vae: string; text: string } {
-  const dump = (ckpt: TinyModel['weights'], file: string) => {
-    const path = join(dir, file);
+export async function writeTinyModelFiles(dir: string, tiny: TinyModel, prompts: string[]): Promise<{ weights: string; vae: string; text: string; t5: string }> {
+  const dump = (ckpt: TinyModel['weights'], path: string) => {
     writeFileSync(path, safetensors(ckpt.names.map((name) => {
       const e = ckpt.entry(name);
       return { name, dtype: e.dtype === 'i64' ? 'I64' : 'F32', shape: [...e.shape], data: ckpt.bytes(name) };
     })));
     return path;
   };
-  const features = prompts.map((p) => tiny.encodeText(p));
-  const kv = new Float32Array(features.reduce((n, f) => n + f.kv.length, 0));
-  features.reduce((at, f) => (kv.set(f.kv, at), at + f.kv.length), 0);
-  const lens = new Int32Array(features.map((f) => f.lens[0]));
+  const t5 = join(dir, 't5');
+  mkdirSync(t5, { recursive: true });
+  const c = tiny.t5.config;
+  writeFileSync(join(t5, 'config.json'), JSON.stringify({
+    model_type: 't5', d_model: c.dModel, d_kv: c.dKv, num_heads: c.heads, num_layers: c.layers, d_ff: c.dFf, feed_forward_proj: 'gated-gelu',
+    relative_attention_num_buckets: c.buckets, relative_attention_max_distance: c.maxDistance, layer_norm_epsilon: c.eps, vocab_size: c.vocab,
+  }));
+  writeFileSync(join(t5, 'tokenizer.json'), JSON.stringify(tinyTokenizerJson()));
+  const t5Tensors: StTensor[] = [];
+  for (const name of t5EncoderShapes(c).keys()) {
+    const t = await tiny.t5.read(name);
+    t5Tensors.push({ name, dtype: 'F32', shape: [...t.shape], data: t.data });
+  }
+  writeFileSync(join(t5, 'model.safetensors'), safetensors(t5Tensors));
+  const engine = await createEngine({ backend: 'cpu', threads: 2 });
+  let features;
+  try {
+    const encoder = await T5TextEncoder.load(engine, tiny.t5, tiny.tokenizer, { dtype: 'f32' });
+    features = await encoder.encode(prompts);
+    encoder.dispose();
+  } finally {
+    engine.dispose();
+  }
+  const lens = Int32Array.from(features.lens);
   const text = join(dir, 'text.safetensors');
   writeFileSync(text, safetensors([
-    { name: 'kv', dtype: 'F32', shape: [kv.length / features[0].shape[1], features[0].shape[1]], data: new Uint8Array(kv.buffer) },
+    { name: 'kv', dtype: 'F32', shape: [features.kv.length / c.dModel, c.dModel], data: new Uint8Array(features.kv.buffer) },
     { name: 'lens', dtype: 'I32', shape: [lens.length], data: new Uint8Array(lens.buffer) },
   ]));
-  return { weights: dump(tiny.weights, 'weights.safetensors'), vae: dump(tiny.vae, 'vae.safetensors'), text };
+  return { weights: dump(tiny.weights, join(dir, 'weights.safetensors')), vae: dump(tiny.vae, join(dir, 'vae.safetensors')), text, t5 };
 }

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { decodePng } from '../lib/image/png.js';
 import { createTinyModel } from '../lib/model/tiny.js';
 import { safetensors, writeTinyModelFiles } from './checkpoint-writers.js';
+import { SafetensorsFile } from '../lib/safetensors.js';
 
 const cli = (...args: string[]) =>
   spawnSync(process.execPath, ['--import=tsx', 'lib/cli.ts', ...args], { encoding: 'utf8', timeout: 300_000 });
@@ -53,10 +54,10 @@ test('demo writes one PNG per prompt, reports on stdout and progress on stderr o
   t.regex(bad.stderr, /ERR_INVALID_ARG/);
 });
 
-test('generate runs checkpoints and a text-features file written to disk, and rejects bad ones', (t) => {
+test('generate runs checkpoints and a text-features file written to disk, and rejects bad ones', async (t) => {
   const dir = tmp(t);
   const tiny = createTinyModel(3);
-  const files = writeTinyModelFiles(dir, tiny, ['a castle in the snow']);
+  const files = await writeTinyModelFiles(dir, tiny, ['a castle in the snow']);
   const out = join(dir, 'out');
   const args = ['generate', '--preset', 'tiny', '--weights', files.weights, '--vae', files.vae,
     '--text', files.text, '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu', '--out', out];
@@ -95,4 +96,56 @@ test('eval reports every policy (ScaleKV and the four baselines) against the ful
     t.true(typeof s.psnr === 'number' && s.psnr > 5, `${s.policy}: PSNR ${s.psnr}`);
     t.true(s.kvBytes < full.kvBytes, `${s.policy} holds no less KV than the full cache`);
   }
+});
+
+test('generate --t5 DIR --prompt equals generate --text of the same prompts; encode-text writes the file --text reads', async (t) => {
+  const dir = tmp(t);
+  const prompts = ['a castle in the snow', 'a blue lake at night'];
+  const files = await writeTinyModelFiles(dir, createTinyModel(4), prompts);
+  const common = ['generate', '--preset', 'tiny', '--weights', files.weights, '--vae', files.vae, '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu', '--seed', '3'];
+  const viaText = join(dir, 'via-text');
+  const a = cli(...common, '--text', files.text, '--out', viaText);
+  t.is(a.status, 0, a.stderr);
+  const viaT5 = join(dir, 'via-t5');
+  const b = cli(...common, '--t5', files.t5, '--prompt', prompts[0], '--prompt', prompts[1], '--out', viaT5, '--json');
+  t.is(b.status, 0, b.stderr);
+  t.true(JSON.parse(b.stdout).timings.textMs > 0);
+  t.deepEqual(pngs(viaT5).map((i) => i.data), pngs(viaText).map((i) => i.data));
+  // A negative prompt for every prompt changes the images.
+  const viaNeg = join(dir, 'via-neg');
+  t.is(cli(...common, '--t5', files.t5, '--prompt', prompts[0], '--prompt', prompts[1], '--negative-prompt', 'dark', '--out', viaNeg).status, 0);
+  t.notDeepEqual(pngs(viaNeg)[0].data, pngs(viaT5)[0].data);
+
+  const feats = join(dir, 'feats.safetensors');
+  const enc = cli('encode-text', '--t5', files.t5, '--prompt', prompts[0], '--prompt', prompts[1], '--out', feats, '--backend', 'cpu', '--json');
+  t.is(enc.status, 0, enc.stderr);
+  const report = JSON.parse(enc.stdout);
+  t.deepEqual(report.truncated, [false, false]);
+  t.deepEqual(new SafetensorsFile(feats).i32('lens'), new SafetensorsFile(files.text).i32('lens'));
+  t.deepEqual(new SafetensorsFile(feats).f32('kv'), new SafetensorsFile(files.text).f32('kv'));
+
+  const both = cli(...common, '--t5', files.t5, '--text', files.text, '--prompt', 'x', '--out', join(dir, 'x'));
+  t.is(both.status, 1);
+  t.regex(both.stderr, /ERR_INVALID_ARG/);
+  const noPrompt = cli(...common, '--t5', files.t5, '--out', join(dir, 'y'));
+  t.regex(noPrompt.stderr, /--t5 needs at least one --prompt/);
+  const missing = cli('encode-text', '--t5', join(dir, 'nowhere'), '--prompt', 'a', '--out', join(dir, 'z.safetensors'), '--backend', 'cpu');
+  t.is(missing.status, 1);
+  t.regex(missing.stderr, /ERR_INVALID_ARG/);
+});
+
+test('every command answers --help with its own usage and examples; --version prints the package version', (t) => {
+  const version = JSON.parse(readFileSync('package.json', 'utf8')).version as string;
+  const v = cli('--version');
+  t.is(v.status, 0);
+  t.is(v.stdout.trim(), version);
+  for (const command of ['demo', 'generate', 'encode-text', 'plan', 'calibrate', 'eval', 'verify', 'inspect', 'info']) {
+    const r = cli(command, '--help');
+    t.is(r.status, 0, `${command}: ${r.stderr}`);
+    t.true(r.stdout.startsWith(`usage: scalekv ${command}`), `${command}: ${r.stdout.slice(0, 80)}`);
+    t.regex(r.stdout, new RegExp(`examples:\\n\\s+scalekv ${command}`), command);
+    t.is(r.stderr, '', `${command} --help writes nothing to stderr`);
+  }
+  const unknown = cli('generate', '--bogus');
+  t.is(unknown.status, 1);
 });

@@ -3,6 +3,7 @@ import { join, resolve } from 'node:path';
 import type { ExecutionContext } from 'ava';
 import { backendInfo, BackendName, createEngine, Engine } from '../lib/engine.js';
 import { bf16BitsToF32, f32ToBf16Bits } from '../lib/dtype.js';
+import type { TextFeatures } from '../lib/model/infinity.js';
 
 /** Backends to exercise here: cpu always, emu when built, cuda when a device is usable. */
 export function testBackends(): BackendName[] {
@@ -91,4 +92,22 @@ export function goldenDir(name?: string): string | undefined {
   const candidates = [process.env.SCALEKV_GOLDEN, resolve('..', 'shared', 'golden')].filter(Boolean) as string[];
   for (const c of candidates) if (existsSync(join(c, 'index.json')) || existsSync(join(c, name ?? '', 'manifest.json'))) return name ? join(c, name) : c;
   return undefined;
+}
+
+/**
+ * Stand-in T5 features for tests of the sampling loop that need no text encoder: one row per word plus an end
+ * row, each mostly its word's vector plus a little of its position, deterministic in the prompt. (The tiny model's
+ * real text path is its T5: see test/tiny.test.ts and test/pipeline.test.ts.)
+ */
+export function syntheticText(prompt = 'a tiny random model', channels = 128): TextFeatures & { shape: [number, number] } {
+  const words = prompt.trim().toLowerCase().split(/\s+/).filter(Boolean);
+  const tokens = [...words, '</s>'];
+  const kv = new Float32Array(tokens.length * channels);
+  const hash = (s: string) => [...s].reduce((h, ch) => Math.imul(h ^ ch.charCodeAt(0), 0x01000193) >>> 0, 0x811c9dc5);
+  tokens.forEach((w, t) => {
+    const word = new Rng(hash(`w/${w}`)).normals(channels, 0.25 * 0.9);
+    const pos = new Rng(hash(`p/${t}`)).normals(channels, 0.25 * 0.3);
+    for (let i = 0; i < channels; i++) kv[t * channels + i] = word[i] + pos[i];
+  });
+  return { kv, shape: [tokens.length, channels], lens: [tokens.length] };
 }

@@ -15,7 +15,7 @@ import { createTinyModel } from '../lib/model/tiny.js';
 import { budgetPlanToJson, officialRulePlan, planEntry } from '../lib/scalekv/budget.js';
 import { ScaleKvPolicy } from '../lib/scalekv/policy.js';
 import { verifyForwardScalekv } from '../lib/verify/forward-scalekv.js';
-import { goldenDir, Rng, seedFor, testBackends, withEngine } from './helpers.js';
+import { goldenDir, Rng, seedFor, testBackends, withEngine, syntheticText } from './helpers.js';
 
 // 0.06M 1:1 schedule: 1+4+16+36+64+144+256 = 521 tokens.
 const schedule: [number, number][] = [[1, 1], [2, 2], [4, 4], [6, 6], [8, 8], [12, 12], [16, 16]];
@@ -28,7 +28,7 @@ async function run(e: Engine, policy?: KvPolicy, sched: [number, number][] = sch
   const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype });
   try {
     const r = await generate(m, {
-      textFeatures: tiny.text, schedule: sched, cfg: 3, tau: 1, seed: 5, kvPolicy: policy, capture: { logits: true },
+      textFeatures: syntheticText(), schedule: sched, cfg: 3, tau: 1, seed: 5, kvPolicy: policy, capture: { logits: true },
     });
     r.summedCodes.dispose();
     return r;
@@ -128,9 +128,9 @@ test('cpu: one ScaleKV policy serves two concurrent generations, each bit-identi
   await withEngine('cpu', async (e) => {
     const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype: 'f32' });
     try {
-      const optsA: GenerateOptions = { textFeatures: tiny.text, schedule, cfg: 3, seed: 5, kvPolicy: policy, capture: { logits: true } };
+      const optsA: GenerateOptions = { textFeatures: syntheticText(), schedule, cfg: 3, seed: 5, kvPolicy: policy, capture: { logits: true } };
       const optsB: GenerateOptions = {
-        textFeatures: tiny.encodeText('a red fox in the snow'), schedule: schedule.slice(0, 6), cfg: 2, seed: 9, kvPolicy: policy, capture: { logits: true },
+        textFeatures: syntheticText('a red fox in the snow'), schedule: schedule.slice(0, 6), cfg: 2, seed: 9, kvPolicy: policy, capture: { logits: true },
       };
       const go = async (o: GenerateOptions) => {
         const r = await generate(m, o);

@@ -11,7 +11,8 @@ import { kvPolicyFromSpec } from '../lib/kv/spec.js';
 import { decodeImage, generate } from '../lib/model/generate.js';
 import { InfinityModel, TextFeatures } from '../lib/model/infinity.js';
 import { scaleSchedule } from '../lib/model/schedule.js';
-import { createTinyModel } from '../lib/model/tiny.js';
+import { createTinyModel, TinyModel } from '../lib/model/tiny.js';
+import { T5TextEncoder } from '../lib/text/t5-encoder.js';
 import { VaeDecoder } from '../lib/model/vae.js';
 import { Pipeline } from '../lib/pipeline.js';
 import { writeTinyModelFiles } from './checkpoint-writers.js';
@@ -31,14 +32,30 @@ function repeated(features: TextFeatures[], batch: number): TextFeatures {
   return { kv, lens: parts.map((p) => p.lens[0]) };
 }
 
-async function lowLevel(e: Engine, tinySeed: number, o: { prompts: string[]; batch: number; seed: number; aspect: number; kv: string }): Promise<{ pixels: Uint8Array; shape: number[]; kvBytes: number }> {
+/** The tiny T5's features of each prompt, through the encoder directly (all prompts in one pass, as the Pipeline). */
+async function t5Features(e: Engine, tiny: TinyModel, prompts: string[]): Promise<TextFeatures[]> {
+  const encoder = await T5TextEncoder.load(e, tiny.t5, tiny.tokenizer);
+  try {
+    const all = await encoder.encode(prompts);
+    const d = tiny.t5.config.dModel;
+    let at = 0;
+    return all.lens.map((n) => ({ kv: all.kv.slice(at * d, (at += n) * d), lens: [n] }));
+  } finally {
+    encoder.dispose();
+  }
+}
+
+async function lowLevel(e: Engine, tinySeed: number, o: { prompts: string[]; batch: number; seed: number; aspect: number; kv: string; negative?: string }): Promise<{ pixels: Uint8Array; shape: number[]; kvBytes: number }> {
   const tiny = createTinyModel(tinySeed);
+  const text = repeated(await t5Features(e, tiny, o.prompts), o.batch);
+  const negativeText = o.negative === undefined ? undefined : repeated(await t5Features(e, tiny, o.prompts.map(() => o.negative as string)), o.batch);
   const model = await InfinityModel.load(e, tiny.weights, tiny.config);
   const decoder = new Map(tiny.vae.names.filter((n) => n.startsWith('decoder.')).map((n) => [n, tiny.vae.f32(n)]));
   const vae = await VaeDecoder.load(e, decoder, tiny.vaeConfig);
   try {
     const r = await generate(model, {
-      textFeatures: repeated(o.prompts.map((p) => tiny.encodeText(p)), o.batch),
+      textFeatures: text,
+      negativeText,
       schedule: scaleSchedule({ aspect: o.aspect, pn: '0.06M' }).scales,
       cfg: 3,
       tau: 1,
@@ -61,8 +78,8 @@ const inUseTotal = (e: Engine) => Object.values(e.memory().inUse).reduce((a, b) 
 
 // The cheap case runs on every backend; the CPU also takes a batch, two prompts, a tall aspect and a KV policy spec.
 const CASES = [
-  { name: 'one prompt, full cache', prompts: 1, batch: 1, aspect: '1', kv: 'full', backends: 'all' },
-  { name: 'two prompts x batch 2, aspect 3:4, streamingllm:4+60', prompts: 2, batch: 2, aspect: '3:4', kv: 'streamingllm:4+60', backends: 'cpu' },
+  { name: 'one prompt, full cache', prompts: 1, batch: 1, aspect: '1', kv: 'full', backends: 'all', negative: undefined },
+  { name: 'two prompts x batch 2, aspect 3:4, streamingllm:4+60, a negative prompt', prompts: 2, batch: 2, aspect: '3:4', kv: 'streamingllm:4+60', backends: 'cpu', negative: 'blurry dark' },
 ] as const;
 
 for (const backend of testBackends()) {
@@ -76,17 +93,19 @@ for (const backend of testBackends()) {
       t.log(`prompts ${JSON.stringify(prompts)}, sampler seed ${seed}, tiny model seed ${tinySeed}`);
       await withEngine(backend, async (e) => {
         const aspect = c.aspect === '1' ? 1 : 3 / 4;
-        const want = await lowLevel(e, tinySeed, { prompts, batch: c.batch, seed, aspect, kv: c.kv });
+        const want = await lowLevel(e, tinySeed, { prompts, batch: c.batch, seed, aspect, kv: c.kv, negative: c.negative });
         const pipe = await Pipeline.load({ engine: e, tinySeed });
         try {
           const progress: string[] = [];
           const r = await pipe.generate({
-            prompts, batch: c.batch, seed, aspect: c.aspect, kv: c.kv, png: true, onProgress: (p) => progress.push(`${p.stage} ${p.done}/${p.total}`),
+            prompts, negativePrompts: c.negative, batch: c.batch, seed, aspect: c.aspect, kv: c.kv, png: true, onProgress: (p) => progress.push(`${p.stage} ${p.done}/${p.total}`),
           });
           const [B, H, W] = want.shape;
           t.is(r.images.length, B);
           t.is(B, c.prompts * c.batch);
           t.is(r.kvBytes, want.kvBytes);
+          t.deepEqual(r.truncated, prompts.map(() => false));
+          t.true(r.timings.textMs > 0);
           t.true(r.memory.peak.kv >= r.kvBytes && r.kvBytes > 0);
           t.is(r.schedule.length, 7);
           t.deepEqual(progress, [...Array.from({ length: 7 }, (_, i) => `sampling ${i + 1}/7`), 'decode 1/1']);
@@ -181,14 +200,14 @@ test('cpu: dispose lets the generations already asked for finish, then frees eve
   t.true(own.engine.disposed, 'the engine the pipeline created is disposed with it');
 });
 
-test('cpu: checkpoint files and a T5-features file give the images of the built-in model; text prompts need the tiny model', async (t) => {
+test('cpu: checkpoint files with a T5 directory or a T5-features file give the images of the built-in model; the encoder is freed unless kept', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'scalekv-pipeline-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   const rng = new Rng(seedFor(t));
   const tinySeed = rng.int(0, 1000);
   const seed = rng.int(0, 2 ** 31 - 1);
   const prompts = [randomPrompt(rng), randomPrompt(rng)];
-  const files = writeTinyModelFiles(dir, createTinyModel(tinySeed), prompts);
+  const files = await writeTinyModelFiles(dir, createTinyModel(tinySeed), prompts);
   const e = await createEngine({ backend: 'cpu', threads: 2 });
   const builtIn = await Pipeline.load({ engine: e, tinySeed });
   const fromFiles = await Pipeline.load({ engine: e, weights: files.weights, vae: files.vae, preset: 'tiny', dtype: 'f32' });
@@ -198,8 +217,34 @@ test('cpu: checkpoint files and a T5-features file give the images of the built-
     t.is(got.images.length, 2);
     for (let b = 0; b < 2; b++) t.true(Buffer.from(got.images[b].data).equals(Buffer.from(want.images[b].data)), `image ${b}`);
     t.false(fromFiles.encodesPrompts);
-    const err = t.throws(() => fromFiles.text({ prompts }), { instanceOf: ScaleKVError });
+    const err = await t.throwsAsync(fromFiles.text({ prompts }), { instanceOf: ScaleKVError });
     t.is((err as ScaleKVError).code, 'ERR_INVALID_ARG');
+    // The tiny T5 as a Hugging Face directory: prompts as text give the built-in model's images.
+    const withT5 = await Pipeline.load({ engine: e, weights: files.weights, vae: files.vae, preset: 'tiny', dtype: 'f32', t5: files.t5 });
+    try {
+      t.true(withT5.encodesPrompts);
+      const weightsBefore = e.memory().inUse.weights;
+      const viaT5 = await withT5.generate({ prompts, seed, pn: '0.06M' });
+      for (let b = 0; b < 2; b++) t.true(Buffer.from(viaT5.images[b].data).equals(Buffer.from(want.images[b].data)), `image ${b} through t5`);
+      t.is(e.memory().inUse.weights, weightsBefore, 'the encoder is freed after encoding');
+      t.true(viaT5.memory.peak.weights > weightsBefore, 'and it was loaded for the encoding');
+    } finally {
+      await withT5.dispose();
+    }
+    const kept = await Pipeline.load({ engine: e, weights: files.weights, vae: files.vae, preset: 'tiny', dtype: 'f32', t5: files.t5, keepTextEncoder: true });
+    try {
+      const weightsBefore = e.memory().inUse.weights;
+      const a = await kept.generate({ prompts, seed, pn: '0.06M' });
+      t.is(e.memory().inUse.weights, weightsBefore, 'a kept encoder stays loaded, nothing more');
+      t.true(Buffer.from(a.images[0].data).equals(Buffer.from(want.images[0].data)));
+      const neg = await kept.generate({ prompts, negativePrompts: ['blurry', 'dark'], seed, pn: '0.06M' });
+      t.false(Buffer.from(neg.images[0].data).equals(Buffer.from(a.images[0].data)), 'a negative prompt changes the image');
+      await t.throwsAsync(kept.generate({ prompts, negativePrompts: ['one', 'two', 'three'] }), { instanceOf: ScaleKVError, message: /negativePrompts/ });
+      await t.throwsAsync(kept.generate({ textFeatures: files.text, negativePrompts: 'x' }), { instanceOf: ScaleKVError, message: /negativeTextFeatures/ });
+    } finally {
+      await kept.dispose();
+    }
+    await t.throwsAsync(Pipeline.load({ engine: e, t5: files.t5 }), { instanceOf: ScaleKVError, message: /t5 needs weights/ });
     const both = await t.throwsAsync(builtIn.generate({ prompts, textFeatures: files.text }), { instanceOf: ScaleKVError });
     t.is((both as ScaleKVError).code, 'ERR_INVALID_ARG');
     const badSpec = await t.throwsAsync(builtIn.generate({ prompts, kv: 'nonsense:1' }), { instanceOf: ScaleKVError });

@@ -13,6 +13,8 @@ import { FullKvPolicy } from '../lib/kv/baselines.js';
 import { expectedVaeShapes, expectedWeightShapes, InfinityConfig, preset } from '../lib/model/presets.js';
 import { scaleSchedule } from '../lib/model/schedule.js';
 import { createTinyModel } from '../lib/model/tiny.js';
+import { syntheticText } from './helpers.js';
+import { T5TextEncoder } from '../lib/text/t5-encoder.js';
 import { VaeDecoder } from '../lib/model/vae.js';
 import { calibrate } from '../lib/scalekv/asi.js';
 import { budgetPlanToJson, budgetTokens } from '../lib/scalekv/budget.js';
@@ -74,7 +76,11 @@ test('the dry run agrees with closed forms at the real presets (weights, full-ca
       const perToken = rows * c.numHeads * c.headDim * 2 * (dtype === 'bf16' ? 2 : 4);
       t.is(plan.weightDetail.transformer, transformerWeightBytes(c, dtype), `${p} ${dtype}`);
       t.is(plan.weightDetail.vae, vaeWeightBytes(c), p);
-      t.is(plan.bytes.weights, plan.weightDetail.transformer + plan.weightDetail.vae);
+      // flan-t5-xl: the Linears in the model dtype, norms and the expanded position bias [32 heads, 257] in f32.
+      const t5Linears = 24 * (4 * 2048 * 2048 + 3 * 5120 * 2048) * (dtype === 'bf16' ? 2 : 4);
+      t.is(plan.weightDetail.textEncoder, t5Linears + (24 * 2 + 1) * 2048 * 4 + 32 * 257 * 4, `${p} ${dtype} T5`);
+      // The encoder is loaded on top of the model and freed before sampling: the weights peak while it runs.
+      t.is(plan.bytes.weights, plan.weightDetail.transformer + plan.weightDetail.vae + plan.weightDetail.textEncoder);
       // Every layer holds every scale but the last; the current scale's K/V (the largest, 4096 tokens) and its RoPE positions are shared.
       t.deepEqual(plan.capacities, new Array(c.depth).fill(6425));
       t.is(plan.bytes.kv, c.depth * 6425 * perToken, `${p} kv`);
@@ -120,16 +126,16 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
     const e = await createEngine({ backend: 'cpu', threads: 2 });
     try {
       const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype: 'f32' });
-      const cal = await calibrate(m, { prompts: [tiny.text], schedule: schedule.scales, budget: 0.2, drafters: 2 });
+      const cal = await calibrate(m, { prompts: [syntheticText()], schedule: schedule.scales, budget: 0.2, drafters: 2 });
       writeFileSync(planPath, budgetPlanToJson(cal.plan));
       m.dispose();
     } finally {
       e.dispose();
     }
   }
-  const B = tiny.text.lens.length;
-  const textTokens = tiny.text.lens[0];
-  t.true(tiny.text.lens.every((n) => n === textTokens), 'the planner gives every prompt the same length');
+  const B = syntheticText().lens.length;
+  const textTokens = syntheticText().lens[0];
+  t.true(syntheticText().lens.every((n) => n === textTokens), 'the planner gives every prompt the same length');
   const fullKv = new Map<string, number>();
   for (const spec of ['full', 'window:40', 'streamingllm:4+36', 'snapkv:40', 'pyramidkv:40', `scalekv-paper:plan=${planPath},base=53`, 'scalekv:20%']) {
     for (const dtype of ['f32', 'bf16'] as const) {
@@ -139,7 +145,7 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
       try {
         const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype });
         const vae = await VaeDecoder.load(e, vaeWeights, tiny.vaeConfig);
-        const r = await generate(m, { text: tiny.text, schedule: schedule.scales, cfg: 3, seed: 1, kvPolicy: policy });
+        const r = await generate(m, { text: syntheticText(), schedule: schedule.scales, cfg: 3, seed: 1, kvPolicy: policy });
         await decodeImage(vae, r.summedCodes);
         r.summedCodes.dispose();
         const mem = e.memory();
@@ -223,4 +229,45 @@ test('scalekv plan CLI: table and JSON', (t) => {
   const bad = cli('plan', '--policy', 'nonsense:1');
   t.is(bad.status, 1);
   t.regex(bad.stderr, /ERR_INVALID_ARG/);
+});
+
+test('the planner counts the T5 encoder as the Pipeline runs it (freed before sampling, or kept): peaks equal the CPU engine\'s', async (t) => {
+  const tiny = createTinyModel(2);
+  const schedule = scaleSchedule({ aspect: 1, pn: '0.06M' });
+  const vaeWeights = new Map(tiny.vae.names.filter((n) => n.startsWith('decoder.')).map((n) => [n, tiny.vae.f32(n)]));
+  const prompts = ['a red fox in the snow', 'a castle by the sea at night'];
+  const ids = tiny.tokenizer.encodeBatch(prompts);
+  // The planner gives every prompt the same length: two prompts of the longer one's.
+  const textTokens = Math.max(...ids.lens);
+  const padded = new Int32Array(2 * textTokens).fill(tiny.tokenizer.eosId);
+  const peaks: number[] = [];
+  for (const keep of [false, true]) {
+    const plan = await planMemory({ config: tiny.config, batch: 2, schedule: schedule.scales, dtype: 'f32', textTokens, textEncoder: tiny.t5.config, keepTextEncoder: keep });
+    t.true(plan.weightDetail.textEncoder > 0);
+    t.deepEqual(plan.textEncoder, { dModel: 128, layers: 2, kept: keep, dtype: 'f32' });
+    const e = await createEngine({ backend: 'cpu', threads: 2 });
+    try {
+      const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype: 'f32' });
+      const vae = await VaeDecoder.load(e, vaeWeights, tiny.vaeConfig);
+      const encoder = await T5TextEncoder.load(e, tiny.t5, tiny.tokenizer, { dtype: 'f32' });
+      t.is(encoder.weightBytes, plan.weightDetail.textEncoder);
+      const kv = await encoder.encodeIds(padded, [textTokens, textTokens]);
+      if (!keep) encoder.dispose();
+      const r = await generate(m, { text: { kv, lens: [textTokens, textTokens] }, schedule: schedule.scales, cfg: 3, seed: 1 });
+      await decodeImage(vae, r.summedCodes);
+      r.summedCodes.dispose();
+      const mem = e.memory();
+      t.deepEqual({ ...mem.peak, total: mem.totalPeak }, plan.bytes, `keep ${keep}`);
+      t.is(mem.reservedPeak, plan.reservedPeak, `keep ${keep}`);
+      peaks.push(plan.bytes.total);
+      encoder.dispose();
+      vae.dispose();
+      m.dispose();
+    } finally {
+      e.dispose();
+    }
+  }
+  t.true(peaks[1] >= peaks[0], 'keeping the encoder never lowers the peak');
+  const none = await planMemory({ config: tiny.config, batch: 2, schedule: schedule.scales, dtype: 'f32', textTokens });
+  t.is(none.weightDetail.textEncoder, 0, 'no encoder is counted for a model no known T5 fits');
 });

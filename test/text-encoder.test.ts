@@ -6,7 +6,8 @@ import test from 'ava';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { SafetensorsFile } from '../lib/safetensors.js';
-import { loadTextEncoder, relativePositionBias, t5RelativeBucket } from '../lib/text/t5-encoder.js';
+import { T5Checkpoint } from '../lib/text/t5-checkpoint.js';
+import { loadTextEncoder, relativePositionBias, T5TextEncoder, t5RelativeBucket } from '../lib/text/t5-encoder.js';
 import { goldenDir, maxAbs, maxAbsDiff, Rng, seedFor, withEngine } from './helpers.js';
 
 test('t5RelativeBucket: HF buckets (32 buckets, max distance 128): exact below 8, log-spaced to 128, keys after the query in the upper half', (t) => {
@@ -127,6 +128,18 @@ if (!dir) {
       await t.throwsAsync(enc.encode(['a']), { code: 'ERR_DISPOSED' });
       t.is(e.memory().totalInUse, before);
       await t.throwsAsync(loadTextEncoder(join(dir, 'missing'), e), { code: 'ERR_INVALID_ARG' });
+      // A source whose last block disagrees with the configuration: coded, and what was uploaded is freed.
+      const ckpt = T5Checkpoint.open(dir);
+      try {
+        const lying = { config: ckpt.config, read: async (name: string) => {
+          const x = await ckpt.read(name);
+          return name.startsWith('encoder.block.2.layer.1.DenseReluDense.wo') ? { ...x, shape: [x.shape[1], x.shape[0]] } : x;
+        } };
+        await t.throwsAsync(T5TextEncoder.load(e, lying, undefined), { code: 'ERR_SHAPE', message: /block\.2.*wo/ });
+        t.is(e.memory().totalInUse, before);
+      } finally {
+        ckpt.close();
+      }
     });
   });
 }

@@ -1,7 +1,10 @@
 import test from 'ava';
 import { join } from 'node:path';
 import { checkWeightShapes, expectedWeightShapes } from '../lib/model/presets.js';
-import { createTinyModel } from '../lib/model/tiny.js';
+import { toHostArray } from '../lib/checkpoint/load.js';
+import { createTinyModel, tinyTokenizerJson } from '../lib/model/tiny.js';
+import { t5EncoderShapes } from '../lib/text/t5-checkpoint.js';
+import { T5Tokenizer } from '../lib/text/tokenizer.js';
 import { VaeDecoder } from '../lib/model/vae.js';
 import { SafetensorsFile } from '../lib/safetensors.js';
 import { goldenDir, testBackends, withEngine } from './helpers.js';
@@ -25,12 +28,29 @@ test('same seed: identical bytes; different seed: different weights and text', a
     t.true(a.vae.bytes(n).equals(b.vae.bytes(n)), n);
     if (!n.endsWith('lfq.mask')) t.false(a.vae.bytes(n).equals(c.vae.bytes(n)), n);
   }
-  t.deepEqual(a.text, b.text);
-  t.notDeepEqual(a.text.kv, c.text.kv);
-  t.notDeepEqual(a.encodeText('a red fox').kv, a.encodeText('a blue fox').kv);
-  t.deepEqual(a.encodeText('a red fox').shape, [4, 128]);
-  t.deepEqual(a.encodeText('a red fox').lens, [4]);
-  t.deepEqual(a.encodeText('').shape, [1, 128]);
+  for (const n of t5EncoderShapes(a.t5.config).keys()) {
+    const [x, y, z] = await Promise.all([a.t5.read(n), b.t5.read(n), c.t5.read(n)]);
+    t.true(x.data.equals(y.data), n);
+    t.false(x.data.equals(z.data), n);
+  }
+});
+
+test('the tiny T5: its own tokenizer (one piece per known word, letters otherwise, </s> last) and d_model = text_channels', async (t) => {
+  const tiny = createTinyModel(0);
+  t.is(tiny.t5.config.dModel, tiny.config.textChannels);
+  t.is(tiny.t5.config.vocab, tiny.tokenizer.vocabSize);
+  const fox = tiny.tokenizer.encode('A red FOX');
+  t.is(fox.ids.length, 4, 'three known words and </s>');
+  t.is(fox.ids[3], tiny.tokenizer.eosId);
+  t.deepEqual(Array.from(tiny.tokenizer.encode('a red fox').ids), Array.from(fox.ids), 'lower-cased');
+  t.true(tiny.tokenizer.encode('zyxw').ids.length === 5, 'an unknown word spells out');
+  t.deepEqual(Array.from(tiny.tokenizer.encode('').ids), [tiny.tokenizer.eosId]);
+  // A round trip through the file format users' tokenizers come in.
+  t.deepEqual(Array.from(new T5Tokenizer(JSON.parse(JSON.stringify(tinyTokenizerJson()))).encode('a red fox').ids), Array.from(fox.ids));
+  for (const name of t5EncoderShapes(tiny.t5.config).keys()) {
+    const v = toHostArray(await tiny.t5.read(name), 'f32') as Float32Array;
+    t.true(v.every(Number.isFinite), name);
+  }
 });
 
 test('read order does not matter and values are sane', async (t) => {

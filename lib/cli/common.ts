@@ -1,10 +1,10 @@
 // What the CLI commands share: number flags, the progress line, and the one way they load a model (a Pipeline)
-// and its prompts from --weights/--vae/--text/--preset/--dtype/--backend/--prompt.
+// and its prompts from --weights/--vae/--t5/--text/--preset/--dtype/--backend/--prompt.
 import type { BackendChoice } from '../engine.js';
 import { fail } from '../errors.js';
 import type { TextFeatures } from '../model/infinity.js';
 import type { PresetName } from '../model/presets.js';
-import { Pipeline, PipelineProgress, presetConfig, readTextFeatures } from '../pipeline.js';
+import { Pipeline, PipelineGenerateOptions, PipelineProgress, presetConfig, readTextFeatures } from '../pipeline.js';
 
 export function parseNumber(s: string | undefined, what: string, dflt: number): number {
   if (s === undefined) return dflt;
@@ -33,37 +33,60 @@ export interface ModelFlags {
   weights?: string;
   vae?: string;
   text?: string;
+  'negative-text'?: string;
+  t5?: string;
   preset?: string;
   dtype?: string;
   backend?: string;
   prompt?: string[];
+  'negative-prompt'?: string[];
 }
 
+/** What a command conditions on: prompts as text (encoded by the pipeline's T5) or precomputed features. */
+export type TextRequest = Pick<PipelineGenerateOptions, 'prompts' | 'negativePrompts' | 'textFeatures' | 'negativeTextFeatures'>;
+
 /**
- * The model of a command: with --weights, that checkpoint (--preset, default infinity-2b; --vae when `decode`) and
- * the T5 features of --text (read first, so a bad file fails before a long load); without, the built-in tiny
- * model and the --prompt texts (or `defaultPrompts`).
+ * The model of a command and what it conditions on. With --weights: that checkpoint (--preset, default
+ * infinity-2b; --vae when `decode`) and either --t5 DIR with --prompt texts (and --negative-prompt) or the T5
+ * features of --text (and --negative-text), read first so a bad file fails before a long load. Without: the
+ * built-in tiny model (its own tiny T5) and the --prompt texts, or `defaultPrompts`.
  */
-export async function loadFromFlags(f: ModelFlags, o: { decode: boolean; defaultPrompts: readonly string[] }): Promise<{ pipeline: Pipeline; text: TextFeatures }> {
+export async function loadFromFlags(f: ModelFlags, o: { decode: boolean; defaultPrompts: readonly string[] }): Promise<{ pipeline: Pipeline; request: TextRequest }> {
   if (f.dtype !== undefined && f.dtype !== 'bf16' && f.dtype !== 'f32') fail('ERR_INVALID_ARG', `--dtype must be bf16 or f32, got '${f.dtype}'`);
   const backend = (f.backend ?? 'auto') as BackendChoice;
+  const negatives = f['negative-prompt'] ?? [];
+  const prompts = f.prompt?.length ? f.prompt : o.defaultPrompts;
+  if (negatives.length > 1 && negatives.length !== prompts.length)
+    fail('ERR_INVALID_ARG', `give one --negative-prompt for every prompt, or one per --prompt (${prompts.length}); got ${negatives.length}`);
+  const byText: TextRequest = { prompts, negativePrompts: negatives.length === 0 ? undefined : negatives.length === 1 ? negatives[0] : negatives };
   if (!f.weights) {
-    if (f.text || f.vae || f.preset) fail('ERR_INVALID_ARG', '--text, --vae and --preset need --weights (without them the built-in tiny model runs)');
+    if (f.text || f.vae || f.preset || f.t5 || f['negative-text'])
+      fail('ERR_INVALID_ARG', '--text, --negative-text, --t5, --vae and --preset need --weights (without them the built-in tiny model runs, with its own tiny T5)');
     const pipeline = await Pipeline.load({ backend, dtype: f.dtype as 'bf16' | 'f32' | undefined, decode: o.decode });
-    try {
-      return { pipeline, text: pipeline.text({ prompts: f.prompt?.length ? f.prompt : o.defaultPrompts }) };
-    } catch (e) {
-      await pipeline.dispose();
-      throw e;
-    }
+    return { pipeline, request: byText };
   }
-  if (!f.text) fail('ERR_INVALID_ARG', '--weights needs --text (precomputed T5 features)');
-  if (f.prompt?.length) fail('ERR_INVALID_ARG', '--prompt needs the T5 text encoder (not available yet): give --text features');
   if (o.decode && !f.vae) fail('ERR_INVALID_ARG', '--weights needs --vae here');
   const { config } = presetConfig(f.preset);
-  const text = readTextFeatures(f.text, config.textChannels);
+  let request: TextRequest;
+  if (f.t5) {
+    if (f.text || f['negative-text']) fail('ERR_INVALID_ARG', 'give --t5 with --prompt texts, or --text features, not both');
+    if (!f.prompt?.length) fail('ERR_INVALID_ARG', '--t5 needs at least one --prompt');
+    request = byText;
+  } else {
+    if (!f.text) fail('ERR_INVALID_ARG', '--weights needs --t5 DIR (a flan-t5-xl directory) with --prompt texts, or --text FEATURES.safetensors');
+    if (f.prompt?.length || negatives.length) fail('ERR_INVALID_ARG', '--prompt and --negative-prompt need --t5 (the text encoder); with --text give --negative-text');
+    request = {
+      textFeatures: readTextFeatures(f.text, config.textChannels),
+      negativeTextFeatures: f['negative-text'] ? readTextFeatures(f['negative-text'], config.textChannels) : undefined,
+    };
+  }
   const pipeline = await Pipeline.load({
-    backend, weights: f.weights, vae: o.decode ? f.vae : undefined, preset: f.preset as PresetName | 'tiny' | undefined, dtype: f.dtype as 'bf16' | 'f32' | undefined, decode: o.decode,
+    backend, weights: f.weights, vae: o.decode ? f.vae : undefined, preset: f.preset as PresetName | 'tiny' | undefined, dtype: f.dtype as 'bf16' | 'f32' | undefined, decode: o.decode, t5: f.t5,
   });
-  return { pipeline, text };
+  return { pipeline, request };
+}
+
+/** The T5 features of a request (prompts encoded on the pipeline's engine), for commands that need them whole. */
+export async function textOf(pipeline: Pipeline, request: TextRequest): Promise<TextFeatures> {
+  return (await pipeline.text(request)).text;
 }

@@ -12,27 +12,43 @@ import { paperTokensForSpec, resolvePolicy } from '../kv/resolve.js';
 import { PixelBudget, scaleSchedule } from '../model/schedule.js';
 import { parseAspect, presetConfig, splitTextFeatures } from '../pipeline.js';
 import { budgetPlanToJson } from '../scalekv/budget.js';
-import { loadFromFlags, parseNumber } from './common.js';
+import { createTinyModel } from '../model/tiny.js';
+import { loadFromFlags, parseNumber, textOf } from './common.js';
 
-export const KV_USAGE = `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--policy SPEC] [--pn 1M] [--aspect H/W]
-       [--dtype bf16|f32] [--k-dtype f32|bf16] [--text-tokens T] [--no-cfg] [--no-decode] [--device-memory 80GiB] [--json]
+export const KV_USAGE: Record<string, string> = {
+  plan: `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--policy SPEC] [--pn 1M] [--aspect H/W]
+       [--dtype bf16|f32] [--k-dtype f32|bf16] [--text-tokens T] [--no-cfg] [--no-decode] [--no-text-encoder]
+       [--keep-text-encoder] [--device-memory 80GiB] [--json]
       Exact peak device memory of a generation and its VAE decode, by category (weights, KV history, the shared
       current-scale scratch, activations), from a dry run of the loop on the 'count' backend; the caching
       allocator's reserved peak; the paper's KV accounting (history read by the last scale; --k-dtype f32 is the
       reference's fp32 K) and, with --device-memory, the largest batch whose peak fits. --dtype is the model's
-      (block Linears and K/V); --text-tokens defaults to the model's maximum prompt length (512).
-  calibrate [--prompt P]... [--pn 0.06M] [--budget 10%] [--drafters N] [--top-k K'] [--no-normalize-history]
+      (block Linears and K/V, and the T5 encoder's Linears); --text-tokens defaults to the model's maximum prompt
+      length (512). The T5 encoder (flan-t5-xl; the tiny model's own) is counted as generate runs it: loaded after
+      the model, run on the prompts and freed before sampling (--keep-text-encoder: kept loaded, as a server does;
+      --no-text-encoder: precomputed features).
+      examples:
+        scalekv plan --preset infinity-2b --policy scalekv:10% --device-memory 80GiB
+        scalekv plan --preset infinity-8b --batch 4 --policy full --json
+`,
+  calibrate: `  calibrate [--prompt P]... [--pn 0.06M] [--budget 10%] [--drafters N] [--top-k K'] [--no-normalize-history]
        [--scales 8,9,...] [--max-queries 256] [--seed N] [--cfg X] [--out plan.json] [--json]
-       [--weights CKPT --text FEATURES.safetensors --preset P [--dtype bf16|f32]] [--backend B]
+       [--weights CKPT (--t5 DIR | --text FEATURES.safetensors) --preset P [--dtype bf16|f32]] [--backend B]
       Attention Selectivity Index profiling on the full-cache loop (the tiny model and --prompt texts by default):
       per (layer, scale) current-map ratio x history top-K' mass from the attention kernel's own probabilities,
       Z-normalised per scale; the N_d lowest pairs are drafters. Writes an official-format budget plan JSON
       (load it with --policy scalekv-paper:plan=FILE).
-  eval [--policies full,window:N,...] [--seeds 0,1,2] [--prompt P]... [--pn 0.06M] [--cfg X] [--json]
-       [--weights CKPT --vae CKPT --text FEATURES.safetensors --preset P [--dtype bf16|f32]] [--backend B]
+      examples:
+        scalekv calibrate --prompt "a red fox" --prompt "a castle at night" --budget 10% --out plan.json
+`,
+  eval: `  eval [--policies full,window:N,...] [--seeds 0,1,2] [--prompt P]... [--pn 0.06M] [--cfg X] [--json]
+       [--weights CKPT --vae CKPT (--t5 DIR | --text FEATURES.safetensors) --preset P [--dtype bf16|f32]] [--backend B]
       Runs the same prompts and seeds with the full cache and each policy; reports PSNR, SSIM and differing
       pixels against the full-cache images, the KV history bytes and the sampling time (markdown, or --json).
-`;
+      examples:
+        scalekv eval --policies full,window:64,scalekv:10% --seeds 0,1 --prompt "a red fox"
+`,
+};
 
 const MiB = (n: number) => (n / 2 ** 20).toFixed(1);
 
@@ -53,10 +69,10 @@ function fraction(s: string): number {
 function planTable(p: MemoryPlan, deviceBytes?: number, fit?: number): string {
   const caps = p.capacities;
   const rows: [string, number, string][] = [
-    ['weights', p.bytes.weights, `transformer ${MiB(p.weightDetail.transformer)} MiB (block Linears ${p.dtype}, rest f32)${p.decode ? ` + VAE decoder ${MiB(p.weightDetail.vae)} MiB` : ''}`],
+    ['weights', p.bytes.weights, `transformer ${MiB(p.weightDetail.transformer)} MiB (block Linears ${p.dtype}, rest f32)${p.decode ? ` + VAE decoder ${MiB(p.weightDetail.vae)} MiB` : ''}${p.textEncoder ? ` + T5 encoder ${MiB(p.weightDetail.textEncoder)} MiB (${p.textEncoder.layers} layers, d ${p.textEncoder.dModel}, ${p.textEncoder.kept ? 'kept loaded' : 'freed before sampling'})` : ''}`],
     ['kv (history)', p.bytes.kv, `${caps.reduce((x, y) => x + y, 0)} tokens over ${caps.length} layers (min ${Math.min(...caps)}, max ${Math.max(...caps)}), K and V ${p.dtype}, ${p.rows} rows`],
     ['scratch', p.bytes.scratch, `current-scale K/V (${Math.max(...p.scaleTokens)} tokens, shared by all layers), RoPE positions, selection indices`],
-    ['activations', p.bytes.activations, `text context, block intermediates, logits and bits${p.decode ? ', VAE decode' : ''} (${p.textTokens} text tokens a prompt)`],
+    ['activations', p.bytes.activations, `${p.textEncoder ? 'T5 encoder passes, ' : ''}text context, block intermediates, logits and bits${p.decode ? ', VAE decode' : ''} (${p.textTokens} text tokens a prompt)`],
     ['total', p.bytes.total, 'peak of the sum (the categories peak at different times)'],
   ];
   const lines = [
@@ -89,6 +105,8 @@ export async function planCommand(argv: string[]): Promise<number> {
       'no-decode': { type: 'boolean', default: false },
       'device-memory': { type: 'string' },
       'text-tokens': { type: 'string' },
+      'no-text-encoder': { type: 'boolean', default: false },
+      'keep-text-encoder': { type: 'boolean', default: false },
       json: { type: 'boolean', default: false },
     },
   });
@@ -107,6 +125,9 @@ export async function planCommand(argv: string[]): Promise<number> {
     paperKDtype: dtypeArg(values['k-dtype'], '--k-dtype', dtype),
     paperTokensPerLayer: paperTokensForSpec(spec, sched.tokensPerScale),
     textTokens: values['text-tokens'] === undefined ? undefined : parseNumber(values['text-tokens'], '--text-tokens', config.textMaxlen),
+    // The tiny model's own T5; flan-t5-xl for the official presets (the planner's default).
+    textEncoder: values['no-text-encoder'] ? (false as const) : values.preset === 'tiny' ? createTinyModel(0).t5.config : undefined,
+    keepTextEncoder: values['keep-text-encoder'],
   };
   const p = await planMemory({ ...base, batch });
   const device = values['device-memory'] !== undefined ? parseBytes(values['device-memory']) : undefined;
@@ -126,6 +147,7 @@ export async function calibrateCommand(argv: string[]): Promise<number> {
     options: {
       prompt: { type: 'string', multiple: true },
       weights: { type: 'string' },
+      t5: { type: 'string' },
       text: { type: 'string' },
       preset: { type: 'string' },
       dtype: { type: 'string' },
@@ -144,8 +166,9 @@ export async function calibrateCommand(argv: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
     },
   });
-  const { pipeline, text } = await loadFromFlags(values, { decode: false, defaultPrompts: DEFAULT_PROMPTS });
+  const { pipeline, request } = await loadFromFlags(values, { decode: false, defaultPrompts: DEFAULT_PROMPTS });
   try {
+    const text = await textOf(pipeline, request);
     const pn = (values.pn ?? (values.weights ? '1M' : '0.06M')) as PixelBudget;
     const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn, patchify: pipeline.config.patchify });
     const started = performance.now();
@@ -220,8 +243,9 @@ export async function evalCommand(argv: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
     },
   });
-  const { pipeline, text } = await loadFromFlags(values, { decode: true, defaultPrompts: DEFAULT_PROMPTS.slice(0, 2) });
+  const { pipeline, request } = await loadFromFlags(values, { decode: true, defaultPrompts: DEFAULT_PROMPTS.slice(0, 2) });
   try {
+    const text = await textOf(pipeline, request);
     const pn = (values.pn ?? (values.weights ? '1M' : '0.06M')) as PixelBudget;
     const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn, patchify: pipeline.config.patchify });
     const hist = sched.tokensPerScale.slice(0, -1).reduce((a, b) => a + b, 0);

@@ -7,6 +7,8 @@
  * same order with the same size and category, and the engine's own counters give the peaks. Only the compute is
  * missing, and no allocation depends on a computed value. The peaks are therefore exactly those of a real engine
  * (test/planner.test.ts compares them with the CPU engine's counters), for any policy, schedule or text length.
+ * The T5 text encoder is counted the way the Pipeline runs it: loaded after the model, run on the batch's prompts and
+ * freed before sampling, or kept loaded throughout.
  */
 import { createEngine, MemoryCategory } from '../engine.js';
 import { fail } from '../errors.js';
@@ -15,6 +17,8 @@ import { InfinityModel } from '../model/infinity.js';
 import { InfinityConfig, preset, PresetName } from '../model/presets.js';
 import { scaleSchedule } from '../model/schedule.js';
 import { VaeDecoder } from '../model/vae.js';
+import { FLAN_T5_XL, T5Config } from '../text/t5-checkpoint.js';
+import { T5TextEncoder } from '../text/t5-encoder.js';
 import { FullKvPolicy } from './baselines.js';
 import type { KvPolicy } from './policy.js';
 
@@ -37,6 +41,13 @@ export interface PlanMemoryOptions {
   decode?: boolean;
   /** Text tokens per prompt. Default the model's textMaxlen (the most a prompt can take). */
   textTokens?: number;
+  /**
+   * The T5 text encoder run on the engine before sampling: its configuration, or false when features are
+   * precomputed elsewhere. Default flan-t5-xl when its width is the model's text_channels, else none.
+   */
+  textEncoder?: T5Config | false;
+  /** The encoder stays loaded through sampling (a server keeps it) instead of being freed after encoding. Default false. */
+  keepTextEncoder?: boolean;
   /** K and V dtypes of the paper accounting line (the reference keeps K in f32). Default the model dtype. */
   paperKDtype?: PlanDtype;
   paperVDtype?: PlanDtype;
@@ -65,8 +76,10 @@ export interface MemoryPlan {
   bytes: Record<MemoryCategory, number> & { total: number };
   /** The engine's caching allocator at its fullest (live tensors + cached blocks, in 512-byte blocks). */
   reservedPeak: number;
-  /** Transformer and VAE decoder weights separately. */
-  weightDetail: { transformer: number; vae: number };
+  /** Transformer, VAE decoder and T5 encoder weights separately (textEncoder 0 when not counted). */
+  weightDetail: { transformer: number; vae: number; textEncoder: number };
+  /** The T5 encoder counted: its width and depth, and whether it stays loaded; undefined when none. */
+  textEncoder?: { dModel: number; layers: number; kept: boolean; dtype: PlanDtype };
   /** Spec sec. 5.2: rows × tokens per layer × L × C × (K + V bytes). */
   paperAccounting: { bytes: number; mib: number; tokensPerLayer: number; kDtype: PlanDtype; vDtype: PlanDtype };
 }
@@ -78,20 +91,29 @@ export function paperKvBytes(c: InfinityConfig, rows: number, tokensPerLayer: nu
   return rows * tokensPerLayer * c.depth * c.embedDim * (size(kDtype) + size(vDtype));
 }
 
-/** One generation (and decode) on a fresh counting engine: its counters and the two weight totals. */
-async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, number][], policy: KvPolicy, dtype: PlanDtype, textTokens: number, decode: boolean) {
+/** One generation (and decode) on a fresh counting engine, as the Pipeline runs it: its counters and the weight totals. */
+async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, number][], policy: KvPolicy, dtype: PlanDtype, textTokens: number, decode: boolean, t5: T5Config | undefined) {
   const e = await createEngine({ backend: 'count' });
+  let encoder: T5TextEncoder | undefined;
   try {
     const model = await InfinityModel.allocate(e, c, { dtype });
     const transformer = e.memory().inUse.weights;
     const vae = decode ? await VaeDecoder.allocate(e, c.vae) : undefined;
     const vaeBytes = e.memory().inUse.weights - transformer;
+    let textEncoder = 0;
+    if (t5) {
+      encoder = await T5TextEncoder.allocate(e, t5, { dtype });
+      textEncoder = encoder.weightBytes;
+      await encoder.encodeIds(new Int32Array(o.batch * textTokens), new Array<number>(o.batch).fill(textTokens));
+      if (!o.keepTextEncoder) encoder.dispose();
+    }
     const text = { kv: new Float32Array(o.batch * textTokens * c.textChannels), lens: new Array<number>(o.batch).fill(textTokens) };
     const r = await generate(model, { textFeatures: text, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
     if (vae) await decodeImage(vae, r.summedCodes);
     r.summedCodes.dispose();
-    return { memory: e.memory(), transformer, vaeBytes };
+    return { memory: e.memory(), transformer, vaeBytes, textEncoder };
   } finally {
+    encoder?.dispose();
     e.dispose();
   }
 }
@@ -108,9 +130,11 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
   const textTokens = o.textTokens ?? c.textMaxlen;
   if (!Number.isSafeInteger(textTokens) || textTokens < 1 || textTokens > c.textMaxlen) fail('ERR_INVALID_ARG', `text tokens must be in [1, ${c.textMaxlen}], got ${textTokens}`);
   const decode = o.decode ?? true;
+  const t5 = o.textEncoder === false ? undefined : o.textEncoder ?? (c.textChannels === FLAN_T5_XL.dModel ? FLAN_T5_XL : undefined);
+  if (t5 && t5.dModel !== c.textChannels) fail('ERR_INVALID_ARG', `planMemory: the T5 width ${t5.dModel} is not the model's text_channels ${c.textChannels}`);
   const rows = (o.cfg ?? true) ? 2 * o.batch : o.batch;
   const capacities = Array.from({ length: c.depth }, (_, l) => policy.capacity(l, tokens));
-  const { memory, transformer, vaeBytes } = await dryRun(o, c, grids, policy, dtype, textTokens, decode);
+  const { memory, transformer, vaeBytes, textEncoder } = await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5);
   const kDtype = o.paperKDtype ?? dtype;
   const vDtype = o.paperVDtype ?? dtype;
   const fullHistory = tokens.slice(0, -1).reduce((a, b) => a + b, 0);
@@ -128,7 +152,8 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
     capacities,
     bytes: { ...memory.peak, total: memory.totalPeak },
     reservedPeak: memory.reservedPeak,
-    weightDetail: { transformer, vae: vaeBytes },
+    weightDetail: { transformer, vae: vaeBytes, textEncoder },
+    textEncoder: t5 && { dModel: t5.dModel, layers: t5.layers, kept: o.keepTextEncoder ?? false, dtype },
     paperAccounting: { bytes: paperBytes, mib: paperBytes / 2 ** 20, tokensPerLayer, kDtype, vDtype },
   };
 }

@@ -38,6 +38,11 @@ export interface GenerateOptions {
   textFeatures?: TextFeatures;
   /** Alias of textFeatures. */
   text?: TextFeatures;
+  /**
+   * Negative prompts' T5 features (spec sec. 4.2), one per prompt of textFeatures: with CFG the unconditional rows
+   * attend to them instead of the learned cfg_uncond. Unused without CFG.
+   */
+  negativeText?: TextFeatures;
   /** Token grids (h, w) per scale, or the official (1, h, w) triples; scale 0 must be 1 x 1. */
   schedule: readonly ScaleGrid[];
   /** Guidance per scale (a number: every scale). Any value != 1 doubles the rows (cond | uncond). Default 1. */
@@ -110,6 +115,9 @@ function resolveRun(model: InfinityModel, opts: GenerateOptions) {
   const textFeatures = opts.textFeatures ?? opts.text;
   if (!textFeatures) fail('ERR_INVALID_ARG', 'generate: textFeatures is required');
   const B = textFeatures.lens?.length ?? 0;
+  const negativeText = opts.negativeText;
+  if (negativeText && negativeText.lens?.length !== B)
+    fail('ERR_INVALID_ARG', `negativeText must have one prompt per prompt of textFeatures (${B}), got ${negativeText.lens?.length}`);
   const tokens = grids.map(([h, w]) => h * w);
   const starts: number[] = [];
   tokens.reduce((acc, n) => (starts.push(acc), acc + n), 0);
@@ -120,7 +128,7 @@ function resolveRun(model: InfinityModel, opts: GenerateOptions) {
       if (opts.teacherBits[si].length !== B * tokens[si] * d) fail('ERR_SHAPE', `teacherBits[${si}] must hold B*h*w*d = ${B * tokens[si] * d} bits, got ${opts.teacherBits[si].length}`);
   }
   return {
-    grids, S, cfgs, taus, useCfg: cfgs.some((c) => c !== 1), textFeatures, B, tokens, starts,
+    grids, S, cfgs, taus, useCfg: cfgs.some((c) => c !== 1), textFeatures, negativeText, B, tokens, starts,
     vaeGrids: grids.map(([h, w]) => (cfgM.patchify ? [2 * h, 2 * w] : [h, w]) as [number, number]),
     rope: rope2dPositions(grids, opts.ropeGrid ?? final1MGrid(grids[S - 1][0] / grids[S - 1][1])),
     topK: opts.topK ?? 900,
@@ -186,7 +194,7 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
   try {
     const rows = run.useCfg ? 2 * B : B;
     if (observer?.onStart) await observer.onStart({ batch: B, rows, schedule: grids });
-    ctx = await model.prepareText(run.textFeatures, run.useCfg, observer?.onText?.bind(observer));
+    ctx = await model.prepareText(run.textFeatures, run.useCfg, observer?.onText?.bind(observer), run.negativeText);
     cache = new KvCache(e, {
       layers: cfgM.depth, rows, heads: cfgM.numHeads, headDim: cfgM.headDim, dtype: model.dtype,
       capacity: Array.from({ length: cfgM.depth }, (_, l) => policy.capacity(l, tokens)),

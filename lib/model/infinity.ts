@@ -346,11 +346,12 @@ export class InfinityModel {
 
   /**
    * The per-image conditioning (spec sec. 4.2) from precomputed T5 features. With `cfg` the rows are doubled:
-   * conditional rows first, then each prompt's `cfg_uncond[:len]`. The text RMSNorm runs on the host in f32:
+   * conditional rows first, then per prompt its negative prompt's features when `negative` is given (one per
+   * prompt, its own length), else `cfg_uncond[:len]`. The text RMSNorm runs on the host in f32:
    * its input arrives from the host anyway (T5 runs outside the engine), it is computed once per image on
    * [2N, Ct5] values (negligible work), and it needs no extra native op on three backends.
    */
-  async prepareText(text: TextFeatures, cfg: boolean, onText?: (text: TextObservation) => void | Promise<void>): Promise<TextContext> {
+  async prepareText(text: TextFeatures, cfg: boolean, onText?: (text: TextObservation) => void | Promise<void>, negative?: TextFeatures): Promise<TextContext> {
     this.#check();
     const c = this.config;
     const e = this.engine;
@@ -359,26 +360,34 @@ export class InfinityModel {
     const Ct5 = c.textChannels;
     const H = c.numHeads;
     const hd = c.headDim;
-    const lens = [...text.lens];
+    const checked = (t: TextFeatures, what: string) => {
+      const lens = [...(t?.lens ?? [])];
+      if (lens.length < 1) fail('ERR_INVALID_ARG', `${what}: lens must name at least one prompt`);
+      for (const l of lens) if (!Number.isSafeInteger(l) || l < 1 || l > c.textMaxlen) fail('ERR_INVALID_ARG', `${what}: prompt length ${l} outside [1, ${c.textMaxlen}]`);
+      const n = lens.reduce((a, b) => a + b, 0);
+      if (!(t.kv instanceof Float32Array) || t.kv.length !== n * Ct5)
+        fail('ERR_SHAPE', `${what}: kv must be a Float32Array of ${n} x ${Ct5} values (sum(lens) x text_channels), got ${t.kv?.length}`);
+      return { lens, n };
+    };
+    const { lens, n: N } = checked(text, 'text features');
     const B = lens.length;
-    if (B < 1) fail('ERR_INVALID_ARG', 'text features: lens must name at least one prompt');
-    for (const l of lens) if (!Number.isSafeInteger(l) || l < 1 || l > c.textMaxlen) fail('ERR_INVALID_ARG', `text features: prompt length ${l} outside [1, ${c.textMaxlen}]`);
-    const N = lens.reduce((a, b) => a + b, 0);
-    if (!(text.kv instanceof Float32Array) || text.kv.length !== N * Ct5)
-      fail('ERR_SHAPE', `text features: kv must be a Float32Array of ${N} x ${Ct5} values (sum(lens) x text_channels), got ${text.kv?.length}`);
+    const neg = cfg && negative ? checked(negative, 'negative text features') : undefined;
+    if (neg && neg.lens.length !== B) fail('ERR_INVALID_ARG', `negative text features: ${neg.lens.length} prompts for ${B}`);
+    // Unconditional rows: each negative prompt at its own length, else cfg_uncond[:len_b] (the prompt's length).
+    const unLens = neg ? neg.lens : lens;
     const rows = cfg ? 2 * B : B;
-    const nText = cfg ? 2 * N : N;
-    // Rows: conditional prompts, then cfg_uncond[:len_b] per prompt; cu_seqlens accordingly.
+    const nText = cfg ? N + unLens.reduce((a, b) => a + b, 0) : N;
     const raw = new Float32Array(nText * Ct5);
     raw.set(text.kv);
     const cu = new Int32Array(rows + 1);
     for (let b = 0; b < B; b++) cu[b + 1] = cu[b] + lens[b];
     if (cfg) {
+      if (negative && neg) raw.set(negative.kv, N * Ct5);
       let at = N;
       for (let b = 0; b < B; b++) {
-        raw.set(this.#host.cfgUncond.subarray(0, lens[b] * Ct5), at * Ct5);
-        at += lens[b];
-        cu[B + b + 1] = cu[B + b] + lens[b];
+        if (!neg) raw.set(this.#host.cfgUncond.subarray(0, lens[b] * Ct5), at * Ct5);
+        at += unLens[b];
+        cu[B + b + 1] = cu[B + b] + unLens[b];
       }
     }
     // RMSNorm (text_norm, eps norm_eps): x * rsqrt(mean(x^2) + eps) * w, f32 values, mean accumulated in f64.

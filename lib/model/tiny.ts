@@ -1,7 +1,10 @@
 /**
  * A built-in tiny Infinity model with deterministic random weights, for `scalekv demo` and tests: no download.
  * Same layout and sizes as the golden fixture's model (../shared/golden/forward_fullcache): depth 4, C 128, 2 heads
- * of 64, text_channels 128, 2 block chunks, d 32; VAE base_ch 32, ch_mult [1,1,1,1,2], patch 16.
+ * of 64, text_channels 128, 2 block chunks, d 32; VAE base_ch 32, ch_mult [1,1,1,1,2], patch 16. Its text encoder
+ * is a tiny random T5 (d_model 128 = text_channels, 2 layers, gated-GELU, the flan-t5 bias buckets) behind the
+ * package's own small Unigram tokenizer, made here as a tokenizer.json: prompts run the same tokenizer + encoder
+ * path as with flan-t5-xl.
  *
  * Every tensor is a pure function of (seed, name, element index) through a counter-based generator: integer hashing
  * plus exact float arithmetic (an Irwin-Hall sum of four uniforms, no transcendental functions), so the bytes are the
@@ -9,6 +12,10 @@
  */
 import type { Checkpoint, TensorData, TensorInfo } from '../checkpoint/index.js';
 import { fail } from '../errors.js';
+import type { T5Config } from '../text/t5-checkpoint.js';
+import { t5EncoderShapes } from '../text/t5-checkpoint.js';
+import type { T5WeightSource } from '../text/t5-encoder.js';
+import { T5Tokenizer } from '../text/tokenizer.js';
 import { expectedVaeShapes, expectedWeightShapes, infinityConfig, InfinityConfig } from './presets.js';
 import type { VaeDecoderConfig } from './vae.js';
 
@@ -68,6 +75,18 @@ function transformerInit(name: string, shape: readonly number[], key: number, c:
     return fillNormal(key, n, damp / Math.sqrt(shape[1]));
   }
   fail('ERR_INTERNAL', `tiny model: no init rule for ${name}`);
+}
+
+function t5Init(name: string, shape: readonly number[], key: number, c: T5Config): Float32Array {
+  const n = shape.reduce((a, b) => a * b, 1);
+  // Hugging Face's T5 initialisation (factor 1): embeddings N(0, 1), q at (d_model * d_kv)^-1/2 (T5 does not
+  // scale its logits), other Linears at fan-in^-1/2; norms near 1 so they are not the identity.
+  if (name.endsWith('layer_norm.weight')) return fillNormal(key, n, 0.05, 1);
+  if (name === 'shared.weight') return fillNormal(key, n, 1);
+  if (name.endsWith('relative_attention_bias.weight')) return fillNormal(key, n, 1 / Math.sqrt(c.dModel));
+  if (name.endsWith('SelfAttention.q.weight')) return fillNormal(key, n, 1 / Math.sqrt(c.dModel * c.dKv));
+  if (shape.length === 2) return fillNormal(key, n, 1 / Math.sqrt(shape[1]));
+  fail('ERR_INTERNAL', `tiny T5: no init rule for ${name}`);
 }
 
 function vaeInit(name: string, shape: readonly number[], key: number): Float32Array {
@@ -140,14 +159,6 @@ export class GeneratedCheckpoint implements Checkpoint {
   }
 }
 
-export interface TextFeatures {
-  /** [sum(lens), textChannels] f32, the prompts' features concatenated over tokens. */
-  kv: Float32Array;
-  shape: [number, number];
-  /** Tokens per prompt. */
-  lens: number[];
-}
-
 export interface TinyModel {
   seed: number;
   config: InfinityConfig;
@@ -156,14 +167,64 @@ export interface TinyModel {
   weights: GeneratedCheckpoint;
   /** VAE weights, names as the official vae state dict (decoder.* wrapped spelling, plus the lfq masks). */
   vae: GeneratedCheckpoint;
-  /** Deterministic stand-in for T5 features: one token per word plus an end token (at most textMaxlen). */
-  encodeText(prompt: string): TextFeatures;
-  /** encodeText of a fixed prompt. */
-  text: TextFeatures;
+  /** The tiny T5 encoder's weights (Hugging Face key names; config.dModel = config.textChannels). */
+  t5: T5WeightSource;
+  /** The package's own small tokenizer (tinyTokenizerJson), as the tiny T5 reads it. */
+  tokenizer: T5Tokenizer;
 }
 
-/** Feature rows std: T5-XL's last hidden states are O(0.1-1); text_norm (RMSNorm) rescales them anyway. */
-const TEXT_STD = 0.25;
+/**
+ * The words of the tiny tokenizer, each one piece: the vocabulary of short image prompts. Anything else splits into
+ * letters, digits and punctuation; other characters are <unk>.
+ */
+const TINY_WORDS = (
+  'a an the of in on at by to for with from and or under over above below behind beside near inside outside into ' +
+  'through at across red orange yellow green blue purple pink white black gray grey brown gold golden silver bright ' +
+  'dark light soft warm cold glowing shining tiny small big large huge tall old young ancient modern quiet misty foggy ' +
+  'snowy rainy sunny cloudy wooden stone glass metal paper fox cat dog owl horse bird fish whale dragon robot astronaut ' +
+  'person man woman child girl boy tree trees forest flower flowers garden grass mountain mountains river lake sea ' +
+  'ocean beach island sky cloud clouds sun moon star stars rain snow storm fire ice water city street road bridge ' +
+  'tower castle house building room window door lighthouse boat ship train car book lamp night day morning evening ' +
+  'sunset sunrise winter summer spring autumn painting photo photograph portrait sketch drawing watercolor oil ink ' +
+  'pencil pixel art render cinematic lighting detailed sharp focus macro wide angle view close isometric studio ' +
+  'style reading riding flying floating walking running sitting standing sleeping swimming reflecting dancing'
+).split(' ');
+
+/**
+ * The tiny tokenizer as a Hugging Face tokenizer.json (what T5Tokenizer reads): a Unigram model over <pad>, </s>,
+ * <unk>, the word pieces (most likely first), single letters, digits and punctuation, after NFKC and lower-casing
+ * and a Metaspace pre-tokenizer, as flan-t5's.
+ */
+export function tinyTokenizerJson(): object {
+  const chars = [...'abcdefghijklmnopqrstuvwxyz0123456789', ...".,;:!?'\"-()/&+%#@*"];
+  const vocab: [string, number][] = [['<pad>', 0], ['</s>', 0], ['<unk>', 0], ['\u2581', -3]];
+  const seen = new Set<string>();
+  const add = (piece: string, score: number) => {
+    if (!seen.has(piece)) vocab.push([piece, score]);
+    seen.add(piece);
+  };
+  TINY_WORDS.forEach((w, i) => add(`\u2581${w}`, -5 - i / 1000));
+  for (const ch of chars) add(`\u2581${ch}`, -8);
+  for (const ch of chars) add(ch, -9);
+  const special = ['<pad>', '</s>', '<unk>'].map((content, id) => ({ id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true }));
+  const metaspace = { type: 'Metaspace', replacement: '\u2581', add_prefix_space: true };
+  return {
+    version: '1.0',
+    truncation: null,
+    padding: null,
+    added_tokens: special,
+    normalizer: { type: 'Sequence', normalizers: [{ type: 'NFKC' }, { type: 'Lowercase' }] },
+    pre_tokenizer: metaspace,
+    post_processor: null,
+    decoder: metaspace,
+    model: { type: 'Unigram', unk_id: 2, vocab },
+  };
+}
+
+/** The tiny T5 encoder's configuration for a vocabulary of `vocab` pieces. */
+export function tinyT5Config(vocab: number): T5Config {
+  return { dModel: tinyConfig().textChannels, dKv: 32, heads: 4, layers: 2, dFf: 256, buckets: 32, maxDistance: 128, eps: 1e-6, vocab };
+}
 
 export function createTinyModel(seed = 0): TinyModel {
   if (!Number.isSafeInteger(seed)) fail('ERR_INVALID_ARG', `tiny model seed must be an integer, got ${seed}`);
@@ -181,18 +242,12 @@ export function createTinyModel(seed = 0): TinyModel {
     if (name.endsWith('lfq.mask')) return BigInt64Array.from({ length: shape[0] }, (_, i) => 1n << BigInt(shape[0] - 1 - i));
     return vaeInit(name, shape, hashString(`v/${name}`, s32));
   });
-  const encodeText = (prompt: string): TextFeatures => {
-    const words = String(prompt).trim().toLowerCase().split(/\s+/).filter(Boolean);
-    const tokens = [...words.slice(0, config.textMaxlen - 1), '</s>'];
-    const Ct = config.textChannels;
-    const kv = new Float32Array(tokens.length * Ct);
-    tokens.forEach((w, t) => {
-      // Mostly the word's own vector, plus a little of its position (as contextual features would).
-      const word = hashString(`w/${w}`, s32);
-      const pos = hashString(`p/${t}`, s32);
-      for (let i = 0; i < Ct; i++) kv[t * Ct + i] = TEXT_STD * (0.9 * normalAt(word, i) + 0.3 * normalAt(pos, i));
-    });
-    return { kv, shape: [tokens.length, Ct], lens: [tokens.length] };
-  };
-  return { seed, config, vaeConfig, weights, vae, encodeText, text: encodeText('a tiny random model') };
+  const tokenizerJson = tinyTokenizerJson();
+  const tokenizer = new T5Tokenizer(tokenizerJson);
+  const t5Config = tinyT5Config(tokenizer.vocabSize);
+  const t5Shapes = new Map<string, { shape: number[]; dtype: 'f32' | 'i64' }>();
+  for (const [n, shape] of t5EncoderShapes(t5Config)) t5Shapes.set(n, { shape, dtype: 'f32' });
+  const t5Weights = new GeneratedCheckpoint(`memory:tiny-infinity/seed=${seed}/t5`, t5Shapes, (name, shape) => t5Init(name, shape, hashString(`t5/${name}`, s32), t5Config));
+  const t5: T5WeightSource = { config: t5Config, read: (name) => t5Weights.read(name) };
+  return { seed, config, vaeConfig, weights, vae, t5, tokenizer };
 }

@@ -33,6 +33,9 @@ export interface T5Config {
 
 const FLOAT_DTYPES = new Set(['f32', 'bf16', 'f16']);
 
+/** google/flan-t5-xl's encoder (Infinity 2B and 8B's text encoder, spec sec. 4.1). */
+export const FLAN_T5_XL: Readonly<T5Config> = Object.freeze({ dModel: 2048, dKv: 64, heads: 32, layers: 24, dFf: 5120, buckets: 32, maxDistance: 128, eps: 1e-6, vocab: 32128 });
+
 /** The T5 encoder configuration of a parsed config.json; only the gated-GELU feed-forward of flan-t5 is supported. */
 export function parseT5Config(json: unknown, source = 'config.json'): T5Config {
   const c = json as Record<string, unknown> | null;
