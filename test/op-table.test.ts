@@ -12,7 +12,6 @@ import { GENERATED_PATH, renderOpTypes } from '../scripts/gen-op-types.mjs';
 import { Rng, seedFor, testBackends, withEngine } from './helpers.js';
 
 type Operand = OpDeclaration['operands'][number];
-type Attribute = OpDeclaration['attributes'][number];
 interface Dim {
   run?: string;
   coef: number;
