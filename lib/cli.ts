@@ -147,7 +147,7 @@ function info(argv: string[]): number {
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
-  if (command !== undefined && command in COMMAND_USAGE && (rest.includes('--help') || rest.includes('-h'))) {
+  if (command !== undefined && Object.hasOwn(COMMAND_USAGE, command) && (rest.includes('--help') || rest.includes('-h'))) {
     process.stdout.write(`usage: scalekv ${COMMAND_USAGE[command].trimStart()}`);
     return 0;
   }

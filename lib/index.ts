@@ -5,7 +5,7 @@
  * the KV and verify tiers are here as namespaces too: `import { kv } from 'scalekv'; kv.calibrate(...)`.
  */
 export { Pipeline, parseAspect, readTextFeatures, concatTextFeatures, splitTextFeatures, repeatTextFeatures, presetConfig } from './pipeline.js';
-export type { PipelineGenerateOptions, PipelineImage, PipelineLoadOptions, PipelineProgress, PipelineResult } from './pipeline.js';
+export type { Conditioning, PipelineGenerateOptions, PipelineImage, PipelineLoadOptions, PipelineProgress, PipelineResult } from './pipeline.js';
 
 // The engine tier (scalekv/engine): backends, tensors, ops, memory and profiling, dtypes, errors.
 export * from './engine-entry.js';
@@ -27,7 +27,7 @@ export type { TinyModel } from './model/tiny.js';
 export { tinyTokenizerJson, tinyT5Config } from './model/tiny.js';
 export { configFromManifest } from './model/config.js';
 export { InfinityModel, TextContext } from './model/infinity.js';
-export type { InfinityLoadOptions, TextObservation, WeightSource as InfinityWeightSource } from './model/infinity.js';
+export type { InfinityLoadOptions, TextFeatures, TextObservation, WeightSource as InfinityWeightSource } from './model/infinity.js';
 export { generate, decodeImage } from './model/generate.js';
 export type { DecodedImage, GenerateObserver, GenerateOptions, GenerateResult, ScaleTiming } from './model/generate.js';
 export { captureObserver, composeObservers } from './model/capture.js';

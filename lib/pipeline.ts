@@ -67,7 +67,7 @@ export interface PipelineLoadOptions {
    * generation loads it, encodes its prompts and frees it before sampling, so it never shares memory with the KV cache.
    */
   keepTextEncoder?: boolean;
-  /** The T5 Linear weights: default 'bf16' on CUDA, 'f32' elsewhere (never f16: T5 overflows it). */
+  /** The T5 Linear weights: default `dtype` when given, else 'bf16' on CUDA and 'f32' elsewhere (never f16: T5 overflows it). */
   t5Dtype?: 'bf16' | 'f32';
 }
 
@@ -132,8 +132,9 @@ export interface PipelineResult {
   seed: number;
   /** textMs: the T5 encoder (loading it too unless kept); encodeMs: PNG encoding. */
   timings: { textMs: number; samplingMs: number; decodeMs: number; encodeMs: number; totalMs: number; perScaleMs: number[] };
-  /** Prompts the tokenizer cut at 511 pieces (with prompts as text). */
+  /** Prompts (and negative prompts) the tokenizer cut at 511 pieces (with prompts as text). */
   truncated?: boolean[];
+  negativeTruncated?: boolean[];
   /** The engine's counters after the decode (peaks since the engine was created) and the KV cache bytes held. */
   memory: MemoryStats;
   kvBytes: number;
@@ -245,7 +246,9 @@ type TextOptions = Pick<PipelineGenerateOptions, 'textFeatures' | 'prompts' | 'n
 export interface Conditioning {
   text: TextFeatures;
   negative?: TextFeatures;
+  /** Per prompt (and per negative prompt): cut at 511 pieces. Only with prompts as text. */
   truncated?: boolean[];
+  negativeTruncated?: boolean[];
 }
 
 /** A text encoder the pipeline can load: its weights, its tokenizer, and the encoder when kept loaded. */
@@ -306,13 +309,16 @@ export class Pipeline {
     // The text encoder's files are checked before any weight is loaded.
     let text: TextEncoderSource | undefined;
     if (tiny) {
-      text = { weights: tiny.t5, tokenizer: tiny.tokenizer, dtype: opts.t5Dtype, close: () => undefined };
+      text = { weights: tiny.t5, tokenizer: tiny.tokenizer, dtype: opts.t5Dtype ?? opts.dtype, close: () => undefined };
     } else if (opts.t5 !== undefined) {
       const ckpt = T5Checkpoint.open(opts.t5);
       try {
         if (ckpt.config.dModel !== config.textChannels)
           fail('ERR_SHAPE', `${opts.t5}: the T5 d_model ${ckpt.config.dModel} is not the model's text_channels ${config.textChannels}`);
-        text = { weights: ckpt, tokenizer: T5Tokenizer.fromFile(ckpt.tokenizerPath), dtype: opts.t5Dtype, close: () => ckpt.close() };
+        const tokenizer = T5Tokenizer.fromFile(ckpt.tokenizerPath);
+        if (tokenizer.vocabSize > ckpt.config.vocab)
+          fail('ERR_FORMAT', `${opts.t5}: tokenizer.json has ${tokenizer.vocabSize} tokens, more than the model's vocab_size ${ckpt.config.vocab}`);
+        text = { weights: ckpt, tokenizer, dtype: opts.t5Dtype ?? opts.dtype, close: () => ckpt.close() };
       } catch (e) {
         ckpt.close();
         throw e;
@@ -362,9 +368,8 @@ export class Pipeline {
    * The T5 features of prompts (and which were truncated): the encoder kept loaded, or loaded for this call and
    * freed after it.
    */
-  async encodeText(prompts: readonly string[], opts: { signal?: AbortSignal } = {}): Promise<EncodedText> {
-    this.#check();
-    return this.#encodeText(prompts, opts);
+  encodeText(prompts: readonly string[], opts: { signal?: AbortSignal } = {}): Promise<EncodedText> {
+    return this.#enqueue(() => this.#encodeText(prompts, opts));
   }
 
   // Unchecked: generations queued before dispose() still run.
@@ -383,12 +388,12 @@ export class Pipeline {
    * The text features of a generation and of its negative prompts: `textFeatures` as given or read from its file,
    * or the `prompts` encoded (`negativePrompts` with them).
    */
-  async text(o: TextOptions): Promise<Conditioning> {
-    this.#check();
-    return this.#conditioning(o);
+  text(o: TextOptions): Promise<Conditioning> {
+    return this.#enqueue(() => this.#conditioning(o, true));
   }
 
-  async #conditioning(o: TextOptions): Promise<Conditioning> {
+  // `useCfg` false: negative prompts would go unused (no unconditional rows), so they are not encoded.
+  async #conditioning(o: TextOptions, useCfg: boolean): Promise<Conditioning> {
     if ((o.textFeatures === undefined) === (o.prompts === undefined)) fail('ERR_INVALID_ARG', 'give either textFeatures or prompts');
     const read = (f: TextFeatures | string) => (typeof f === 'string' ? readTextFeatures(f, this.config.textChannels) : f);
     if (o.textFeatures !== undefined) {
@@ -397,8 +402,9 @@ export class Pipeline {
     }
     if (o.negativeTextFeatures !== undefined) fail('ERR_INVALID_ARG', 'negativeTextFeatures go with textFeatures; with prompts give negativePrompts');
     const prompts = o.prompts as readonly string[];
+    if (!Array.isArray(prompts) || !prompts.length || prompts.some((p) => typeof p !== 'string')) fail('ERR_INVALID_ARG', 'prompts must be a non-empty array of strings');
     let negatives: readonly string[] = [];
-    if (o.negativePrompts !== undefined) {
+    if (o.negativePrompts !== undefined && useCfg) {
       negatives = typeof o.negativePrompts === 'string' ? prompts.map(() => o.negativePrompts as string) : o.negativePrompts;
       if (!Array.isArray(negatives) || negatives.length !== prompts.length || negatives.some((p) => typeof p !== 'string'))
         fail('ERR_INVALID_ARG', `negativePrompts must be one string, or one string per prompt (${prompts.length})`);
@@ -406,7 +412,12 @@ export class Pipeline {
     // One pass for both sets: one encoder load.
     const all = await this.#encodeText([...prompts, ...negatives], { signal: o.signal });
     const [text, negative] = splitAt(all, prompts.length);
-    return { text, negative: negatives.length ? negative : undefined, truncated: all.truncated.slice(0, prompts.length) };
+    return {
+      text,
+      negative: negatives.length ? negative : undefined,
+      truncated: all.truncated.slice(0, prompts.length),
+      negativeTruncated: negatives.length ? all.truncated.slice(prompts.length) : undefined,
+    };
   }
 
   /** The KV policy of a spec ('full', 'scalekv:10%', ...) for this model, or the policy given. */
@@ -420,12 +431,18 @@ export class Pipeline {
    * until it ends). Rejects with ERR_ABORTED on `signal`, ERR_DISPOSED when called after `dispose`.
    */
   generate(o: PipelineGenerateOptions): Promise<PipelineResult> {
+    return this.#enqueue(() => this.#generate(o));
+  }
+
+  // Generations and encodings run one at a time in call order, so a text encoder loaded for one never shares the
+  // engine with another's KV cache, and dispose() waits for all of them.
+  #enqueue<T>(work: () => Promise<T>): Promise<T> {
     try {
       this.#check();
     } catch (e) {
       return Promise.reject(e);
     }
-    const run = this.#queue.then(() => this.#generate(o));
+    const run = this.#queue.then(work);
     this.#queue = run.catch(() => undefined);
     return run;
   }
@@ -434,24 +451,29 @@ export class Pipeline {
     if (o.signal?.aborted) throw abortError(o.signal);
     const vae = this.vae ?? fail('ERR_INVALID_ARG', 'Pipeline.generate: this pipeline was loaded with decode: false');
     const started = performance.now();
-    const conditioning = await this.#conditioning(o);
+    // The cheap checks first: a typo must not cost a text-encoder load.
+    const pn = o.pn ?? (this.#tiny ? '0.06M' : '1M');
+    const schedule = scaleSchedule({ aspect: parseAspect(o.aspect), pn, patchify: this.config.patchify }).scales.map(([h, w]) => [h, w] as [number, number]);
+    const kvPolicy = this.kvPolicy(o.kv);
     const batch = o.batch ?? 1;
+    if (!Number.isSafeInteger(batch) || batch < 1) fail('ERR_INVALID_ARG', `batch must be a positive integer, got ${batch}`);
+    const cfg = o.cfg ?? 3;
+    const useCfg = (typeof cfg === 'number' ? [cfg] : [...cfg]).some((c) => c !== 1);
+    const conditioning = await this.#conditioning(o, useCfg);
     const text = repeatTextFeatures(conditioning.text, batch);
     const negativeText = conditioning.negative && repeatTextFeatures(conditioning.negative, batch);
     const textMs = performance.now() - started;
-    const pn = o.pn ?? (this.#tiny ? '0.06M' : '1M');
-    const schedule = scaleSchedule({ aspect: parseAspect(o.aspect), pn, patchify: this.config.patchify }).scales.map(([h, w]) => [h, w] as [number, number]);
     const seed = o.seed ?? 0;
     const sampled = await generate(this.model, {
       textFeatures: text,
       negativeText,
       schedule,
-      cfg: o.cfg ?? 3,
+      cfg,
       tau: o.tau ?? 1,
       topK: o.topK,
       topP: o.topP,
       seed,
-      kvPolicy: this.kvPolicy(o.kv),
+      kvPolicy,
       signal: o.signal,
       onProgress: o.onProgress && ((si, total) => o.onProgress?.({ stage: 'sampling', done: si + 1, total })),
     });
@@ -482,6 +504,7 @@ export class Pipeline {
       schedule,
       seed,
       truncated: conditioning.truncated,
+      negativeTruncated: conditioning.negativeTruncated,
       timings: { textMs, samplingMs, decodeMs, encodeMs: performance.now() - encodeStart, totalMs: performance.now() - started, perScaleMs: sampled.timings.map((t) => t.ms) },
       memory,
       kvBytes: sampled.kvBytes,

@@ -127,4 +127,13 @@ test('calibrate and eval accept checkpoints and text features on disk (like gene
   t.is(e.status, 0, e.stderr);
   t.regex(e.stdout, /\| full \| inf \| 1\.0000 \| 0 \/ 131072 \|/);
   t.regex(e.stdout, /\| window:20 \| \d+\.\d\d \| 0\.\d{4} \|/);
+  // The prompts as text through the T5 directory: the same table.
+  const viaT5 = ['--preset', 'tiny', '--weights', files.weights, '--t5', files.t5, '--prompt', 'a red fox', '--prompt', 'a blue lake', '--pn', '0.06M', '--dtype', 'f32', '--backend', 'cpu'];
+  const e2 = cli('eval', ...viaT5, '--vae', files.vae, '--seeds', '0', '--policies', 'full,window:20');
+  t.is(e2.status, 0, e2.stderr);
+  const table = (out: string) => out.split('\n').filter((l) => l.startsWith('| ')).map((l) => l.split('|').slice(0, 5).join('|'));
+  t.deepEqual(table(e2.stdout), table(e.stdout));
+  const c2 = cli('calibrate', ...viaT5, '--drafters', '2', '--json');
+  t.is(c2.status, 0, c2.stderr);
+  t.deepEqual(JSON.parse(c2.stdout).plan, JSON.parse(fromDisk.stdout).plan);
 });

@@ -240,6 +240,9 @@ test('cpu: checkpoint files with a T5 directory or a T5-features file give the i
       const neg = await kept.generate({ prompts, negativePrompts: ['blurry', 'dark'], seed, pn: '0.06M' });
       t.false(Buffer.from(neg.images[0].data).equals(Buffer.from(a.images[0].data)), 'a negative prompt changes the image');
       await t.throwsAsync(kept.generate({ prompts, negativePrompts: ['one', 'two', 'three'] }), { instanceOf: ScaleKVError, message: /negativePrompts/ });
+      await t.throwsAsync(kept.generate({ prompts: 'a red fox' as unknown as string[] }), { instanceOf: ScaleKVError, message: /prompts must be/ });
+      // A bad option fails before any text encoding.
+      await t.throwsAsync(kept.generate({ prompts, kv: 'nonsense:1' }), { instanceOf: ScaleKVError, code: 'ERR_INVALID_ARG' });
       await t.throwsAsync(kept.generate({ textFeatures: files.text, negativePrompts: 'x' }), { instanceOf: ScaleKVError, message: /negativeTextFeatures/ });
     } finally {
       await kept.dispose();

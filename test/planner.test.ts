@@ -14,7 +14,7 @@ import { expectedVaeShapes, expectedWeightShapes, InfinityConfig, preset } from 
 import { scaleSchedule } from '../lib/model/schedule.js';
 import { createTinyModel } from '../lib/model/tiny.js';
 import { syntheticText } from './helpers.js';
-import { T5TextEncoder } from '../lib/text/t5-encoder.js';
+import { Pipeline } from '../lib/pipeline.js';
 import { VaeDecoder } from '../lib/model/vae.js';
 import { calibrate } from '../lib/scalekv/asi.js';
 import { budgetPlanToJson, budgetTokens } from '../lib/scalekv/budget.js';
@@ -231,38 +231,32 @@ test('scalekv plan CLI: table and JSON', (t) => {
   t.regex(bad.stderr, /ERR_INVALID_ARG/);
 });
 
-test('the planner counts the T5 encoder as the Pipeline runs it (freed before sampling, or kept): peaks equal the CPU engine\'s', async (t) => {
+test('the planner counts the T5 encoder as the Pipeline runs it (freed before sampling, or kept; negative prompts): peaks equal the CPU engine\'s', async (t) => {
   const tiny = createTinyModel(2);
+  // Prompts of one token length: the planner gives every prompt the same length.
+  const prompts = ['a red fox', 'a blue cat'];
+  const textTokens = tiny.tokenizer.encode(prompts[0]).ids.length;
+  t.true(prompts.every((p) => tiny.tokenizer.encode(p).ids.length === textTokens));
   const schedule = scaleSchedule({ aspect: 1, pn: '0.06M' });
-  const vaeWeights = new Map(tiny.vae.names.filter((n) => n.startsWith('decoder.')).map((n) => [n, tiny.vae.f32(n)]));
-  const prompts = ['a red fox in the snow', 'a castle by the sea at night'];
-  const ids = tiny.tokenizer.encodeBatch(prompts);
-  // The planner gives every prompt the same length: two prompts of the longer one's.
-  const textTokens = Math.max(...ids.lens);
-  const padded = new Int32Array(2 * textTokens).fill(tiny.tokenizer.eosId);
   const peaks: number[] = [];
-  for (const keep of [false, true]) {
-    const plan = await planMemory({ config: tiny.config, batch: 2, schedule: schedule.scales, dtype: 'f32', textTokens, textEncoder: tiny.t5.config, keepTextEncoder: keep });
-    t.true(plan.weightDetail.textEncoder > 0);
+  for (const [keep, negative] of [[false, false], [true, false], [false, true]] as const) {
+    const what = `keep ${keep}, negative prompts ${negative}`;
+    const plan = await planMemory({
+      config: tiny.config, batch: 2, schedule: schedule.scales, dtype: 'f32', textTokens, textEncoder: tiny.t5.config, keepTextEncoder: keep, negativePrompts: negative,
+    });
     t.deepEqual(plan.textEncoder, { dModel: 128, layers: 2, kept: keep, dtype: 'f32' });
     const e = await createEngine({ backend: 'cpu', threads: 2 });
     try {
-      const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype: 'f32' });
-      const vae = await VaeDecoder.load(e, vaeWeights, tiny.vaeConfig);
-      const encoder = await T5TextEncoder.load(e, tiny.t5, tiny.tokenizer, { dtype: 'f32' });
-      t.is(encoder.weightBytes, plan.weightDetail.textEncoder);
-      const kv = await encoder.encodeIds(padded, [textTokens, textTokens]);
-      if (!keep) encoder.dispose();
-      const r = await generate(m, { text: { kv, lens: [textTokens, textTokens] }, schedule: schedule.scales, cfg: 3, seed: 1 });
-      await decodeImage(vae, r.summedCodes);
-      r.summedCodes.dispose();
+      const pipe = await Pipeline.load({ engine: e, tinySeed: 2, dtype: 'f32', keepTextEncoder: keep });
+      try {
+        await pipe.generate({ prompts, negativePrompts: negative ? ['a dark sea', 'a cold sky'] : undefined, seed: 1, pn: '0.06M' });
+      } finally {
+        await pipe.dispose();
+      }
       const mem = e.memory();
-      t.deepEqual({ ...mem.peak, total: mem.totalPeak }, plan.bytes, `keep ${keep}`);
-      t.is(mem.reservedPeak, plan.reservedPeak, `keep ${keep}`);
+      t.deepEqual({ ...mem.peak, total: mem.totalPeak }, plan.bytes, what);
+      t.is(mem.reservedPeak, plan.reservedPeak, what);
       peaks.push(plan.bytes.total);
-      encoder.dispose();
-      vae.dispose();
-      m.dispose();
     } finally {
       e.dispose();
     }

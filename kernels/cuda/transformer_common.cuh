@@ -71,7 +71,7 @@ inline void check_launch(const char* what) {
 // One warp's online-softmax state for R query rows in the SIMT attention kernels (cross_attention.cu,
 // segment_attention.cu): per 32-key tile, lane j holds key j's logit of each row; `add_tile` folds the tile into
 // the running max / sum and accumulates P V from the tile's V rows in shared memory ([32][c] f32), lane l
-// owning channels l, l + 32, ... (DV of them). A tile needs at least one finite logit per row.
+// owning channels l, l + 32, ... (DV of them).
 template <int R, int DV>
 struct WarpSoftmaxRows {
   float m[R], l[R], o[R][DV];
@@ -97,13 +97,15 @@ struct WarpSoftmaxRows {
     }
   }
 
-  // x[r]: this lane's key logit for row r (-INFINITY where masked). Overwrites x.
+  // x[r]: this lane's key logit for row r (-INFINITY where masked; a fully masked tile adds nothing). Overwrites x.
   __device__ void add_tile(float (&x)[R], const float* sV, int c, int lane) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float m_new = fmaxf(m[r], warp_max(x[r]));
-      const float alpha = expf(m[r] - m_new);  // 0 on the first tile
-      x[r] = expf(x[r] - m_new);
+      // A row with no finite logit yet keeps zero weight instead of exp(-inf - -inf) = NaN.
+      const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = expf(m[r] - m_safe);  // 0 on the first tile
+      x[r] = expf(x[r] - m_safe);
       l[r] = l[r] * alpha + x[r];
       m[r] = m_new;
 #pragma unroll
@@ -153,7 +155,9 @@ template <class Kernel, class... Args>
 void launch_with_smem(const char* what, Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) check_launch(what);
+    if (err != cudaSuccess)
+      throw BackendError(StatusCode::device, std::string("cuda: ") + what + ": " + std::to_string(smem) +
+                                                 " bytes of shared memory refused: " + cudaGetErrorString(err));
   }
   SKV_LAUNCH(kernel, grid, block, smem, stream, args...);
   check_launch(what);

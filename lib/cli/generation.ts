@@ -116,8 +116,10 @@ async function run(values: RunFlags, prefix: string, defaultPrompts: readonly st
       png: true,
       onProgress: progressLine(),
     });
-    const truncated = (r.truncated ?? []).flatMap((t, i) => (t ? [i] : []));
-    if (truncated.length) process.stderr.write(`note: prompt(s) ${truncated.join(', ')} exceed 511 T5 pieces and were truncated, as Infinity does\n`);
+    for (const [which, flags] of [['prompt', r.truncated], ['negative prompt', r.negativeTruncated]] as const) {
+      const cut = (flags ?? []).flatMap((t, i) => (t ? [i] : []));
+      if (cut.length) process.stderr.write(`note: ${which}(s) ${cut.join(', ')} exceed 511 T5 pieces and were truncated, as Infinity does\n`);
+    }
     const outDir = resolve(values.out);
     mkdirSync(outDir, { recursive: true });
     const images = r.images.map((img, b) => {

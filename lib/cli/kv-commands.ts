@@ -18,7 +18,7 @@ import { loadFromFlags, parseNumber, textOf } from './common.js';
 export const KV_USAGE: Record<string, string> = {
   plan: `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--policy SPEC] [--pn 1M] [--aspect H/W]
        [--dtype bf16|f32] [--k-dtype f32|bf16] [--text-tokens T] [--no-cfg] [--no-decode] [--no-text-encoder]
-       [--keep-text-encoder] [--device-memory 80GiB] [--json]
+       [--keep-text-encoder] [--negative-prompts] [--device-memory 80GiB] [--json]
       Exact peak device memory of a generation and its VAE decode, by category (weights, KV history, the shared
       current-scale scratch, activations), from a dry run of the loop on the 'count' backend; the caching
       allocator's reserved peak; the paper's KV accounting (history read by the last scale; --k-dtype f32 is the
@@ -26,7 +26,7 @@ export const KV_USAGE: Record<string, string> = {
       (block Linears and K/V, and the T5 encoder's Linears); --text-tokens defaults to the model's maximum prompt
       length (512). The T5 encoder (flan-t5-xl; the tiny model's own) is counted as generate runs it: loaded after
       the model, run on the prompts and freed before sampling (--keep-text-encoder: kept loaded, as a server does;
-      --no-text-encoder: precomputed features).
+      --no-text-encoder: precomputed features; --negative-prompts: one per prompt, encoded and attended to).
       examples:
         scalekv plan --preset infinity-2b --policy scalekv:10% --device-memory 80GiB
         scalekv plan --preset infinity-8b --batch 4 --policy full --json
@@ -107,6 +107,7 @@ export async function planCommand(argv: string[]): Promise<number> {
       'text-tokens': { type: 'string' },
       'no-text-encoder': { type: 'boolean', default: false },
       'keep-text-encoder': { type: 'boolean', default: false },
+      'negative-prompts': { type: 'boolean', default: false },
       json: { type: 'boolean', default: false },
     },
   });
@@ -128,6 +129,7 @@ export async function planCommand(argv: string[]): Promise<number> {
     // The tiny model's own T5; flan-t5-xl for the official presets (the planner's default).
     textEncoder: values['no-text-encoder'] ? (false as const) : values.preset === 'tiny' ? createTinyModel(0).t5.config : undefined,
     keepTextEncoder: values['keep-text-encoder'],
+    negativePrompts: values['negative-prompts'],
   };
   const p = await planMemory({ ...base, batch });
   const device = values['device-memory'] !== undefined ? parseBytes(values['device-memory']) : undefined;
@@ -233,6 +235,7 @@ export async function evalCommand(argv: string[]): Promise<number> {
       prompt: { type: 'string', multiple: true },
       weights: { type: 'string' },
       vae: { type: 'string' },
+      t5: { type: 'string' },
       text: { type: 'string' },
       preset: { type: 'string' },
       dtype: { type: 'string' },

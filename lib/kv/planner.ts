@@ -48,6 +48,8 @@ export interface PlanMemoryOptions {
   textEncoder?: T5Config | false;
   /** The encoder stays loaded through sampling (a server keeps it) instead of being freed after encoding. Default false. */
   keepTextEncoder?: boolean;
+  /** Every prompt has a negative prompt, encoded in the same T5 pass. Default false. */
+  negativePrompts?: boolean;
   /** K and V dtypes of the paper accounting line (the reference keeps K in f32). Default the model dtype. */
   paperKDtype?: PlanDtype;
   paperVDtype?: PlanDtype;
@@ -102,13 +104,17 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
     const vaeBytes = e.memory().inUse.weights - transformer;
     let textEncoder = 0;
     if (t5) {
+      // The encoder's Linears in the model dtype, as the Pipeline loads it when given one.
       encoder = await T5TextEncoder.allocate(e, t5, { dtype });
       textEncoder = encoder.weightBytes;
-      await encoder.encodeIds(new Int32Array(o.batch * textTokens), new Array<number>(o.batch).fill(textTokens));
+      // One prompt per image (an upper bound when images share a prompt), with its negative prompt when asked.
+      const prompts = o.batch * (o.negativePrompts ? 2 : 1);
+      await encoder.encodeIds(new Int32Array(prompts * textTokens), new Array<number>(prompts).fill(textTokens));
       if (!o.keepTextEncoder) encoder.dispose();
     }
     const text = { kv: new Float32Array(o.batch * textTokens * c.textChannels), lens: new Array<number>(o.batch).fill(textTokens) };
-    const r = await generate(model, { textFeatures: text, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
+    const negativeText = o.negativePrompts ? text : undefined;
+    const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
     if (vae) await decodeImage(vae, r.summedCodes);
     r.summedCodes.dispose();
     return { memory: e.memory(), transformer, vaeBytes, textEncoder };

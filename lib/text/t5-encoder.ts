@@ -158,9 +158,12 @@ export class T5TextEncoder {
       } else {
         const parts = [];
         for (const name of names) parts.push(toHostArray(await read(name), dt, `T5 weight ${name}`));
+        // bf16 checkpoint tensors arrive as raw bits, others as f32: stack like with like (f32 when mixed).
+        const bits = parts.every((p) => p instanceof Uint16Array);
+        if (!bits) for (let i = 0; i < parts.length; i++) if (parts[i] instanceof Uint16Array) parts[i] = toHostArray(await read(names[i]), 'f32', `T5 weight ${names[i]}`);
         let host = parts[0];
         if (parts.length > 1) {
-          const joined = dt === 'bf16' && parts.every((p) => p instanceof Uint16Array) ? new Uint16Array(rows * cols) : new Float32Array(rows * cols);
+          const joined = bits ? new Uint16Array(rows * cols) : new Float32Array(rows * cols);
           let at = 0;
           for (const p of parts) {
             joined.set(p as Float32Array & Uint16Array, at);
@@ -242,7 +245,8 @@ export class T5TextEncoder {
     for (let p = 0; p < lens.length; ) {
       let q = p + 1;
       let tokens = lens[p];
-      while (q < lens.length && tokens + lens[q] <= this.maxBatchTokens) tokens += lens[q++];
+      // A pass is also capped at the attention kernel's 65535 segments.
+      while (q < lens.length && q - p < 65535 && tokens + lens[q] <= this.maxBatchTokens) tokens += lens[q++];
       if (opts.signal?.aborted) throw new ScaleKVError('ERR_ABORTED', 'text encoding aborted', { cause: opts.signal.reason });
       const part = await this.#forward(ids.subarray(first, first + tokens), lens.slice(p, q));
       out.set(part, first * c.dModel);

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import type { Engine } from '../engine.js';
 import { SafetensorsFile } from '../safetensors.js';
 import { loadTextEncoder } from '../text/t5-encoder.js';
+import { T5_MAX_LENGTH, T5Tokenizer } from '../text/tokenizer.js';
 import { Check, diffCheck, relCheck } from './compare.js';
 
 /** The fixture's tolerance on kv: 1e-4 relative to max |kv| (fp32). */
@@ -27,8 +28,8 @@ export async function verifyTextEncoder(engine: Engine, manifest: TextEncoderMan
   }
   const encoder = await loadTextEncoder(dir, engine, { dtype: 'f32' });
   try {
-    const tokenizer = encoder.tokenizer;
-    const tokens = tokenizer!.encodeBatch(manifest.prompts);
+    const tokenizer = T5Tokenizer.fromFile(dir, { maxLength: manifest.max_length ?? T5_MAX_LENGTH });
+    const tokens = tokenizer.encodeBatch(manifest.prompts);
     const checks: Check[] = [
       diffCheck('ids', tokens.ids, want.ids, { note: `${manifest.prompts.length} prompts through tokenizer.json` }),
       diffCheck('lens', tokens.lens, want.lens, { note: tokens.truncated.some(Boolean) ? `truncated: prompts ${tokens.truncated.flatMap((t, i) => (t ? [i] : [])).join(', ')}` : undefined }),
