@@ -13,7 +13,15 @@
       "cflags!": ["-fno-exceptions"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
       "cflags_cc": ["-std=c++17", "-fexceptions", "-O3", "-Wall", "-Wextra"],
-      "xcode_settings": {"GCC_ENABLE_CPP_EXCEPTIONS": "YES", "CLANG_CXX_LANGUAGE_STANDARD": "c++17"}
+      "xcode_settings": {"GCC_ENABLE_CPP_EXCEPTIONS": "YES", "CLANG_CXX_LANGUAGE_STANDARD": "c++17"},
+      "variables": {"onednn%": "<!(node scripts/has-onednn.mjs)"},
+      "conditions": [
+        ["onednn==1", {
+          "defines": ["SCALEKV_ONEDNN", "SCALEKV_OPENMP"],
+          "cflags_cc": ["-fopenmp"],
+          "libraries": ["-ldnnl", "-fopenmp"]
+        }]
+      ]
     }
   ]
 }

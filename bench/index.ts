@@ -4,7 +4,9 @@
 // skips the Infinity-2B last-scale attention shapes (tens of seconds each on a CPU).
 import { parseArgs } from 'node:util';
 import { Bench } from 'tinybench';
-import { createEngine, Engine } from '../lib/engine.js';
+import { availableParallelism } from 'node:os';
+import { backendInfo, createEngine, Engine } from '../lib/engine.js';
+import { loadNative } from '../lib/native.js';
 import type { BackendChoice } from '../lib/engine.js';
 import { formatE2e, runE2e, E2eResult } from './e2e.js';
 
@@ -85,12 +87,22 @@ interface Row {
 
 // Device time of one engine op per call: the engine profiler brackets every op with timing marks (CUDA
 // events on the GPU, the host clock on CPU and emu), so this is kernel time, not the sync round trip.
+/** Device ms per call of `op` (or of its library path, e.g. 'gemm:onednn'), from the engine profiler. */
 async function timeKernel(engine: Engine, op: string, fn: () => Promise<void>, iterations: number): Promise<number> {
+  return (await timeKernelPath(engine, op, fn, iterations)).ms;
+}
+
+async function timeKernelPath(engine: Engine, op: string, fn: () => Promise<void>, iterations: number): Promise<{ ms: number; path: string }> {
   engine.startProfiling();
   await timeIt(op, fn, iterations);
-  const entry = (await engine.stopProfiling()).find((p) => p.op === op);
+  const entry = (await engine.stopProfiling()).find((p) => p.op === op || p.op.startsWith(`${op}:`));
   if (!entry || entry.count === 0) throw new Error(`bench: no profile entry for ${op}`);
-  return entry.ms / entry.count;
+  return { ms: entry.ms / entry.count, path: entry.op.includes(':') ? entry.op.split(':')[1] : 'builtin' };
+}
+
+/** GFLOP/s with, on the CPU, its share of the FMA peak measured at the start of this run. */
+function gflopsRate(gflops: number): string {
+  return `${gflops.toFixed(2)} GFLOP/s` + (fmaPeak ? ` (${((100 * gflops) / fmaPeak.gflops).toFixed(0)} % of f32 peak)` : '');
 }
 
 async function timeIt(name: string, fn: () => Promise<void> | void, iterations: number): Promise<number> {
@@ -118,7 +130,7 @@ async function attentionCase(e: Engine, rows: Row[], o: { pairs: number; heads: 
     await e.sync();
   }, o.iterations);
   const gflops = flops / ms / 1e6;
-  const row: Row = { kernel: 'attention', shape, impl: `${e.backend} kernel`, ms, rate: `${gflops.toFixed(2)} GFLOP/s` };
+  const row: Row = { kernel: 'attention', shape, impl: `${e.backend} kernel`, ms, rate: gflopsRate(gflops) };
   rows.push(row);
   if (o.naive) {
     const nk = hist + lc;
@@ -264,7 +276,7 @@ async function segmentAttentionCase(e: Engine, rows: Row[], o: { prompts: number
     await e.sync();
   }, o.iterations);
   const gflops = flops / ms / 1e6;
-  const row: Row = { kernel: 'segmentAttention', shape, impl: `${e.backend} kernel`, ms, rate: `${gflops.toFixed(2)} GFLOP/s` };
+  const row: Row = { kernel: 'segmentAttention', shape, impl: `${e.backend} kernel`, ms, rate: gflopsRate(gflops) };
   rows.push(row);
   if (o.naive) {
     const outA = new Float32Array(T * H * c);
@@ -308,14 +320,66 @@ async function gatedActivationCase(e: Engine, rows: Row[], o: { tokens: number; 
 
 if (values.only && values.only !== 'kernels' && values.only !== 'e2e') throw new Error(`--only takes kernels or e2e`);
 const engine = await createEngine({ backend: values.backend as BackendChoice });
+let fmaPeak: { gflops: number; isa: string } | undefined;
 const rows: Row[] = [];
 let e2e: E2eResult | undefined;
 try {
   process.stderr.write(`scalekv bench on ${engine.backend}: ${engine.device}\n`);
+  if (engine.backend === 'cpu') {
+    fmaPeak = loadNative().measureFmaPeak(availableParallelism(), 1.0);
+    process.stderr.write(`f32 FMA peak of this machine, measured now: ${fmaPeak.gflops.toFixed(1)} GFLOP/s (${fmaPeak.isa}, ${availableParallelism()} threads); cpu library: ${backendInfo().cpu.library ?? 'builtin kernels'}\n`);
+  }
   if (values.only !== 'e2e') await kernelCases();
   if (values.only !== 'kernels') e2e = await runE2e(engine, { iterations: engine.backend === 'emu' ? 1 : 5 });
 } finally {
   engine.dispose();
+}
+
+function naiveGemm(x: Float32Array, w: Float32Array, m: number, n: number, k: number, y: Float32Array) {
+  for (let i = 0; i < m; i++)
+    for (let j = 0; j < n; j++) {
+      let acc = 0;
+      for (let p = 0; p < k; p++) acc += x[i * k + p] * w[j * k + p];
+      y[i * n + j] = acc;
+    }
+}
+
+async function gemmCase(e: Engine, rows: Row[], o: { m: number; n: number; k: number; dtype: 'f32' | 'bf16'; what: string; naive: boolean; iterations: number }) {
+  const shape = `${o.m} x ${o.n} x ${o.k} (${o.what}), ${o.dtype}`;
+  const xa = rand(o.m * o.k, 21);
+  const wa = rand(o.n * o.k, 22);
+  const x = e.tensor(xa, [o.m, o.k], o.dtype);
+  const w = e.tensor(wa, [o.n, o.k], o.dtype);
+  const y = e.empty([o.m, o.n], 'f32');
+  const flop = 2 * o.m * o.n * o.k;
+  const { ms, path } = await timeKernelPath(e, 'gemm', async () => {
+    e.ops.gemm({ x, w, y });
+    await e.sync();
+  }, o.iterations);
+  const row: Row = { kernel: 'gemm', shape, impl: `${e.backend} ${path}`, ms, rate: gflopsRate(flop / ms / 1e6) };
+  rows.push(row);
+  if (o.naive) {
+    const ya = new Float32Array(o.m * o.n);
+    const nms = await timeIt('naive', () => naiveGemm(xa, wa, o.m, o.n, o.k, ya), 2);
+    row.ratio = `${(nms / ms).toFixed(1)}×`;
+    rows.push({ kernel: 'gemm', shape, impl: 'naive JS', ms: nms, rate: `${(flop / nms / 1e6).toFixed(2)} GFLOP/s` });
+  }
+  for (const t of [x, w, y]) t.dispose();
+}
+
+async function conv2dCase(e: Engine, rows: Row[], o: { channels: number; out: number; size: number; k: number; what: string; iterations: number }) {
+  const shape = `[1, ${o.channels}, ${o.size}, ${o.size}] ${o.k}x${o.k} -> ${o.out} (${o.what}), f32`;
+  const input = e.tensor(rand(o.channels * o.size * o.size, 31), [1, o.channels, o.size, o.size], 'f32');
+  const weight = e.tensor(rand(o.out * o.channels * o.k * o.k, 32), [o.out, o.channels, o.k, o.k], 'f32');
+  const bias = e.tensor(rand(o.out, 33), [o.out], 'f32');
+  const out = e.empty([1, o.out, o.size, o.size], 'f32');
+  const flop = 2 * o.out * o.channels * o.k * o.k * o.size * o.size;
+  const { ms, path } = await timeKernelPath(e, 'conv2d', async () => {
+    e.ops.conv2d({ input, weight, bias, out });
+    await e.sync();
+  }, o.iterations);
+  rows.push({ kernel: 'conv2d', shape, impl: `${e.backend} ${path}`, ms, rate: gflopsRate(flop / ms / 1e6) });
+  for (const t of [input, weight, bias, out]) t.dispose();
 }
 
 async function kernelCases() {
@@ -333,11 +397,25 @@ async function kernelCases() {
   await segmentAttentionCase(engine, rows, { prompts: 8, tokens: 64, heads: 32, c: 64, naive: true, iterations: t5Iterations });
   await segmentAttentionCase(engine, rows, { prompts: 1, tokens: 512, heads: 32, c: 64, naive: false, iterations: t5Iterations });
   await gatedActivationCase(engine, rows, { tokens: 512, F: 5120 });
+  // Infinity-2B's block Linears at the last scale (4096 tokens a row, C 2048, FFN 8192), and the d32 VAE's convolutions.
+  const heavy = engine.backend === 'cuda' ? 20 : 2;
+  await gemmCase(engine, rows, { m: 64, n: 512, k: 512, dtype: 'f32', what: 'small', naive: true, iterations: 5 });
+  if (!values.quick) {
+    for (const dtype of ['f32', 'bf16'] as const) {
+      await gemmCase(engine, rows, { m: 4096, n: 6144, k: 2048, dtype, what: '2B mat_qkv', naive: false, iterations: heavy });
+      await gemmCase(engine, rows, { m: 4096, n: 8192, k: 2048, dtype, what: '2B ffn.fc1', naive: false, iterations: heavy });
+      await gemmCase(engine, rows, { m: 4096, n: 2048, k: 8192, dtype, what: '2B ffn.fc2', naive: false, iterations: heavy });
+    }
+    await conv2dCase(engine, rows, { channels: 512, out: 512, size: 64, k: 3, what: 'VAE d32 mid', iterations: heavy });
+    await conv2dCase(engine, rows, { channels: 256, out: 256, size: 256, k: 3, what: 'VAE d32 up', iterations: heavy });
+  }
+  await conv2dCase(engine, rows, { channels: 64, out: 64, size: 64, k: 3, what: 'tiny VAE', iterations: 5 });
 }
 
 if (values.json) {
-  process.stdout.write(JSON.stringify({ backend: engine.backend, device: engine.device, rows, e2e }, null, 2) + '\n');
+  process.stdout.write(JSON.stringify({ backend: engine.backend, device: engine.device, fmaPeak, cpuLibrary: backendInfo().cpu.library, rows, e2e }, null, 2) + '\n');
 } else if (rows.length) {
+  if (fmaPeak) process.stdout.write(`f32 FMA peak (measured in this run): ${fmaPeak.gflops.toFixed(1)} GFLOP/s (${fmaPeak.isa}); cpu library: ${backendInfo().cpu.library ?? 'builtin kernels'}\n`);
   const header = ['kernel', 'shape', 'impl', 'ms per call', 'rate', 'vs naive'];
   const table = rows.map((r) => [r.kernel, r.shape, r.impl, r.ms.toFixed(3), r.rate, r.ratio ?? '']);
   const widths = header.map((h, i) => Math.max(h.length, ...table.map((row) => row[i].length)));

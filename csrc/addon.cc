@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "../kernels/backend.h"
+#include "../kernels/cpu/fma_peak.h"
+#include "../kernels/cpu/onednn.h"
 #include "../kernels/cpu/numeric.h"
 #include "engine_core.h"
 #include "op_table.h"
@@ -651,6 +653,25 @@ Napi::Value JsTensor::GetDisposed(const Napi::CallbackInfo& info) { return Napi:
 
 // ------------------------------------------------------------------------------------------------ module
 
+// The library the CPU backend's GEMM and convolution run on ("" for the builtin kernels).
+Napi::Value CpuLibrary(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), cpu::onednn::available() ? "oneDNN " + cpu::onednn::version() : std::string());
+}
+
+// measureFmaPeak(threads, seconds): the machine's f32 FMA peak in GFLOP/s (benchmarks only: blocks the caller).
+Napi::Value MeasureFmaPeak(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int threads = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 1;
+  const double seconds = info.Length() > 1 && info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : 0.5;
+  if (threads < 1 || threads > 1024 || !(seconds > 0 && seconds <= 60))
+    throw_coded(env, "ERR_INVALID_ARG", "measureFmaPeak: threads must be in [1, 1024] and seconds in (0, 60]");
+  const cpu::FmaPeak p = cpu::measure_fma_peak(threads, seconds);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("gflops", p.gflops);
+  o.Set("isa", p.isa);
+  return o;
+}
+
 Napi::Value Backends(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Array a = Napi::Array::New(env);
@@ -691,6 +712,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeEngine", JsEngine::Init(env));
   exports.Set("NativeTensor", JsTensor::Init(env));
   exports.Set("backends", Napi::Function::New(env, Backends));
+  exports.Set("cpuLibrary", Napi::Function::New(env, CpuLibrary));
+  exports.Set("measureFmaPeak", Napi::Function::New(env, MeasureFmaPeak));
   exports.Set("cudaProbe", Napi::Function::New(env, CudaProbe));
   exports.Set("opTable", Napi::Function::New(env, OpTable));
   return exports;

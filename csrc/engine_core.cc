@@ -227,8 +227,9 @@ void EngineCore::run() {
         Backend::TimingMark start = backend_->mark_time();
         op.launch ? op.launch(*backend_) : op.fn();
         Backend::TimingMark end = backend_->mark_time();
+        const char* label = backend_->take_profile_label();
         std::lock_guard<std::mutex> lock(profile_mu_);
-        timed_.push_back({op.name, std::move(start), std::move(end)});
+        timed_.push_back({label ? label : op.name, std::move(start), std::move(end)});
       } else {
         op.launch ? op.launch(*backend_) : op.fn();
       }

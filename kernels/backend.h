@@ -458,6 +458,10 @@ class Backend {
   // Waits for all queued work and throws the first error raised by it (then clears it).
   virtual void synchronize() = 0;
 
+  // The profile label of the op that just ran when it differs from the op's own (a library path, e.g.
+  // "gemm:onednn"), else null; the queue asks once after each profiled op.
+  virtual const char* take_profile_label() { return nullptr; }
+
   // A timestamp taken when the queue reaches it: a CUDA event recorded on the stream, or the host clock on
   // backends that execute in place. `elapsed_ms(a, b)` is valid once both have completed (after synchronize).
   using TimingMark = std::shared_ptr<void>;

@@ -29,7 +29,8 @@ const OTHER_USAGE: Record<string, string> = {
         scalekv inspect infinity_vae_d32_reg.pth --prefix vae.
 `,
   info: `  info [--json]
-      Backends built into the addon, and whether a CUDA device is usable.
+      Backends built into the addon, whether a CUDA device is usable, and what the CPU GEMM and convolution run
+      on (oneDNN, or the builtin kernels).
       examples:
         scalekv info --json
 `,
@@ -141,7 +142,10 @@ function info(argv: string[]): number {
   const i = backendInfo();
   if (values.json) process.stdout.write(JSON.stringify(i, null, 2) + '\n');
   else
-    process.stdout.write(`backends built: ${i.built.join(', ')}\ncuda device: ${i.cuda.available ? 'available' : `unavailable (${i.cuda.reason})`}\n`);
+    process.stdout.write(
+      `backends built: ${i.built.join(', ')}\ncuda device: ${i.cuda.available ? 'available' : `unavailable (${i.cuda.reason})`}\n` +
+        `cpu gemm and conv2d: ${i.cpu.library ?? 'builtin kernels (oneDNN was not found at build: apt-get install libdnnl-dev, then npm install)'}\n`,
+    );
   return 0;
 }
 

@@ -61,9 +61,16 @@ function resolveChoice(opts: EngineOptions): BackendChoice {
 }
 
 /** Which backends this build of the addon contains, and whether a CUDA device is usable now. */
-export function backendInfo(): { built: BackendName[]; cuda: { available: boolean; reason: string } } {
+export interface BackendInfo {
+  built: BackendName[];
+  cuda: { available: boolean; reason: string };
+  /** What the CPU backend's GEMM and convolution run on: oneDNN (with its version and ISA) or the builtin kernels. */
+  cpu: { library: string | null };
+}
+
+export function backendInfo(): BackendInfo {
   const addon = loadNative();
-  return { built: addon.backends() as BackendName[], cuda: addon.cudaProbe() };
+  return { built: addon.backends() as BackendName[], cuda: addon.cudaProbe(), cpu: { library: addon.cpuLibrary() || null } };
 }
 
 /**

@@ -67,6 +67,10 @@ export interface NativeAddon {
   NativeEngine: new (backend: string, threads: number) => NativeEngine;
   NativeTensor: new () => NativeTensor;
   backends(): string[];
+  /** The library the CPU backend's GEMM and convolution run on, e.g. 'oneDNN 2.6.3 (...)'; '' for the builtin kernels. */
+  cpuLibrary(): string;
+  /** The machine's f32 FMA peak over `threads` threads, measured for `seconds` (blocks the caller; benchmarks). */
+  measureFmaPeak(threads: number, seconds: number): { gflops: number; isa: string };
   cudaProbe(): { available: boolean; reason: string };
   opTable(): OpDeclaration[];
   path: string;

@@ -41,6 +41,7 @@ if (has('cmake')) {
   writeFileSync(logFile, '');
   const args = ['rebuild', '--out', 'build-cmake', `--CDSCALEKV_EMU=${emu ? 'ON' : 'OFF'}`];
   if (process.env.SCALEKV_CUDA === '0') args.push('--CDSCALEKV_CUDA=OFF');
+  if (process.env.SCALEKV_ONEDNN === '0') args.push('--CDSCALEKV_ONEDNN=OFF');
   const jobs = process.env.SCALEKV_BUILD_JOBS;
   if (jobs) args.push('--parallel', jobs);
   const r = run(bin('cmake-js'), args, logFile);
@@ -55,6 +56,10 @@ if (has('cmake')) {
     const notes = [];
     if (!backends.includes('cuda')) notes.push('nvcc not found: CPU-only build');
     if (emuWanted && !boostContext) notes.push('emu backend skipped: install libboost-context-dev');
+    const cpuLibrary = readFileSync(join(root, 'build-cmake', 'cpu-library.txt'), 'utf8').trim();
+    if (cpuLibrary !== 'onednn')
+      notes.push(process.env.SCALEKV_ONEDNN === '0' ? 'oneDNN disabled (SCALEKV_ONEDNN=0): builtin CPU GEMM and convolution'
+        : 'oneDNN not found (apt-get install libdnnl-dev): builtin CPU GEMM and convolution, several times slower');
     console.log(`scalekv: built the native addon with cmake-js, backends: ${backends.join(', ')}` +
       (notes.length ? ` (${notes.join('; ')})` : ''));
     process.exit(0);

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-// Smoke test of a built addon file (the node-gyp CPU build in CI): one attention, one compaction and one
-// selection on the CPU backend, each checked against a direct computation. Exit 1 on any mismatch.
+// Smoke test of a built addon file (the node-gyp CPU build in CI): one attention, one compaction, one selection
+// and one GEMM on the CPU backend, each checked against a direct computation, and the CPU library the build reports
+// (SCALEKV_EXPECT_LIBRARY=none: none; =onednn: oneDNN). Exit 1 on any mismatch.
 import { createRequire } from 'node:module';
 import { resolve } from 'node:path';
 
@@ -39,9 +40,25 @@ const kept = engine.tensor('i32', [1, 1, 3], null);
 engine.selection({ logits, windowKeys: T(new Int32Array([5]), [1], 'i32'), out: kept, budget: 3, mode: 'logits', pooling: 'none', kernel: 1 });
 check('selection', Array.from(new Int32Array(await kept.read())).join() === '0,2,5');
 
+const [M, N, K] = [5, 6, 7];
+const gx = Float32Array.from({ length: M * K }, (_, i) => Math.sin(0.3 * i));
+const gw = Float32Array.from({ length: N * K }, (_, i) => Math.cos(0.2 * i));
+const gy = engine.tensor('f32', [M, N], null, 'activations', 0xff);
+engine.gemm({ x: T(gx, [M, K]), w: T(gw, [N, K]), y: gy, epilogue: 'none' });
+const gemmOut = new Float32Array(await gy.read());
+let gemmErr = 0;
+for (let i = 0; i < M; i++)
+  for (let j = 0; j < N; j++) gemmErr = Math.max(gemmErr, Math.abs(gemmOut[i * N + j] - gx.subarray(i * K, i * K + K).reduce((acc, x, p) => acc + x * gw[j * K + p], 0)));
+check(`gemm (max error ${gemmErr})`, gemmErr < 1e-5);
+
+const library = addon.cpuLibrary();
+const expected = process.env.SCALEKV_EXPECT_LIBRARY;
+if (expected === 'none') check(`built without a CPU library (reports '${library}')`, library === '');
+if (expected === 'onednn') check(`built with oneDNN (reports '${library}')`, library.startsWith('oneDNN'));
+
 engine.dispose();
 if (failures.length) {
   console.error(`smoke ${path}: FAILED ${failures.join(', ')}`);
   process.exit(1);
 }
-console.log(`smoke ${path}: attention, evictCompact and selection ok`);
+console.log(`smoke ${path}: attention, evictCompact, selection and gemm ok; cpu library: ${library || 'none (builtin kernels)'}`);

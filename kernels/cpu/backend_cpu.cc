@@ -8,6 +8,7 @@
 
 #include "../backend.h"
 #include "../host_clock.h"
+#include "onednn.h"
 #include "ops.h"
 #include "thread_pool.h"
 #include "transformer_ops.h"
@@ -41,7 +42,10 @@ class CpuBackend final : public Backend {
   void attention(const AttentionArgs& a) override { cpu::attention(pool_, a); }
   void evict_compact(const EvictCompactArgs& a) override { cpu::evict_compact(pool_, a); }
   void selection(const SelectionArgs& a) override { cpu::selection(pool_, a); }
-  void gemm(const GemmArgs& a) override { cpu::gemm(pool_, a); }
+  void gemm(const GemmArgs& a) override {
+    if (cpu::onednn::gemm(a, pool_.size())) label_ = "gemm:onednn";
+    else cpu::gemm(pool_, a);
+  }
   void layer_norm(const LayerNormArgs& a) override { cpu::layer_norm(pool_, a); }
   void rms_norm(const RmsNormArgs& a) override { cpu::rms_norm(pool_, a); }
   void gated_activation(const GatedActivationArgs& a) override { cpu::gated_activation(pool_, a); }
@@ -55,7 +59,10 @@ class CpuBackend final : public Backend {
   void sample_bits(const SampleBitsArgs& a) override { cpu::sample_bits(pool_, a); }
   void bits_to_codes(const BitsToCodesArgs& a) override { cpu::bits_to_codes(pool_, a); }
   void resize_bilinear(const ResizeBilinearArgs& a) override { cpu::resize_bilinear(pool_, a); }
-  void conv2d(const Conv2dArgs& a) override { cpu::conv2d(pool_, a); }
+  void conv2d(const Conv2dArgs& a) override {
+    if (cpu::onednn::conv2d(a, pool_.size())) label_ = "conv2d:onednn";
+    else cpu::conv2d(pool_, a);
+  }
   void group_norm(const GroupNormArgs& a) override { cpu::group_norm(pool_, a); }
   void upsample_nearest2x(const UpsampleNearest2xArgs& a) override { cpu::upsample_nearest2x(pool_, a); }
   void pixel_shuffle2x(const PixelShuffle2xArgs& a) override { cpu::pixel_shuffle2x(pool_, a); }
@@ -70,7 +77,14 @@ class CpuBackend final : public Backend {
 
 
  private:
+  const char* take_profile_label() override {
+    const char* label = label_;
+    label_ = nullptr;
+    return label;
+  }
+
   cpu::ThreadPool pool_;
+  const char* label_ = nullptr;  // set by an op that took a library path, for the profile
 };
 
 }  // namespace

@@ -1,10 +1,46 @@
 #include "thread_pool.h"
 
 #include <algorithm>
+#include <atomic>
 
 namespace scalekv::cpu {
 
-ThreadPool::ThreadPool(int threads) {
+#ifdef SCALEKV_OPENMP
+
+ThreadPool::ThreadPool(int threads) : threads_(std::max(1, threads)) {}
+ThreadPool::~ThreadPool() = default;
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  if (threads_ == 1 || n <= grain) {
+    fn(0, n);
+    return;
+  }
+  // About four chunks per thread balances uneven work; chunks are claimed from a shared counter.
+  const int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, int64_t(threads_) * 4);
+  const int64_t chunk = (n + chunks - 1) / chunks;
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mu;
+#pragma omp parallel num_threads(threads_)
+  for (;;) {
+    const int64_t begin = next.fetch_add(chunk);
+    if (begin >= n) break;
+    try {
+      fn(begin, std::min(n, begin + chunk));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!error) error = std::current_exception();
+      next.store(n);
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+#else
+
+ThreadPool::ThreadPool(int threads) : threads_(std::max(1, threads)) {
   const int extra = std::max(0, threads - 1);
   workers_.reserve(extra);
   for (int i = 0; i < extra; ++i) workers_.emplace_back([this] { worker_loop(); });
@@ -87,5 +123,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
   }
   if (error) std::rethrow_exception(error);
 }
+
+#endif
 
 }  // namespace scalekv::cpu

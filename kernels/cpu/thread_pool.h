@@ -1,5 +1,7 @@
 // A fixed pool for intra-op parallelism on the CPU backend. One op runs at a time (the engine's queue is
-// ordered), so parallel_for is called from a single thread and blocks until every chunk is done.
+// ordered), so parallel_for is called from a single thread and blocks until every chunk is done. Built with
+// oneDNN (SCALEKV_OPENMP), the pool is OpenMP's team, the one oneDNN's kernels run on: one set of threads in
+// the process, never two pools competing for the cores.
 #pragma once
 
 #include <condition_variable>
@@ -19,7 +21,7 @@ class ThreadPool {
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
+  int size() const { return threads_; }
 
   // Calls fn(begin, end) over [0, n) in chunks of at least `grain`; the caller takes part. The first
   // exception thrown by any chunk is rethrown here after all chunks finish.
@@ -29,7 +31,8 @@ class ThreadPool {
   void worker_loop();
   void run_chunks();
 
-  std::vector<std::thread> workers_;
+  int threads_;
+  std::vector<std::thread> workers_;  // empty with SCALEKV_OPENMP
   std::mutex mu_;
   std::condition_variable wake_, done_;
   const std::function<void(int64_t, int64_t)>* job_ = nullptr;
