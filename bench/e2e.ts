@@ -15,7 +15,6 @@ export const FAMILIES: Record<string, string> = {
   segment_attention: 'self-attention',
   cross_attention: 'cross-attention',
   gemm: 'linear (GEMM)',
-  'gemm:onednn': 'linear (GEMM)',
   layer_norm: 'norms',
   rms_norm: 'norms',
   group_norm: 'norms',
@@ -35,7 +34,6 @@ export const FAMILIES: Record<string, string> = {
   pixel_shuffle2x: 'codes + resize',
   pixel_unshuffle2x: 'codes + resize',
   conv2d: 'VAE conv',
-  'conv2d:onednn': 'VAE conv',
   upsample_nearest2x: 'VAE upsample',
   image_to_u8: 'VAE upsample',
   evict_compact: 'KV eviction',
@@ -94,7 +92,7 @@ export async function runE2e(engine: Engine, opts: { iterations: number }): Prom
       const family = FAMILIES[p.op] ?? p.op;
       const f = byFamily.get(family) ?? { ms: 0, ops: new Set<string>() };
       f.ms += p.ms;
-      f.ops.add(p.op);
+      f.ops.add(p.path ? `${p.op}:${p.path}` : p.op);
       byFamily.set(family, f);
     }
     const total = [...byFamily.values()].reduce((a, f) => a + f.ms, 0);

@@ -95,9 +95,9 @@ async function timeKernel(engine: Engine, op: string, fn: () => Promise<void>, i
 async function timeKernelPath(engine: Engine, op: string, fn: () => Promise<void>, iterations: number): Promise<{ ms: number; path: string }> {
   engine.startProfiling();
   await timeIt(op, fn, iterations);
-  const entry = (await engine.stopProfiling()).find((p) => p.op === op || p.op.startsWith(`${op}:`));
+  const entry = (await engine.stopProfiling()).find((p) => p.op === op);
   if (!entry || entry.count === 0) throw new Error(`bench: no profile entry for ${op}`);
-  return { ms: entry.ms / entry.count, path: entry.op.includes(':') ? entry.op.split(':')[1] : 'builtin' };
+  return { ms: entry.ms / entry.count, path: entry.path ?? 'kernel' };
 }
 
 /** GFLOP/s with, on the CPU, its share of the FMA peak measured at the start of this run. */

@@ -15,6 +15,7 @@
 
 #include "../kernels/backend.h"
 #include "../kernels/cpu/fma_peak.h"
+#include "../kernels/cpu/isa.h"
 #include "../kernels/cpu/onednn.h"
 #include "../kernels/cpu/numeric.h"
 #include "engine_core.h"
@@ -672,6 +673,9 @@ Napi::Value MeasureFmaPeak(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// The instruction-set level the CPU backend's own kernels run at (avx512, avx2 or generic; SCALEKV_CPU_ISA caps it).
+Napi::Value CpuIsa(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), cpu::isa_name(cpu::isa_level())); }
+
 Napi::Value Backends(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Array a = Napi::Array::New(env);
@@ -713,6 +717,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeTensor", JsTensor::Init(env));
   exports.Set("backends", Napi::Function::New(env, Backends));
   exports.Set("cpuLibrary", Napi::Function::New(env, CpuLibrary));
+  exports.Set("cpuIsa", Napi::Function::New(env, CpuIsa));
   exports.Set("measureFmaPeak", Napi::Function::New(env, MeasureFmaPeak));
   exports.Set("cudaProbe", Napi::Function::New(env, CudaProbe));
   exports.Set("opTable", Napi::Function::New(env, OpTable));

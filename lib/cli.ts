@@ -144,7 +144,8 @@ function info(argv: string[]): number {
   else
     process.stdout.write(
       `backends built: ${i.built.join(', ')}\ncuda device: ${i.cuda.available ? 'available' : `unavailable (${i.cuda.reason})`}\n` +
-        `cpu gemm and conv2d: ${i.cpu.library ?? 'builtin kernels (oneDNN was not found at build: apt-get install libdnnl-dev, then npm install)'}\n`,
+        `cpu gemm and conv2d: ${i.cpu.library ?? 'builtin kernels (oneDNN was not found at build: apt-get install libdnnl-dev, then npm install)'}\n` +
+        `cpu kernels' instruction set: ${i.cpu.isa}\n`,
     );
   return 0;
 }

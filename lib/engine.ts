@@ -42,7 +42,10 @@ export interface MemoryStats {
 
 /** One op's share of a profile: its backend name (e.g. 'gemm', 'conv2d'), how often it ran, total milliseconds. */
 export interface OpProfileEntry {
+  /** The op's kernel name ('gemm', 'attention', ...). */
   op: string;
+  /** The library path it took when not the backend's own kernel (the CPU's 'onednn'); one entry per path. */
+  path?: string;
   count: number;
   ms: number;
 }
@@ -64,13 +67,16 @@ function resolveChoice(opts: EngineOptions): BackendChoice {
 export interface BackendInfo {
   built: BackendName[];
   cuda: { available: boolean; reason: string };
-  /** What the CPU backend's GEMM and convolution run on: oneDNN (with its version and ISA) or the builtin kernels. */
-  cpu: { library: string | null };
+  /**
+   * The CPU backend: what its GEMM and convolution run on (oneDNN with its version and ISA, or null: the builtin
+   * kernels), and the instruction-set level its own kernels were dispatched to at load (SCALEKV_CPU_ISA caps it).
+   */
+  cpu: { library: string | null; isa: 'avx512' | 'avx2' | 'generic' };
 }
 
 export function backendInfo(): BackendInfo {
   const addon = loadNative();
-  return { built: addon.backends() as BackendName[], cuda: addon.cudaProbe(), cpu: { library: addon.cpuLibrary() || null } };
+  return { built: addon.backends() as BackendName[], cuda: addon.cudaProbe(), cpu: { library: addon.cpuLibrary() || null, isa: addon.cpuIsa() as 'avx512' | 'avx2' | 'generic' } };
 }
 
 /**
@@ -180,7 +186,10 @@ export class Engine implements TensorOwner {
     const raw = this.native.profile();
     this.native.setProfiling(false);
     return Object.entries(raw)
-      .map(([op, p]) => ({ op, count: p.count, ms: p.ms }))
+      .map(([label, p]) => {
+        const [op, path] = label.split(':');
+        return path ? { op, path, count: p.count, ms: p.ms } : { op, count: p.count, ms: p.ms };
+      })
       .sort((a, b) => b.ms - a.ms);
   }
 

@@ -69,6 +69,8 @@ export interface NativeAddon {
   backends(): string[];
   /** The library the CPU backend's GEMM and convolution run on, e.g. 'oneDNN 2.6.3 (...)'; '' for the builtin kernels. */
   cpuLibrary(): string;
+  /** The instruction-set level of the CPU backend's own kernels: 'avx512', 'avx2' or 'generic'. */
+  cpuIsa(): string;
   /** The machine's f32 FMA peak over `threads` threads, measured for `seconds` (blocks the caller; benchmarks). */
   measureFmaPeak(threads: number, seconds: number): { gflops: number; isa: string };
   cudaProbe(): { available: boolean; reason: string };
@@ -91,6 +93,10 @@ let cached: NativeAddon | undefined;
 
 export function loadNative(): NativeAddon {
   if (cached) return cached;
+  // libgomp (oneDNN's OpenMP runtime, which runs the CPU ops' threads) reads this when the addon loads. Its default
+  // lets idle workers spin up to 300000 times (milliseconds) after every op, which on a few cores takes the CPU
+  // from the event loop and from other processes; a short spin then sleep is what the engine's own pool did.
+  if (process.env.OMP_WAIT_POLICY === undefined && process.env.GOMP_SPINCOUNT === undefined) process.env.GOMP_SPINCOUNT = '10000';
   const require = createRequire(import.meta.url);
   const tried: string[] = [];
   for (const path of addonCandidates()) {

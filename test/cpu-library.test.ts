@@ -25,7 +25,7 @@ const round = (a, dt) => (dt === 'bf16' ? a.map((x) => bf16BitsToF32(f32ToBf16Bi
 const e = await createEngine({ backend: 'cpu', threads: 2 });
 const result = {};
 const rel = (got, ref) => { let err = 0, mx = 0; for (let i = 0; i < ref.length; i++) { err = Math.max(err, Math.abs(got[i] - ref[i])); mx = Math.max(mx, Math.abs(ref[i])); } return err / mx; };
-const label = async (op, run) => { e.startProfiling(); run(); await e.sync(); return (await e.stopProfiling()).find((p) => p.op.startsWith(op)).op; };
+const label = async (op, run) => { e.startProfiling(); run(); await e.sync(); const p = (await e.stopProfiling()).find((p) => p.op === op); return p.path ? op + ':' + p.path : op; };
 const [M, N, K] = [37, 70, 129];
 for (const [xd, wd] of [['f32', 'f32'], ['bf16', 'bf16'], ['f32', 'bf16']]) {
   const x = round(rand(M * K), xd), w = round(rand(N * K), wd), b = rand(N);
@@ -75,5 +75,65 @@ test('the library path and the builtin kernels both match float64; the profiler 
     t.deepEqual(Object.values(withLibrary).map((r) => r.path), ['gemm:onednn', 'gemm:onednn', 'gemm', 'conv2d:onednn']);
   } else {
     t.log('NOTICE: this build has no oneDNN: only the builtin kernels were checked');
+  }
+});
+
+// attention with a gathered history, the current scale and observation-window logits, on seeded inputs; returns
+// the output's and the window logits' max error against float64, and the window logits' bits.
+const ATTENTION_PROBE = `
+import { createEngine, backendInfo } from './lib/engine.ts';
+let s = Number(process.argv[1]) >>> 0 || 1;
+const rand = (n) => Float32Array.from({ length: n }, () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 31 - 1));
+const e = await createEngine({ backend: 'cpu', threads: 2 });
+const [R, H, Lq, cap, histLen, nG, Lc, D] = [2, 3, 70, 90, 80, 45, 37, 72];
+const scale = 1 / Math.sqrt(D);
+const q = rand(R * H * Lq * D), hk = rand(R * H * cap * D), hv = rand(R * H * cap * D), ck = rand(R * H * Lc * D), cv = rand(R * H * Lc * D);
+const gather = Int32Array.from({ length: R * H * nG }, (_, i) => (i * 7919) % histLen);
+const rowsW = Int32Array.from([0, 33, 69]);
+const T = (a, shape) => e.tensor(a, shape, 'f32');
+const out = e.empty([R, H, Lq, D], 'f32', { fillByte: 0xff });
+const nK = nG + Lc;
+const logits = e.empty([R, H, 3, nK], 'f32', { fillByte: 0xff });
+e.ops.attention({ q: T(q, [R, H, Lq, D]), history: { k: T(hk, [R, H, cap, D]), v: T(hv, [R, H, cap, D]), len: histLen, gather },
+  current: { k: T(ck, [R, H, Lc, D]), v: T(cv, [R, H, Lc, D]) }, out, scale, window: { rows: rowsW, logits } });
+const got = await out.read(), gotW = await logits.read();
+let err = 0, mx = 0, werr = 0;
+for (let r = 0; r < R; r++) for (let h = 0; h < H; h++) {
+  const rh = r * H + h;
+  const key = (j, arr, carr) => (j < nG ? arr.subarray((rh * cap + gather[rh * nG + j]) * D, (rh * cap + gather[rh * nG + j] + 1) * D) : carr.subarray((rh * Lc + j - nG) * D, (rh * Lc + j - nG + 1) * D));
+  for (let i = 0; i < Lq; i++) {
+    const qi = q.subarray((rh * Lq + i) * D, (rh * Lq + i + 1) * D);
+    const sc = Array.from({ length: nK }, (_, j) => { const k = key(j, hk, ck); let a = 0; for (let d = 0; d < D; d++) a += qi[d] * k[d]; return a * scale; });
+    const m = Math.max(...sc), p = sc.map((x) => Math.exp(x - m)), z = p.reduce((a, b) => a + b, 0);
+    for (let d = 0; d < D; d++) {
+      let o = 0;
+      for (let j = 0; j < nK; j++) o += (p[j] / z) * key(j, hv, cv)[d];
+      err = Math.max(err, Math.abs(o - got[(rh * Lq + i) * D + d])); mx = Math.max(mx, Math.abs(o));
+    }
+    const w = Array.from(rowsW).indexOf(i);
+    if (w >= 0) for (let j = 0; j < nK; j++) werr = Math.max(werr, Math.abs(sc[j] - gotW[(rh * 3 + w) * nK + j]));
+  }
+}
+e.dispose();
+console.log(JSON.stringify({ isa: backendInfo().cpu.isa, err: err / mx, werr, windowBits: Array.from(new Uint32Array(gotW.buffer)).reduce((h, x) => (Math.imul(h, 31) + x) >>> 0, 7) }));
+`;
+
+test('attention at every instruction-set level this machine has: each within f32 error of float64, window logits bit-identical', (t) => {
+  const seed = seedFor(t);
+  const run = (isa: string) => {
+    const r = spawnSync(process.execPath, ['--import=tsx', '--input-type=module', '-e', ATTENTION_PROBE, String(seed)], {
+      encoding: 'utf8', env: { ...process.env, SCALEKV_CPU_ISA: isa }, timeout: 120_000,
+    });
+    if (r.status !== 0) throw new Error(r.stderr);
+    return JSON.parse(r.stdout) as { isa: string; err: number; werr: number; windowBits: number };
+  };
+  const levels = ['generic', 'avx2', 'avx512'].map(run);
+  const seen = new Set(levels.map((l) => l.isa));
+  t.log(`levels run: ${[...seen].join(', ')} (this machine's highest: ${backendInfo().cpu.isa})`);
+  t.true(seen.has('generic') && seen.has(backendInfo().cpu.isa));
+  for (const l of levels) {
+    t.true(l.err <= 1e-5, `${l.isa}: output error ${l.err}`);
+    t.true(l.werr <= 1e-5, `${l.isa}: window logits error ${l.werr}`);
+    t.is(l.windowBits, levels[0].windowBits, `${l.isa}: the window logits (what ScaleKV ranks) are the same bits at every level`);
   }
 });

@@ -1,0 +1,32 @@
+// Math the CPU kernels' vector loops can call: branch-free, so a loop over it vectorises at whatever instruction
+// set the caller is compiled for (isa.h).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "isa.h"
+
+namespace scalekv::cpu {
+
+// Cephes' expf without branches: 2^n * p(r), r = x - n ln 2; 0 below the f32 range (exp(-inf) = 0 exactly).
+SKV_ALWAYS_INLINE float exp_poly(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+}  // namespace scalekv::cpu
