@@ -1,13 +1,7 @@
-// Flash-style attention on the CPU: for each (row, head) and block of kQueryBlock queries, stream the keys of
-// [history (optionally gathered) ‖ current] in tiles of kKeyTile, keeping a running max and sum per query (online
-// softmax), so K/V are read once per query block and nothing of size Lq x n_keys is materialised.
-//
-// Per key tile the K rows are staged transposed ([Dp][kKeyTile] f32) and V as rows ([kKeyTile][Dp]), Dp = head_dim
-// rounded up to kLanes with zeros. Both products are register-blocked: scores as 4 queries x 32 keys and P V as 4
-// queries x 32 channels, 8 vector accumulators over a fixed-size inner loop that the compiler keeps in registers.
-// exp is a branch-free polynomial (Cephes' expf, within 2 ulp), so the softmax vectorises as well. The block runs
-// at the CPU's widest level (isa.h). The observation-window logits keep the scalar dot product in key order: the
-// ScaleKV selection ranks them, and its reference ties must be reproduced exactly.
+// Attention on the CPU: for each (row, head) and block of queries, the flash body of flash_attention.h over the
+// keys of [history (optionally gathered) ‖ current], at the CPU's instruction-set level (isa.h). The
+// observation-window logits keep the scalar dot product in key order: the ScaleKV selection ranks them, and its
+// reference ties must be reproduced exactly.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -15,19 +9,15 @@
 #include <string>
 #include <vector>
 
+#include "flash_attention.h"
 #include "isa.h"
-#include "vector_math.h"
 #include "ops.h"
 #include "tensor_view.h"
 
 namespace scalekv::cpu {
 namespace {
 
-constexpr int kQueryBlock = 128;  // queries per task (a multiple of kQueryTile): K/V tiles staged once serve them all
 constexpr int kKeyBlock = 64;    // keys per tile (window scores)
-constexpr int kKeyTile = 64;     // keys per tile (output), a multiple of kLanes
-constexpr int kQueryTile = 4;    // register tile: queries
-constexpr int kLanes = 32;       // register tile: keys (scores) or channels (P V)
 
 struct KeySource {
   const AttentionArgs& a;
@@ -56,103 +46,23 @@ struct KeySource {
   }
 };
 
-// Scratch of one task, sized for head_dim rounded up to kLanes.
-struct Scratch {
-  int dp;
-  std::vector<float> q, kt, v, s, o, key;
-  explicit Scratch(int d)
-      : dp((d + kLanes - 1) / kLanes * kLanes), q(size_t(kQueryBlock) * dp), kt(size_t(dp) * kKeyTile),
-        v(size_t(kKeyTile) * dp), s(size_t(kQueryBlock) * kKeyTile), o(size_t(kQueryBlock) * dp), key(size_t(2) * d) {}
+// The output rows of one (row, head) for the flash body: queries q0.. of the block, keys [history ‖ current].
+struct AttentionRows {
+  const AttentionArgs& a;
+  const KeySource& src;
+  int64_t rh;
+  int q0;
+  int head_dim() const { return a.head_dim; }
+  float scale() const { return a.scale; }
+  int keys() const { return a.n_keys(); }
+  void load_query(int i, float* dst) const { load_row_f32(a.q, a.dtype, rh * a.lq + q0 + i, a.head_dim, dst); }
+  void load_key(int j, float* k, float* v) const { src.load_key(j, k, v); }
+  float bias(int, int) const { return 0.0f; }
+  void store(int i, const float* o) const { store_row_f32(a.out, a.dtype, rh * a.lq + q0 + i, a.head_dim, o); }
 };
 
 SKV_ALWAYS_INLINE void attend_block_impl(const AttentionArgs& a, const KeySource& src, int64_t rh, int q0, int nq, Scratch& w) {
-  const int D = a.head_dim, Dp = w.dp;
-  const int n_keys = a.n_keys();
-  const int nq4 = (nq + kQueryTile - 1) / kQueryTile * kQueryTile;
-  float m[kQueryBlock], l[kQueryBlock];
-  std::fill(w.q.begin(), w.q.end(), 0.0f);
-  for (int i = 0; i < nq; ++i) {
-    // The softmax scale is folded into q once.
-    float* qi = w.q.data() + size_t(i) * Dp;
-    load_row_f32(a.q, a.dtype, rh * a.lq + q0 + i, D, qi);
-    for (int d = 0; d < D; ++d) qi[d] *= a.scale;
-  }
-  for (int i = 0; i < nq4; ++i) {
-    m[i] = -std::numeric_limits<float>::infinity();
-    l[i] = 0.0f;
-  }
-  std::fill(w.o.begin(), w.o.end(), 0.0f);
-  std::fill(w.kt.begin(), w.kt.end(), 0.0f);
-  std::fill(w.v.begin(), w.v.end(), 0.0f);
-  float* kt = w.kt.data();
-  float* vt = w.v.data();
-  for (int j0 = 0; j0 < n_keys; j0 += kKeyTile) {
-    const int nk = std::min(kKeyTile, n_keys - j0);
-    for (int t = 0; t < nk; ++t) {
-      src.load_key(j0 + t, w.key.data(), vt + size_t(t) * Dp);
-      for (int d = 0; d < D; ++d) kt[size_t(d) * kKeyTile + t] = w.key[d];
-    }
-    if (nk < kKeyTile) {  // the last tile: stale keys past nk are zeroed (their scores are masked below)
-      for (int d = 0; d < D; ++d) std::fill(kt + size_t(d) * kKeyTile + nk, kt + size_t(d + 1) * kKeyTile, 0.0f);
-      std::fill(vt + size_t(nk) * Dp, vt + size_t(kKeyTile) * Dp, 0.0f);
-    }
-    // Scores: 4 queries x 32 keys per register tile, over the channels.
-    for (int i0 = 0; i0 < nq4; i0 += kQueryTile) {
-      for (int t0 = 0; t0 < kKeyTile; t0 += kLanes) {
-        float acc[kQueryTile][kLanes] = {};
-        for (int d = 0; d < Dp; ++d) {
-          const float* kr = kt + size_t(d) * kKeyTile + t0;
-          for (int ii = 0; ii < kQueryTile; ++ii) {
-            const float qv = w.q[size_t(i0 + ii) * Dp + d];
-            for (int tt = 0; tt < kLanes; ++tt) acc[ii][tt] += qv * kr[tt];
-          }
-        }
-        for (int ii = 0; ii < kQueryTile; ++ii)
-          for (int tt = 0; tt < kLanes; ++tt)
-            w.s[size_t(i0 + ii) * kKeyTile + t0 + tt] = t0 + tt < nk ? acc[ii][tt] : -std::numeric_limits<float>::infinity();
-      }
-    }
-    // Online softmax: rescale what was accumulated, turn scores into weights.
-    for (int i = 0; i < nq4; ++i) {
-      float* si = w.s.data() + size_t(i) * kKeyTile;
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < kKeyTile; ++t) block_max = std::max(block_max, si[t]);
-      const float m_new = std::max(m[i], block_max);
-      const float correction = exp_poly(m[i] - m_new);  // 0 on the first tile
-      float sum = 0.0f;
-      for (int t = 0; t < kKeyTile; ++t) {
-        si[t] = exp_poly(si[t] - m_new);
-        sum += si[t];
-      }
-      float* oi = w.o.data() + size_t(i) * Dp;
-      for (int d = 0; d < Dp; ++d) oi[d] *= correction;
-      l[i] = l[i] * correction + sum;
-      m[i] = m_new;
-    }
-    // P V: 4 queries x 32 channels per register tile, over the keys.
-    for (int i0 = 0; i0 < nq4; i0 += kQueryTile) {
-      for (int d0 = 0; d0 < Dp; d0 += kLanes) {
-        float acc[kQueryTile][kLanes];
-        for (int ii = 0; ii < kQueryTile; ++ii)
-          for (int dd = 0; dd < kLanes; ++dd) acc[ii][dd] = w.o[size_t(i0 + ii) * Dp + d0 + dd];
-        for (int t = 0; t < kKeyTile; ++t) {
-          const float* vr = vt + size_t(t) * Dp + d0;
-          for (int ii = 0; ii < kQueryTile; ++ii) {
-            const float p = w.s[size_t(i0 + ii) * kKeyTile + t];
-            for (int dd = 0; dd < kLanes; ++dd) acc[ii][dd] += p * vr[dd];
-          }
-        }
-        for (int ii = 0; ii < kQueryTile; ++ii)
-          for (int dd = 0; dd < kLanes; ++dd) w.o[size_t(i0 + ii) * Dp + d0 + dd] = acc[ii][dd];
-      }
-    }
-  }
-  for (int i = 0; i < nq; ++i) {
-    float* oi = w.o.data() + size_t(i) * Dp;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    for (int d = 0; d < D; ++d) oi[d] *= inv;
-    store_row_f32(a.out, a.dtype, rh * a.lq + q0 + i, D, oi);
-  }
+  flash_attend_rows(AttentionRows{a, src, rh, q0}, nq, w);
 }
 
 SKV_TARGET_AVX512 void attend_block_avx512(const AttentionArgs& a, const KeySource& src, int64_t rh, int q0, int nq, Scratch& w) {
