@@ -4,7 +4,6 @@
 // reference ties must be reproduced exactly.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>

@@ -26,13 +26,14 @@ constexpr int kKeyTile = 64;      // keys per tile, a multiple of kLanes
 constexpr int kQueryTile = 4;     // register tile: queries
 constexpr int kLanes = 32;        // register tile: keys (scores) or channels (P V)
 
-// Scratch of one task, sized for head_dim rounded up to kLanes.
+// Scratch of one task, sized for head_dim rounded up to kLanes. `key` stages one K row before it is transposed
+// (V rows load straight into `v`).
 struct Scratch {
   int dp;
   std::vector<float> q, kt, v, s, o, key;
   explicit Scratch(int d)
       : dp((d + kLanes - 1) / kLanes * kLanes), q(size_t(kQueryBlock) * dp), kt(size_t(dp) * kKeyTile),
-        v(size_t(kKeyTile) * dp), s(size_t(kQueryBlock) * kKeyTile), o(size_t(kQueryBlock) * dp), key(size_t(2) * d) {}
+        v(size_t(kKeyTile) * dp), s(size_t(kQueryBlock) * kKeyTile), o(size_t(kQueryBlock) * dp), key(size_t(d)) {}
 };
 
 template <class Rows>
