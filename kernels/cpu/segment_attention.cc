@@ -48,10 +48,9 @@ struct SegmentRows {
   }
 };
 
-SKV_ALWAYS_INLINE void block_impl(const SegmentRows& rows, int nq, Scratch& w) { flash_attend_rows(rows, nq, w); }
-SKV_TARGET_AVX512 void block_avx512(const SegmentRows& rows, int nq, Scratch& w) { block_impl(rows, nq, w); }
-SKV_TARGET_AVX2 void block_avx2(const SegmentRows& rows, int nq, Scratch& w) { block_impl(rows, nq, w); }
-void block_generic(const SegmentRows& rows, int nq, Scratch& w) { block_impl(rows, nq, w); }
+SKV_TARGET_AVX512 void block_avx512(const SegmentRows& rows, int nq, Scratch& w) { flash_attend_rows<16>(rows, nq, w); }
+SKV_TARGET_AVX2 void block_avx2(const SegmentRows& rows, int nq, Scratch& w) { flash_attend_rows<8>(rows, nq, w); }
+void block_generic(const SegmentRows& rows, int nq, Scratch& w) { flash_attend_rows<4>(rows, nq, w); }
 
 }  // namespace
 

@@ -12,9 +12,12 @@
 namespace scalekv::cpu {
 
 // Cephes' expf without branches: 2^n * p(r), r = x - n ln 2; 0 below the f32 range (exp(-inf) = 0 exactly).
+// n is x / ln 2 rounded to nearest by adding and subtracting 1.5 * 2^23 (|x / ln 2| < 128 is far inside the 2^22
+// this needs): std::floor would be a libm call that keeps GCC from vectorising the loops that call this.
 SKV_ALWAYS_INLINE float exp_poly(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   const float xc = std::min(std::max(x, -87.3f), 88.3f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
