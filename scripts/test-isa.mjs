@@ -9,7 +9,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-// The suites of the ops with per-level kernels: attention, segmentAttention, crossAttention, groupNorm.
+// The suites of the ops with per-level kernels: attention, segmentAttention, crossAttention, layerNorm, groupNorm.
 const suites = ['test/attention.test.ts', 'test/segment-attention.test.ts', 'test/transformer-ops.test.ts', 'test/latent-ops.test.ts'];
 const addon = ['build-cmake/Release/scalekv.node', 'build/Release/scalekv.node'].map((p) => join(root, p)).find(existsSync);
 if (!addon) {

@@ -2,21 +2,21 @@
 // the biases, L2-normalise q and k (F.normalize) and scale q by exp(min(scale_mul, ln 100)), rotate q and k
 // by the 2-D RoPE of the token's (y, x) grid position, and write q to [B,H,L,c] and k/v into the cache
 // [B,H,cap,c] at kv_offset. The rotation follows apply_rotary_emb: angle tables in f32 (inv_freq as torch
-// computes it), x0' = x0 cos - x1 sin, x1' = x1 cos + x0 sin. Cost: ~12*B*L*H*c FLOP + B*L*c/2 sin/cos.
+// computes it), x0' = x0 cos - x1 sin, x1' = x1 cos + x0 sin. Cost: ~12*B*L*H*c FLOP; sin/cos once per distinct
+// row or column position of the scale.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "tensor_view.h"
 #include "transformer_ops.h"
+#include "vector_math.h"
 
 namespace scalekv::cpu {
 namespace {
 
 void normalize(float* x, int c, float mul) {
-  float sq = 0.0f;
-  for (int d = 0; d < c; ++d) sq += x[d] * x[d];
-  const float denom = std::max(std::sqrt(sq), 1e-12f);
+  const float denom = std::max(std::sqrt(sum_sq_lanes(x, c, 0.0f)), 1e-12f);
   for (int d = 0; d < c; ++d) x[d] = x[d] / denom * mul;
 }
 
@@ -27,6 +27,28 @@ void rotate(float* x, const float* cos_t, const float* sin_t, int pairs) {
     x[2 * p + 1] = x1 * cos_t[p] + x0 * sin_t[p];
   }
 }
+
+// cos and sin of value * inv_freq[i] for every distinct value one coordinate (y or x) takes: a scale has at most
+// a few dozen rows and columns, so this replaces two libm calls per pair and token with a lookup (same bits).
+struct AngleTable {
+  std::vector<int32_t> values;  // sorted, distinct
+  std::vector<float> cos_t, sin_t;  // [values][quarter]
+  AngleTable(const int32_t* positions, int tokens, int coord, const std::vector<float>& inv_freq) {
+    const int quarter = int(inv_freq.size());
+    for (int l = 0; l < tokens; ++l) values.push_back(positions[2 * l + coord]);
+    std::sort(values.begin(), values.end());
+    values.erase(std::unique(values.begin(), values.end()), values.end());
+    cos_t.resize(values.size() * quarter);
+    sin_t.resize(values.size() * quarter);
+    for (size_t v = 0; v < values.size(); ++v)
+      for (int i = 0; i < quarter; ++i) {
+        const float theta = float(values[v]) * inv_freq[i];
+        cos_t[v * quarter + i] = std::cos(theta);
+        sin_t[v * quarter + i] = std::sin(theta);
+      }
+  }
+  size_t row(int32_t value) const { return size_t(std::lower_bound(values.begin(), values.end(), value) - values.begin()); }
+};
 
 }  // namespace
 
@@ -39,17 +61,20 @@ void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
   if (a.scale_mul) {
     for (int h = 0; h < H; ++h) q_mul[h] = std::exp(std::min(a.scale_mul[h], std::log(100.0f)));
   }
+  std::vector<AngleTable> angles;  // y, x
+  if (a.positions)
+    for (int coord = 0; coord < 2; ++coord) angles.emplace_back(a.positions, L, coord, inv_freq);
   pool.parallel_for(int64_t(a.batch) * L, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> q(c), k(c), v(c), cos_t(pairs), sin_t(pairs);
     for (int64_t bl = begin; bl < end; ++bl) {
       const int64_t b = bl / L;
       const int l = int(bl % L);
       if (a.positions) {
-        const float y = float(a.positions[2 * l]), x = float(a.positions[2 * l + 1]);
-        for (int p = 0; p < pairs; ++p) {
-          const float theta = (p < quarter ? y : x) * inv_freq[p % quarter];
-          cos_t[p] = std::cos(theta);
-          sin_t[p] = std::sin(theta);
+        for (int coord = 0; coord < 2; ++coord) {  // pairs [0, quarter) rotate by y, [quarter, pairs) by x
+          const AngleTable& t = angles[coord];
+          const size_t at = t.row(a.positions[2 * l + coord]) * quarter;
+          std::copy_n(t.cos_t.data() + at, quarter, cos_t.data() + coord * quarter);
+          std::copy_n(t.sin_t.data() + at, quarter, sin_t.data() + coord * quarter);
         }
       }
       for (int h = 0; h < H; ++h) {

@@ -1,5 +1,5 @@
-// RMS norm (T5LayerNorm) on the CPU: one row per iteration, loaded as f32; the mean of squares in f32, in
-// channel order; x * rsqrt(.) rounded to a bf16 weight's dtype before the weight, as HF casts.
+// RMS norm (T5LayerNorm) on the CPU: one row per iteration, loaded as f32; the mean of squares in f32 (vector
+// partial sums); x * rsqrt(.) rounded to a bf16 weight's dtype before the weight, as HF casts.
 // Cost: ~4*rows*C FLOP, reads rows*C elements once, writes them once.
 #include <cmath>
 #include <vector>
@@ -7,6 +7,7 @@
 #include "numeric.h"
 #include "tensor_view.h"
 #include "transformer_ops.h"
+#include "vector_math.h"
 
 namespace scalekv::cpu {
 
@@ -17,9 +18,7 @@ void rms_norm(ThreadPool& pool, const RmsNormArgs& a) {
     load_row_f32(a.weight, a.weight_dtype, 0, C, w.data());
     for (int64_t r = begin; r < end; ++r) {
       load_row_f32(a.x, a.x_dtype, r, C, v.data());
-      float sq = 0.0f;
-      for (int c = 0; c < C; ++c) sq += v[c] * v[c];
-      const float inv = 1.0f / std::sqrt(sq / float(C) + a.eps);
+      const float inv = 1.0f / std::sqrt(sum_sq_lanes(v.data(), C, 0.0f) / float(C) + a.eps);
       for (int c = 0; c < C; ++c) {
         float n = v[c] * inv;
         if (a.weight_dtype == DType::bf16) n = bf16_to_f32(f32_to_bf16(n));

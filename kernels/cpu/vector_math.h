@@ -33,3 +33,35 @@ SKV_ALWAYS_INLINE float exp_poly(float x) {
 }
 
 }  // namespace scalekv::cpu
+
+namespace scalekv::cpu {
+
+// Sums over a row in kSumLanes interleaved partial sums: a fixed-size inner loop the compiler keeps in vector
+// registers at the caller's instruction-set level (a sequential sum is one dependent add per element). The order
+// differs from a sequential sum by the usual f32 reassociation error.
+constexpr int kSumLanes = 16;
+
+SKV_ALWAYS_INLINE float sum_lanes(const float* x, int n) {
+  float part[kSumLanes] = {};
+  int i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int j = 0; j < kSumLanes; ++j) part[j] += x[i + j];
+  float s = 0.0f;
+  for (; i < n; ++i) s += x[i];
+  for (float p : part) s += p;
+  return s;
+}
+
+// sum of (x - centre)^2
+SKV_ALWAYS_INLINE float sum_sq_lanes(const float* x, int n, float centre) {
+  float part[kSumLanes] = {};
+  int i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int j = 0; j < kSumLanes; ++j) part[j] += (x[i + j] - centre) * (x[i + j] - centre);
+  float s = 0.0f;
+  for (; i < n; ++i) s += (x[i] - centre) * (x[i] - centre);
+  for (float p : part) s += p;
+  return s;
+}
+
+}  // namespace scalekv::cpu
