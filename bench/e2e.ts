@@ -2,7 +2,7 @@
 // loop -> VAE decode -> pixels), and each op family's share of the time from one profiled run (device time of
 // every op between timing marks: CUDA events on the GPU).
 import { Bench } from 'tinybench';
-import type { Engine } from '../lib/engine.js';
+import type { Engine, OpProfileEntry } from '../lib/engine.js';
 import { decodeImage, generate } from '../lib/model/generate.js';
 import { InfinityModel } from '../lib/model/infinity.js';
 import { scaleSchedule } from '../lib/model/schedule.js';
@@ -39,6 +39,19 @@ export const FAMILIES: Record<string, string> = {
   evict_compact: 'KV eviction',
   selection: 'KV selection',
 };
+
+/** Profile entries summed per op family (FAMILIES), largest first; `ops` names each op with its library path. */
+export function opFamilies(entries: OpProfileEntry[]): { family: string; ms: number; ops: string[] }[] {
+  const byFamily = new Map<string, { ms: number; ops: Set<string> }>();
+  for (const p of entries) {
+    const family = FAMILIES[p.op] ?? p.op;
+    const f = byFamily.get(family) ?? { ms: 0, ops: new Set<string>() };
+    f.ms += p.ms;
+    f.ops.add(p.path ? `${p.op}:${p.path}` : p.op);
+    byFamily.set(family, f);
+  }
+  return [...byFamily.entries()].map(([family, f]) => ({ family, ms: f.ms, ops: [...f.ops] })).sort((a, b) => b.ms - a.ms);
+}
 
 export interface E2eResult {
   msPerImage: number;
@@ -86,25 +99,15 @@ export async function runE2e(engine: Engine, opts: { iterations: number }): Prom
     const memory = engine.memory();
     engine.startProfiling();
     await oneImage(12345);
-    const profile = await engine.stopProfiling();
-    const byFamily = new Map<string, { ms: number; ops: Set<string> }>();
-    for (const p of profile) {
-      const family = FAMILIES[p.op] ?? p.op;
-      const f = byFamily.get(family) ?? { ms: 0, ops: new Set<string>() };
-      f.ms += p.ms;
-      f.ops.add(p.path ? `${p.op}:${p.path}` : p.op);
-      byFamily.set(family, f);
-    }
-    const total = [...byFamily.values()].reduce((a, f) => a + f.ms, 0);
+    const families = opFamilies(await engine.stopProfiling());
+    const total = families.reduce((a, f) => a + f.ms, 0);
     return {
       msPerImage: r.latency.mean,
       samplingMsPerImage: sampling / Math.max(1, runs),
       peakBytes: memory.totalPeak,
       reservedPeakBytes: memory.reservedPeak,
       peakByCategory: memory.peak,
-      families: [...byFamily.entries()]
-        .map(([family, f]) => ({ family, ms: f.ms, share: f.ms / total, ops: [...f.ops] }))
-        .sort((a, b) => b.ms - a.ms),
+      families: families.map((f) => ({ ...f, share: f.ms / total })),
     };
   } finally {
     model.dispose();
