@@ -262,8 +262,9 @@ struct ImageToU8Args {
 enum class Epilogue : int32_t { none = 0, gelu_tanh = 1, silu = 2 };
 
 // gemm: y[m, n] = epilogue(sum_k x[m, k] * w[n, k] + bias[n]) (PyTorch Linear layout), f32 accumulation.
-// x/w: both f32, both bf16, or f32 x with bf16 w; bias (optional) f32 or bf16; y f32 or bf16. y must not
-// alias x, w or bias.
+// x/w: both f32, both bf16, or f32 x with bf16 w — then x is rounded to bf16 (nearest even) before the product,
+// as PyTorch's bf16 autocast casts a Linear's input, so every product is bf16 x bf16 (tensor cores, AVX512-BF16);
+// bias (optional) f32 or bf16; y f32 or bf16. y must not alias x, w or bias.
 struct GemmArgs {
   int m = 0, n = 0, k = 0;
   DType x_dtype = DType::f32, w_dtype = DType::f32, bias_dtype = DType::f32, y_dtype = DType::f32;

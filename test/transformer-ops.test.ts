@@ -53,7 +53,8 @@ for (const backend of testBackends()) {
         const ty = e.empty([...lead, c.n], c.y, { fillByte: 0xff });
         e.ops.gemm({ x: tx, w: tw, bias: tb, y: ty, epilogue: c.epilogue });
         const got = await f32(ty);
-        const ref = gemmRef(x, w, bias, c.m, c.n, c.k, c.epilogue);
+        // f32 x against bf16 w: the op rounds x to bf16 first (autocast's Linear).
+        const ref = gemmRef(c.w === 'bf16' ? roundTo('bf16')(x) : x, w, bias, c.m, c.n, c.k, c.epilogue);
         if (c.y === 'f32') {
           let worst = 0;
           for (let i = 0; i < got.length; i++) worst = Math.max(worst, Math.abs(got[i] - ref.y[i]) / (1e-5 * ref.mag[i] + 1e-6));

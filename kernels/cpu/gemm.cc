@@ -16,10 +16,12 @@ namespace {
 constexpr int MR = 4, NR = 16;          // micro-tile: 4 x 16 f32 accumulators
 constexpr int MC = 64, NC = 128, KC = 256;  // cache blocks: packed x 64 KiB, packed w 128 KiB
 
-// Loads x[row, k0 : k0 + kc] as f32.
-inline void load_slice(const void* base, DType dtype, int64_t row, int64_t ld, int k0, int kc, float* dst) {
+// Loads x[row, k0 : k0 + kc] as f32 (rounded through bf16 with `round_bf16`: f32 x against bf16 w).
+inline void load_slice(const void* base, DType dtype, int64_t row, int64_t ld, int k0, int kc, float* dst, bool round_bf16 = false) {
   if (dtype == DType::f32) {
     std::memcpy(dst, static_cast<const float*>(base) + row * ld + k0, sizeof(float) * kc);
+    if (round_bf16)
+      for (int i = 0; i < kc; ++i) dst[i] = bf16_to_f32(f32_to_bf16(dst[i]));
   } else {
     const uint16_t* src = static_cast<const uint16_t*>(base) + row * ld + k0;
     for (int i = 0; i < kc; ++i) dst[i] = bf16_to_f32(src[i]);
@@ -47,7 +49,7 @@ void gemm_tile(const GemmArgs& a, int m0, int n0, std::vector<float>& xa, std::v
     // x rows padded to a multiple of MR with zeros so the micro-kernel never branches.
     for (int i = 0; i < (mc + MR - 1) / MR * MR; ++i) {
       float* dst = xa.data() + int64_t(i) * KC;
-      if (i < mc) load_slice(a.x, a.x_dtype, m0 + i, a.k, k0, kc, dst);
+      if (i < mc) load_slice(a.x, a.x_dtype, m0 + i, a.k, k0, kc, dst, a.w_dtype == DType::bf16);
       else std::fill(dst, dst + kc, 0.0f);
     }
     // w panel q holds columns n0 + q*NR .. +NR as [kc][NR]; columns past N are zero.

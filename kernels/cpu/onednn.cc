@@ -1,21 +1,27 @@
 // The CPU backend's GEMM and convolution through oneDNN (Debian's libdnnl), when the build found it
 // (SCALEKV_ONEDNN): its JIT kernels run the machine's widest FMA (AVX-512, AMX/bf16 where present) at a large
 // fraction of peak, which a handwritten kernel here would have to re-derive per ISA. Primitives are created
-// once per shape and kept in a small LRU cache (creation JITs code: milliseconds). Anything oneDNN does not
-// take (f32 activations with bf16 weights, K = 0, bf16 convolutions) returns false and runs the builtin kernel.
+// once per shape and kept in a small LRU cache (creation JITs code: milliseconds). f32 activations with bf16
+// weights run as PyTorch's autocast does: x rounded to bf16, then the bf16 x bf16 product (oneDNN 2.x has no
+// mixed matmul). Anything oneDNN does not take (K = 0, bf16 convolutions) returns false and runs the builtin kernel.
 #include "onednn.h"
 
 #ifdef SCALEKV_ONEDNN
 #include <omp.h>
+#include <sys/mman.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
-
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <string>
 #include <unordered_map>
 #include <utility>
+
+#include "isa.h"
 #endif
 
 namespace scalekv::cpu::onednn {
@@ -71,22 +77,87 @@ class LruCache {
   std::unordered_map<std::string, typename std::list<std::pair<std::string, Value>>::iterator> index_;
 };
 
+// A buffer kept by one thread across calls and grown as needed (never shrunk): the blocked copies, packed weights
+// and scratchpads of the big shapes are tens of megabytes, and a fresh allocation per call paid its page faults on
+// every call (two thirds of the VAE convolution at 128 x 512 x 512). Per thread, so engines on several threads
+// never share one. Transparent huge pages where the kernel offers them: at 4 KiB pages the big convolutions ran
+// 10-40 % slower (TLB misses over the blocked copies).
+class Workspace {
+ public:
+  Workspace() = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace() { std::free(data_); }
+
+  void* get(size_t bytes) {
+    if (bytes <= size_) return data_;
+    std::free(data_);
+    size_ = 0;
+    const size_t align = bytes >= kHugePage ? kHugePage : 64;
+    const size_t rounded = (bytes + align - 1) / align * align;
+    data_ = std::aligned_alloc(align, rounded);
+    if (!data_) throw BackendError(StatusCode::out_of_memory, "cpu (oneDNN): cannot allocate a " + std::to_string(bytes) + "-byte workspace");
+#ifdef MADV_HUGEPAGE
+    if (align == kHugePage) madvise(data_, rounded, MADV_HUGEPAGE);
+#endif
+    size_ = rounded;
+    return data_;
+  }
+
+ private:
+  static constexpr size_t kHugePage = size_t(2) << 20;
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// The calling thread's workspaces, one per role within a call (a call takes every one before it runs anything).
+struct Workspaces {
+  Workspace src, weights, dst, scratchpad;
+};
+Workspaces& thread_workspaces() {
+  thread_local Workspaces w;
+  return w;
+}
+
+memory in_workspace(const memory::desc& d, Workspace& w) { return memory(d, cpu_engine(), w.get(d.get_size())); }
+
 dnnl::primitive_attr epilogue_attr(Epilogue e) {
   dnnl::primitive_attr attr;
   dnnl::post_ops ops;
   if (e == Epilogue::gelu_tanh) ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_gelu_tanh, 0.0f, 0.0f);
   if (e == Epilogue::silu) ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_swish, 1.0f, 0.0f);
   attr.set_post_ops(ops);
-  // Each call brings its own scratchpad: engines on several threads may run one cached primitive at once.
+  // Scratchpads come from the calling thread's workspace: engines on several threads may run one cached primitive at once.
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return attr;
 }
+
+// A reorder from `from` to `to`, cached with the op that uses it (creation JITs too), its scratchpad the caller's.
+struct Reorder {
+  dnnl::reorder prim;
+  memory::desc scratchpad;
+  bool needed = false;
+
+  Reorder() = default;
+  Reorder(const memory::desc& from, const memory::desc& to) : needed(from != to) {
+    if (!needed) return;
+    const dnnl::reorder::primitive_desc pd(cpu_engine(), from, cpu_engine(), to, epilogue_attr(Epilogue::none));
+    prim = dnnl::reorder(pd);
+    scratchpad = pd.scratchpad_desc();
+  }
+  void run(dnnl::stream& s, const memory& from, const memory& to, void* scratch) const {
+    prim.execute(s, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, memory(scratchpad, cpu_engine(), scratch)}});
+  }
+};
 
 // `supported` false: oneDNN declined the case at creation (remembered, so the builtin runs without asking again).
 struct Matmul {
   bool supported = true;
   dnnl::matmul prim;
   memory::desc src, weights, bias, dst, scratchpad;
+  memory::desc user_weights;  // w [N, K] as stored
+  Reorder pack_weights;
+  size_t scratch_bytes = 0;  // the largest of the matmul's and the reorder's scratchpads (they run one after the other)
 };
 
 struct Convolution {
@@ -94,6 +165,8 @@ struct Convolution {
   dnnl::convolution_forward prim;
   memory::desc src, weights, bias, dst, scratchpad;  // the primitive's own (blocked) layouts
   memory::desc user_src, user_weights, user_dst;  // NCHW / OIHW as the tensors are stored
+  Reorder to_src, to_weights, from_dst;
+  size_t scratch_bytes = 0;
 };
 
 // SCALEKV_ONEDNN=0 in the environment at load keeps the builtin kernels (comparisons, and a way around a bad library).
@@ -121,6 +194,29 @@ void run_checked(const char* op, Run run) {
   }
 }
 
+// f32 -> bf16, round to nearest even (NaN stays a quiet NaN), as f32_to_bf16 in numeric.h and torch's autocast;
+// branch-free so the compiler vectorises it at each ISA level (not vcvtneps2bf16: it flushes subnormals).
+SKV_ALWAYS_INLINE void round_to_bf16_impl(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    const uint32_t rounded = (bits & 0x7fffffffu) > 0x7f800000u ? bits | 0x00400000u : bits + 0x7fffu + ((bits >> 16) & 1u);
+    y[i] = static_cast<uint16_t>(rounded >> 16);
+  }
+}
+SKV_TARGET_AVX512 void round_to_bf16_avx512(const float* x, uint16_t* y, int64_t n) { round_to_bf16_impl(x, y, n); }
+SKV_TARGET_AVX2 void round_to_bf16_avx2(const float* x, uint16_t* y, int64_t n) { round_to_bf16_impl(x, y, n); }
+void round_to_bf16_generic(const float* x, uint16_t* y, int64_t n) { round_to_bf16_impl(x, y, n); }
+
+void round_to_bf16(const float* x, uint16_t* y, int64_t n, int threads) {
+  const IsaLevel level = isa_level();
+  const auto round = level == IsaLevel::avx512 ? round_to_bf16_avx512 : level == IsaLevel::avx2 ? round_to_bf16_avx2 : round_to_bf16_generic;
+  constexpr int64_t kChunk = int64_t(1) << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) round(x + c * kChunk, y + c * kChunk, std::min(kChunk, n - c * kChunk));
+}
+
 }  // namespace
 
 bool available() { return enabled(); }
@@ -141,23 +237,34 @@ std::string version() {
 }
 
 bool gemm(const GemmArgs& a, int threads) {
-  // oneDNN 2.x has no f32 x bf16 matmul; and a product over K = 0 is just the bias (the builtin handles it).
-  if (!enabled() || a.x_dtype != a.w_dtype || a.m <= 0 || a.n <= 0 || a.k <= 0) return false;
+  // f32 x with bf16 w: x is rounded to bf16 first (below). A product over K = 0 is just the bias (the builtin handles it).
+  const bool round_x = a.x_dtype == DType::f32 && a.w_dtype == DType::bf16;
+  if (!enabled() || (a.x_dtype != a.w_dtype && !round_x) || a.m <= 0 || a.n <= 0 || a.k <= 0) return false;
   static LruCache<Matmul> cache;
   const std::string key = std::to_string(a.m) + "x" + std::to_string(a.n) + "x" + std::to_string(a.k) + "/" +
-                          std::to_string(int(a.x_dtype)) + std::to_string(int(a.y_dtype)) +
+                          std::to_string(int(a.w_dtype)) + std::to_string(int(a.y_dtype)) +
                           std::to_string(a.bias ? int(a.bias_dtype) : -1) + std::to_string(int(a.epilogue));
   Matmul& mm = cache.get(key, [&] {
     Matmul m;
     try {
-      m.src = memory::desc({a.m, a.k}, to_dnnl(a.x_dtype), tag::ab);
-      m.weights = memory::desc({a.k, a.n}, to_dnnl(a.w_dtype), tag::ba);  // w [N, K] row-major is K x N column-major
+      const dt w_dt = to_dnnl(a.w_dtype);
+      m.src = memory::desc({a.m, a.k}, w_dt, tag::ab);
+      m.user_weights = memory::desc({a.k, a.n}, w_dt, tag::ba);  // w [N, K] row-major is K x N column-major
       m.dst = memory::desc({a.m, a.n}, to_dnnl(a.y_dtype), tag::ab);
       if (a.bias) m.bias = memory::desc({1, a.n}, to_dnnl(a.bias_dtype), tag::ab);
-      const dnnl::matmul::desc d = a.bias ? dnnl::matmul::desc(m.src, m.weights, m.bias, m.dst) : dnnl::matmul::desc(m.src, m.weights, m.dst);
+      // From a few thousand rows up, packing the weights into the kernel's blocked layout (a reorder per call: a
+      // cache by address could serve a freed tensor's successor) beats the kernel's own copies of K x N
+      // column-major panels, which it redoes per block of rows: 3-9 % at M = 4096. Below, the reorder costs more
+      // than it saves (bf16 at M = 2048: -5 %, its pack into pairs of K is the slower one).
+      const int64_t pack_rows = a.w_dtype == DType::bf16 ? 4096 : 1024;
+      const memory::desc w = a.m >= pack_rows ? memory::desc({a.k, a.n}, w_dt, tag::any) : m.user_weights;
+      const dnnl::matmul::desc d = a.bias ? dnnl::matmul::desc(m.src, w, m.bias, m.dst) : dnnl::matmul::desc(m.src, w, m.dst);
       const dnnl::matmul::primitive_desc pd(d, epilogue_attr(a.epilogue), cpu_engine());
       m.prim = dnnl::matmul(pd);
+      m.weights = pd.weights_desc();
       m.scratchpad = pd.scratchpad_desc();
+      m.pack_weights = Reorder(m.user_weights, m.weights);
+      m.scratch_bytes = std::max(m.scratchpad.get_size(), m.pack_weights.scratchpad.get_size());
     } catch (const dnnl::error&) {
       m.supported = false;
     }
@@ -168,11 +275,15 @@ bool gemm(const GemmArgs& a, int threads) {
   run_checked("gemm", [&] {
     dnnl::engine& eng = cpu_engine();
     dnnl::stream s(eng);
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(mm.src, eng, const_cast<void*>(a.x))},
-        {DNNL_ARG_WEIGHTS, memory(mm.weights, eng, const_cast<void*>(a.w))},
-        {DNNL_ARG_DST, memory(mm.dst, eng, a.y)},
-        {DNNL_ARG_SCRATCHPAD, memory(mm.scratchpad, eng)}};
+    Workspaces& ws = thread_workspaces();
+    const memory user_w(mm.user_weights, eng, const_cast<void*>(a.w));
+    const memory src = round_x ? in_workspace(mm.src, ws.src) : memory(mm.src, eng, const_cast<void*>(a.x));
+    const memory w = mm.pack_weights.needed ? in_workspace(mm.weights, ws.weights) : user_w;
+    void* scratch = ws.scratchpad.get(mm.scratch_bytes);
+    if (round_x) round_to_bf16(static_cast<const float*>(a.x), static_cast<uint16_t*>(src.get_data_handle()), int64_t(a.m) * a.k, threads);
+    if (mm.pack_weights.needed) mm.pack_weights.run(s, user_w, w, scratch);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, memory(mm.dst, eng, a.y)},
+                                         {DNNL_ARG_SCRATCHPAD, memory(mm.scratchpad, eng, scratch)}};
     if (a.bias) args.emplace(DNNL_ARG_BIAS, memory(mm.bias, eng, const_cast<void*>(a.bias)));
     mm.prim.execute(s, args);
     s.wait();
@@ -197,6 +308,7 @@ bool conv2d(const Conv2dArgs& a, int threads) {
       c.user_weights = memory::desc(w_dims, dt::f32, tag::oihw);
       c.user_dst = memory::desc(dst_dims, dt::f32, tag::nchw);
       // Layouts left to oneDNN: its blocked formats are where its kernels are fast; reorders convert at the edges.
+      // (Forcing nChw16c, or plain NCHW with no reorders, was no faster at the VAE shapes and slower at some.)
       const memory::desc any_src(src_dims, dt::f32, tag::any), any_w(w_dims, dt::f32, tag::any), any_dst(dst_dims, dt::f32, tag::any);
       const memory::desc bias(memory::dims{a.out_channels}, dt::f32, tag::a);
       const memory::dims stride{1, 1}, pad{p, p};
@@ -211,6 +323,11 @@ bool conv2d(const Conv2dArgs& a, int threads) {
       c.bias = bias;
       c.dst = pd.dst_desc();
       c.scratchpad = pd.scratchpad_desc();
+      c.to_src = Reorder(c.user_src, c.src);
+      c.to_weights = Reorder(c.user_weights, c.weights);
+      c.from_dst = Reorder(c.dst, c.user_dst);
+      c.scratch_bytes = std::max({c.scratchpad.get_size(), c.to_src.scratchpad.get_size(), c.to_weights.scratchpad.get_size(),
+                                  c.from_dst.scratchpad.get_size()});
     } catch (const dnnl::error&) {
       c.supported = false;
     }
@@ -221,19 +338,22 @@ bool conv2d(const Conv2dArgs& a, int threads) {
   run_checked("conv2d", [&] {
     dnnl::engine& eng = cpu_engine();
     dnnl::stream s(eng);
-    memory user_src(cv.user_src, eng, const_cast<void*>(a.x)), user_w(cv.user_weights, eng, const_cast<void*>(a.weight));
-    memory user_dst(cv.user_dst, eng, a.out);
-    // Weights are reordered on every call: a cache keyed by address could serve a freed tensor's successor.
-    memory src = cv.src == cv.user_src ? user_src : memory(cv.src, eng);
-    memory w = cv.weights == cv.user_weights ? user_w : memory(cv.weights, eng);
-    memory dst = cv.dst == cv.user_dst ? user_dst : memory(cv.dst, eng);
-    if (src != user_src) dnnl::reorder(user_src, src).execute(s, user_src, src);
-    if (w != user_w) dnnl::reorder(user_w, w).execute(s, user_w, w);
+    Workspaces& ws = thread_workspaces();
+    const memory user_src(cv.user_src, eng, const_cast<void*>(a.x)), user_w(cv.user_weights, eng, const_cast<void*>(a.weight));
+    const memory user_dst(cv.user_dst, eng, a.out);
+    const memory src = cv.to_src.needed ? in_workspace(cv.src, ws.src) : user_src;
+    const memory w = cv.to_weights.needed ? in_workspace(cv.weights, ws.weights) : user_w;
+    const memory dst = cv.from_dst.needed ? in_workspace(cv.dst, ws.dst) : user_dst;
+    void* scratch = ws.scratchpad.get(cv.scratch_bytes);
+    if (cv.to_src.needed) cv.to_src.run(s, user_src, src, scratch);
+    // Weights are reordered on every call (1-2 % of the call at the VAE shapes): a cache keyed by address could
+    // serve a freed tensor's successor.
+    if (cv.to_weights.needed) cv.to_weights.run(s, user_w, w, scratch);
     std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, memory(cv.scratchpad, eng)}};
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, memory(cv.scratchpad, eng, scratch)}};
     if (a.bias) args.emplace(DNNL_ARG_BIAS, memory(cv.bias, eng, const_cast<void*>(a.bias)));
     cv.prim.execute(s, args);
-    if (dst != user_dst) dnnl::reorder(dst, user_dst).execute(s, dst, user_dst);
+    if (cv.from_dst.needed) cv.from_dst.run(s, dst, user_dst, scratch);
     s.wait();
   });
   return true;

@@ -9,7 +9,7 @@
 //                      chunks past K are zero-filled. Fragments come from ldmatrix.x4 on rows XOR-swizzled in
 //                      16-byte chunks (chunk ^ ((row >> 1) & 3)): a row is 64 B, so the 8 rows of an ldmatrix
 //                      phase cover 8 distinct 16-byte bank groups. Smem 2 * (128 + 128) * 32 * 2 B = 32 KiB.
-//   gemm_simt_kernel   every other case (f32, f32 x with bf16 w, odd K): 64 x 64 tile, K step 16, 256 threads
+//   gemm_simt_kernel   every other case (f32, f32 x with bf16 w rounded to bf16 on load, odd K): 64 x 64 tile, K step 16, 256 threads
 //                      with 4 x 4 outputs each (rows ty + 16i, cols tx + 16j: B reads are consecutive across the
 //                      half-warp, A reads broadcast). Tiles are converted to f32 in smem, [k][m] and [k][n] (+1 pad).
 // Both apply bias, the epilogue and the output conversion in registers and store with bounds checks.
@@ -134,6 +134,14 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams 
 
 constexpr int kSM = 64, kSN = 64, kSK = 16, kSimtThreads = 256;
 
+// An x element as the product sees it: f32 x against bf16 w is rounded to bf16 first (backend.h), as autocast does.
+template <typename TW>
+__device__ __forceinline__ float x_operand(float v) { return v; }
+template <>
+__device__ __forceinline__ float x_operand<bf16>(float v) { return to_f32(__float2bfloat16_rn(v)); }
+template <typename TW>
+__device__ __forceinline__ float x_operand(bf16 v) { return to_f32(v); }
+
 template <typename TX, typename TW>
 __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(const GemmParams p) {
   SKV_DYNAMIC_SMEM(smem_raw);
@@ -151,7 +159,7 @@ __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(const GemmParam
     for (int e = tid; e < kSM * kSK; e += kSimtThreads) {
       const int row = e / kSK, kc = e % kSK, gk = k0 + kc;
       const int gm = m0 + row, gn = n0 + row;
-      sA[kc * (kSM + 1) + row] = gm < p.m && gk < p.k ? to_f32(x[static_cast<size_t>(gm) * p.k + gk]) : 0.0f;
+      sA[kc * (kSM + 1) + row] = gm < p.m && gk < p.k ? x_operand<TW>(x[static_cast<size_t>(gm) * p.k + gk]) : 0.0f;
       sB[kc * (kSN + 1) + row] = gn < p.n && gk < p.k ? to_f32(w[static_cast<size_t>(gn) * p.k + gk]) : 0.0f;
     }
     __syncthreads();
