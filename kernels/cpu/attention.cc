@@ -29,6 +29,20 @@ struct KeySource {
     for (int t = 0; t < n; ++t) load_key(j0 + t, k + int64_t(t) * D, v ? v + int64_t(t) * D : nullptr);
   }
 
+  // The cache lines of gathered history row j (K and V): its address depends on the gather list, so the hardware
+  // prefetcher cannot see it coming.
+  void prefetch_key(int j) const {
+    if (!a.gather || j >= n_hist) return;
+    const int64_t row = rh * a.hist_cap + a.gather[rh * a.n_gather + j];
+    const size_t bytes = size_t(a.head_dim) * dtype_size(a.dtype);
+    const char* k = static_cast<const char*>(a.hist_k) + row * int64_t(bytes);
+    const char* v = static_cast<const char*>(a.hist_v) + row * int64_t(bytes);
+    for (size_t line = 0; line < bytes; line += 64) {
+      __builtin_prefetch(k + line);
+      __builtin_prefetch(v + line);
+    }
+  }
+
   // Key j of the virtual sequence (and its value when v is given) as f32.
   void load_key(int j, float* k, float* v) const {
     const int D = a.head_dim;
@@ -56,6 +70,7 @@ struct AttentionRows {
   int keys() const { return a.n_keys(); }
   void load_query(int i, float* dst) const { load_row_f32(a.q, a.dtype, rh * a.lq + q0 + i, a.head_dim, dst); }
   void load_key(int j, float* k, float* v) const { src.load_key(j, k, v); }
+  void prefetch_key(int j) const { src.prefetch_key(j); }
   float bias(int, int) const { return 0.0f; }
   void store(int i, const float* o) const { store_row_f32(a.out, a.dtype, rh * a.lq + q0 + i, a.head_dim, o); }
 };
@@ -129,15 +144,19 @@ void attention(ThreadPool& pool, const AttentionArgs& a) {
   const int64_t pairs = int64_t(a.rows) * a.heads;
   const int n_hist = a.gather ? a.n_gather : a.hist_len;
   if (a.out) {
-    const int q_blocks = (a.lq + kQueryBlock - 1) / kQueryBlock;
+    // Queries per task: kQueryBlock, halved down to 32 while there are fewer than four tasks per thread (mid scales:
+    // few rows x heads and Lq under a block would leave threads idle).
+    int q_block = kQueryBlock;
+    while (q_block > 32 && pairs * ((a.lq + q_block - 1) / q_block) < 4 * int64_t(pool.size())) q_block /= 2;
+    const int q_blocks = (a.lq + q_block - 1) / q_block;
     const IsaLevel level = isa_level();
     const auto block = level == IsaLevel::avx512 ? attend_block_avx512 : level == IsaLevel::avx2 ? attend_block_avx2 : attend_block_generic;
     pool.parallel_for(pairs * q_blocks, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch(D);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rh = task / q_blocks;
-        const int q0 = int(task % q_blocks) * kQueryBlock;
-        block(a, KeySource{a, rh, n_hist}, rh, q0, std::min(kQueryBlock, a.lq - q0), scratch);
+        const int q0 = int(task % q_blocks) * q_block;
+        block(a, KeySource{a, rh, n_hist}, rh, q0, std::min(q_block, a.lq - q0), scratch);
       }
     });
   }

@@ -30,6 +30,7 @@ struct CrossRows {
     load_row_f32(text(a.k, j), a.dtype, 0, a.head_dim, k);
     load_row_f32(text(a.v, j), a.dtype, 0, a.head_dim, v);
   }
+  void prefetch_key(int) const {}
   float bias(int, int) const { return 0.0f; }
   void store(int i, const float* o) const { store_row_f32(a.out, a.dtype, row(i), a.head_dim, o); }
 };

@@ -10,7 +10,8 @@
 // exp is vector_math.h's branch-free polynomial.
 //
 // `Rows` says where the rows are: head_dim(), scale(), keys() (how many), load_query(i, dst), load_key(j, k, v)
-// (f32, head_dim values each), bias(i, j) (added to the scaled score; a constant 0 folds away) and store(i, o).
+// (f32, head_dim values each), prefetch_key(j) (a hint a tile ahead, for rows the hardware cannot predict:
+// gathered history), bias(i, j) (added to the scaled score; a constant 0 folds away) and store(i, o).
 #pragma once
 
 #include <algorithm>
@@ -94,6 +95,7 @@ SKV_ALWAYS_INLINE void flash_attend_rows(const Rows& src, int nq, Scratch& w) {
   for (int j0 = 0; j0 < n_keys; j0 += kKeyTile) {
     const int nk = std::min(kKeyTile, n_keys - j0);
     for (int t = 0; t < nk; ++t) src.load_key(j0 + t, kb + size_t(t) * Dp, vb + size_t(t) * Dp);
+    for (int j = j0 + kKeyTile; j < std::min(n_keys, j0 + 2 * kKeyTile); ++j) src.prefetch_key(j);
     if (nk < kKeyTile) {  // the last tile: rows past nk are zeroed (their scores are masked below)
       std::fill(kb + size_t(nk) * Dp, kb + size_t(kKeyTile) * Dp, 0.0f);
       std::fill(vb + size_t(nk) * Dp, vb + size_t(kKeyTile) * Dp, 0.0f);

@@ -38,6 +38,7 @@ struct SegmentRows {
     load_row_f32(a.qkv, a.dtype, row(first + j, 1), a.head_dim, k);
     load_row_f32(a.qkv, a.dtype, row(first + j, 2), a.head_dim, v);
   }
+  void prefetch_key(int) const {}
   float bias(int i, int j) const {
     if (!a.relative_bias) return 0.0f;
     const int R = (a.span - 1) / 2;
