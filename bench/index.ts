@@ -410,8 +410,8 @@ async function kernelCases() {
       await gemmCase(engine, rows, { m: 4096, n: 2048, k: 8192, dtype, what: '2B ffn.fc2', naive: false, iterations: heavy });
     }
     await conv2dCase(engine, rows, { channels: 512, out: 512, size: 64, k: 3, what: 'VAE d32 mid', iterations: heavy });
-    await conv2dCase(engine, rows, { channels: 512, out: 512, size: 128, k: 3, what: 'VAE d32 up', iterations: heavy });
-    await conv2dCase(engine, rows, { channels: 256, out: 256, size: 256, k: 3, what: 'VAE d32 up', iterations: heavy });
+    await conv2dCase(engine, rows, { channels: 512, out: 512, size: 128, k: 3, what: 'VAE d32 up, 128²', iterations: heavy });
+    await conv2dCase(engine, rows, { channels: 256, out: 256, size: 256, k: 3, what: 'VAE d32 up, 256²', iterations: heavy });
     await conv2dCase(engine, rows, { channels: 128, out: 128, size: 1024, k: 3, what: 'VAE d32 full resolution', iterations: heavy });
     await conv2dCase(engine, rows, { channels: 32, out: 32, size: 1024, k: 3, what: 'golden model VAE full resolution', iterations: heavy });
   }

@@ -4,7 +4,7 @@
 //
 // Each measurement is a child process (tsx) that imports the library from the checkout it is given
 // (`<checkout>/lib/...`, so both trees run the same case code), builds one case, renders a warm-up image, times a
-// few images and prints one JSON line. Children run alternately, current then baseline, for every case in every
+// few images and prints one JSON line. Children run alternately, current then baseline (baseline first in odd rounds: ABBA), for every case in every
 // round, so slow drift on a shared machine hits both trees alike. The parent prints, per case, the median ms per
 // image of each tree (and every run) and the speed-up baseline / current; then, from the current tree only, the op
 // families of one profiled image per case (bench/e2e.ts's FAMILIES, the engine's profiler).
@@ -272,12 +272,13 @@ async function parent(o: { baseline: string; current: string; cases: CaseName[];
   const t0 = performance.now();
   for (let r = 0; r < o.rounds; r++)
     for (const c of cases)
-      for (const t of trees) {
+      // ABBA: odd rounds start with the baseline, so whatever favours the first child of a pair hits both trees.
+      for (const t of r % 2 === 0 ? trees : [...trees].reverse()) {
         const images = o.images ?? DEFAULT_IMAGES[c];
         const profile = o.profile && t.label === 'current' && r === 0;
         const res = await spawnChild(t.dir, c, images, profile, o.backend);
         (results.get(c) as { current: ChildResult[]; baseline: ChildResult[] })[t.label as 'current' | 'baseline'].push(res);
-        log(`[${((performance.now() - t0) / 1000).toFixed(0)} s] round ${r + 1}/${o.rounds} ${c} ${t.label}: ${res.msPerImage.toFixed(1)} ms/image (${res.imagesMs.map((x) => x.toFixed(0)).join(', ')}; warm-up ${res.warmupMs.toFixed(0)})`);
+        log(`[${((performance.now() - t0) / 1000).toFixed(0)} s] round ${r + 1}/${o.rounds} ${c} ${t.label}: ${res.msPerImage.toFixed(1)} ms/image (${res.imagesMs.map((x) => x.toFixed(0)).join(', ')}; warm-up ${res.warmupMs.toFixed(0)}; load ${res.loadMs.toFixed(0)})`);
       }
 
   const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x.toFixed(1));

@@ -169,7 +169,8 @@ struct ResizeBilinearArgs {
 };
 
 // conv2d: out[b,o,y,x] = bias[o] + sum_{i,ky,kx} w[o,i,ky,kx] * x[b,i,y+ky-p,x+kx-p], p = (k-1)/2, zero padding,
-// stride 1, k = 1 or 3. f32 accumulation. x/out share `dtype`; weight/bias share `weight_dtype`.
+// stride 1, k = 1 or 3. f32 accumulation. x/out share `dtype`; weight/bias share `weight_dtype`. Unlike gemm, an
+// f32 x against bf16 weights is taken exactly (not rounded to bf16).
 struct Conv2dArgs {
   int batch = 0, in_channels = 0, out_channels = 0, height = 0, width = 0, kernel = 3;
   DType dtype = DType::f32;         // f32 or bf16
@@ -263,7 +264,8 @@ enum class Epilogue : int32_t { none = 0, gelu_tanh = 1, silu = 2 };
 
 // gemm: y[m, n] = epilogue(sum_k x[m, k] * w[n, k] + bias[n]) (PyTorch Linear layout), f32 accumulation.
 // x/w: both f32, both bf16, or f32 x with bf16 w — then x is rounded to bf16 (nearest even) before the product,
-// as PyTorch's bf16 autocast casts a Linear's input, so every product is bf16 x bf16 (tensor cores, AVX512-BF16);
+// as PyTorch's bf16 autocast casts a Linear's input, so every product's operands are bf16 values (whichever unit
+// multiplies them: oneDNN's bf16 kernels on the CPU take this case; CUDA's SIMT kernel rounds on load);
 // bias (optional) f32 or bf16; y f32 or bf16. y must not alias x, w or bias.
 struct GemmArgs {
   int m = 0, n = 0, k = 0;

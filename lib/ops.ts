@@ -169,7 +169,7 @@ export type RowVectors = Tensor | { table: Tensor; slot: number };
 export interface GemmArgs {
   /** [..., K], f32 or bf16; the leading axes are flattened into M. */
   x: Tensor;
-  /** [N, K], PyTorch Linear layout: x's dtype, or bf16 with an f32 x. */
+  /** [N, K], PyTorch Linear layout: x's dtype, or bf16 with an f32 x (then x is rounded to bf16 first, as bf16 autocast does). */
   w: Tensor;
   /** [N], f32 or bf16, added before the epilogue. */
   bias?: Tensor;
@@ -439,7 +439,7 @@ export class Ops {
     return { tensor: this.#own(x, what) };
   }
 
-  /** y = epilogue(x · wᵀ + bias), f32 accumulation (tensor cores for bf16 on CUDA). */
+  /** y = epilogue(x · wᵀ + bias), f32 accumulation (tensor cores for bf16 on CUDA); f32 x against bf16 w is rounded to bf16 first. */
   gemm(a: GemmArgs): void {
     this.#run(
       'gemm',

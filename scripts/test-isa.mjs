@@ -11,7 +11,8 @@ import { fileURLToPath } from 'node:url';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 // The suites of the ops with per-level kernels: attention, segmentAttention, crossAttention, layerNorm, groupNorm.
 const suites = ['test/attention.test.ts', 'test/segment-attention.test.ts', 'test/transformer-ops.test.ts', 'test/latent-ops.test.ts'];
-const addon = ['build-cmake/Release/scalekv.node', 'build/Release/scalekv.node'].map((p) => join(root, p)).find(existsSync);
+// The addon the suites will load (lib/native.ts: $SCALEKV_ADDON, else the cmake-js build, else node-gyp's).
+const addon = process.env.SCALEKV_ADDON ?? ['build-cmake/Release/scalekv.node', 'build/Release/scalekv.node'].map((p) => join(root, p)).find(existsSync);
 if (!addon) {
   console.log('NOTICE: no native addon built; instruction-set levels not tested');
   process.exit(0);

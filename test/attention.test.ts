@@ -29,6 +29,8 @@ const CASES: Case[] = [
   { rows: 1, heads: 1, lq: 33, d: 128, len: 0, extraCap: 7, lc: 129, gathered: false, window: 3 },
   { rows: 3, heads: 2, lq: 5, d: 64, len: 200, extraCap: 0, lc: 7, gathered: true, window: 5 },
   { rows: 1, heads: 1, lq: 129, d: 128, len: 300, extraCap: 1, lc: 1, gathered: false, window: 16 },
+  // Enough (row, head, query block) tasks that the CPU keeps 128-query blocks; a head size off the 64-wide tiles.
+  { rows: 2, heads: 4, lq: 300, d: 80, len: 90, extraCap: 2, lc: 300, gathered: true, window: 2 },
 ];
 
 function makeProblem(rng: Rng, c: Case, dtype: 'f32' | 'bf16'): AttentionProblem & { windowRows: Int32Array } {

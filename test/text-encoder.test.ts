@@ -103,7 +103,8 @@ if (!dir) {
         const got = await enc.encode(manifest.prompts.slice(0, 4));
         const n = lens.slice(0, 4).reduce((a, b) => a + b, 0) * d;
         const err = maxAbsDiff(got.kv, kv.subarray(0, n));
-        // Weights rounded to bf16 (relative 2^-9) through 3 blocks and a final norm: a few 1e-3 of max |kv|.
+        // Weights, and the Linears' inputs with them (as autocast), rounded to bf16 (relative 2^-9) through 3 blocks
+        // and a final norm: a few 1e-3 of max |kv|.
         t.true(err <= 2e-2 * maxAbs(kv), `bf16 error ${err}`);
         t.true(err > tol / 100, 'the weights really were rounded');
       } finally {

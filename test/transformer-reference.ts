@@ -161,7 +161,8 @@ function linearRef(x: ArrayLike<number>, w: ArrayLike<number>, bias: ArrayLike<n
 
 /**
  * Per scale the logits [B, n, 2d] after tau and CFG, of the block stack and head in float64. With `bf16`, values
- * are rounded where the engine's bf16 model holds them in bf16: the block Linear weights, the qkv projection,
+ * are rounded where the engine's bf16 model holds them in bf16: the block Linear weights and their inputs (the
+ * gemm rounds an f32 input against bf16 weights, as autocast does), the qkv projection,
  * q / k / v after normalisation and RoPE (so the KV cache), and in attention the probabilities and the output
  * (as the tensor-core kernel rounds them). Everything else (residual stream, norms, AdaLN, cross-attention,
  * the head) stays exact, as the engine keeps it in f32.
@@ -170,6 +171,9 @@ export function infinityLogitsRef(weight: WeightLookup, p: InfinityRefProblem, b
   const { embedDim: C, numHeads: H, headDim: hd, normEps: eps, vocab: V, batch: B } = p;
   const round = bf16 ?? ((x: number) => x);
   const blockWeight = (name: string) => (bf16 ? weight(name).map(bf16) : weight(name));
+  // A block Linear: with bf16 weights its f32 input is rounded to bf16 first, as the engine's gemm does (autocast).
+  const blockLinear = (x: ArrayLike<number>, w: ArrayLike<number>, bias: ArrayLike<number> | undefined, m: number, n: number, k: number) =>
+    linearRef(bf16 ? Float64Array.from(x, round) : x, w, bias, m, n, k);
   const rows = p.xIn[0].length / C;
   const nText = p.textKv.length / C;
   const [uh, uw] = p.ropeGrid;
@@ -181,7 +185,7 @@ export function infinityLogitsRef(weight: WeightLookup, p: InfinityRefProblem, b
     const gss = weight(`${pre}ada_gss`);
     const caKvBias = new Float64Array(2 * C);
     caKvBias.set(weight(`${pre}ca.v_bias`), C);
-    const textKv = linearRef(p.textKv, blockWeight(`${pre}ca.mat_kv.weight`), caKvBias, nText, 2 * C, C);
+    const textKv = blockLinear(p.textKv, blockWeight(`${pre}ca.mat_kv.weight`), caKvBias, nText, 2 * C, C);
     return {
       pre, qkvW: blockWeight(`${pre}sa.mat_qkv.weight`), projW: blockWeight(`${pre}sa.proj.weight`),
       caQW: blockWeight(`${pre}ca.mat_q.weight`), caProjW: blockWeight(`${pre}ca.proj.weight`),
@@ -212,7 +216,7 @@ export function infinityLogitsRef(weight: WeightLookup, p: InfinityRefProblem, b
       const modulated = (scaleSlot: number, shiftSlot: number) =>
         layerNormRef(x, rows * n, n, C, eps, { scale: (r, c) => blk.ada(r, scaleSlot, c), shift: (r, c) => blk.ada(r, shiftSlot, c) });
       // Self-attention over [cache ‖ this scale], cosine attention with 2-D RoPE, no mask.
-      const qkv = linearRef(modulated(2, 4), blk.qkvW, undefined, rows * n, 3 * C, C).map(round);
+      const qkv = blockLinear(modulated(2, 4), blk.qkvW, undefined, rows * n, 3 * C, C).map(round);
       const [qBias, vBias, scaleMul] = [w('sa.q_bias'), w('sa.v_bias'), w('sa.scale_mul_1H11')];
       const queries: Float64Array[] = [];
       for (let r = 0; r < rows; r++)
@@ -252,15 +256,15 @@ export function infinityLogitsRef(weight: WeightLookup, p: InfinityRefProblem, b
             for (let c = 0; c < hd; c++) o[(r * n + t) * C + h * hd + c] = round(acc[c]);
           }
         }
-      addInto(linearRef(o, blk.projW, w('sa.proj.bias'), rows * n, C, C), 0, blk);
+      addInto(blockLinear(o, blk.projW, w('sa.proj.bias'), rows * n, C, C), 0, blk);
       // Cross-attention on the text (no gate).
       const hn = layerNormRef(x, rows * n, n, C, eps, undefined, { weight: w('ca_norm.weight'), bias: w('ca_norm.bias') });
-      const cq = linearRef(hn, blk.caQW, w('ca.mat_q.bias'), rows * n, C, C);
+      const cq = blockLinear(hn, blk.caQW, w('ca.mat_q.bias'), rows * n, C, C);
       const co = crossAttentionRef(cq, blk.textK, blk.textV, p.cuSeqlens, rows, n, H, hd, 1 / Math.sqrt(hd));
-      addInto(linearRef(co, blk.caProjW, w('ca.proj.bias'), rows * n, C, C), undefined, blk);
+      addInto(blockLinear(co, blk.caProjW, w('ca.proj.bias'), rows * n, C, C), undefined, blk);
       // FFN.
-      const f1 = linearRef(modulated(3, 5), blk.fc1W, w('ffn.fc1.bias'), rows * n, p.ffnHidden, C).map(geluTanh);
-      addInto(linearRef(f1, blk.fc2W, w('ffn.fc2.bias'), rows * n, C, p.ffnHidden), 1, blk);
+      const f1 = blockLinear(modulated(3, 5), blk.fc1W, w('ffn.fc1.bias'), rows * n, p.ffnHidden, C).map(geluTanh);
+      addInto(blockLinear(f1, blk.fc2W, w('ffn.fc2.bias'), rows * n, C, p.ffnHidden), 1, blk);
     });
     const hs = layerNormRef(x, rows * n, n, C, eps, { scale: (r, c) => headAda[r * 2 * C + c], shift: (r, c) => headAda[r * 2 * C + C + c] });
     const z = linearRef(hs, weight('head.weight'), weight('head.bias'), rows * n, V, C).map((v) => v / p.tau[si]);

@@ -1,4 +1,4 @@
-// The CPU's flash attention body (attention.cc, segment_attention.cc): for a block of at most kQueryBlock query
+// The CPU's flash attention body (attention.cc, segment_attention.cc, cross_attention.cc): for a block of at most kQueryBlock query
 // rows, stream the keys in tiles of kKeyTile with a running max and sum per query (online softmax), so nothing of
 // size queries x keys is materialised.
 //
@@ -50,11 +50,11 @@ struct Scratch {
 // O[q0 .. q0 + kQ) x [d0, d0 + kC) += P^T[:, q] V[:, d], after scaling the accumulated O by the softmax correction.
 template <int kQ, int kC>
 SKV_ALWAYS_INLINE void flash_pv_tile(const float* st, const float* v, float* o, const float* correction, int q0, int d0,
-                                     int Dp) {
+                                     int Dp, int nk) {
   float acc[kQ][kC];
   for (int qq = 0; qq < kQ; ++qq)
     for (int c = 0; c < kC; ++c) acc[qq][c] = o[size_t(q0 + qq) * Dp + d0 + c] * correction[q0 + qq];
-  for (int t = 0; t < kKeyTile; ++t) {
+  for (int t = 0; t < nk; ++t) {
     const float* vr = v + size_t(t) * Dp + d0;
     for (int qq = 0; qq < kQ; ++qq) {
       const float p = st[size_t(t) * kQueryBlock + q0 + qq];
@@ -72,7 +72,8 @@ SKV_ALWAYS_INLINE void flash_attend_rows(const Rows& src, int nq, Scratch& w) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int D = src.head_dim(), Dp = w.dp;
   const int n_keys = src.keys();
-  const int nqs = (nq + SQ - 1) / SQ * SQ;  // query columns computed (the padding ones are zero queries)
+  const int nqs = (nq + SQ - 1) / SQ * SQ;  // query columns of S^T computed (the padding ones are zero queries)
+  const int nqp = (nq + Tiles::pv_queries - 1) / Tiles::pv_queries * Tiles::pv_queries;  // rows of O computed
   float m[kQueryBlock], l[kQueryBlock], correction[kQueryBlock];
   float* qt = w.qt.data();
   float* kb = w.k.data();
@@ -100,9 +101,10 @@ SKV_ALWAYS_INLINE void flash_attend_rows(const Rows& src, int nq, Scratch& w) {
       std::fill(kb + size_t(nk) * Dp, kb + size_t(kKeyTile) * Dp, 0.0f);
       std::fill(vb + size_t(nk) * Dp, vb + size_t(kKeyTile) * Dp, 0.0f);
     }
-    // S^T: SK keys x SQ queries per register tile, over the channels.
+    // S^T: SK keys x SQ queries per register tile, over the channels (key rows past nk up to SK are zero, masked).
+    const int nks = (nk + SK - 1) / SK * SK;
     for (int c0 = 0; c0 < nqs; c0 += SQ) {
-      for (int t0 = 0; t0 < kKeyTile; t0 += SK) {
+      for (int t0 = 0; t0 < nks; t0 += SK) {
         float acc[SK][SQ] = {};
         for (int d = 0; d < Dp; ++d) {
           const float* qr = qt + size_t(d) * kQueryBlock + c0;
@@ -131,11 +133,14 @@ SKV_ALWAYS_INLINE void flash_attend_rows(const Rows& src, int nq, Scratch& w) {
         for (int c = 0; c < kVec; ++c) mx[c] = std::max(mx[c], sr[c]);
       }
       for (int c = 0; c < kVec; ++c) {
-        correction[c0 + c] = exp_poly(m[c0 + c] - mx[c]);  // 0 on the first tile
+        // A query whose scores so far are all -inf (a bias may mask keys) keeps a finite reference: no inf - inf.
+        const float ref = mx[c] == kNegInf ? 0.0f : mx[c];
+        correction[c0 + c] = exp_poly(m[c0 + c] - ref);  // 0 on the first tile
         m[c0 + c] = mx[c];
+        mx[c] = ref;
         sum[c] = 0.0f;
       }
-      for (int t = 0; t < kKeyTile; ++t) {
+      for (int t = 0; t < nk; ++t) {
         float* sr = st + size_t(t) * kQueryBlock + c0;
         for (int c = 0; c < kVec; ++c) {
           sr[c] = exp_poly(sr[c] - mx[c]);
@@ -145,11 +150,11 @@ SKV_ALWAYS_INLINE void flash_attend_rows(const Rows& src, int nq, Scratch& w) {
       for (int c = 0; c < kVec; ++c) l[c0 + c] = l[c0 + c] * correction[c0 + c] + sum[c];
     }
     // P V: pv_queries x pv_channels per register tile (a kVec-wide tail when Dp is not a multiple), over the keys.
-    for (int q0 = 0; q0 < nqs; q0 += Tiles::pv_queries) {
+    for (int q0 = 0; q0 < nqp; q0 += Tiles::pv_queries) {
       int d0 = 0;
       for (; d0 + Tiles::pv_channels <= Dp; d0 += Tiles::pv_channels)
-        flash_pv_tile<Tiles::pv_queries, Tiles::pv_channels>(st, vb, o, correction, q0, d0, Dp);
-      for (; d0 < Dp; d0 += kChannelAlign) flash_pv_tile<Tiles::pv_queries, kChannelAlign>(st, vb, o, correction, q0, d0, Dp);
+        flash_pv_tile<Tiles::pv_queries, Tiles::pv_channels>(st, vb, o, correction, q0, d0, Dp, nk);
+      for (; d0 < Dp; d0 += kChannelAlign) flash_pv_tile<Tiles::pv_queries, kChannelAlign>(st, vb, o, correction, q0, d0, Dp, nk);
     }
   }
   for (int i = 0; i < nq; ++i) {

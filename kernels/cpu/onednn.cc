@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <string>
@@ -50,18 +51,19 @@ dt to_dnnl(DType d) { return d == DType::bf16 ? dt::bf16 : dt::f32; }
 
 // Primitives by a key of their shape and types, the least recently used dropped past kCapacity (varlen T5
 // batches and every scale's token count make new M values; a few hundred primitives would be megabytes of JIT code).
+// Entries are shared: a caller keeps its entry alive while it runs even if another engine's thread evicts it.
 template <class Value>
 class LruCache {
  public:
   template <class Make>
-  Value& get(const std::string& key, Make make) {
+  std::shared_ptr<const Value> get(const std::string& key, Make make) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = index_.find(key);
     if (it != index_.end()) {
       order_.splice(order_.begin(), order_, it->second);
       return it->second->second;
     }
-    order_.emplace_front(key, make());
+    order_.emplace_front(key, std::make_shared<const Value>(make()));
     index_[key] = order_.begin();
     if (order_.size() > kCapacity) {
       index_.erase(order_.back().first);
@@ -73,8 +75,8 @@ class LruCache {
  private:
   static constexpr size_t kCapacity = 96;
   std::mutex mu_;
-  std::list<std::pair<std::string, Value>> order_;
-  std::unordered_map<std::string, typename std::list<std::pair<std::string, Value>>::iterator> index_;
+  std::list<std::pair<std::string, std::shared_ptr<const Value>>> order_;
+  std::unordered_map<std::string, typename std::list<std::pair<std::string, std::shared_ptr<const Value>>>::iterator> index_;
 };
 
 // A buffer kept by one thread across calls and grown as needed (never shrunk): the blocked copies, packed weights
@@ -194,6 +196,10 @@ void run_checked(const char* op, Run run) {
   }
 }
 
+// oneDNN's reference implementations ("ref:any") are what it falls back to where no JIT kernel takes the case (bf16
+// on a CPU without AVX-512, say): slower than the builtin kernels, so such a case is declined.
+bool reference_impl(const dnnl::primitive_desc_base& pd) { return std::string(pd.impl_info_str()).rfind("ref", 0) == 0; }
+
 // f32 -> bf16, round to nearest even (NaN stays a quiet NaN), as f32_to_bf16 in numeric.h and torch's autocast;
 // branch-free so the compiler vectorises it at each ISA level (not vcvtneps2bf16: it flushes subnormals).
 SKV_ALWAYS_INLINE void round_to_bf16_impl(const float* x, uint16_t* y, int64_t n) {
@@ -244,7 +250,7 @@ bool gemm(const GemmArgs& a, int threads) {
   const std::string key = std::to_string(a.m) + "x" + std::to_string(a.n) + "x" + std::to_string(a.k) + "/" +
                           std::to_string(int(a.w_dtype)) + std::to_string(int(a.y_dtype)) +
                           std::to_string(a.bias ? int(a.bias_dtype) : -1) + std::to_string(int(a.epilogue));
-  Matmul& mm = cache.get(key, [&] {
+  const std::shared_ptr<const Matmul> entry = cache.get(key, [&] {
     Matmul m;
     try {
       const dt w_dt = to_dnnl(a.w_dtype);
@@ -260,6 +266,7 @@ bool gemm(const GemmArgs& a, int threads) {
       const memory::desc w = a.m >= pack_rows ? memory::desc({a.k, a.n}, w_dt, tag::any) : m.user_weights;
       const dnnl::matmul::desc d = a.bias ? dnnl::matmul::desc(m.src, w, m.bias, m.dst) : dnnl::matmul::desc(m.src, w, m.dst);
       const dnnl::matmul::primitive_desc pd(d, epilogue_attr(a.epilogue), cpu_engine());
+      if (reference_impl(pd)) throw dnnl::error(dnnl_unimplemented, "reference implementation only");
       m.prim = dnnl::matmul(pd);
       m.weights = pd.weights_desc();
       m.scratchpad = pd.scratchpad_desc();
@@ -270,6 +277,7 @@ bool gemm(const GemmArgs& a, int threads) {
     }
     return m;
   });
+  const Matmul& mm = *entry;
   if (!mm.supported) return false;
   use_threads(threads);
   run_checked("gemm", [&] {
@@ -301,7 +309,7 @@ bool conv2d(const Conv2dArgs& a, int threads) {
   const std::string key = std::to_string(a.batch) + "," + std::to_string(a.in_channels) + "," + std::to_string(a.out_channels) +
                           "," + std::to_string(a.height) + "," + std::to_string(a.width) + "," + std::to_string(a.kernel) +
                           (a.bias ? "b" : "");
-  Convolution& cv = cache.get(key, [&] {
+  const std::shared_ptr<const Convolution> entry = cache.get(key, [&] {
     Convolution c;
     try {
       c.user_src = memory::desc(src_dims, dt::f32, tag::nchw);
@@ -317,6 +325,7 @@ bool conv2d(const Conv2dArgs& a, int threads) {
                             : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
                                                               any_src, any_w, any_dst, stride, pad, pad);
       const dnnl::convolution_forward::primitive_desc pd(d, epilogue_attr(Epilogue::none), cpu_engine());
+      if (reference_impl(pd)) throw dnnl::error(dnnl_unimplemented, "reference implementation only");
       c.prim = dnnl::convolution_forward(pd);
       c.src = pd.src_desc();
       c.weights = pd.weights_desc();
@@ -333,6 +342,7 @@ bool conv2d(const Conv2dArgs& a, int threads) {
     }
     return c;
   });
+  const Convolution& cv = *entry;
   if (!cv.supported) return false;
   use_threads(threads);
   run_checked("conv2d", [&] {
