@@ -9,6 +9,7 @@ import { scaleSchedule } from '../lib/model/schedule.js';
 import { createTinyModel } from '../lib/model/tiny.js';
 import { VaeDecoder } from '../lib/model/vae.js';
 import { T5TextEncoder } from '../lib/text/t5-encoder.js';
+import { loadTinyCase, TINY_CFG, TINY_TAU } from './tiny-case.js';
 
 export const FAMILIES: Record<string, string> = {
   attention: 'self-attention',
@@ -64,20 +65,12 @@ export interface E2eResult {
 }
 
 export async function runE2e(engine: Engine, opts: { iterations: number }): Promise<E2eResult> {
-  const tiny = createTinyModel(0);
-  const model = await InfinityModel.load(engine, tiny.weights, tiny.config);
-  const vaeWeights = new Map<string, Float32Array>();
-  for (const n of tiny.vae.names) if (n.startsWith('decoder.')) vaeWeights.set(n, tiny.vae.f32(n));
-  const vae = await VaeDecoder.load(engine, vaeWeights, tiny.vaeConfig);
-  const schedule = scaleSchedule({ aspect: 1, pn: '0.06M' }).scales;
-  // The prompt is encoded once, outside the timed images: the image time excludes text encoding (bench/t5.ts times it).
-  const t5 = await T5TextEncoder.load(engine, tiny.t5, tiny.tokenizer);
-  const text = await t5.encode(['a tiny random model']).finally(() => t5.dispose());
+  const { model, vae, schedule, text } = await loadTinyCase({ InfinityModel, VaeDecoder, scaleSchedule, createTinyModel, T5TextEncoder }, engine);
   let sampling = 0;
   let runs = 0;
   const oneImage = async (seed: number) => {
     const t0 = performance.now();
-    const r = await generate(model, { text, schedule, cfg: 3, tau: 1, seed });
+    const r = await generate(model, { text, schedule, cfg: TINY_CFG, tau: TINY_TAU, seed });
     sampling += performance.now() - t0;
     runs++;
     try {

@@ -38,6 +38,7 @@ import type * as SafetensorsModule from '../lib/safetensors.js';
 import type * as ScaleKvModule from '../lib/scalekv/policy.js';
 import type * as NativeModule from '../lib/native.js';
 import type { KvPolicy } from '../lib/kv/policy.js';
+import { loadTinyCase, TINY_CFG, TINY_TAU } from './tiny-case.js';
 
 const CASES = ['tiny', 'golden1m', 'golden1m-scalekv'] as const;
 type CaseName = (typeof CASES)[number];
@@ -132,18 +133,11 @@ async function child(checkout: string, name: CaseName, images: number, profile: 
       const { scaleSchedule } = await lib<typeof ScheduleModule>('model/schedule.js');
       const { createTinyModel } = await lib<typeof TinyModule>('model/tiny.js');
       const { T5TextEncoder } = await lib<typeof T5Module>('text/t5-encoder.js');
-      // As bench/e2e.ts.
-      const tiny = createTinyModel(0);
-      const model = await InfinityModel.load(engine, tiny.weights, tiny.config);
-      const vaeWeights = new Map<string, Float32Array>();
-      for (const n of tiny.vae.names) if (n.startsWith('decoder.')) vaeWeights.set(n, tiny.vae.f32(n));
-      const vae = await VaeDecoder.load(engine, vaeWeights, tiny.vaeConfig);
-      const schedule = scaleSchedule({ aspect: 1, pn: '0.06M' }).scales;
-      const t5 = await T5TextEncoder.load(engine, tiny.t5, tiny.tokenizer);
-      const text = await t5.encode(['a tiny random model']).finally(() => t5.dispose());
+      // bench/e2e.ts's case, on this checkout's lib.
+      const { config, model, vae, schedule, text } = await loadTinyCase({ InfinityModel, VaeDecoder, scaleSchedule, createTinyModel, T5TextEncoder }, engine);
       run = {
-        setup: `tiny model (depth ${tiny.config.depth}, C ${tiny.config.embedDim}), 0.06M 1:1 (${schedule.length} scales), cfg 3, tau 1, B 1, ${model.dtype}`,
-        image: render(model, vae, () => ({ text, schedule, cfg: 3, tau: 1 })),
+        setup: `tiny model (depth ${config.depth}, C ${config.embedDim}), 0.06M 1:1 (${schedule.length} scales), cfg ${TINY_CFG}, tau ${TINY_TAU}, B 1, ${model.dtype}`,
+        image: render(model, vae, () => ({ text, schedule, cfg: TINY_CFG, tau: TINY_TAU })),
         dispose() {
           model.dispose();
           vae.dispose();
