@@ -149,8 +149,7 @@ void attention(ThreadPool& pool, const AttentionArgs& a) {
     int q_block = kQueryBlock;
     while (q_block > 32 && pairs * ((a.lq + q_block - 1) / q_block) < 4 * int64_t(pool.size())) q_block /= 2;
     const int q_blocks = (a.lq + q_block - 1) / q_block;
-    const IsaLevel level = isa_level();
-    const auto block = level == IsaLevel::avx512 ? attend_block_avx512 : level == IsaLevel::avx2 ? attend_block_avx2 : attend_block_generic;
+    const auto block = for_isa(attend_block_avx512, attend_block_avx2, attend_block_generic);
     pool.parallel_for(pairs * q_blocks, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch(D);
       for (int64_t task = begin; task < end; ++task) {

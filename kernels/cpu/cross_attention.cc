@@ -51,8 +51,7 @@ void cross_attention(ThreadPool& pool, const CrossAttentionArgs& a) {
   }
   const int H = a.heads, L = a.tokens;
   const int q_blocks = (L + kQueryBlock - 1) / kQueryBlock;
-  const IsaLevel level = isa_level();
-  const auto block = level == IsaLevel::avx512 ? block_avx512 : level == IsaLevel::avx2 ? block_avx2 : block_generic;
+  const auto block = for_isa(block_avx512, block_avx2, block_generic);
   pool.parallel_for(int64_t(a.batch) * H * q_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch(a.head_dim);
     for (int64_t task = begin; task < end; ++task) {

@@ -67,8 +67,7 @@ void group_norm(ThreadPool& pool, const GroupNormArgs& a) {
   const int cpg = a.channels / a.groups;
   const int64_t n = int64_t(cpg) * a.spatial;
   if (a.dtype == DType::f32) {
-    const IsaLevel level = isa_level();
-    const auto group = level == IsaLevel::avx512 ? group_f32_avx512 : level == IsaLevel::avx2 ? group_f32_avx2 : group_f32_generic;
+    const auto group = for_isa(group_f32_avx512, group_f32_avx2, group_f32_generic);
     pool.parallel_for(int64_t(a.batch) * a.groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bg = begin; bg < end; ++bg) group(a, bg);
     });

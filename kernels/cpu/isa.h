@@ -12,6 +12,13 @@ enum class IsaLevel { generic = 0, avx2 = 1, avx512 = 2 };
 IsaLevel isa_level();
 const char* isa_name(IsaLevel level);
 
+// The variant of a kernel compiled for the level in use.
+template <class Fn>
+Fn for_isa(Fn avx512, Fn avx2, Fn generic) {
+  const IsaLevel level = isa_level();
+  return level == IsaLevel::avx512 ? avx512 : level == IsaLevel::avx2 ? avx2 : generic;
+}
+
 }  // namespace scalekv::cpu
 
 // Target attributes of the levels (the functions compiled for them are selected by isa_level()).

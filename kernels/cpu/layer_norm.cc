@@ -41,8 +41,7 @@ void rows_generic(const LayerNormArgs& a, int64_t begin, int64_t end, float* v) 
 
 void layer_norm(ThreadPool& pool, const LayerNormArgs& a) {
   const int64_t rows = int64_t(a.batch) * a.tokens;
-  const IsaLevel level = isa_level();
-  const auto run = level == IsaLevel::avx512 ? rows_avx512 : level == IsaLevel::avx2 ? rows_avx2 : rows_generic;
+  const auto run = for_isa(rows_avx512, rows_avx2, rows_generic);
   pool.parallel_for(rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> v(a.channels);
     run(a, begin, end, v.data());

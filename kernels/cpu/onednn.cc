@@ -215,8 +215,7 @@ SKV_TARGET_AVX2 void round_to_bf16_avx2(const float* x, uint16_t* y, int64_t n) 
 void round_to_bf16_generic(const float* x, uint16_t* y, int64_t n) { round_to_bf16_impl(x, y, n); }
 
 void round_to_bf16(const float* x, uint16_t* y, int64_t n, int threads) {
-  const IsaLevel level = isa_level();
-  const auto round = level == IsaLevel::avx512 ? round_to_bf16_avx512 : level == IsaLevel::avx2 ? round_to_bf16_avx2 : round_to_bf16_generic;
+  const auto round = for_isa(round_to_bf16_avx512, round_to_bf16_avx2, round_to_bf16_generic);
   constexpr int64_t kChunk = int64_t(1) << 16;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1)

@@ -63,8 +63,7 @@ void segment_attention(ThreadPool& pool, const SegmentAttentionArgs& a) {
     const int n = a.cu_seqlens[s + 1] - a.cu_seqlens[s];
     task_start[s + 1] = task_start[s] + int64_t(H) * ((n + kQueryBlock - 1) / kQueryBlock);
   }
-  const IsaLevel level = isa_level();
-  const auto block = level == IsaLevel::avx512 ? block_avx512 : level == IsaLevel::avx2 ? block_avx2 : block_generic;
+  const auto block = for_isa(block_avx512, block_avx2, block_generic);
   pool.parallel_for(task_start[a.segments], 1, [&](int64_t begin, int64_t end) {
     Scratch scratch(a.head_dim);
     for (int64_t task = begin; task < end; ++task) {
