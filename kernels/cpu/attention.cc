@@ -75,19 +75,14 @@ struct AttentionRows {
   void store(int i, const float* o) const { store_row_f32(a.out, a.dtype, rh * a.lq + q0 + i, a.head_dim, o); }
 };
 
-template <int kVec>
-SKV_ALWAYS_INLINE void attend_block_impl(const AttentionArgs& a, const KeySource& src, int64_t rh, int q0, int nq, Scratch& w) {
-  flash_attend_rows<kVec>(AttentionRows{a, src, rh, q0}, nq, w);
-}
-
 SKV_TARGET_AVX512 void attend_block_avx512(const AttentionArgs& a, const KeySource& src, int64_t rh, int q0, int nq, Scratch& w) {
-  attend_block_impl<16>(a, src, rh, q0, nq, w);
+  flash_attend_rows<16>(AttentionRows{a, src, rh, q0}, nq, w);
 }
 SKV_TARGET_AVX2 void attend_block_avx2(const AttentionArgs& a, const KeySource& src, int64_t rh, int q0, int nq, Scratch& w) {
-  attend_block_impl<8>(a, src, rh, q0, nq, w);
+  flash_attend_rows<8>(AttentionRows{a, src, rh, q0}, nq, w);
 }
 void attend_block_generic(const AttentionArgs& a, const KeySource& src, int64_t rh, int q0, int nq, Scratch& w) {
-  attend_block_impl<4>(a, src, rh, q0, nq, w);
+  flash_attend_rows<4>(AttentionRows{a, src, rh, q0}, nq, w);
 }
 
 inline float dot(const float* x, const float* y, int n) {

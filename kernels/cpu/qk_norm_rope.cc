@@ -20,12 +20,16 @@ void normalize(float* x, int c, float mul) {
   for (int d = 0; d < c; ++d) x[d] = x[d] / denom * mul;
 }
 
-void rotate(float* x, const float* cos_t, const float* sin_t, int pairs) {
-  for (int p = 0; p < pairs; ++p) {
-    const float x0 = x[2 * p], x1 = x[2 * p + 1];
-    x[2 * p] = x0 * cos_t[p] - x1 * sin_t[p];
-    x[2 * p + 1] = x1 * cos_t[p] + x0 * sin_t[p];
-  }
+// Pairs [0, quarter) rotate by the angles of cos_t[0] / sin_t[0] (the row), pairs [quarter, 2 quarter) by those
+// of cos_t[1] / sin_t[1] (the column).
+void rotate(float* x, const float* const cos_t[2], const float* const sin_t[2], int quarter) {
+  for (int half = 0; half < 2; ++half)
+    for (int i = 0; i < quarter; ++i) {
+      const int p = half * quarter + i;
+      const float x0 = x[2 * p], x1 = x[2 * p + 1];
+      x[2 * p] = x0 * cos_t[half][i] - x1 * sin_t[half][i];
+      x[2 * p + 1] = x1 * cos_t[half][i] + x0 * sin_t[half][i];
+    }
 }
 
 // cos and sin of value * inv_freq[i] for every distinct value one coordinate (y or x) takes: a scale has at most
@@ -65,16 +69,18 @@ void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
   if (a.positions)
     for (int coord = 0; coord < 2; ++coord) angles.emplace_back(a.positions, L, coord, inv_freq);
   pool.parallel_for(int64_t(a.batch) * L, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(c), k(c), v(c), cos_t(pairs), sin_t(pairs);
+    std::vector<float> q(c), k(c), v(c);
+    const float* cos_t[2] = {};
+    const float* sin_t[2] = {};
     for (int64_t bl = begin; bl < end; ++bl) {
       const int64_t b = bl / L;
       const int l = int(bl % L);
       if (a.positions) {
-        for (int coord = 0; coord < 2; ++coord) {  // pairs [0, quarter) rotate by y, [quarter, pairs) by x
+        for (int coord = 0; coord < 2; ++coord) {  // y, then x
           const AngleTable& t = angles[coord];
           const size_t at = t.row(a.positions[2 * l + coord]) * quarter;
-          std::copy_n(t.cos_t.data() + at, quarter, cos_t.data() + coord * quarter);
-          std::copy_n(t.sin_t.data() + at, quarter, sin_t.data() + coord * quarter);
+          cos_t[coord] = t.cos_t.data() + at;
+          sin_t[coord] = t.sin_t.data() + at;
         }
       }
       for (int h = 0; h < H; ++h) {
@@ -82,7 +88,7 @@ void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
         load_row_f32(a.qkv, a.qkv_dtype, src, c, q.data());
         if (a.q_bias) for (int d = 0; d < c; ++d) q[d] += a.q_bias[h * c + d];
         if (a.normalize) normalize(q.data(), c, q_mul[h]);
-        if (a.positions) rotate(q.data(), cos_t.data(), sin_t.data(), pairs);
+        if (a.positions) rotate(q.data(), cos_t, sin_t, quarter);
         const int64_t bh = b * H + h;
         store_row_f32(a.q, a.q_dtype, bh * L + l, c, q.data());
         if (!a.k) continue;
@@ -90,7 +96,7 @@ void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
         load_row_f32(a.qkv, a.qkv_dtype, src + 2 * H, c, v.data());
         if (a.v_bias) for (int d = 0; d < c; ++d) v[d] += a.v_bias[h * c + d];
         if (a.normalize) normalize(k.data(), c, 1.0f);
-        if (a.positions) rotate(k.data(), cos_t.data(), sin_t.data(), pairs);
+        if (a.positions) rotate(k.data(), cos_t, sin_t, quarter);
         store_row_f32(a.k, a.kv_dtype, bh * a.kv_cap + a.kv_offset + l, c, k.data());
         store_row_f32(a.v, a.kv_dtype, bh * a.kv_cap + a.kv_offset + l, c, v.data());
       }

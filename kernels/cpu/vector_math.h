@@ -32,7 +32,6 @@ SKV_ALWAYS_INLINE float exp_poly(float x) {
   return x < -87.3f ? 0.0f : y * scale;
 }
 
-
 // Sums over a row in kSumLanes interleaved partial sums: a fixed-size inner loop the compiler keeps in vector
 // registers at the caller's instruction-set level (a sequential sum is one dependent add per element). The order
 // differs from a sequential sum by the usual f32 reassociation error.
