@@ -2,13 +2,17 @@
 // profiler: CUDA events on a GPU) or a naive reference run in the same process, with work rates (GFLOP/s,
 // GB/s, Melem/s) and the ratio kernel / naive. Then the end-to-end tiny model (bench/e2e.ts). `npm run bench [-- --backend cuda] [--quick] [--only kernels|e2e] [--json]`; `--quick`
 // skips the Infinity-2B last-scale attention shapes (tens of seconds each on a CPU).
+// `--backend emu --project h100 [--sample N]`: instead, the CUDA kernels at Infinity-2B's shapes on the emulator
+// with its cost counters, projected onto the named GPU (bench/project.ts; every figure labelled projected).
 import { parseArgs } from 'node:util';
 import { Bench } from 'tinybench';
 import { availableParallelism } from 'node:os';
 import { backendInfo, createEngine, Engine } from '../lib/engine.js';
 import { loadNative } from '../lib/native.js';
 import type { BackendChoice } from '../lib/engine.js';
+import { rand } from './random.js';
 import { formatE2e, runE2e, E2eResult } from './e2e.js';
+import { defaultBuildDir, formatProjection, projectKernels } from './project.js';
 
 const { values } = parseArgs({
   args: process.argv.slice(2),
@@ -17,18 +21,10 @@ const { values } = parseArgs({
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
     only: { type: 'string' },
+    project: { type: 'string' },
+    sample: { type: 'string', default: '24' },
   },
 });
-
-function rand(n: number, seed: number): Float32Array {
-  const a = new Float32Array(n);
-  let s = seed >>> 0;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    a[i] = s / 2 ** 31 - 1;
-  }
-  return a;
-}
 
 // --- naive references (plain loops, f32 storage, f64 math) -----------------------------------------------
 function naiveAttention(q: Float32Array, k: Float32Array, v: Float32Array, pairs: number, lq: number, nk: number, d: number, out: Float32Array) {
@@ -321,6 +317,19 @@ async function gatedActivationCase(e: Engine, rows: Row[], o: { tokens: number; 
 }
 
 if (values.only && values.only !== 'kernels' && values.only !== 'e2e') throw new Error(`--only takes kernels or e2e`);
+if (values.project) {
+  if (values.backend !== 'emu') throw new Error('--project needs --backend emu (the cost counters are the emulator\'s)');
+  const sampleBlocks = Number(values.sample);
+  const e = await createEngine({ backend: 'emu' });
+  try {
+    process.stderr.write(`scalekv bench --project ${values.project} on ${e.device}\n`);
+    const projected = await projectKernels(e, values.project, { sampleBlocks, buildDir: defaultBuildDir(new URL('..', import.meta.url).pathname) });
+    process.stdout.write(values.json ? JSON.stringify(projected, null, 2) + '\n' : formatProjection(projected, values.project, sampleBlocks) + '\n');
+  } finally {
+    e.dispose();
+  }
+  process.exit(0);
+}
 const engine = await createEngine({ backend: values.backend as BackendChoice });
 let fmaPeak: { gflops: number; isa: string } | undefined;
 const rows: Row[] = [];

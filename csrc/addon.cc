@@ -151,6 +151,7 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
   Napi::Value SetProfiling(const Napi::CallbackInfo& info);
   Napi::Value TrimCache(const Napi::CallbackInfo& info);
   Napi::Value Profile(const Napi::CallbackInfo& info);
+  Napi::Value KernelCounters(const Napi::CallbackInfo& info);
   // Every op of the table (op_table.h): info.Data() is its declaration.
   Napi::Value RunOp(const Napi::CallbackInfo& info);
   Napi::Value Enqueued(const Napi::CallbackInfo& info);
@@ -184,6 +185,7 @@ Napi::Function JsEngine::Init(Napi::Env env) {
       InstanceMethod("setProfiling", &JsEngine::SetProfiling),
       InstanceMethod("trimCache", &JsEngine::TrimCache),
       InstanceMethod("profile", &JsEngine::Profile),
+      InstanceMethod("kernelCounters", &JsEngine::KernelCounters),
       InstanceMethod("enqueued", &JsEngine::Enqueued),
       InstanceAccessor("backend", &JsEngine::GetBackend, nullptr),
       InstanceAccessor("device", &JsEngine::GetDevice, nullptr),
@@ -332,12 +334,47 @@ Napi::Value JsEngine::TrimCache(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// setProfiling(on: boolean): turning it on clears the previous profile.
+// setProfiling(on: boolean, kernelCounters?: boolean, sampleBlocks?: number): turning it on clears the previous
+// profile.
 Napi::Value JsEngine::SetProfiling(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsBoolean()) throw_coded(env, "ERR_INVALID_ARG", "setProfiling(on: boolean)");
-  live(env).set_profiling(info[0].As<Napi::Boolean>().Value());
+  const bool sample_ok = info.Length() < 3 || (info[2].IsNumber() && info[2].As<Napi::Number>().DoubleValue() >= 0 &&
+                                              info[2].As<Napi::Number>().DoubleValue() <= 1e9);
+  if (info.Length() < 1 || !info[0].IsBoolean() || (info.Length() > 1 && !info[1].IsBoolean()) || !sample_ok)
+    throw_coded(env, "ERR_INVALID_ARG", "setProfiling(on: boolean, kernelCounters?: boolean, sampleBlocks?: number)");
+  const uint64_t sample = info.Length() > 2 ? static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue()) : 0;
+  live(env).set_profiling(info[0].As<Napi::Boolean>().Value(), info.Length() > 1 && info[1].As<Napi::Boolean>().Value(),
+                          sample);
   return env.Undefined();
+}
+
+// kernelCounters(): [{ op, kernel, grid, block, smemBytes, simtFlops, counters: { name: count } }] of the kernel
+// launches recorded since the last call (await sync() first).
+Napi::Value JsEngine::KernelCounters(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const auto records = live(env).take_kernel_records();
+  Napi::Array out = Napi::Array::New(env, records.size());
+  const auto dims = [&](const unsigned (&d)[3]) {
+    Napi::Array a = Napi::Array::New(env, 3);
+    for (uint32_t i = 0; i < 3; ++i) a.Set(i, Napi::Number::New(env, d[i]));
+    return a;
+  };
+  for (uint32_t i = 0; i < records.size(); ++i) {
+    const auto& r = records[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("op", r.op);
+    o.Set("kernel", r.launch.kernel);
+    o.Set("grid", dims(r.launch.grid));
+    o.Set("block", dims(r.launch.block));
+    o.Set("smemBytes", Napi::Number::New(env, double(r.launch.smem_bytes)));
+    o.Set("simtFlops", Napi::Number::New(env, r.launch.simt_flops));
+    o.Set("blocksRun", Napi::Number::New(env, double(r.launch.blocks_run)));
+    Napi::Object c = Napi::Object::New(env);
+    for (const auto& [name, value] : r.launch.counters) c.Set(name, Napi::Number::New(env, value));
+    o.Set("counters", c);
+    out.Set(i, o);
+  }
+  return out;
 }
 
 // profile(): { [op]: { count, ms } } of the ops finished so far (await sync() first for a complete one).

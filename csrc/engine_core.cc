@@ -228,8 +228,11 @@ void EngineCore::run() {
         op.launch ? op.launch(*backend_) : op.fn();
         Backend::TimingMark end = backend_->mark_time();
         const char* label = backend_->take_profile_label();
+        std::vector<Backend::KernelLaunchCounters> launches;
+        if (kernel_counters_) launches = backend_->take_kernel_counters();
         std::lock_guard<std::mutex> lock(profile_mu_);
         timed_.push_back({label ? label : op.name, std::move(start), std::move(end)});
+        for (auto& l : launches) kernel_records_.push_back({label ? label : op.name, std::move(l)});
       } else {
         op.launch ? op.launch(*backend_) : op.fn();
       }
@@ -251,13 +254,34 @@ void EngineCore::run() {
 
 namespace scalekv {
 
-void EngineCore::set_profiling(bool on) {
-  std::lock_guard<std::mutex> lock(profile_mu_);
-  if (on) {
-    profile_.clear();
-    timed_.clear();
+void EngineCore::set_profiling(bool on, bool kernel_counters, uint64_t sample_blocks) {
+  {
+    std::lock_guard<std::mutex> lock(profile_mu_);
+    if (on) {
+      profile_.clear();
+      timed_.clear();
+      kernel_records_.clear();
+    }
+    profiling_ = on;
   }
-  profiling_ = on;
+  // The counters belong to the thread that launches the kernels: switch them there, in queue order.
+  const bool counters = on && kernel_counters;
+  enqueue([this, counters, sample_blocks] {
+    if (!counters && !kernel_counters_) return;
+    if (!backend_->set_kernel_counters(counters, sample_blocks))
+      throw BackendError(StatusCode::device, std::string(backend_->name()) +
+                                                 ": kernel cost counters are not available (only the emulator built "
+                                                 "without a sanitizer has them, for one engine at a time)");
+    kernel_counters_ = counters;
+    if (!counters) backend_->take_kernel_counters();
+  });
+}
+
+std::vector<EngineCore::KernelRecord> EngineCore::take_kernel_records() {
+  std::lock_guard<std::mutex> lock(profile_mu_);
+  std::vector<KernelRecord> out;
+  out.swap(kernel_records_);
+  return out;
 }
 
 std::map<std::string, EngineCore::OpProfile> EngineCore::profile() {

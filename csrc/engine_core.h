@@ -94,12 +94,21 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // Profiling: while on, the queue thread brackets every named op with backend timing marks (CUDA events on
   // the stream, the host clock elsewhere), so device time is measured without synchronising per op.
   // `profile()` must follow a synchronisation: it reads the marks of every op profiled so far.
-  void set_profiling(bool on);
+  // With `kernel_counters` (the emulator only), every kernel launch of a profiled op is also recorded with the
+  // backend's cost counters; a backend without them makes the next sync fail with ERR_DEVICE.
+  // `sample_blocks` > 0 runs only that many blocks of larger grids (Backend::set_kernel_counters).
+  void set_profiling(bool on, bool kernel_counters = false, uint64_t sample_blocks = 0);
   struct OpProfile {
     int64_t count = 0;
     double ms = 0;
   };
   std::map<std::string, OpProfile> profile();
+  struct KernelRecord {
+    std::string op;  // the op's profile label
+    Backend::KernelLaunchCounters launch;
+  };
+  // The kernel launches recorded since the last call (after a synchronisation, like profile()).
+  std::vector<KernelRecord> take_kernel_records();
 
   // Runs `op` on the queue, then synchronises the backend, then calls `done` (still on the queue thread)
   // with the pending error, if any, which is cleared. `done` must hand results to JS itself.
@@ -137,6 +146,8 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   std::mutex profile_mu_;
   std::vector<TimedOp> timed_;               // marks not yet read
   std::map<std::string, OpProfile> profile_;  // totals of the marks read
+  bool kernel_counters_ = false;              // queue thread only: the backend's counters are on
+  std::vector<KernelRecord> kernel_records_;  // guarded by profile_mu_
   bool stop_ = false;
   std::optional<QueuedError> pending_error_;  // guarded by mu_
 

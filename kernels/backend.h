@@ -8,6 +8,8 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace scalekv {
 
@@ -464,6 +466,24 @@ class Backend {
   // The profile label of the op that just ran when it differs from the op's own (a library path, e.g.
   // "gemm:onednn"), else null; the queue asks once after each profiled op.
   virtual const char* take_profile_label() { return nullptr; }
+
+  // Kernel cost counters (the emulator's, kernels/emu/emu_profile.h): while on, every kernel launch is recorded
+  // with what it asked of the memory system and the tensor cores. Called on the queue thread only. A backend
+  // without counters returns false for `on`.
+  struct KernelLaunchCounters {
+    std::string kernel;
+    unsigned grid[3] = {1, 1, 1}, block[3] = {1, 1, 1};
+    size_t smem_bytes = 0;
+    double simt_flops = 0;  // declared by the launcher; 0 when it declares none
+    uint64_t blocks_run = 0;  // blocks emulated (fewer than the grid's when sampling; counters are scaled)
+    std::vector<std::pair<const char*, double>> counters;  // name (a string literal) -> count
+  };
+  // `sample_blocks` > 0: grids with more blocks run only that many (results incomplete; for projections).
+  virtual bool set_kernel_counters(bool on, uint64_t sample_blocks = 0) {
+    (void)sample_blocks;
+    return !on;
+  }
+  virtual std::vector<KernelLaunchCounters> take_kernel_counters() { return {}; }
 
   // A timestamp taken when the queue reaches it: a CUDA event recorded on the stream, or the host clock on
   // backends that execute in place. `elapsed_ms(a, b)` is valid once both have completed (after synchronize).

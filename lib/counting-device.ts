@@ -12,7 +12,7 @@
 import { dtypeSize, DTYPES, type DType } from './dtype.js';
 import { ScaleKVError } from './errors.js';
 import { NATIVE_OP_NAMES } from './native-ops.generated.js';
-import type { NativeEngine, NativeMemory, NativeOps, NativeTensor } from './native.js';
+import type { NativeEngine, NativeKernelLaunch, NativeMemory, NativeOps, NativeTensor } from './native.js';
 
 const CATEGORIES = ['weights', 'kv', 'activations', 'scratch'] as const;
 type Category = (typeof CATEGORIES)[number];
@@ -155,9 +155,12 @@ export class CountingDevice implements NativeEngine {
   dispose(): void {
     this.#disposed = true;
   }
-  setProfiling(_on: boolean): void {}
+  setProfiling(_on: boolean, _kernelCounters?: boolean, _sampleBlocks?: number): void {}
   profile(): Record<string, { count: number; ms: number }> {
     return {};
+  }
+  kernelCounters(): NativeKernelLaunch[] {
+    return [];
   }
 
 

@@ -2,7 +2,7 @@ import { availableParallelism } from 'node:os';
 import { DType, DTYPES } from './dtype.js';
 import { fail, rethrowNative, ScaleKVError } from './errors.js';
 import { CountingDevice } from './counting-device.js';
-import { loadNative, NativeEngine } from './native.js';
+import { loadNative, NativeEngine, type NativeKernelLaunch } from './native.js';
 import { Ops } from './ops.js';
 import { HostArray, Tensor, type TensorOwner } from './tensor.js';
 
@@ -44,10 +44,33 @@ export interface MemoryStats {
 export interface OpProfileEntry {
   /** The op's kernel name ('gemm', 'attention', ...). */
   op: string;
-  /** The library path it took when not the backend's own kernel (the CPU's 'onednn'); one entry per path. */
+  /**
+   * The path it took when not the backend's fast kernel: a library ('onednn' on the CPU), or on CUDA and the
+   * emulator a slower kernel and why ('simt (K % 8 != 0)'). One entry per path.
+   */
   path?: string;
   count: number;
   ms: number;
+  /** With `startProfiling({ kernelCounters: true })` (emu only): every kernel launch of these ops, in order. */
+  launches?: KernelLaunch[];
+}
+
+/** A kernel launch with the emulator's cost counters; `lib/projection.ts` turns them into a projected time. */
+export type KernelLaunch = Omit<NativeKernelLaunch, 'op'>;
+
+export interface ProfilingOptions {
+  /**
+   * Also record every kernel launch with the emulator's cost counters (global-memory requests and sectors,
+   * shared-memory wavefronts and bank conflicts, tensor-core FLOPs, barriers). The emu backend only; launches
+   * then run one block at a time on the engine's thread, so the run is slower.
+   */
+  kernelCounters?: boolean;
+  /**
+   * With `kernelCounters`: grids of more blocks run only this many, spread evenly (first and last included),
+   * and their counters are scaled to the whole grid. The ops' results are then incomplete: for projections of
+   * shapes too large to emulate whole, never for a run whose output matters.
+   */
+  sampleBlocks?: number;
 }
 
 export interface TensorOptions {
@@ -172,9 +195,10 @@ export class Engine implements TensorOwner {
    * GPU, the host clock on CPU and emu), so device time is measured without synchronising per op. Clears any
    * previous profile.
    */
-  startProfiling(): void {
+  startProfiling(opts: ProfilingOptions = {}): void {
+    if (opts.kernelCounters && this.backend !== 'emu') fail('ERR_BACKEND_UNAVAILABLE', `startProfiling: kernel counters need the emu backend (this engine runs on ${this.backend})`);
     try {
-      this.native.setProfiling(true);
+      this.native.setProfiling(true, opts.kernelCounters ?? false, opts.sampleBlocks ?? 0);
     } catch (e) {
       rethrowNative(e);
     }
@@ -182,13 +206,27 @@ export class Engine implements TensorOwner {
 
   /** Waits for the queued work, stops profiling and returns per-op counts and times, slowest first. */
   async stopProfiling(): Promise<OpProfileEntry[]> {
-    await this.sync();
+    try {
+      await this.sync();
+    } catch (e) {
+      this.native.setProfiling(false);
+      throw e;
+    }
     const raw = this.native.profile();
+    const launches = new Map<string, KernelLaunch[]>();
+    for (const { op, ...launch } of this.native.kernelCounters()) {
+      const list = launches.get(op) ?? [];
+      list.push(launch);
+      launches.set(op, list);
+    }
     this.native.setProfiling(false);
     return Object.entries(raw)
-      .map(([label, p]) => {
-        const [op, path] = label.split(':');
-        return path ? { op, path, count: p.count, ms: p.ms } : { op, count: p.count, ms: p.ms };
+      .map(([label, p]): OpProfileEntry => {
+        const colon = label.indexOf(':');
+        const entry: OpProfileEntry = colon < 0 ? { op: label, count: p.count, ms: p.ms } : { op: label.slice(0, colon), path: label.slice(colon + 1), count: p.count, ms: p.ms };
+        const l = launches.get(label);
+        if (l) entry.launches = l;
+        return entry;
       })
       .sort((a, b) => b.ms - a.ms);
   }

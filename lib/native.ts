@@ -36,11 +36,27 @@ export interface NativeEngine extends NativeOps {
   sync(): Promise<void>;
   memory(): NativeMemory;
   dispose(): void;
-  setProfiling(on: boolean): void;
+  setProfiling(on: boolean, kernelCounters?: boolean, sampleBlocks?: number): void;
   trimCache(): void;
   profile(): Record<string, { count: number; ms: number }>;
+  kernelCounters(): NativeKernelLaunch[];
   /** Ops accepted since the engine was created; a call rejected by its checks adds none. */
   enqueued(): number;
+}
+
+/** One kernel launch with the emulator's cost counters (kernels/emu/emu_profile.h), as the addon reports it. */
+export interface NativeKernelLaunch {
+  /** The profile label of the op that launched it ('gemm', 'gemm:simt (...)'). */
+  op: string;
+  kernel: string;
+  grid: [number, number, number];
+  block: [number, number, number];
+  smemBytes: number;
+  /** FLOPs outside the tensor cores, as the launcher declared them (0: none declared). */
+  simtFlops: number;
+  /** Blocks emulated: fewer than the grid's when sampling (the counters are then scaled to the grid). */
+  blocksRun: number;
+  counters: Record<string, number>;
 }
 
 /** One declaration of the op table (csrc/op_table.h), as `opTable()` returns it. */

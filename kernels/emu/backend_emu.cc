@@ -15,6 +15,7 @@
 #include "../cuda/status_message.h"
 #include "../host_clock.h"
 #include "emu_backend.h"
+#include "emu_profile.h"
 
 namespace scalekv {
 namespace {
@@ -48,8 +49,9 @@ class EmuBackend final : public Backend {
   }
 
   ~EmuBackend() override {
-    std::free(workspace_);
-    std::free(status_);
+    set_kernel_counters(false, 0);
+    release(workspace_);
+    release(status_);
   }
 
   const char* name() const override { return "emu"; }
@@ -64,7 +66,7 @@ class EmuBackend final : public Backend {
     return p;
   }
 
-  void free(void* ptr) override { std::free(ptr); }
+  void free(void* ptr) override { release(ptr); }
 
   void upload(void* dst, const void* src, size_t bytes) override {
     if (bytes) std::memcpy(dst, src, bytes);
@@ -137,6 +139,46 @@ class EmuBackend final : public Backend {
   TimingMark mark_time() override { return host_clock_mark(); }
   double elapsed_ms(const TimingMark& start, const TimingMark& end) override { return host_clock_elapsed_ms(start, end); }
 
+  bool set_kernel_counters(bool on, uint64_t sample_blocks) override {
+    if (!on) {
+      if (counting_) {
+        skv_emu::profile::stop();
+        skv_emu::profile::take();  // records this engine never collected
+      }
+      counting_ = false;
+      return true;
+    }
+    if (!skv_emu::profile::available()) return false;
+    counting_ = skv_emu::profile::start(sample_blocks);
+    return counting_;
+  }
+
+  std::vector<KernelLaunchCounters> take_kernel_counters() override {
+    std::vector<KernelLaunchCounters> out;
+    if (!counting_) return out;
+    for (skv_emu::profile::Launch& l : skv_emu::profile::take()) {
+      KernelLaunchCounters k;
+      k.kernel = std::move(l.kernel);
+      std::copy(l.grid, l.grid + 3, k.grid);
+      std::copy(l.block, l.block + 3, k.block);
+      k.smem_bytes = l.smem_bytes;
+      k.simt_flops = l.simt_flops;
+      k.blocks_run = l.blocks_run;
+      const skv_emu::profile::Counters& c = l.counters;
+      k.counters = {{"globalLoadRequests", c.global_load_requests}, {"globalLoadSectors", c.global_load_sectors},
+                    {"globalLoadBytes", c.global_load_bytes}, {"globalStoreRequests", c.global_store_requests},
+                    {"globalStoreSectors", c.global_store_sectors}, {"globalStoreBytes", c.global_store_bytes},
+                    {"dramReadBytes", c.dram_read_bytes}, {"dramWriteBytes", c.dram_write_bytes},
+                    {"sharedLoadRequests", c.shared_load_requests}, {"sharedLoadWavefronts", c.shared_load_wavefronts},
+                    {"sharedLoadIdealWavefronts", c.shared_load_ideal}, {"sharedStoreRequests", c.shared_store_requests},
+                    {"sharedStoreWavefronts", c.shared_store_wavefronts},
+                    {"sharedStoreIdealWavefronts", c.shared_store_ideal}, {"tensorFlops", c.tensor_flops},
+                    {"barriers", c.barriers}, {"blocks", c.blocks}};
+      out.push_back(std::move(k));
+    }
+    return out;
+  }
+
   void synchronize() override {
     std::lock_guard<std::mutex> lock(mutex_);
     const std::vector<std::string> pending = std::move(pending_);
@@ -153,7 +195,14 @@ class EmuBackend final : public Backend {
     // Exactly `bytes` (at least 1, never null, as the CUDA backend), so ASan flags the first byte past it.
     if (posix_memalign(&p, kAlign, bytes == 0 ? 1 : bytes) != 0 || !p)
       throw BackendError(StatusCode::out_of_memory, "emu: cannot allocate " + std::to_string(bytes) + " bytes");
+    skv_emu::profile::register_global(p, bytes);  // device memory, for the cost counters
     return p;
+  }
+
+  static void release(void* p) {
+    if (!p) return;
+    skv_emu::profile::unregister_global(p);
+    std::free(p);
   }
 
   static void check_launch(const char* what) {
@@ -166,7 +215,7 @@ class EmuBackend final : public Backend {
   void* workspace(size_t bytes) {
     if (bytes == 0) return nullptr;
     if (bytes != workspace_bytes_) {
-      std::free(workspace_);
+      release(workspace_);
       workspace_ = nullptr;
       workspace_bytes_ = 0;
       workspace_ = allocate(bytes);
@@ -185,6 +234,7 @@ class EmuBackend final : public Backend {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::vector<std::string> pending_;
+  bool counting_ = false;  // this backend's queue thread holds the process's cost counters
   std::mutex mutex_;
 };
 

@@ -39,11 +39,21 @@ foreach(san address thread)
   endif()
 endforeach()
 
+# The cost counters (emu_profile.h) see every load and store through GCC's kernel-address instrumentation in
+# callback mode: each access calls __asan_{load,store}N_noabort(addr), defined by the runtime of the flavour
+# without a sanitizer (a sanitizer runtime defines them itself). No shadow memory, stack or globals checks.
+if(NOT TARGET skv_emu_access_hooks)
+  add_library(skv_emu_access_hooks INTERFACE)
+  target_compile_options(skv_emu_access_hooks INTERFACE -fsanitize=kernel-address
+    --param=asan-instrumentation-with-call-threshold=0 --param=asan-stack=0 --param=asan-globals=0)
+endif()
+
 set(SKV_EMU_RUNTIME_SOURCES
   ${SKV_EMU_DIR}/fiber.cc
   ${SKV_EMU_DIR}/host_api.cc
   ${SKV_EMU_DIR}/launch.cc
   ${SKV_EMU_DIR}/numerics.cc
+  ${SKV_EMU_DIR}/profile.cc
   ${SKV_EMU_DIR}/report.cc
   ${SKV_EMU_DIR}/scheduler.cc
   ${SKV_EMU_DIR}/tensor_ops.cc)
@@ -59,6 +69,8 @@ function(skv_emu_add_runtime target sanitizer)
   set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
   if(sanitizer STREQUAL "address")
     target_link_libraries(${target} PUBLIC skv_emu_san_address)
+  elseif(sanitizer STREQUAL "none")
+    target_compile_definitions(${target} PRIVATE SKV_EMU_PROFILE)
   elseif(sanitizer STREQUAL "thread")
     # The scheduler hands state between fibers without happens-before edges on purpose; instrumenting it
     # would report those hand-offs. Everything linking the runtime (kernels, tests) is instrumented.
@@ -68,7 +80,7 @@ endfunction()
 
 # Compiles CUDA sources as C++ against the emulator into a static library.
 function(skv_emu_add_kernels target)
-  cmake_parse_arguments(ARG "" "RUNTIME" "" ${ARGN})
+  cmake_parse_arguments(ARG "ACCESS_HOOKS" "RUNTIME" "" ${ARGN})
   if(NOT ARG_RUNTIME)
     set(ARG_RUNTIME skv_emu_runtime)
   endif()
@@ -92,6 +104,9 @@ function(skv_emu_add_kernels target)
     target_compile_options(${target} PRIVATE -ftrivial-auto-var-init=pattern)
   endif()
   target_link_libraries(${target} PUBLIC ${ARG_RUNTIME})
+  if(ARG_ACCESS_HOOKS)
+    target_link_libraries(${target} PRIVATE skv_emu_access_hooks)
+  endif()
   set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON LINKER_LANGUAGE CXX)
 endfunction()
 
@@ -103,7 +118,11 @@ list(FILTER SKV_EMU_CUDA_SOURCES EXCLUDE REGEX "/backend_cuda\\.cu$")
 function(skv_emu_add_flavour suffix sanitizer)
   skv_emu_add_runtime(skv_emu_runtime${suffix} ${sanitizer})
   if(SKV_EMU_CUDA_SOURCES)
-    skv_emu_add_kernels(skv_emu_kernels${suffix} ${SKV_EMU_CUDA_SOURCES} RUNTIME skv_emu_runtime${suffix})
+    set(hooks "")
+    if(sanitizer STREQUAL "none")
+      set(hooks ACCESS_HOOKS)
+    endif()
+    skv_emu_add_kernels(skv_emu_kernels${suffix} ${SKV_EMU_CUDA_SOURCES} RUNTIME skv_emu_runtime${suffix} ${hooks})
     add_library(skv_emu_backend${suffix} STATIC ${SKV_EMU_DIR}/backend_emu.cc)
     target_compile_options(skv_emu_backend${suffix} PRIVATE -Wall -Wextra -fno-strict-aliasing)
     target_compile_definitions(skv_emu_backend${suffix} PRIVATE SCALEKV_EMU)
@@ -135,6 +154,13 @@ if(SCALEKV_EMU_TESTS)
     target_compile_options(emu_selftest PRIVATE -ftrivial-auto-var-init=pattern)
   endif()
   add_test(NAME emu_selftest COMMAND emu_selftest)
+
+  # The cost counters on planted kernels: needs the flavour without a sanitizer (the one with access hooks).
+  add_executable(emu_profile_check ${SKV_EMU_TEST_HARNESS} ${SKV_EMU_REPO}/test/emu/profile_check.cc)
+  target_link_libraries(emu_profile_check PRIVATE skv_emu_runtime skv_emu_access_hooks)
+  target_compile_options(emu_profile_check PRIVATE -Wall -Wextra -fno-strict-aliasing)
+  target_compile_definitions(emu_profile_check PRIVATE SCALEKV_EMU)
+  add_test(NAME emu_profile_check COMMAND emu_profile_check)
 
   if(TARGET skv_emu_backend${SKV_EMU_TEST_FLAVOUR})
     file(GLOB SKV_EMU_CPU_SOURCES CONFIGURE_DEPENDS "${SKV_EMU_REPO}/kernels/cpu/*.cc")

@@ -46,6 +46,12 @@ void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
 
 }  // namespace skv_emu
 
+namespace skv {
+// The FLOPs outside the tensor cores that the next launch from this thread performs, for the cost counters
+// (emu_profile.h), which cannot count arithmetic; launchers of compute-bound SIMT kernels declare them.
+void declare_simt_flops(double flops);
+}  // namespace skv
+
 #define SKV_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                       \
   ::skv_emu::launch_kernel(#kernel, kernel, ::dim3(grid), ::dim3(block), static_cast<size_t>(smem_bytes), \
                            (stream), ##__VA_ARGS__)

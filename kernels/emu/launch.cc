@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "block_state.h"
+#include "profile_internal.h"
 
 namespace skv_emu {
 
@@ -155,8 +156,32 @@ static int default_workers() {
   return n;
 }
 
+static thread_local double t_declared_simt_flops = 0;
+
+double take_declared_simt_flops() {
+  const double f = t_declared_simt_flops;
+  t_declared_simt_flops = 0;
+  return f;
+}
+
 void launch(const LaunchSpec& spec) {
   check_config(spec);
+  if (profile::detail::counting()) {  // counted launches run block after block on this thread
+    profile::detail::launch_begin(spec);
+    const uint64_t blocks = uint64_t(spec.grid.x) * spec.grid.y * spec.grid.z;
+    const uint64_t sample = profile::detail::sample_blocks();
+    if (sample == 0 || blocks <= sample) {
+      GridJob job(&spec, blocks, scheduling_is_random());
+      job.work();
+      profile::detail::launch_end(blocks);
+    } else {
+      Worker& w = this_worker();
+      for (uint64_t i = 0; i < sample; ++i) run_block(w, spec, i * (blocks - 1) / (sample - 1));
+      profile::detail::launch_end(sample);
+    }
+    return;
+  }
+  t_declared_simt_flops = 0;
   static const bool trace = std::getenv("SKV_EMU_TRACE") != nullptr;
   if (trace)
     std::fprintf(stderr, "skv_emu: launch '%s' [%s] grid (%u,%u,%u) block (%u,%u,%u) smem %zu\n", spec.kernel_name,
@@ -176,3 +201,5 @@ void launch(const LaunchSpec& spec) {
 }
 
 }  // namespace skv_emu
+
+void skv::declare_simt_flops(double flops) { skv_emu::t_declared_simt_flops = flops; }

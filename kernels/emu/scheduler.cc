@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "block_state.h"
+#include "profile_internal.h"
 #include "sanitizer_hooks.h"
 
 namespace skv_emu {
@@ -210,6 +211,11 @@ void warp_collective(const Site& site, const char* op, unsigned mask, void* reco
   san::acquire(&w.sync);
 }
 
+void yield_running(SimThread& t) {
+  t.block->ready.push_back(t.linear);
+  t.fiber->yield();
+}
+
 static void thread_exit(SimThread& t) {
   Block& b = *t.block;
   if (b.at_barrier > 0) {
@@ -318,6 +324,8 @@ static void report_stall(Block& b) {
 void run_block(Worker& w, const LaunchSpec& spec, uint64_t linear_idx) {
   Block& b = w.block;
   setup_block(w, b, spec, linear_idx);
+  const bool counting = profile::detail::counting();
+  if (counting) profile::detail::block_begin(b);
   san::release(&b.start_sync);
   for (;;) {
     while (b.ready_head < b.ready.size()) {
@@ -330,6 +338,7 @@ void run_block(Worker& w, const LaunchSpec& spec, uint64_t linear_idx) {
     t_lane = nullptr;
     if (b.exited == b.nthreads) break;
     if (b.at_barrier != b.nthreads) report_stall(b);
+    if (counting) profile::detail::barrier_done(b);
     b.at_barrier = 0;
     for (WarpState& w : b.warps) w.at_barrier = 0;
     for (SimThread& t : b.threads) {
@@ -338,6 +347,7 @@ void run_block(Worker& w, const LaunchSpec& spec, uint64_t linear_idx) {
     }
   }
   san::acquire(&b.end_sync);
+  if (counting) profile::detail::block_end(b);
   std::free(b.smem);
   b.smem = nullptr;
 }

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "block_state.h"
+#include "profile_internal.h"
 
 namespace skv {
 
@@ -40,6 +41,7 @@ static void mma_combine(void* const records[32], unsigned) {
   }
   // bf16 products are exact in f32; the sum is formed in double and rounded once (the tensor core's
   // f32 accumulation differs from this by rounding only, which the tests' tolerances cover).
+  if (skv_emu::profile::detail::counting()) skv_emu::profile::detail::mma();
   float D[16][8];
   for (int m = 0; m < 16; ++m)
     for (int n = 0; n < 8; ++n) {
@@ -72,6 +74,7 @@ static void ldmatrix_combine(void* const records[32], unsigned) {
   const unsigned char* lo = self.lane.smem;
   const size_t bytes = self.lane.smem_bytes;
   uint16_t M[Matrices][8][8];
+  const unsigned char* rows[8 * Matrices];
   for (int lane = 0; lane < 8 * Matrices; ++lane) {
     const auto* row = static_cast<const unsigned char*>(static_cast<LdmatrixRecord*>(records[lane])->row);
     if (reinterpret_cast<uintptr_t>(row) % 16 != 0 || row < lo || row + 16 > lo + bytes) {
@@ -82,7 +85,9 @@ static void ldmatrix_combine(void* const records[32], unsigned) {
                      static_cast<const void*>(lo), static_cast<const void*>(lo + bytes));
     }
     std::memcpy(M[lane / 8][lane % 8], row, 16);
+    rows[lane] = row;
   }
+  if (skv_emu::profile::detail::counting()) skv_emu::profile::detail::ldmatrix(rows, Matrices);
   for (int lane = 0; lane < 32; ++lane) {
     uint32_t* out = static_cast<LdmatrixRecord*>(records[lane])->r;
     const int i = lane / 4, j = 2 * (lane % 4);
@@ -116,6 +121,8 @@ void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
                    smem_dst, static_cast<const void*>(lo), static_cast<const void*>(lo + t.lane.smem_bytes));
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0)
     skv_emu::fatal(&t, "skv::cp_async_16: source %p is not 16-byte aligned", gmem_src);
+  if (skv_emu::profile::detail::counting())
+    skv_emu::profile::detail::cp_async(__builtin_return_address(0), smem_dst, gmem_src, src_bytes);
   skv_emu::CpAsyncCopy c{dst, t.cp_committed, {}};
   std::memcpy(c.bytes, gmem_src, static_cast<size_t>(src_bytes));  // ASan checks exactly src_bytes
   std::memset(c.bytes + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
