@@ -39,8 +39,14 @@ struct KeyHash {
   size_t operator()(const Key& k) const { return std::hash<uintptr_t>()(k.site * 0x9e3779b97f4a7c15ull ^ k.seq); }
 };
 
-// Distinct sectors per 4 KiB page, for the compulsory DRAM traffic.
+// Distinct sectors per 4 KiB page, for the compulsory DRAM traffic, kept per allocation: a sampled grid's
+// footprint is scaled up allocation by allocation, and never past the allocation's size (blocks of a GEMM
+// share their operand panels, so the sample's footprint does not grow linearly with the grid).
 using Footprint = std::unordered_map<uint64_t, std::array<uint64_t, 2>>;
+struct AllocationFootprint {
+  size_t bytes = 0;
+  Footprint reads, writes;
+};
 
 struct State {
   std::mutex owner_mutex;
@@ -50,7 +56,7 @@ struct State {
   const Block* block = nullptr;
   std::vector<std::unordered_map<Key, Pending, KeyHash>> warps;
   std::vector<std::unordered_map<uintptr_t, uint32_t>> lane_seq;
-  Footprint reads, writes;
+  std::unordered_map<uintptr_t, AllocationFootprint> footprints;  // by allocation start
   std::mutex globals_mutex;
   std::map<uintptr_t, size_t> globals;  // start -> bytes
 };
@@ -60,13 +66,15 @@ State& state() {
   return *s;
 }
 
-bool is_global(uintptr_t a) {
+// The device allocation holding address a: {start, bytes}, or {0, 0}.
+std::pair<uintptr_t, size_t> allocation_of(uintptr_t a) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.globals_mutex);
   auto it = s.globals.upper_bound(a);
-  if (it == s.globals.begin()) return false;
+  if (it == s.globals.begin()) return {0, 0};
   --it;
-  return a - it->first < it->second;
+  if (a - it->first >= it->second) return {0, 0};
+  return {it->first, it->second};
 }
 
 void mark(Footprint& f, uint64_t first_sector, uint64_t last_sector) {
@@ -76,10 +84,10 @@ void mark(Footprint& f, uint64_t first_sector, uint64_t last_sector) {
   }
 }
 
-uint64_t footprint_bytes(const Footprint& f) {
+double footprint_bytes(const Footprint& f) {
   uint64_t n = 0;
   for (const auto& [page, bits] : f) n += __builtin_popcountll(bits[0]) + __builtin_popcountll(bits[1]);
-  return n * kSectorBytes;
+  return static_cast<double>(n * kSectorBytes);
 }
 
 void finish_global(const Pending& p, bool store) {
@@ -91,7 +99,6 @@ void finish_global(const Pending& p, bool store) {
     const uint64_t a = p.addr[__builtin_ctz(m)];
     const uint64_t first = a / kSectorBytes, last = (a + p.size - 1) / kSectorBytes;
     for (uint64_t sec = first; sec <= last && n < 64; ++sec) sectors[n++] = sec;
-    mark(store ? s.writes : s.reads, first, last);
     ++lanes;
   }
   std::sort(sectors, sectors + n);
@@ -160,6 +167,12 @@ void record(uintptr_t site, Kind kind, uintptr_t addr, int size) {
   SimThread* t = t_sim;
   if (!t) return;  // host code (a launcher) touching memory
   State& s = state();
+  if (kind == global_load || kind == global_store) {
+    const auto [start, bytes] = allocation_of(addr);
+    AllocationFootprint& f = s.footprints[start];
+    f.bytes = bytes;
+    mark(kind == global_store ? f.writes : f.reads, addr / kSectorBytes, (addr + size - 1) / kSectorBytes);
+  }
   const unsigned lane = t->linear % 32, warp_index = t->linear / 32;
   const uintptr_t tagged = site * 4 + kind;
   const Key key{tagged, s.lane_seq[t->linear][tagged]++};
@@ -185,7 +198,7 @@ void access(uintptr_t site, const void* ptr, int size, bool store) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
   const uintptr_t smem = reinterpret_cast<uintptr_t>(t->lane.smem);
   if (a - smem < t->lane.smem_bytes) record(site, store ? shared_store : shared_load, a, size);
-  else if (is_global(a)) record(site, store ? global_store : global_load, a, size);
+  else if (allocation_of(a).second) record(site, store ? global_store : global_load, a, size);
 }
 
 void launch_begin(const LaunchSpec& spec) {
@@ -197,8 +210,7 @@ void launch_begin(const LaunchSpec& spec) {
   s.current.block[0] = spec.block.x, s.current.block[1] = spec.block.y, s.current.block[2] = spec.block.z;
   s.current.smem_bytes = spec.smem_bytes;
   s.current.simt_flops = take_declared_simt_flops();
-  s.reads.clear();
-  s.writes.clear();
+  s.footprints.clear();
 }
 
 uint64_t sample_blocks() { return state().sample_blocks; }
@@ -206,16 +218,19 @@ uint64_t sample_blocks() { return state().sample_blocks; }
 void launch_end(uint64_t blocks_run) {
   State& s = state();
   Counters& c = s.current.counters;
-  c.dram_read_bytes = footprint_bytes(s.reads);
-  c.dram_write_bytes = footprint_bytes(s.writes);
-  s.reads.clear();
-  s.writes.clear();
   s.current.blocks_run = blocks_run;
   const uint64_t grid = uint64_t(s.current.grid[0]) * s.current.grid[1] * s.current.grid[2];
+  const double scale_up = static_cast<double>(grid) / static_cast<double>(blocks_run);
+  for (const auto& [start, f] : s.footprints) {
+    const double cap = static_cast<double>((f.bytes + kSectorBytes - 1) / kSectorBytes * kSectorBytes);
+    c.dram_read_bytes += static_cast<uint64_t>(std::min(cap, footprint_bytes(f.reads) * scale_up));
+    c.dram_write_bytes += static_cast<uint64_t>(std::min(cap, footprint_bytes(f.writes) * scale_up));
+  }
+  s.footprints.clear();
   if (blocks_run < grid) {  // a sample: scale every count to the whole grid
     const auto scale = [&](uint64_t& v) { v = static_cast<uint64_t>(static_cast<double>(v) * grid / blocks_run + 0.5); };
     for (uint64_t* v : {&c.global_load_requests, &c.global_load_sectors, &c.global_load_bytes, &c.global_store_requests,
-                        &c.global_store_sectors, &c.global_store_bytes, &c.dram_read_bytes, &c.dram_write_bytes,
+                        &c.global_store_sectors, &c.global_store_bytes,
                         &c.shared_load_requests, &c.shared_load_wavefronts, &c.shared_load_ideal,
                         &c.shared_store_requests, &c.shared_store_wavefronts, &c.shared_store_ideal, &c.tensor_flops,
                         &c.barriers, &c.blocks})
@@ -258,7 +273,7 @@ void ldmatrix(const unsigned char* const rows[], int matrices) {
 
 void cp_async(const void* site, const void* smem_dst, const void* gmem_src, int src_bytes) {
   const uintptr_t s = reinterpret_cast<uintptr_t>(site);
-  if (src_bytes > 0 && is_global(reinterpret_cast<uintptr_t>(gmem_src)))
+  if (src_bytes > 0 && allocation_of(reinterpret_cast<uintptr_t>(gmem_src)).second)
     record(s, global_load, reinterpret_cast<uintptr_t>(gmem_src), src_bytes);
   record(s, shared_store, reinterpret_cast<uintptr_t>(smem_dst), 16);
 }
