@@ -33,6 +33,24 @@ const CASES: Case[] = [
   { rows: 2, heads: 4, lq: 300, d: 80, len: 90, extraCap: 2, lc: 300, gathered: true, window: 2 },
 ];
 
+// The bf16 tensor-core kernel's tiles (32 query rows per warp, 64- and 128-row blocks, 64-key tiles for head
+// dim 64 and 32-key tiles for 128) and split-KV: grids under one block per SM (132 on the emulator) with at
+// least 4 key tiles split them and combine. `scaleMul` multiplies 1/sqrt(d): negative and zero scales too.
+// The last case fills the wave (2 x 66 blocks), so it does not split.
+const TILE_CASES: (Case & { scaleMul?: number })[] = [64, 128].flatMap((d) => [
+  { rows: 1, heads: 1, lq: 1, d, len: 0, extraCap: 3, lc: 1, gathered: false, window: 0 },
+  { rows: 1, heads: 2, lq: 5, d, len: 40, extraCap: 0, lc: 23, gathered: false, window: 2 },
+  { rows: 2, heads: 1, lq: 33, d, len: 50, extraCap: 0, lc: 14, gathered: false, window: 3 },
+  { rows: 1, heads: 2, lq: 100, d, len: 60, extraCap: 10, lc: 5, gathered: false, window: 0 },
+  { rows: 2, heads: 2, lq: 33, d, len: 280, extraCap: 20, lc: 50, gathered: true, window: 5 },
+  { rows: 1, heads: 2, lq: 1, d, len: 300, extraCap: 10, lc: 0, gathered: false, window: 1 },
+  { rows: 2, heads: 2, lq: 100, d, len: 800, extraCap: 0, lc: 10, gathered: true, window: 4 },
+  { rows: 1, heads: 1, lq: 65, d, len: 200, extraCap: 50, lc: 0, gathered: false, window: 0 },
+  { rows: 1, heads: 2, lq: 33, d, len: 280, extraCap: 0, lc: 50, gathered: false, window: 2, scaleMul: -1 },
+  { rows: 1, heads: 2, lq: 5, d, len: 40, extraCap: 0, lc: 25, gathered: false, window: 0, scaleMul: 0 },
+  { rows: 2, heads: 66, lq: 1, d, len: 190, extraCap: 10, lc: 10, gathered: false, window: 0 },
+]);
+
 function makeProblem(rng: Rng, c: Case, dtype: 'f32' | 'bf16'): AttentionProblem & { windowRows: Int32Array } {
   const cap = c.len + c.extraCap;
   const round = dtype === 'bf16' ? bf16Round : (a: Float32Array) => a;
@@ -119,6 +137,23 @@ for (const backend of testBackends()) {
       });
     });
   }
+
+  test(`attention ${backend} bf16: warp-tile tails and split-KV shapes match a float64 reference`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    await withEngine(backend, async (e) => {
+      for (const c of TILE_CASES) {
+        const p = makeProblem(rng, c, 'bf16');
+        p.scale = (c.scaleMul ?? 1) / Math.sqrt(c.d);
+        const r = await runAttention(e, p, 'bf16');
+        const ref = attentionRef(p, roundBf16);
+        const label = JSON.stringify(c);
+        const err = maxAbsDiff(r.out!, ref.out);
+        const refErr = maxAbsDiff(ref.outBf16!, ref.out);
+        t.true(err <= 2 * refErr + 1e-6, `${label}: out error ${err} vs bf16 reference error ${refErr}`);
+        if (c.window) windowMatches(t, r, windowRef(p, p.windowRows), label);
+      }
+    });
+  });
 
   test(`attention ${backend}: window output alone (no out) matches the reference`, async (t) => {
     const rng = new Rng(seedFor(t));

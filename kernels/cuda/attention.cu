@@ -2,27 +2,44 @@
 // [history (optionally gathered through gather[r,h,:]) ‖ current], plus the optional window logits/lse.
 // Shapes (named dims): q/out [R,H,Lq,D], hist [R,H,Hcap,D], gather [R,H,G], cur [R,H,Lc,D],
 // window_logits [R,H,W,N], window_lse [R,H,W], with N = n_hist + Lc keys and n_hist = G or hist_len.
-// Cost: 4*R*H*Lq*N*D FLOP; bytes ~ (2*Lq + 2*N*ceil(Lq/BQ))*R*H*D*dsize.
+// Cost: 4*R*H*Lq*N*D FLOP; bytes ~ (2*Lq + 2*N*ceil(Lq/BQ))*R*H*D*dsize (+ 8*splits*R*H*Lq*(D+2) split-KV).
 //
 // Kernels, in launch order:
 //   attention_validate_kernel  gather values in [0, hist_len), window rows in [0, Lq); else status
 //                              index_out_of_range (atomicCAS from 0) and every later kernel returns early.
-//   attention_mma_kernel<D,NW> bf16, D = 64 or 128. Grid (ceil(Lq/BQ), H, R), NW warps, BQ = 16*NW query
-//                              rows (NW = 4 -> 64, NW = 8 -> 128 when Lq >= 1024), key tile BK = 64.
-//                              Smem: Q [BQ][D] + K [2][BK][D] + V [2][BK][D] bf16 = (BQ + 256)*D*2 bytes
-//                              (D=128: 80 KiB / 96 KiB; D=64: 40 / 48 KiB). Each warp owns 16 query rows:
-//                              S = Q K^T with mma.m16n8k16 (Q fragments from ldmatrix, K fragments from
-//                              ldmatrix: K rows [key][d] are exactly the "col" B operand), online softmax in f32
-//                              on the accumulators (exp2 with log2(e) folded into the scale), then O += P V
-//                              with P re-packed from the accumulators as the A operand (same lanes, no
-//                              shuffle) and V fragments from ldmatrix.trans. K/V tiles arrive by cp.async 16 B,
-//                              double buffered: tile t+1 is in flight while tile t is multiplied. The gather
-//                              happens per K/V row in the cp.async source address. Keys past N and query rows
-//                              past Lq are zero-filled (src_bytes 0); logits of keys past N are -inf.
-//                              Smem rows are XOR-swizzled in 16-byte chunks (chunk ^ (row & 7)) so the 8 row
-//                              addresses of every ldmatrix phase hit 8 distinct bank groups.
+//   attention_mma_kernel<D,NW> bf16, D = 64 or 128. Grid (ceil(Lq/BQ) * splits, H, R), NW warps, BQ = 32*NW
+//                              query rows (NW = 2 -> 64 for Lq <= 64, NW = 4 -> 128), key tile BK = 64 (D = 64)
+//                              or 32 (D = 128). Smem: Q [BQ][D] + K [2][BK][D] + V [2][BK][D] bf16 + key codes
+//                              [2][BK] int32: D=64: 40.5 / 48.5 KiB, D=128: 48.25 / 64.25 KiB (NW = 2 / 4).
+//                              __launch_bounds__(32*NW, 2): 223-255 registers, no spills (sm_80, sm_90; the
+//                              O and S accumulators alone are 2*(D + BK)/2 floats).
+//                              FA2 warp layout: each warp owns 32 query rows as two m16 tiles, and every K
+//                              and V fragment it loads (ldmatrix) feeds both. S = Q K^T with mma.m16n8k16 (Q
+//                              fragments from ldmatrix per tile, K fragments from ldmatrix: K rows [key][d] are
+//                              exactly the "col" B operand); online softmax in f32 on the accumulators in the
+//                              log2 domain: running max = raw row max * |scale| log2(e), p = exp2 of one FMA;
+//                              only the last tile of the sequence is masked (keys past N -> -inf). Then
+//                              O += P V with P re-packed from the accumulators as the A operand (same lanes, no
+//                              shuffle) and V fragments from ldmatrix.trans. A negative scale negates the Q
+//                              tile in smem once. K/V tiles arrive by cp.async 16 B, double buffered: tile t+1
+//                              is in flight while tile t is multiplied. Key rows are named by codes (history
+//                              row after the gather, current row, or none = zero fill) in smem; the gather
+//                              indices of tile t+2 are loaded into a register during tile t and stored at its
+//                              end, so the cp.async addresses never wait on a global load. Query rows past Lq
+//                              are zero-filled. Smem rows are XOR-swizzled in 16-byte chunks (chunk ^ (row &
+//                              7)) so the 8 row addresses of every ldmatrix phase hit 8 distinct bank groups;
+//                              ldmatrix addresses are 4 per-lane offsets plus immediates. The output is
+//                              staged as bf16 in the warp's own Q rows and written with 16-byte stores.
+//                              Split-KV: when the grid (query blocks x H x R) is under one block per SM (SM
+//                              count queried once per device) and there are >= 4 key tiles, split s of
+//                              min(ceil(SMs / blocks), tiles / 2, 16) takes a contiguous run of key tiles and
+//                              writes its unnormalised O and (max, sum) per row to the workspace, f32:
+//                              O [splits][R*H*Lq][D], (m, l) [splits][R*H*Lq][2].
+//   attention_combine_kernel<D> split-KV only: one warp per (r, h, query row), D/32 floats per lane;
+//                              out = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s with M = max_s m_s.
 //   attention_simt_kernel<T,DV> f32 (exact path), and bf16 when D is not 64/128 or a tensor is not 16-byte
-//                              aligned (cp.async needs it; allocations are 256-aligned), any D <= 256. Grid
+//                              aligned (cp.async needs it; allocations are 256-aligned), any D <= 256; bf16
+//                              here calls note_slow_path with the reason. Grid
 //                              (ceil(Lq/16), H, R), 4 warps x 4 query rows, key tile 32 (one key per lane for
 //                              the logits, then p_j broadcast by shuffle for P V with lane = d). Smem f32:
 //                              Q [16][D] + K [32][D+1] (padded: lane j reads row j conflict-free) + V [32][D].
@@ -30,9 +47,23 @@
 //                              block, f32 FMA. Smem Q [16][D] + K [32][D+1] f32.
 //   window_lse_kernel          one block per (r,h,w): max, then sum of exp, in f32.
 //
-// Race freedom: every block writes only its own output rows; smem buffers are reused only after a
-// __syncthreads that follows their last read (the end of each key-tile iteration), and cp.async writes
-// into a buffer are waited for (wait_group) and published (__syncthreads) before any ldmatrix reads it.
+// Every kernel needing > 48 KiB of smem is opted in once per instantiation and device (cudaFuncSetAttribute
+// with the most it ever launches with), not per launch.
+//
+// Race freedom: every block writes only its own output rows (split-KV: its own split's partial rows; the
+// combine kernel runs after, in stream order); smem buffers are reused only after a __syncthreads that
+// follows their last read (the end of each key-tile iteration), and cp.async writes into a buffer are waited
+// for (wait_group) and published (__syncthreads) before any ldmatrix reads it. Key codes: buffer t & 1 is
+// written at the end of tile t (codes of tile t+2) after the mid-iteration barrier that follows its last
+// read (issuing tile t's copies, one iteration earlier), and read after the end-of-iteration barrier. The
+// scale < 0 negation of Q sits between two barriers. The output staging reuses only the warp's own Q rows,
+// after the loop's last barrier, with __syncwarp between its writes and reads.
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
 #include "device_common.cuh"
 #include "ops.cuh"
 
@@ -55,11 +86,14 @@ struct AttnParams {
   const int32_t* status;
   int heads, lq, head_dim, hist_cap, n_hist, lc, n_keys, n_gather, n_window;
   float scale;
+  // Tensor-core path only.
+  float scale_log2;  // max(|scale| log2(e), FLT_MIN): positive, so -inf logits always give 0
+  bool negate_q;     // scale < 0: the kernel negates its Q tile in smem
+  int n_splits, tiles_per_split;  // split-KV: blockIdx.x = query block * n_splits + split
+  int64_t part_rows;              // R * H * Lq: rows of one split's partials
+  float* part_o;                  // [n_splits][R*H*Lq][D] unnormalised O (workspace)
+  float* part_ml;                 // [n_splits][R*H*Lq][2] (running max in the log2 domain, sum)
 };
-
-
-
-
 // Pointer to key/value row j of the virtual sequence [history (gathered) ‖ current] of one (r, h); null
 // past the end. `hist`/`cur` already point at this (r, h)'s slice.
 template <typename T>
@@ -95,185 +129,340 @@ __global__ void attention_validate_kernel(const int32_t* gather, int64_t n_gathe
 // ---------------------------------------------------------------------------------------------------------
 // bf16 tensor-core flash attention
 
+// Keys per tile: 64, or 32 for D = 128, whose 2 x 64 O accumulators leave room for only 32 S accumulators.
+constexpr int mma_bk(int head_dim) { return head_dim >= 128 ? 32 : 64; }
+constexpr int kNoRow = INT32_MIN;     // key code of a key past the end: its K/V rows are zero-filled
+constexpr int kMinTilesPerSplit = 2;  // a split-KV block runs at least two key tiles (one overlaps the other's load)
+constexpr int kMaxSplits = 16;
+
+template <int D, int NW>
+struct MmaTile {
+  static constexpr int BQ = 32 * NW, BK = mma_bk(D), CH = D / 8, NT = 32 * NW;
+  static constexpr size_t kSmem =
+      static_cast<size_t>(BQ + 4 * BK) * D * sizeof(bf16) + 2 * BK * sizeof(int32_t);
+  // __launch_bounds__ register target: 255 per thread (2 blocks of 4 warps per SM). O (2 x D/2 floats), S
+  // (2 x BK/2 floats) and the addresses need it: ptxas spills at a 168 cap (3 blocks). Q fragments are
+  // therefore reloaded from smem per tile (2 ldmatrix per 16 d beside 2-4 for K) rather than kept.
+  static constexpr int kMinBlocks = 2;
+};
+
 // Element offset of 16-byte chunk `chunk` of smem row `row` in a [rows][D] bf16 tile, XOR-swizzled.
 template <int D>
 __device__ __forceinline__ int swz(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// Where key j of one (r, h) lives: >= 0 a history row (after the gather), -1 - c current row c, kNoRow past
+// the end.
+__device__ __forceinline__ int key_code(const AttnParams& p, const int32_t* gather_bh, int j) {
+  if (j < p.n_hist) return gather_bh ? __ldg(gather_bh + j) : j;
+  return j < p.n_keys ? -1 - (j - p.n_hist) : kNoRow;
+}
+
+// Issues the cp.async copies of one K/V tile whose 64 key codes are in smem `codes`.
 template <int D, int NW>
-__device__ __forceinline__ void load_kv_tile(const AttnParams& p, const int32_t* gather_bh, const bf16* hk,
-                                             const bf16* hv, const bf16* ck, const bf16* cv, int tile, bf16* sk,
+__device__ __forceinline__ void load_kv_tile(const int32_t* codes, const bf16* hk, const bf16* hv,
+                                             const bf16* ck, const bf16* cv, const bf16* dummy, bf16* sk,
                                              bf16* sv) {
-  constexpr int BK = 64, CH = D / 8, NT = 32 * NW;
-  const bf16* dummy = static_cast<const bf16*>(p.q);  // any valid address for zero-fill copies
-  for (int e = threadIdx.x; e < BK * CH; e += NT) {
-    const int row = e / CH, c = e % CH;
-    const int j = tile * BK + row;
-    const bf16* kr = key_row<bf16>(p, gather_bh, hk, ck, j);
-    const bf16* vr = key_row<bf16>(p, gather_bh, hv, cv, j);
-    const int bytes = kr ? 16 : 0;
-    skv::cp_async_16(sk + swz<D>(row, c), kr ? kr + c * 8 : dummy, bytes);
-    skv::cp_async_16(sv + swz<D>(row, c), vr ? vr + c * 8 : dummy, bytes);
+  using C = MmaTile<D, NW>;
+#pragma unroll
+  for (int i = 0; i < C::BK * C::CH / C::NT; ++i) {
+    const int e = threadIdx.x + i * C::NT, row = e / C::CH, c = e % C::CH, code = codes[row];
+    const bf16* kr = dummy;  // any valid address for zero-fill copies
+    const bf16* vr = dummy;
+    if (code >= 0) {
+      kr = hk + static_cast<size_t>(code) * D;
+      vr = hv + static_cast<size_t>(code) * D;
+    } else if (code != kNoRow) {
+      kr = ck + static_cast<size_t>(-1 - code) * D;
+      vr = cv + static_cast<size_t>(-1 - code) * D;
+    }
+    const int bytes = code != kNoRow ? 16 : 0;
+    skv::cp_async_16(sk + swz<D>(row, c), kr + (bytes ? c * 8 : 0), bytes);
+    skv::cp_async_16(sv + swz<D>(row, c), vr + (bytes ? c * 8 : 0), bytes);
   }
 }
 
 template <int D, int NW>
-__global__ void attention_mma_kernel(const AttnParams p) {
-  constexpr int BQ = 16 * NW, BK = 64, CH = D / 8, NT = 32 * NW;
+__global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention_mma_kernel(const AttnParams p) {
+  using C = MmaTile<D, NW>;
+  constexpr int BQ = C::BQ, BK = C::BK, CH = C::CH, NT = C::NT;
   if (p.status[0] != 0) return;  // a bad index list: write nothing
   SKV_DYNAMIC_SMEM(smem_raw);
-  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [BQ][D]
-  bf16* sK = sQ + BQ * D;                         // [2][BK][D]
-  bf16* sV = sK + 2 * BK * D;                     // [2][BK][D]
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);                 // [BQ][D]; output staging at the end
+  bf16* sK = sQ + BQ * D;                                        // [2][BK][D]
+  bf16* sV = sK + 2 * BK * D;                                    // [2][BK][D]
+  int32_t* sRow = reinterpret_cast<int32_t*>(sV + 2 * BK * D);  // [2][BK] key codes
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int q0 = blockIdx.x * BQ;
+  const int split = blockIdx.x % p.n_splits, q0 = static_cast<int>(blockIdx.x / p.n_splits) * BQ;
   const size_t bh = static_cast<size_t>(blockIdx.z) * p.heads + blockIdx.y;
   const bf16* q = static_cast<const bf16*>(p.q) + bh * p.lq * D;
-  bf16* out = static_cast<bf16*>(p.out) + bh * p.lq * D;
   const bf16* hk = static_cast<const bf16*>(p.hist_k) + bh * p.hist_cap * D;
   const bf16* hv = static_cast<const bf16*>(p.hist_v) + bh * p.hist_cap * D;
   const bf16* ck = static_cast<const bf16*>(p.cur_k) + bh * p.lc * D;
   const bf16* cv = static_cast<const bf16*>(p.cur_v) + bh * p.lc * D;
   const int32_t* gather_bh = p.gather ? p.gather + bh * p.n_gather : nullptr;
   const int n_tiles = (p.n_keys + BK - 1) / BK;
-  const float sl2 = p.scale * kLog2e;
+  const int t_begin = split * p.tiles_per_split;
+  const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
+  const float sl2 = p.scale_log2;
 
   // Fragment coordinates: g = row within an 8-row group, t = column pair; mi = which of the 4 ldmatrix
   // matrices this lane addresses, lr = the row of that matrix it addresses.
   const int g = lane >> 2, t = lane & 3, mi = lane >> 3, lr = lane & 7;
+  const int wrow = warp * 32;  // this warp's 32 query rows: m-tile m covers wrow + 16m .. + 15
+  // ldmatrix addresses as a per-lane offset plus compile-time constants (immediates, not registers). Every
+  // fragment row r this lane addresses has r & 7 == lr, so chunk 8h + 2j + c of it sits at
+  // 8h + ((2j + c) ^ lr) = 8h + (2j ^ (c ^ lr)): four lane offsets per operand shape, j = 0..3.
+  //   a_off: matrices (rows +8 for mi & 1, chunk +1 for mi >> 1): Q (A operand) and V (.trans)
+  //   b_off: matrices (rows +8 for mi >> 1, chunk +1 for mi & 1): K (B operand)
+  int a_off[4], b_off[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    a_off[j] = ((mi & 1) * 8 + lr) * D + (((2 * j) ^ ((mi >> 1) ^ lr)) << 3);
+    b_off[j] = ((mi >> 1) * 8 + lr) * D + (((2 * j) ^ ((mi & 1) ^ lr)) << 3);
+  }
 
-  if (n_tiles > 0) {
-    for (int e = tid; e < BQ * CH; e += NT) {
-      const int row = e / CH, c = e % CH, qi = q0 + row;
+  if (t_begin < t_end) {
+    if (tid < BK) {
+      sRow[tid] = key_code(p, gather_bh, t_begin * BK + tid);
+      if (t_begin + 1 < t_end) sRow[BK + tid] = key_code(p, gather_bh, (t_begin + 1) * BK + tid);
+    }
+#pragma unroll
+    for (int i = 0; i < BQ * CH / NT; ++i) {
+      const int e = tid + i * NT, row = e / CH, c = e % CH, qi = q0 + row;
       skv::cp_async_16(sQ + swz<D>(row, c), qi < p.lq ? q + static_cast<size_t>(qi) * D + c * 8 : q,
                        qi < p.lq ? 16 : 0);
     }
-    load_kv_tile<D, NW>(p, gather_bh, hk, hv, ck, cv, 0, sK, sV);
+    __syncthreads();  // publish the key codes of the first two tiles
+    load_kv_tile<D, NW>(sRow, hk, hv, ck, cv, q, sK, sV);
     skv::cp_async_commit();
   }
 
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max of rows g and g+8, log2 domain
-  float l_run[2] = {0.0f, 0.0f};            // this lane's partial row sums (its columns only)
-  float o[D / 8][4];                        // O accumulators: 16 rows x D, D/8 n-blocks of 8
+  float m_run[2][2], l_run[2][2];  // [m-tile][rows g, g+8]: running max (log2 domain), this lane's partial sum
+  float o[2][D / 8][4];            // O accumulators: 2 m-tiles x D/8 n-blocks of 8
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  uint32_t qf[D / 16][4];  // Q as A fragments, loaded once
+  for (int m = 0; m < 2; ++m) {
+    m_run[m][0] = m_run[m][1] = -INFINITY;
+    l_run[m][0] = l_run[m][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[m][i][0] = o[m][i][1] = o[m][i][2] = o[m][i][3] = 0.0f;
+  }
 
-  for (int kt = 0; kt < n_tiles; ++kt) {
-    const int buf = kt & 1;
-    if (kt + 1 < n_tiles) {
-      // The buffer buf^1 was last read in iteration kt-1, which ended with __syncthreads.
-      load_kv_tile<D, NW>(p, gather_bh, hk, hv, ck, cv, kt + 1, sK + (buf ^ 1) * BK * D, sV + (buf ^ 1) * BK * D);
+  for (int kt = t_begin; kt < t_end; ++kt) {
+    const int buf = (kt - t_begin) & 1;
+    if (kt + 1 < t_end) {
+      // The buffer buf^1 was last read in the previous iteration, which ended with __syncthreads.
+      load_kv_tile<D, NW>(sRow + (buf ^ 1) * BK, hk, hv, ck, cv, q, sK + (buf ^ 1) * BK * D,
+                          sV + (buf ^ 1) * BK * D);
       skv::cp_async_commit();
-      skv::cp_async_wait<1>();  // everything but the newest group (tile kt+1) has landed
-    } else {
-      skv::cp_async_wait<0>();
     }
+    // The key codes of tile kt+2 are read now and stored at the end of this iteration, so the gather load's
+    // latency hides behind this tile's math and the cp.async of tile kt+2 never waits on it.
+    const bool fetch = tid < BK && kt + 2 < t_end;
+    const int next_code = fetch ? key_code(p, gather_bh, (kt + 2) * BK + tid) : 0;
+    if (kt + 1 < t_end) skv::cp_async_wait<1>();  // everything but the newest group (tile kt+1) has landed
+    else skv::cp_async_wait<0>();
     __syncthreads();  // publish every thread's cp.async writes of tile kt (and Q)
 
-    if (kt == 0) {
-      // A operand 16x16: a0 = rows 0-7 / k 0-7, a1 = rows 8-15 / k 0-7, a2 = rows 0-7 / k 8-15, a3 = rows 8-15 / k 8-15.
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        skv::ldmatrix_x4(qf[kk], sQ + swz<D>(warp * 16 + (mi & 1) * 8 + lr, 2 * kk + (mi >> 1)));
+    if (kt == t_begin) {
+      if (p.negate_q) {  // scale < 0: softmax(scale s) = softmax(|scale| (-s)); Q is negated once, in smem
+        uint32_t* w = reinterpret_cast<uint32_t*>(sQ);
+        for (int e = tid; e < BQ * D / 2; e += NT) w[e] ^= 0x80008000u;
+        __syncthreads();
+      }
     }
 
-    // S = Q K^T for this warp's 16 rows x 64 keys: 8 n-blocks of 8 keys.
+    // S = Q K^T for this warp's 32 rows x 64 keys: every K fragment serves both m-tiles.
     const bf16* ks = sK + buf * BK * D;
-    float s[BK / 8][4];
+    float s[2][BK / 8][4];
 #pragma unroll
-    for (int i = 0; i < BK / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int i = 0; i < BK / 8; ++i) s[m][i][0] = s[m][i][1] = s[m][i][2] = s[m][i][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      // A operand 16x16: a0 = rows 0-7 / k 0-7, a1 = rows 8-15 / k 0-7, a2 = rows 0-7 / k 8-15, a3 = rows 8-15 / k 8-15.
+      uint32_t qa[2][4];
+#pragma unroll
+      for (int m = 0; m < 2; ++m) skv::ldmatrix_x4(qa[m], sQ + (wrow + 16 * m) * D + (kk >> 2) * 64 + a_off[kk & 3]);
 #pragma unroll
       for (int nb2 = 0; nb2 < BK / 16; ++nb2) {
         // B operand (k = d, n = key): b0 = keys 0-7 / d 0-7, b1 = keys 0-7 / d 8-15 for n-block 2*nb2;
         // b2, b3 the same for keys 8-15 (n-block 2*nb2+1). K rows are [key][d], so no transpose.
         uint32_t b[4];
-        skv::ldmatrix_x4(b, ks + swz<D>(nb2 * 16 + (mi >> 1) * 8 + lr, 2 * kk + (mi & 1)));
-        skv::mma_m16n8k16_bf16(s[2 * nb2], qf[kk], b, s[2 * nb2]);
-        skv::mma_m16n8k16_bf16(s[2 * nb2 + 1], qf[kk], b + 2, s[2 * nb2 + 1]);
+        skv::ldmatrix_x4(b, ks + nb2 * 16 * D + (kk >> 2) * 64 + b_off[kk & 3]);
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          skv::mma_m16n8k16_bf16(s[m][2 * nb2], qa[m], b, s[m][2 * nb2]);
+          skv::mma_m16n8k16_bf16(s[m][2 * nb2 + 1], qa[m], b + 2, s[m][2 * nb2 + 1]);
+        }
       }
     }
 
-    // Scale into the log2 domain, mask keys past the end, then the online softmax update. Lane holds
-    // s[nb][0..1] = (row g, keys nb*8 + 2t, +1) and s[nb][2..3] = (row g+8, same keys).
-    const int key0 = kt * BK;
+    // Only the last tile of the sequence can hold keys past the end: their logits become -inf (the raw
+    // logits' max is then over real keys; exp2(-inf * sl2) = 0 as sl2 > 0). Lane holds s[m][nb][0..1] =
+    // (row g, keys nb*8 + 2t, +1) and s[m][nb][2..3] = (row g+8, same keys).
+    if (kt == n_tiles - 1 && p.n_keys % BK != 0) {
+      const int n_valid = p.n_keys - kt * BK;
 #pragma unroll
-    for (int nb = 0; nb < BK / 8; ++nb) {
+      for (int m = 0; m < 2; ++m)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + nb * 8 + 2 * t + (e & 1);
-        s[nb][e] = key < p.n_keys ? s[nb][e] * sl2 : -INFINITY;
-      }
+        for (int nb = 0; nb < BK / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (nb * 8 + 2 * t + (e & 1) >= n_valid) s[m][nb][e] = -INFINITY;
     }
+    // Online softmax in the log2 domain: the row max of the raw logits times sl2 = |scale| log2(e) is the
+    // running max, and each probability is exp2 of one FMA, s * sl2 - m.
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = -INFINITY;
+    for (int m = 0; m < 2; ++m) {
 #pragma unroll
-      for (int nb = 0; nb < BK / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * hr], s[nb][2 * hr + 1]));
-      // The 4 lanes of a quad (same g) hold the 64 columns of the row between them.
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[hr], mx);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // never -inf - -inf
-      const float alpha = exp2f(m_run[hr] - m_use);             // 0 on the first tile
-      float sum = 0.0f;
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = -INFINITY;
 #pragma unroll
-      for (int nb = 0; nb < BK / 8; ++nb) {
-        s[nb][2 * hr] = exp2f(s[nb][2 * hr] - m_use);
-        s[nb][2 * hr + 1] = exp2f(s[nb][2 * hr + 1] - m_use);
-        sum += s[nb][2 * hr] + s[nb][2 * hr + 1];
-      }
-      l_run[hr] = l_run[hr] * alpha + sum;
-      m_run[hr] = m_new;
+        for (int nb = 0; nb < BK / 8; ++nb) mx = fmaxf(mx, fmaxf(s[m][nb][2 * hr], s[m][nb][2 * hr + 1]));
+        // The 4 lanes of a quad (same g) hold the 64 columns of the row between them.
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[m][hr], mx * sl2);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // never -inf - -inf
+        const float alpha = exp2f(m_run[m][hr] - m_use);         // 0 on the first tile
+        float sum = 0.0f;
 #pragma unroll
-      for (int db = 0; db < D / 8; ++db) {
-        o[db][2 * hr] *= alpha;
-        o[db][2 * hr + 1] *= alpha;
+        for (int nb = 0; nb < BK / 8; ++nb) {
+          s[m][nb][2 * hr] = exp2f(fmaf(s[m][nb][2 * hr], sl2, -m_use));
+          s[m][nb][2 * hr + 1] = exp2f(fmaf(s[m][nb][2 * hr + 1], sl2, -m_use));
+          sum += s[m][nb][2 * hr] + s[m][nb][2 * hr + 1];
+        }
+        l_run[m][hr] = l_run[m][hr] * alpha + sum;
+        m_run[m][hr] = m_new;
+#pragma unroll
+        for (int db = 0; db < D / 8; ++db) {
+          o[m][db][2 * hr] *= alpha;
+          o[m][db][2 * hr + 1] *= alpha;
+        }
       }
     }
 
     // O += P V. The accumulator layout of S n-blocks 2kk2 and 2kk2+1 is exactly the A layout of the
     // 16x16 P block over keys 16kk2..16kk2+15: a0 = (g, 2t..), a1 = (g+8, 2t..), a2 = (g, 2t+8..),
-    // a3 = (g+8, 2t+8..). V rows are [key][d] but B wants (k = key, n = d) per lane, hence .trans.
+    // a3 = (g+8, 2t+8..). V rows are [key][d] but B wants (k = key, n = d) per lane, hence .trans; every
+    // V fragment serves both m-tiles.
     const bf16* vs = sV + buf * BK * D;
 #pragma unroll
     for (int kk2 = 0; kk2 < BK / 16; ++kk2) {
-      uint32_t a[4];
-      a[0] = skv::pack_bf16x2(s[2 * kk2][0], s[2 * kk2][1]);
-      a[1] = skv::pack_bf16x2(s[2 * kk2][2], s[2 * kk2][3]);
-      a[2] = skv::pack_bf16x2(s[2 * kk2 + 1][0], s[2 * kk2 + 1][1]);
-      a[3] = skv::pack_bf16x2(s[2 * kk2 + 1][2], s[2 * kk2 + 1][3]);
+      uint32_t a[2][4];
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        a[m][0] = skv::pack_bf16x2(s[m][2 * kk2][0], s[m][2 * kk2][1]);
+        a[m][1] = skv::pack_bf16x2(s[m][2 * kk2][2], s[m][2 * kk2][3]);
+        a[m][2] = skv::pack_bf16x2(s[m][2 * kk2 + 1][0], s[m][2 * kk2 + 1][1]);
+        a[m][3] = skv::pack_bf16x2(s[m][2 * kk2 + 1][2], s[m][2 * kk2 + 1][3]);
+      }
 #pragma unroll
       for (int db2 = 0; db2 < D / 16; ++db2) {
         // b0 = keys 0-7 / d-chunk 2db2, b1 = keys 8-15 / same chunk (n-block 2db2); b2, b3 for chunk 2db2+1.
         uint32_t b[4];
-        skv::ldmatrix_x4_trans(b, vs + swz<D>(kk2 * 16 + (mi & 1) * 8 + lr, 2 * db2 + (mi >> 1)));
-        skv::mma_m16n8k16_bf16(o[2 * db2], a, b, o[2 * db2]);
-        skv::mma_m16n8k16_bf16(o[2 * db2 + 1], a, b + 2, o[2 * db2 + 1]);
+        skv::ldmatrix_x4_trans(b, vs + kk2 * 16 * D + (db2 >> 2) * 64 + a_off[db2 & 3]);
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          skv::mma_m16n8k16_bf16(o[m][2 * db2], a[m], b, o[m][2 * db2]);
+          skv::mma_m16n8k16_bf16(o[m][2 * db2 + 1], a[m], b + 2, o[m][2 * db2 + 1]);
+        }
       }
     }
+    // sRow[buf] held tile kt's codes, read when tile kt was issued (before this iteration's first barrier).
+    if (fetch) sRow[buf * BK + tid] = next_code;
     __syncthreads();  // every warp is done with buffer buf before iteration kt+1 refills it
   }
 
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float l = l_run[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no keys at all: zeros, as the CPU backend
-    const int row = q0 + warp * 16 + g + 8 * hr;
-    if (row < p.lq) {
+  for (int m = 0; m < 2; ++m)
 #pragma unroll
-      for (int db = 0; db < D / 8; ++db) {
-        *reinterpret_cast<__nv_bfloat162*>(out + static_cast<size_t>(row) * D + db * 8 + 2 * t) =
-            __floats2bfloat162_rn(o[db][2 * hr] * inv, o[db][2 * hr + 1] * inv);
+    for (int hr = 0; hr < 2; ++hr) {
+      l_run[m][hr] += __shfl_xor_sync(0xffffffffu, l_run[m][hr], 1);
+      l_run[m][hr] += __shfl_xor_sync(0xffffffffu, l_run[m][hr], 2);
+    }
+
+  if (p.n_splits == 1) {
+    // Normalise, stage the warp's 32 rows as bf16 in its own rows of sQ (every warp passed the loop's last
+    // barrier, and Q rows are read only by their warp), then 16-byte coalesced stores.
+    bf16* out = static_cast<bf16*>(p.out) + bh * p.lq * D;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float l = l_run[m][hr];
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no keys at all: zeros, as the CPU backend
+        const int row = wrow + 16 * m + g + 8 * hr;
+#pragma unroll
+        for (int db = 0; db < D / 8; ++db)
+          *reinterpret_cast<uint32_t*>(sQ + swz<D>(row, db) + 2 * t) =
+              skv::pack_bf16x2(o[m][db][2 * hr] * inv, o[m][db][2 * hr + 1] * inv);
       }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int e = lane + 32 * i, row = wrow + e / CH, c = e % CH;
+      if (q0 + row < p.lq)
+        *reinterpret_cast<uint4*>(out + static_cast<size_t>(q0 + row) * D + c * 8) =
+            *reinterpret_cast<const uint4*>(sQ + swz<D>(row, c));
+    }
+  } else {
+    // Split-KV: this split's unnormalised O and its (max, sum) per row, combined by attention_combine_kernel.
+    const size_t base = static_cast<size_t>(split) * p.part_rows + bh * p.lq;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = q0 + wrow + 16 * m + g + 8 * hr;
+        if (row >= p.lq) continue;
+        float* po = p.part_o + (base + row) * D;
+#pragma unroll
+        for (int db = 0; db < D / 8; ++db)
+          *reinterpret_cast<float2*>(po + db * 8 + 2 * t) = make_float2(o[m][db][2 * hr], o[m][db][2 * hr + 1]);
+        if (t == 0) *reinterpret_cast<float2*>(p.part_ml + (base + row) * 2) = make_float2(m_run[m][hr], l_run[m][hr]);
+      }
+  }
+}
+
+// Split-KV combine: one warp per (r, h, query row), D/32 elements per lane. With M = max_s m_s,
+// out = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s.
+template <int D>
+__global__ void attention_combine_kernel(const AttnParams p) {
+  constexpr int V = D / 32;
+  if (p.status[0] != 0) return;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= p.part_rows) return;  // whole warps: no collectives below
+  const int lane = threadIdx.x % 32;
+  float mx = -INFINITY;
+  for (int s = 0; s < p.n_splits; ++s) mx = fmaxf(mx, p.part_ml[(s * p.part_rows + r) * 2]);
+  const float m_use = mx == -INFINITY ? 0.0f : mx;
+  float l = 0.0f, acc[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+  for (int s = 0; s < p.n_splits; ++s) {
+    const float2 ml = *reinterpret_cast<const float2*>(p.part_ml + (s * p.part_rows + r) * 2);
+    const float w = exp2f(ml.x - m_use);
+    l += w * ml.y;
+    const float* po = p.part_o + (s * p.part_rows + r) * D + lane * V;
+    if constexpr (V == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(po);
+      acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(po);
+      acc[0] += w * v.x; acc[1] += w * v.y;
     }
   }
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  bf16* out = static_cast<bf16*>(p.out) + r * D + lane * V;
+  if constexpr (V == 4)
+    *reinterpret_cast<uint2*>(out) = make_uint2(skv::pack_bf16x2(acc[0] * inv, acc[1] * inv),
+                                                skv::pack_bf16x2(acc[2] * inv, acc[3] * inv));
+  else
+    *reinterpret_cast<uint32_t*>(out) = skv::pack_bf16x2(acc[0] * inv, acc[1] * inv);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -476,30 +665,103 @@ void check(cudaError_t err, const char* what) {
     throw BackendError(StatusCode::device, std::string("attention: ") + what + ": CUDA error " + std::to_string(static_cast<int>(err)));
 }
 
+int current_device() {
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  return dev;
+}
+
+// Opts `kernel` in to `bytes` of dynamic shared memory once per device (the attribute is per device):
+// `done` is the caller's per-instantiation static, one bit per device; `bytes` is the most it ever launches with.
 template <typename Kernel>
-void set_smem(Kernel kernel, size_t bytes) {
+void set_smem_once(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
+  const int dev = current_device();
+  const uint64_t bit = dev >= 0 && dev < 64 ? uint64_t{1} << dev : 0;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
         "cudaFuncSetAttribute(max dynamic shared memory)");
+  done.fetch_or(bit, std::memory_order_release);
+}
+
+// SMs of the current device, queried once per device.
+int sm_count() {
+  static std::atomic<int> cached[64];  // 0: not yet queried
+  const int dev = current_device();
+  int n = dev >= 0 && dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
+  if (n > 0) return n;
+  check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute(SM count)");
+  if (dev >= 0 && dev < 64) cached[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Why bf16 attention cannot take the tensor-core kernel, or null when it can (f32 is never asked).
+const char* mma_obstacle(const AttentionArgs& a) {
+  if (a.head_dim != 64 && a.head_dim != 128) return "bf16 attention on SIMT cores: head_dim is not 64 or 128";
+  if (!aligned16(a.q) || !aligned16(a.hist_k) || !aligned16(a.hist_v) || !aligned16(a.cur_k) ||
+      !aligned16(a.cur_v) || !aligned16(a.out))
+    return "bf16 attention on SIMT cores: a tensor is not 16-byte aligned (cp.async)";
+  return nullptr;
+}
+
+// The tensor-core launch: warps per block and the split of the key tiles. Split-KV only when the grid
+// (query blocks x heads x rows) is under one block per SM and there are enough key tiles to share out.
+struct MmaPlan {
+  int nw = 0;  // 0: not the tensor-core kernel
+  int q_blocks = 0, splits = 1, tiles_per_split = 0;
+};
+
+MmaPlan plan_mma(const AttentionArgs& a) {
+  MmaPlan pl;
+  if (!a.out || a.lq <= 0 || a.dtype != DType::bf16 || mma_obstacle(a)) return pl;
+  pl.nw = a.lq > 64 ? 4 : 2;  // 128-row query blocks halve K/V traffic; 64 rows waste less on short Lq
+  pl.q_blocks = (a.lq + 32 * pl.nw - 1) / (32 * pl.nw);
+  const int n_tiles = (a.n_keys() + mma_bk(a.head_dim) - 1) / mma_bk(a.head_dim);
+  pl.tiles_per_split = n_tiles;
+  const int64_t blocks = static_cast<int64_t>(pl.q_blocks) * a.heads * a.rows;
+  const int sms = sm_count();
+  if (blocks < sms && n_tiles >= 2 * kMinTilesPerSplit) {
+    const int64_t want = std::min<int64_t>({(sms + blocks - 1) / blocks, n_tiles / kMinTilesPerSplit, kMaxSplits});
+    pl.tiles_per_split = static_cast<int>((n_tiles + want - 1) / want);
+    pl.splits = (n_tiles + pl.tiles_per_split - 1) / pl.tiles_per_split;  // no empty split
+  }
+  return pl;
 }
 
 template <int D, int NW>
-void launch_mma(const AttnParams& p, int rows, cudaStream_t stream) {
-  constexpr int BQ = 16 * NW;
-  const size_t smem = static_cast<size_t>(BQ + 4 * 64) * D * sizeof(bf16);
+void launch_mma(const AttnParams& p, const MmaPlan& pl, int rows, cudaStream_t stream) {
+  using C = MmaTile<D, NW>;
   auto kernel = attention_mma_kernel<D, NW>;
-  set_smem(kernel, smem);
-  const dim3 grid((p.lq + BQ - 1) / BQ, p.heads, rows);
-  SKV_LAUNCH(kernel, grid, dim3(32 * NW), smem, stream, p);
+  static std::atomic<uint64_t> smem_set{0};
+  set_smem_once(kernel, C::kSmem, smem_set);
+  const dim3 grid(static_cast<unsigned>(pl.q_blocks * pl.splits), p.heads, rows);
+  SKV_LAUNCH(kernel, grid, dim3(C::NT), C::kSmem, stream, p);
+  if (pl.splits > 1) {
+    check(cudaGetLastError(), "attention kernel launch");
+    constexpr int kRowsPerBlock = 4;
+    SKV_LAUNCH(attention_combine_kernel<D>, dim3(static_cast<unsigned>((p.part_rows + kRowsPerBlock - 1) / kRowsPerBlock)),
+               dim3(32 * kRowsPerBlock), 0, stream, p);
+  }
+}
+
+template <int D>
+void launch_mma_dispatch(const AttnParams& p, const MmaPlan& pl, int rows, cudaStream_t stream) {
+  if (pl.nw == 4) launch_mma<D, 4>(p, pl, rows, stream);
+  else launch_mma<D, 2>(p, pl, rows, stream);
+}
+
+size_t simt_smem(int D) {
+  return static_cast<size_t>(kSimtQT * D + kSimtKT * (D + 1) + kSimtKT * D) * sizeof(float);
 }
 
 template <typename T, int DV>
 void launch_simt(const AttnParams& p, int rows, cudaStream_t stream) {
-  const int D = p.head_dim;
-  const size_t smem = static_cast<size_t>(kSimtQT * D + kSimtKT * (D + 1) + kSimtKT * D) * sizeof(float);
   auto kernel = attention_simt_kernel<T, DV>;
-  set_smem(kernel, smem);
+  static std::atomic<uint64_t> smem_set{0};
+  set_smem_once(kernel, simt_smem(32 * DV), smem_set);
   const dim3 grid((p.lq + kSimtQT - 1) / kSimtQT, p.heads, rows);
-  SKV_LAUNCH(kernel, grid, dim3(32 * kSimtWarps), smem, stream, p);
+  SKV_LAUNCH(kernel, grid, dim3(32 * kSimtWarps), simt_smem(p.head_dim), stream, p);
 }
 
 template <typename T>
@@ -509,23 +771,31 @@ void launch_simt_dispatch(const AttnParams& p, int rows, cudaStream_t stream) {
   else launch_simt<T, 8>(p, rows, stream);
 }
 
+size_t window_smem(int D) { return static_cast<size_t>(kWinQ * D + kWinK * (D + 1)) * sizeof(float); }
+
 template <typename T>
 void launch_window(const AttnParams& p, int rows, cudaStream_t stream) {
-  const int D = p.head_dim;
-  const size_t smem = static_cast<size_t>(kWinQ * D + kWinK * (D + 1)) * sizeof(float);
   auto kernel = window_logits_kernel<T>;
-  set_smem(kernel, smem);
+  static std::atomic<uint64_t> smem_set{0};
+  set_smem_once(kernel, window_smem(256), smem_set);
   const dim3 grid((p.n_keys + kWinK - 1) / kWinK, (p.n_window + kWinQ - 1) / kWinQ, rows * p.heads);
-  SKV_LAUNCH(kernel, grid, dim3(32 * kWinWarps), smem, stream, p);
+  SKV_LAUNCH(kernel, grid, dim3(32 * kWinWarps), window_smem(p.head_dim), stream, p);
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+// Split-KV partials: O then (m, l), each [splits][R*H*Lq]; O's rows stay 16-byte aligned.
+size_t part_o_bytes(const AttentionArgs& a, const MmaPlan& pl) {
+  return static_cast<size_t>(pl.splits) * a.rows * a.heads * a.lq * a.head_dim * sizeof(float);
+}
 
 }  // namespace
 
-size_t attention_workspace_bytes(const AttentionArgs&) { return 0; }
+size_t attention_workspace_bytes(const AttentionArgs& a) {
+  const MmaPlan pl = plan_mma(a);
+  if (pl.nw == 0 || pl.splits == 1) return 0;
+  return part_o_bytes(a, pl) + static_cast<size_t>(pl.splits) * a.rows * a.heads * a.lq * 2 * sizeof(float);
+}
 
-void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, void* /*workspace*/) {
+void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, void* workspace) {
   if (a.dtype != DType::f32 && a.dtype != DType::bf16)
     throw BackendError(StatusCode::internal, std::string("attention: unsupported dtype ") + dtype_name(a.dtype));
   if (a.head_dim <= 0 || a.head_dim > 256)
@@ -558,6 +828,10 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
   p.n_gather = a.n_gather;
   p.n_window = a.window_logits ? a.n_window : 0;
   p.scale = a.scale;
+  // Positive even for scale 0, so that masked (-inf) logits give exp2(-inf) = 0 and real ones exp2(~0) = 1.
+  p.scale_log2 = std::max(std::fabs(a.scale) * kLog2e, FLT_MIN);
+  p.negate_q = a.scale < 0.0f;
+  p.n_splits = 1;
 
   // 1. Validate the index lists on the device; the kernels below return early if anything is wrong.
   const int64_t n_gather_total = a.gather ? pairs * a.n_gather : 0;
@@ -572,14 +846,19 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
 
   // 2. Attention output.
   if (a.out && a.lq > 0) {
-    const bool tensor_cores = a.dtype == DType::bf16 && (a.head_dim == 64 || a.head_dim == 128) &&
-                              aligned16(a.q) && aligned16(a.hist_k) && aligned16(a.hist_v) &&
-                              aligned16(a.cur_k) && aligned16(a.cur_v) && aligned16(a.out);
-    if (tensor_cores) {
-      const bool big = a.lq >= 1024;  // 128-row query tiles halve K/V traffic once there are enough blocks
-      if (a.head_dim == 64) big ? launch_mma<64, 8>(p, a.rows, stream) : launch_mma<64, 4>(p, a.rows, stream);
-      else big ? launch_mma<128, 8>(p, a.rows, stream) : launch_mma<128, 4>(p, a.rows, stream);
+    const MmaPlan pl = plan_mma(a);
+    if (pl.nw != 0) {
+      p.n_splits = pl.splits;
+      p.tiles_per_split = pl.tiles_per_split;
+      p.part_rows = pairs * a.lq;
+      if (pl.splits > 1) {
+        p.part_o = static_cast<float*>(workspace);
+        p.part_ml = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + part_o_bytes(a, pl));
+      }
+      if (a.head_dim == 64) launch_mma_dispatch<64>(p, pl, a.rows, stream);
+      else launch_mma_dispatch<128>(p, pl, a.rows, stream);
     } else if (a.dtype == DType::bf16) {
+      note_slow_path("attention", mma_obstacle(a));
       launch_simt_dispatch<bf16>(p, a.rows, stream);
     } else {
       launch_simt_dispatch<float>(p, a.rows, stream);

@@ -12,6 +12,9 @@
 
 namespace scalekv::cuda_ops {
 
+// Records that an op took a slower path than its dtypes allow, and why; the backend reports it in the profile.
+void note_slow_path(const char* op, const char* reason);
+
 size_t attention_workspace_bytes(const AttentionArgs& a);
 void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, void* workspace);
 

@@ -31,6 +31,15 @@ enum cudaMemcpyKind {
   cudaMemcpyDefault = 4,
 };
 
+// The one emulated device: device 0, with the SM count of an H100 SXM (132) so that launchers sizing their
+// grids by it (split-KV attention) take the same decisions here as on that GPU.
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+};
+constexpr int kEmuMultiProcessorCount = 132;
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+
 cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t e);

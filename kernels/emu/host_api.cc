@@ -35,6 +35,20 @@ const char* cudaGetErrorName(cudaError_t e) {
   return "cudaErrorUnknown";
 }
 
+cudaError_t cudaGetDevice(int* device) {
+  if (!device) return t_last_error = cudaErrorInvalidValue;
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (!value || device != 0) return t_last_error = cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = kEmuMultiProcessorCount; return cudaSuccess;
+  }
+  return t_last_error = cudaErrorInvalidValue;
+}
+
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
   if (bytes && !dst) return t_last_error = cudaErrorInvalidValue;
   std::memset(dst, value, bytes);

@@ -99,6 +99,7 @@ struct AttnCase {
   DType dtype;
   int rows, heads, head_dim, lq, hist_cap, hist_len, n_gather, lc, n_window;
   bool bad_gather = false;
+  float scale_mul = 1.0f;  // scale = scale_mul / sqrt(head_dim): negative and zero scales too
 };
 
 void check_attention(const AttnCase& c, uint32_t seed) {
@@ -123,7 +124,7 @@ void check_attention(const AttnCase& c, uint32_t seed) {
     scalekv::AttentionArgs a;
     a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.lq = c.lq;
     a.hist_cap = c.hist_cap; a.hist_len = c.hist_len; a.n_gather = c.n_gather; a.lc = c.lc;
-    a.dtype = c.dtype; a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    a.dtype = c.dtype; a.scale = c.scale_mul / std::sqrt(static_cast<float>(c.head_dim));
     a.q = d.put(q); a.hist_k = d.put(hk); a.hist_v = d.put(hv);
     a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
     a.gather = c.n_gather ? d.put(gather) : nullptr;
@@ -254,6 +255,32 @@ EMU_TEST(attention_emu_matches_cpu) {
   };
   uint32_t seed = 1;
   for (const AttnCase& c : cases) check_attention(c, seed++);
+}
+
+// The bf16 tensor-core kernel for both head dims: query counts off the 32-row warp tile and the 64/128-row
+// block (1, 5, 33, 64, 65, 100), key counts off the 32/64-key tile (1, 63, 64, 65, 200, 650), gathered and
+// contiguous history, window outputs on and off, R > 1. Grids under one wave of 132 SMs split the key tiles
+// (the emulator reports 132) when there are at least 4 of them; (rows 2, heads 66, Lq 1) fills the wave.
+EMU_TEST(attention_mma_tiles_and_split_kv_match_cpu) {
+  uint32_t seed = 40;
+  for (const int d : {64, 128}) {
+    const AttnCase cases[] = {
+        {DType::bf16, 1, 1, d, 1, 4, 0, 0, 1, 0},            // one key, one query
+        {DType::bf16, 1, 2, d, 5, 40, 40, 0, 23, 2},         // 63 keys, contiguous
+        {DType::bf16, 2, 1, d, 33, 50, 50, 40, 24, 3},       // 64 keys, gathered; 33 rows: second warp tile
+        {DType::bf16, 1, 2, d, 100, 70, 60, 0, 5, 0},        // 65 keys; 128-row block with a tail
+        {DType::bf16, 1, 1, d, 64, 70, 64, 0, 0, 1},         // exactly one 64-row block, 64 keys
+        {DType::bf16, 2, 2, d, 33, 300, 280, 150, 50, 5},    // 200 keys, gathered: split-KV
+        {DType::bf16, 1, 2, d, 1, 310, 300, 0, 0, 1},        // Lq 1, 300 contiguous keys: split-KV
+        {DType::bf16, 2, 2, d, 100, 900, 800, 640, 10, 4},   // 650 gathered keys (ScaleKV-like): split-KV
+        {DType::bf16, 1, 1, d, 65, 250, 200, 0, 0, 0},       // 200 keys, 128-row block: split-KV
+        {DType::bf16, 2, 66, d, 1, 200, 190, 0, 10, 0},      // 200 keys, 132 blocks: one wave, no split
+        {DType::bf16, 1, 2, d, 33, 300, 280, 150, 50, 2, false, -1.0f},  // negative scale, split-KV
+        {DType::bf16, 1, 2, d, 5, 40, 40, 0, 25, 0, false, 0.0f},        // zero scale: the mean of V
+        {DType::bf16, 1, 1, d, 7, 0, 0, 0, 0, 0},            // no keys at all: zeros
+    };
+    for (const AttnCase& c : cases) check_attention(c, seed++);
+  }
 }
 
 EMU_TEST(attention_bad_gather_reports_like_cpu) {
