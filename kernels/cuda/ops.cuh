@@ -12,6 +12,10 @@
 
 namespace scalekv::cuda_ops {
 
+// A launcher that takes a slower kernel than its dtypes would allow (e.g. SIMT for bf16 data) says why, so the
+// fallback is never silent: `op` and `reason` are string literals, remembered per host thread (slow_path.cu).
+void note_slow_path(const char* op, const char* reason);
+
 size_t attention_workspace_bytes(const AttentionArgs& a);
 void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, void* workspace);
 
