@@ -1,5 +1,5 @@
-import test from 'ava';
-import type { Tensor } from '../lib/engine.js';
+import test, { type ExecutionContext } from 'ava';
+import type { BackendName, Tensor } from '../lib/engine.js';
 import { bf16BitsToF32, f32ToBf16Bits } from '../lib/dtype.js';
 import { bsqCodeValue } from '../lib/ops.js';
 import { conv2dRef, groupNormRef, imageToU8Ref, resizeBilinearRef } from './latent-reference.js';
@@ -27,6 +27,41 @@ function closeBf16(actual: ArrayLike<number>, ref: ArrayLike<number>): { ok: boo
   const err = maxAbsDiff(actual, ref);
   const refErr = maxAbsDiff(Array.from(ref, roundBf16), ref);
   return { ok: err <= 2 * refErr + 1e-5 * Math.max(1, maxAbs(ref)), err, refErr };
+}
+
+/** closeF32 or closeBf16 by the output dtype, as one assertion. */
+function expectClose(t: ExecutionContext, dtype: 'f32' | 'bf16', got: ArrayLike<number>, ref: ArrayLike<number>, label: string): void {
+  if (dtype === 'f32') {
+    const r = closeF32(got, ref);
+    t.true(r.ok, `${label}: error ${r.err}`);
+  } else {
+    const r = closeBf16(got, ref);
+    t.true(r.ok, `${label}: error ${r.err} vs bf16 rounding ${r.refErr}`);
+  }
+}
+
+/** conv2d over [B, I, O, H, W, k, bias 0/1] cases against conv2dRef of the stored (dtype-rounded) inputs. */
+async function checkConv2d(t: ExecutionContext, backend: BackendName, dtype: 'f32' | 'bf16', cases: number[][]): Promise<void> {
+  const rng = new Rng(seedFor(t));
+  await withEngine(backend, async (e) => {
+    for (const [B, I, O, H, W, k, biasFlag] of cases) {
+      const round = dtype === 'bf16' ? bf16Round : (a: Float32Array) => a;
+      const x = round(rng.normals(B * I * H * W));
+      const w = round(rng.normals(O * I * k * k, 1 / Math.sqrt(I * k * k)));
+      const bias = round(rng.normals(O));
+      const withBias = biasFlag === 1;
+      const out = e.empty([B, O, H, W], dtype, { fillByte: 0xff });
+      e.ops.conv2d({
+        input: e.tensor(x, [B, I, H, W], dtype),
+        weight: e.tensor(w, [O, I, k, k], dtype),
+        bias: withBias ? e.tensor(bias, [O], dtype) : undefined,
+        out,
+      });
+      const ref = conv2dRef(x, w, withBias ? bias : undefined, B, I, O, H, W, k);
+      const got = await f32(out);
+      expectClose(t, dtype, got, ref, `${[B, I, O, H, W, k]} bias=${withBias}`);
+    }
+  });
 }
 
 test('bsqCodeValue is the official f32 code magnitude (1/sqrt(d), L2-normalised)', (t) => {
@@ -82,38 +117,22 @@ for (const backend of testBackends()) {
 
   for (const dtype of ['f32', 'bf16'] as const) {
     test(`conv2d ${backend} ${dtype}: 1x1 and 3x3 match a float64 reference`, async (t) => {
-      const rng = new Rng(seedFor(t));
-      await withEngine(backend, async (e) => {
-        // [B, I, O, H, W, k]: widths around the 8-column CPU tile, channel counts off every tile, 1x1 images.
-        const cases = [[1, 1, 1, 1, 1, 3], [2, 5, 7, 6, 11, 3], [1, 16, 33, 9, 17, 3], [1, 3, 4, 3, 3, 3], [2, 12, 5, 4, 9, 1],
-          [1, 32, 64, 8, 8, 3], [1, 64, 32, 5, 16, 1], [1, 8, 3, 1, 20, 3]];
-        for (const [B, I, O, H, W, k] of cases) {
-          const round = dtype === 'bf16' ? bf16Round : (a: Float32Array) => a;
-          const x = round(rng.normals(B * I * H * W));
-          const w = round(rng.normals(O * I * k * k, 1 / Math.sqrt(I * k * k)));
-          const bias = round(rng.normals(O));
-          const withBias = O % 2 === 1 || k === 3;
-          const out = e.empty([B, O, H, W], dtype, { fillByte: 0xff });
-          e.ops.conv2d({
-            input: e.tensor(x, [B, I, H, W], dtype),
-            weight: e.tensor(w, [O, I, k, k], dtype),
-            bias: withBias ? e.tensor(bias, [O], dtype) : undefined,
-            out,
-          });
-          const ref = conv2dRef(x, w, withBias ? bias : undefined, B, I, O, H, W, k);
-          const got = await f32(out);
-          const label = `${[B, I, O, H, W, k]} bias=${withBias}`;
-          if (dtype === 'f32') {
-            const r = closeF32(got, ref);
-            t.true(r.ok, `${label}: error ${r.err}`);
-          } else {
-            const r = closeBf16(got, ref);
-            t.true(r.ok, `${label}: error ${r.err} vs bf16 rounding ${r.refErr}`);
-          }
-        }
-      });
+      // [B, I, O, H, W, k]: widths around the 8-column CPU tile, channel counts off every tile, 1x1 images.
+      const cases = [[1, 1, 1, 1, 1, 3], [2, 5, 7, 6, 11, 3], [1, 16, 33, 9, 17, 3], [1, 3, 4, 3, 3, 3], [2, 12, 5, 4, 9, 1],
+        [1, 32, 64, 8, 8, 3], [1, 64, 32, 5, 16, 1], [1, 8, 3, 1, 20, 3]];
+      await checkConv2d(t, backend, dtype, cases.map((c) => [...c, c[2] % 2 === 1 || c[5] === 3 ? 1 : 0]));
     });
   }
+
+  test(`conv2d ${backend} bf16: tensor-core tiles (128 channels x 128 pixels, K step 32) with every tail`, async (t) => {
+    // [B, I, O, H, W, k, bias]: in 3/20/70 (K = I*k*k off the 32-step and, but for 32/24, off the 8-element
+    // weight chunks), out 8/24/136 (one and two 128-channel tiles), pixel tiles crossing image rows and the
+    // batch boundary, 1x1 and 3x5 images.
+    const cases = [[1, 3, 8, 1, 1, 3, 1], [2, 20, 24, 3, 5, 3, 0], [1, 70, 136, 17, 9, 3, 1], [2, 3, 136, 33, 40, 1, 1],
+      [1, 20, 8, 33, 40, 3, 1], [2, 70, 24, 17, 9, 1, 0], [1, 3, 24, 1, 1, 1, 0], [1, 32, 136, 33, 40, 3, 1],
+      [2, 24, 8, 3, 5, 1, 1], [2, 70, 136, 17, 9, 3, 1]];
+    await checkConv2d(t, backend, 'bf16', cases);
+  });
 
   test(`conv2d ${backend}: f32 activations with bf16 weights`, async (t) => {
     const rng = new Rng(seedFor(t));
@@ -148,14 +167,7 @@ for (const backend of testBackends()) {
             e.ops.groupNorm({ input, weight: e.tensor(weight, [C], 'f32'), bias: e.tensor(bias, [C], 'f32'), out, groups: G, eps: 1e-6, swish });
             const ref = groupNormRef(x, weight, bias, B, C, H * W, G, 1e-6, swish);
             const got = await f32(out);
-            const label = `${[B, C, G, H, W]} swish=${swish}`;
-            if (dtype === 'f32') {
-              const r = closeF32(got, ref);
-              t.true(r.ok, `${label}: error ${r.err}`);
-            } else {
-              const r = closeBf16(got, ref);
-              t.true(r.ok, `${label}: error ${r.err} vs bf16 rounding ${r.refErr}`);
-            }
+            expectClose(t, dtype, got, ref, `${[B, C, G, H, W]} swish=${swish}`);
           }
         }
       });

@@ -198,6 +198,9 @@ class CudaBackend final : public Backend {
   void image_to_u8(const ImageToU8Args& a) override { run_op([&] { cuda_ops::image_to_u8(a, stream_); }); }
 
   // CUDA events on the stream: device time between two points of the queue, with no host synchronisation.
+  // "gemm:simt (K % 8 != 0)" when the op just run took a slower kernel than its dtypes allow.
+  const char* take_profile_label() override { return cuda_ops::take_slow_path_label(); }
+
   TimingMark mark_time() override {
     std::lock_guard<std::mutex> lock(mutex_);
     bind();
@@ -234,7 +237,11 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  void bind() const { check(cudaSetDevice(device_), "cudaSetDevice"); }  // calls may come from any thread
+  // Every call starts here: it may come from any thread, and no slow-path note of an earlier op survives into it.
+  void bind() const {
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    cuda_ops::note_slow_path(nullptr, nullptr);
+  }
 
   // Runs a launcher under the backend lock on this device (the launchers check their own launches).
   template <typename Launch>

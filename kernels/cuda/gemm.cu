@@ -15,6 +15,8 @@
 // Both apply bias, the epilogue and the output conversion in registers and store with bounds checks.
 // Race freedom: a smem buffer is refilled only after the __syncthreads that ends its last read.
 #include "transformer_common.cuh"
+// after the standard headers: under the emulator, portable.cuh defines __noinline__
+#include "mma_tile.cuh"
 
 namespace scalekv::cuda_ops {
 namespace {
@@ -41,7 +43,8 @@ __device__ __forceinline__ void store_output(const GemmParams& p, int row, int c
 
 constexpr int kBM = 128, kBN = 128, kBK = 32, kMmaThreads = 256;
 
-__device__ __forceinline__ int swz(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 3); }
+using mma_tile::swz;
+static_assert(kBK == mma_tile::kK, "tiles of the shared warp step");
 
 // Rows [row0, row0 + 128) x K columns [k0, k0 + 32) of a [rows, K] bf16 matrix into a swizzled tile.
 __device__ __forceinline__ void load_tile(const bf16* g, int rows, int k, int row0, int k0, bf16* s) {
@@ -91,27 +94,10 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams 
 
     const bf16* a_s = sA + buf * kBM * kBK;
     const bf16* b_s = sB + buf * kBN * kBK;
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      // A 16x16: a0 = rows 0-7 / k 0-7, a1 = rows 8-15 / k 0-7, a2 = rows 0-7 / k 8-15, a3 = rows 8-15 / k 8-15.
-      uint32_t af[4][4];
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
-        skv::ldmatrix_x4(af[mt], a_s + swz(wm * 64 + mt * 16 + (mi & 1) * 8 + lr, 2 * kk + (mi >> 1)));
-      // B (k, n = w row): b0 = n 0-7 / k 0-7, b1 = n 0-7 / k 8-15 for n-block 2*nb2; b2, b3 for n 8-15.
-      uint32_t bfr[2][4];
-#pragma unroll
-      for (int nb2 = 0; nb2 < 2; ++nb2)
-        skv::ldmatrix_x4(bfr[nb2], b_s + swz(wn * 32 + nb2 * 16 + (mi >> 1) * 8 + lr, 2 * kk + (mi & 1)));
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-#pragma unroll
-        for (int nb2 = 0; nb2 < 2; ++nb2) {
-          skv::mma_m16n8k16_bf16(acc[mt][2 * nb2], af[mt], bfr[nb2], acc[mt][2 * nb2]);
-          skv::mma_m16n8k16_bf16(acc[mt][2 * nb2 + 1], af[mt], bfr[nb2] + 2, acc[mt][2 * nb2 + 1]);
-        }
-      }
-    }
+    // B (k, n = w row): b0 = n 0-7 / k 0-7, b1 = n 0-7 / k 8-15 for n-block 2*nb2; b2, b3 for n 8-15.
+    mma_tile::tile_products(acc, a_s, wm * 64, [&](uint32_t bfr[4], int kk, int nb2) {
+      skv::ldmatrix_x4(bfr, b_s + swz(wn * 32 + nb2 * 16 + (mi >> 1) * 8 + lr, 2 * kk + (mi & 1)));
+    });
     __syncthreads();  // every warp is done with buffer buf before iteration kt + 1 refills it
   }
 

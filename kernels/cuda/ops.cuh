@@ -12,8 +12,12 @@
 
 namespace scalekv::cuda_ops {
 
-// Records that an op took a slower path than its dtypes allow, and why; the backend reports it in the profile.
+// A launcher that takes a slower kernel than its dtypes would allow (e.g. SIMT for bf16 data) says why, so the
+// fallback is never silent: `op` and `reason` are string literals, remembered per host thread (slow_path.cu).
 void note_slow_path(const char* op, const char* reason);
+// The backend's profile label for the slow path noted since the last call ("gemm:simt (K % 8 != 0)"), else null;
+// clears the note. The label lives as long as the process.
+const char* take_slow_path_label();
 
 size_t attention_workspace_bytes(const AttentionArgs& a);
 void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, void* workspace);

@@ -1,14 +1,31 @@
-// note_slow_path (ops.cuh): the last slow path an op of this thread took, for the backend's profile.
+// note_slow_path / take_slow_path_label (ops.cuh): the last slower-than-possible kernel choice of this host
+// thread, for the backend's profile labels. Host code only.
+#include <mutex>
+#include <set>
+#include <string>
+
 #include "ops.cuh"
 
 namespace scalekv::cuda_ops {
-
-thread_local const char* g_slow_op = nullptr;
-thread_local const char* g_slow_reason = nullptr;
+namespace {
+thread_local const char* slow_op = nullptr;  // string literals: nothing is copied on the launch path
+thread_local const char* slow_reason = nullptr;
+}  // namespace
 
 void note_slow_path(const char* op, const char* reason) {
-  g_slow_op = op;
-  g_slow_reason = reason;
+  slow_op = op;
+  slow_reason = reason;
+}
+
+const char* take_slow_path_label() {
+  if (!slow_op) return nullptr;
+  const std::string label = std::string(slow_op) + ":simt (" + slow_reason + ")";
+  slow_op = slow_reason = nullptr;
+  // Profile labels must outlive the profile: one copy of each distinct label for the life of the process.
+  static std::mutex mutex;
+  static std::set<std::string> labels;
+  std::lock_guard<std::mutex> lock(mutex);
+  return labels.insert(label).first->c_str();
 }
 
 }  // namespace scalekv::cuda_ops

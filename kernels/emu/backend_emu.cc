@@ -139,6 +139,9 @@ class EmuBackend final : public Backend {
   TimingMark mark_time() override { return host_clock_mark(); }
   double elapsed_ms(const TimingMark& start, const TimingMark& end) override { return host_clock_elapsed_ms(start, end); }
 
+  // "gemm:simt (K % 8 != 0)" when the op just run took a slower kernel than its dtypes allow, as on CUDA.
+  const char* take_profile_label() override { return cuda_ops::take_slow_path_label(); }
+
   bool set_kernel_counters(bool on, uint64_t sample_blocks) override {
     if (!on) {
       if (counting_) {
@@ -225,7 +228,9 @@ class EmuBackend final : public Backend {
     return workspace_;
   }
 
+  // Every op starts here: no slow-path note of an earlier op survives into it.
   void note_pending(const char* op) {
+    cuda_ops::note_slow_path(nullptr, nullptr);
     if (std::find(pending_.begin(), pending_.end(), op) == pending_.end()) pending_.emplace_back(op);
   }
 

@@ -242,6 +242,68 @@ void check_selection(const SelCase& c, uint32_t seed) {
   CHECK(count_mismatches(pooled[0], pooled[1], 1e-5, 1e-5, "pooled") == 0);
 }
 
+struct ConvCase {
+  int batch, in, out, height, width, kernel;
+  bool bias;
+  DType dtype = DType::bf16, weight_dtype = DType::bf16;
+  bool misalign = false;  // x, weight, bias and out one element past a 16-byte boundary
+};
+
+// conv2d on the emu backend against a float64 reference of the stored (bf16-rounded) inputs: bf16 output within
+// about one bf16 ulp (the rounding of the exact result, plus f32 accumulation), f32 within 1e-5.
+void check_conv2d(const ConvCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int k = c.kernel, p = (k - 1) / 2, H = c.height, W = c.width;
+  const size_t hw = static_cast<size_t>(H) * W, out_n = c.batch * c.out * hw;
+  HostTensor x{random_vec(rng, c.batch * c.in * hw), c.dtype};
+  HostTensor w{random_vec(rng, static_cast<size_t>(c.out) * c.in * k * k, -0.5f, 0.5f), c.weight_dtype};
+  HostTensor bias{random_vec(rng, c.out), c.weight_dtype};
+  // The reference sees what the backend stores.
+  const auto stored = [](const HostTensor& t) { return decode(t.bytes(), t.dtype); };
+  const std::vector<float> xs = stored(x), ws = stored(w), bs = stored(bias);
+  std::vector<double> ref(out_n);
+  for (int b = 0; b < c.batch; ++b)
+    for (int o = 0; o < c.out; ++o)
+      for (int y = 0; y < H; ++y)
+        for (int xx = 0; xx < W; ++xx) {
+          double acc = c.bias ? bs[o] : 0.0;
+          for (int i = 0; i < c.in; ++i)
+            for (int ky = 0; ky < k; ++ky)
+              for (int kx = 0; kx < k; ++kx) {
+                const int yy = y + ky - p, xs_ = xx + kx - p;
+                if (yy < 0 || yy >= H || xs_ < 0 || xs_ >= W) continue;
+                acc += double(ws[((size_t(o) * c.in + i) * k + ky) * k + kx]) * xs[(size_t(b) * c.in + i) * hw + yy * W + xs_];
+              }
+          ref[(size_t(b) * c.out + o) * hw + y * W + xx] = acc;
+        }
+
+  Device d(scalekv::make_emu_backend(2));
+  const size_t xsz = scalekv::dtype_size(c.dtype), wsz = scalekv::dtype_size(c.weight_dtype);
+  const auto put = [&](const HostTensor& t, size_t esz) {
+    const auto bytes = t.bytes();
+    if (!c.misalign) return d.put(bytes.data(), bytes.size());
+    std::vector<unsigned char> shifted(esz);  // one leading element
+    shifted.insert(shifted.end(), bytes.begin(), bytes.end());
+    return static_cast<void*>(static_cast<unsigned char*>(d.put(shifted.data(), shifted.size())) + esz);
+  };
+  scalekv::Conv2dArgs a;
+  a.batch = c.batch; a.in_channels = c.in; a.out_channels = c.out; a.height = H; a.width = W; a.kernel = k;
+  a.dtype = c.dtype; a.weight_dtype = c.weight_dtype;
+  a.x = put(x, xsz); a.weight = put(w, wsz); a.bias = c.bias ? put(bias, wsz) : nullptr;
+  unsigned char* out_base = static_cast<unsigned char*>(d.zeros((out_n + 1) * xsz));
+  a.out = out_base + (c.misalign ? xsz : 0);
+  CHECK(d.run([&] { d.be->conv2d(a); }) == 0);
+  const std::vector<float> got = decode(d.get(a.out, out_n * xsz), c.dtype);
+  if (c.misalign) CHECK(d.get(out_base, xsz) == std::vector<unsigned char>(xsz, 0));  // nothing before out
+  double scale = 1;
+  for (double v : ref) scale = std::max(scale, std::fabs(v));
+  std::vector<float> want(ref.begin(), ref.end());
+  const bool bf16_out = c.dtype == DType::bf16;
+  const int bad = count_mismatches(got, want, 1e-5 * scale, bf16_out ? 1.0 / 128 : 1e-5, "conv2d out");
+  if (bad) std::fprintf(stderr, "  conv2d case B%d I%d O%d %dx%d k%d bias=%d\n", c.batch, c.in, c.out, H, W, k, c.bias);
+  CHECK(bad == 0);
+}
+
 }  // namespace
 
 EMU_TEST(attention_emu_matches_cpu) {
@@ -328,4 +390,30 @@ EMU_TEST(selection_bad_inputs_report_like_cpu) {
   using scalekv::ScoreMode;
   check_selection({1, 2, 3, 50, 10, 3, ScoreMode::logits, Pooling::max, true}, 30);
   check_selection({1, 2, 3, 50, 2, 3, ScoreMode::logits, Pooling::max}, 31);  // budget < window
+}
+
+EMU_TEST(conv2d_emu_matches_float64) {
+  const ConvCase cases[] = {
+      // bf16 tensor cores; I*k*k % 8 != 0 (weights gathered element-wise): channels off every tile, tiny images
+      {1, 3, 8, 1, 1, 3, true},
+      {2, 20, 24, 3, 5, 3, false},
+      {1, 70, 136, 17, 9, 3, true},      // 20 K tiles through the 3-stage pipeline, 2 out-channel tiles
+      {2, 3, 136, 33, 40, 1, true},      // pixel tiles spanning rows and the batch boundary
+      {1, 20, 8, 33, 40, 3, true},
+      {2, 70, 24, 17, 9, 1, false},
+      {1, 3, 24, 1, 1, 1, false},
+      // I*k*k % 8 == 0: weights by cp.async (a partial last chunk row, several tiles)
+      {1, 32, 136, 33, 40, 3, true},
+      {2, 24, 8, 3, 5, 1, true},
+      {2, 16, 40, 17, 9, 3, false},
+      // misaligned operands: element-wise weights, scalar stores of the output
+      {2, 32, 24, 17, 9, 3, true, DType::bf16, DType::bf16, true},
+      {1, 24, 8, 3, 5, 1, false, DType::bf16, DType::bf16, true},
+      // SIMT: f32 (the exact path), f32 x against bf16 weights, bf16 x against f32 weights
+      {2, 20, 24, 17, 9, 3, true, DType::f32, DType::f32},
+      {1, 70, 8, 3, 5, 1, true, DType::f32, DType::bf16},
+      {1, 20, 24, 3, 5, 3, true, DType::bf16, DType::f32},
+  };
+  uint32_t seed = 40;
+  for (const ConvCase& c : cases) check_conv2d(c, seed++);
 }
