@@ -3,7 +3,8 @@
 // GB/s, Melem/s) and the ratio kernel / naive. Then the end-to-end tiny model (bench/e2e.ts). `npm run bench [-- --backend cuda] [--quick] [--only kernels|e2e] [--json]`; `--quick`
 // skips the Infinity-2B last-scale attention shapes (tens of seconds each on a CPU).
 // `--backend emu --project h100 [--sample N]`: instead, the CUDA kernels at Infinity-2B's shapes on the emulator
-// with its cost counters, projected onto the named GPU (bench/project.ts; every figure labelled projected).
+// with its cost counters, projected onto the named GPU (bench/project.ts), then one whole 2B image's op stream
+// projected the same way (bench/project-e2e.ts); every figure labelled projected.
 import { parseArgs } from 'node:util';
 import { Bench } from 'tinybench';
 import { availableParallelism } from 'node:os';
@@ -13,6 +14,7 @@ import type { BackendChoice } from '../lib/engine.js';
 import { rand } from './random.js';
 import { formatE2e, runE2e, E2eResult } from './e2e.js';
 import { defaultBuildDir, formatProjection, projectKernels } from './project.js';
+import { formatImageProjection, projectImage } from './project-e2e.js';
 
 const { values } = parseArgs({
   args: process.argv.slice(2),
@@ -323,8 +325,16 @@ if (values.project) {
   const e = await createEngine({ backend: 'emu' });
   try {
     process.stderr.write(`scalekv bench --project ${values.project} on ${e.device}\n`);
-    const projected = await projectKernels(e, values.project, { sampleBlocks, buildDir: defaultBuildDir(new URL('..', import.meta.url).pathname) });
-    process.stdout.write(values.json ? JSON.stringify(projected, null, 2) + '\n' : formatProjection(projected, values.project, sampleBlocks) + '\n');
+    const buildDir = defaultBuildDir(new URL('..', import.meta.url).pathname);
+    if (values.only !== 'e2e') {
+      const projected = await projectKernels(e, values.project, { sampleBlocks, buildDir });
+      process.stdout.write(values.json ? JSON.stringify(projected, null, 2) + '\n' : formatProjection(projected, values.project, sampleBlocks) + '\n');
+    }
+    if (values.only !== 'kernels') {
+      const image = await projectImage(values.project, { sampleBlocks, buildDir, onOp: (i, n) => process.stderr.write(`\rreplaying op ${i + 1}/${n}`) });
+      process.stderr.write('\n');
+      process.stdout.write(values.json ? JSON.stringify(image, null, 2) + '\n' : '\n' + formatImageProjection(image, values.project) + '\n');
+    }
   } finally {
     e.dispose();
   }

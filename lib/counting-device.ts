@@ -90,11 +90,15 @@ export class CountingDevice implements NativeEngine {
   #cache: number[] = [];
   #disposed = false;
 
+  /** Called with every op and its arguments (shapes and scalars; tensors hold no data): the op stream of a dry run. */
+  onOp?: (name: (typeof NATIVE_OP_NAMES)[number], args: Record<string, unknown>) => void;
+
   constructor() {
-    const count = (): void => {
-      this.#enqueued++;
-    };
-    for (const name of NATIVE_OP_NAMES) this[name] = count;
+    for (const name of NATIVE_OP_NAMES)
+      this[name] = ((args: Record<string, unknown>): void => {
+        this.#enqueued++;
+        this.onOp?.(name, args);
+      }) as never;
   }
 
   tensor(dtype: string, shape: number[], data?: ArrayBufferView | null, category?: string, _fillByte?: number): NativeTensor {

@@ -212,13 +212,16 @@ async function readVaeDecoder(ckpt: Checkpoint): Promise<Map<string, Float32Arra
   return out;
 }
 
-async function loadVae(engine: Engine, source: string | Checkpoint, config: InfinityConfig): Promise<VaeDecoder> {
-  if (typeof source !== 'string') return VaeDecoder.load(engine, await readVaeDecoder(source), config.vae);
+// In the transformer's dtype: a bf16 pipeline decodes in bf16 (weights and activations; GroupNorm statistics stay
+// f32), as the reference does under its bf16 autocast, so the convolutions run on tensor cores.
+async function loadVae(engine: Engine, source: string | Checkpoint, config: InfinityConfig, dtype: 'f32' | 'bf16'): Promise<VaeDecoder> {
+  const vaeConfig = { ...config.vae, weightDtype: dtype, dtype };
+  if (typeof source !== 'string') return VaeDecoder.load(engine, await readVaeDecoder(source), vaeConfig);
   const file = openCheckpoint(source);
   let prefixed: Checkpoint | undefined;
   try {
     if (file.names.some((n) => n.startsWith('vae.'))) prefixed = openCheckpoint(source, { prefix: 'vae.' });
-    return await VaeDecoder.load(engine, await readVaeDecoder(prefixed ?? file), config.vae);
+    return await VaeDecoder.load(engine, await readVaeDecoder(prefixed ?? file), vaeConfig);
   } finally {
     prefixed?.close();
     file.close();
@@ -342,7 +345,7 @@ export class Pipeline {
       } else {
         model = await InfinityModel.load(engine, weights, config, { dtype: opts.dtype });
       }
-      if (decode) vae = await loadVae(engine, tiny ? tiny.vae : (opts.vae as string | Checkpoint), config);
+      if (decode) vae = await loadVae(engine, tiny ? tiny.vae : (opts.vae as string | Checkpoint), config, model.dtype);
       if (text && opts.keepTextEncoder) encoder = await T5TextEncoder.load(engine, text.weights, text.tokenizer, { dtype: text.dtype });
       return new Pipeline({ engine, model, vae, presetName, tiny: tiny !== undefined, text, encoder, ownsEngine });
     } catch (e) {

@@ -761,6 +761,7 @@ void launch_simt(const AttnParams& p, int rows, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   set_smem_once(kernel, simt_smem(32 * DV), smem_set);
   const dim3 grid((p.lq + kSimtQT - 1) / kSimtQT, p.heads, rows);
+  skv::declare_simt_flops(4.0 * rows * p.heads * p.lq * p.n_keys * p.head_dim);
   SKV_LAUNCH(kernel, grid, dim3(32 * kSimtWarps), simt_smem(p.head_dim), stream, p);
 }
 
@@ -779,6 +780,7 @@ void launch_window(const AttnParams& p, int rows, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   set_smem_once(kernel, window_smem(256), smem_set);
   const dim3 grid((p.n_keys + kWinK - 1) / kWinK, (p.n_window + kWinQ - 1) / kWinQ, rows * p.heads);
+  skv::declare_simt_flops(2.0 * rows * p.heads * p.n_window * p.n_keys * p.head_dim);
   SKV_LAUNCH(kernel, grid, dim3(32 * kWinWarps), window_smem(p.head_dim), stream, p);
 }
 

@@ -126,6 +126,7 @@ template <int KS, typename TX, typename TW>
 void launch_simt(const ConvParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.pixels + BN - 1) / BN), static_cast<unsigned>((p.out_channels + BM - 1) / BM));
   const size_t smem = (BK * (BM + kAPad) + BK * BN) * sizeof(float);
+  skv::declare_simt_flops(2.0 * p.pixels * p.out_channels * p.in_channels * KS * KS);
   SKV_LAUNCH((conv2d_simt_kernel<KS, TX, TW>), grid, dim3(kConvThreads), smem, stream, p);
 }
 

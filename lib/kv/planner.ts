@@ -100,7 +100,7 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
   try {
     const model = await InfinityModel.allocate(e, c, { dtype });
     const transformer = e.memory().inUse.weights;
-    const vae = decode ? await VaeDecoder.allocate(e, c.vae) : undefined;
+    const vae = decode ? await VaeDecoder.allocate(e, { ...c.vae, weightDtype: dtype, dtype }) : undefined;  // as the Pipeline loads it
     const vaeBytes = e.memory().inUse.weights - transformer;
     let textEncoder = 0;
     if (t5) {

@@ -25,7 +25,7 @@ export interface VaeDecoderConfig {
   patchSize?: number;
   /** Device dtype of the weights. Default 'f32'. */
   weightDtype?: 'f32' | 'bf16';
-  /** Device dtype of the latent, the activations and the output image. Default 'f32'. */
+  /** Device dtype of the activations and the output image (an f32 latent is rounded to it). Default 'f32'. */
   dtype?: 'f32' | 'bf16';
 }
 
@@ -230,8 +230,10 @@ export class VaeDecoder {
     const { codebookDim } = this.config;
     if (latent.shape.length !== 4 || latent.shape[1] !== codebookDim)
       fail('ERR_SHAPE', `VaeDecoder.decode: latent must be [batch, ${codebookDim}, height, width], got [${latent.shape.join(', ')}]`);
-    if (latent.dtype !== this.#dtype) fail('ERR_DTYPE', `VaeDecoder.decode: latent must be ${this.#dtype}, got ${latent.dtype}`);
-    let h = this.#conv(latent, this.#convIn);
+    if (latent.dtype !== this.#dtype && latent.dtype !== 'f32') fail('ERR_DTYPE', `VaeDecoder.decode: latent must be f32 or ${this.#dtype}, got ${latent.dtype}`);
+    const input = latent.dtype === this.#dtype ? latent : this.#roundToBf16(latent);
+    let h = this.#conv(input, this.#convIn);
+    if (input !== latent) input.dispose();
     for (const b of this.#mid) h = this.#resnet(h, b);
     for (let l = this.#levels.length - 1; l >= 0; l--) {
       const level = this.#levels[l];
@@ -254,6 +256,20 @@ export class VaeDecoder {
   /** Frees the weights. */
   dispose(): void {
     for (const t of this.#weights) t.dispose();
+  }
+
+  // The summed codes arrive in f32; a bf16 decoder takes them rounded to bf16, as the reference's autocast does at
+  // conv_in. The rounding is a GEMM against the identity over the last axis: f32 x against bf16 w is rounded to
+  // bf16 (the gemm contract), and each output is one input times 1 plus zeros, so it is exact.
+  #roundToBf16(x: Tensor): Tensor {
+    const W = x.shape[3];
+    const eye = new Float32Array(W * W);
+    for (let i = 0; i < W; i++) eye[i * W + i] = 1;
+    const w = this.engine.tensor(eye, [W, W], 'bf16', { category: 'scratch' });
+    const out = this.#empty(x.shape);
+    this.engine.ops.gemm({ x, w, y: out });
+    w.dispose();
+    return out;
   }
 
   #empty(shape: readonly number[]): Tensor {
