@@ -21,6 +21,23 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
 size_t selection_workspace_bytes(const SelectionArgs& a);
 void selection(const SelectionArgs& a, cudaStream_t stream, int32_t* status, void* workspace);
 
+// Slow paths: a launcher that takes a slower kernel than its inputs' dtypes would get (gemm's SIMT kernel for bf16
+// operands because K % 8 != 0 or a base is not 16-byte aligned) notes why, so the backend can name it in the
+// profile and count it, as take_profile_label() names a library path. The note lives in a thread_local (launchers
+// run on the calling thread); take_slow_path() returns the most recent one since the last take and clears it,
+// {nullptr, nullptr} when there was none. `op` and `reason` must be string literals (they are kept as pointers).
+struct SlowPath {
+  const char* op = nullptr;      // e.g. "gemm"
+  const char* reason = nullptr;  // e.g. "K % 8 != 0"
+};
+inline thread_local SlowPath slow_path_note;
+inline void note_slow_path(const char* op, const char* reason) { slow_path_note = SlowPath{op, reason}; }
+inline SlowPath take_slow_path() {
+  const SlowPath note = slow_path_note;
+  slow_path_note = SlowPath{};
+  return note;
+}
+
 // Transformer ops (gemm.cu, layer_norm.cu, ...): no workspace. Only cross_attention and
 // segment_attention report data errors (cuSeqlens out of order or range: index_out_of_range, the output untouched).
 void gemm(const GemmArgs& a, cudaStream_t stream, int32_t* status);
