@@ -40,6 +40,11 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
                             cudaStream_t stream = nullptr);
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 cudaError_t cudaDeviceSynchronize();
+// One emulated device, number 0 (launchers key per-device state such as shared-memory opt-ins by it).
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
 
 namespace skv_emu {
 // Records the opt-in dynamic shared-memory size of a kernel; launches above 48 KiB need it, as on the GPU.
