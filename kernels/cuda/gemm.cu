@@ -4,12 +4,13 @@
 // Kernels:
 //   gemm_mma_kernel<TX, TY>  bf16 w, x bf16 or f32 (the model's bf16 mode: f32 activations against bf16 weights),
 //                      K a multiple of 8, 16-byte aligned x and w; any M, N (rows past M/N are zero-filled on load
-//                      and not stored). Block tile 128 x 128, K step 32, 8 warps as 2 (M) x 4 (N), warp tile
-//                      64 x 32 = 4 x 4 mma.m16n8k16 accumulators. A 4-stage pipeline: while tile t is multiplied,
-//                      tiles t+1..t+3 are in flight. w tiles ([128][32] bf16, K-contiguous: w rows are the "col" B
-//                      operand as is) and bf16 x tiles arrive by cp.async 16 B. f32 x is rounded to bf16 on the way
-//                      into shared memory: each thread loads its two 8-element chunks of tile t+3 into registers
-//                      (4 x 16 B) before tile t's MMAs, and after them rounds them (round to nearest even, as
+//                      and not stored). Block tile 128 x 128, K step 32, 4 warps as 2 (M) x 2 (N), warp tile
+//                      64 x 64 = 4 x 8 mma.m16n8k16 accumulators (8 ldmatrix.x4 per 32 MMAs; 229-233 registers,
+//                      no spills). A 4-stage pipeline: while tile t is multiplied, tiles t+1..t+3 are in flight.
+//                      w tiles ([128][32] bf16, K-contiguous: w rows are the "col" B operand as is) and bf16 x
+//                      tiles arrive by cp.async 16 B. f32 x is rounded to bf16 on the way
+//                      into shared memory: each thread loads its four 8-element chunks of tile t+3 into registers
+//                      (8 x 16 B) before tile t's MMAs, and after them rounds them (round to nearest even, as
 //                      __float2bfloat16_rn and autocast) and stores them 16 B at a time into the same swizzled
 //                      layout, so the global latency hides behind the MMAs and the products are exactly those of
 //                      the rounded x. Chunks past K are zero (K % 8 == 0: a chunk is wholly inside or outside).
@@ -58,12 +59,13 @@ __device__ __forceinline__ float bias_at(const GemmParams& p, int col) {
 // ---------------------------------------------------------------------------------------------------------
 // bf16 tensor cores
 
-constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kMmaThreads = 256;
-constexpr int kWarpsN = 4, kWM = 64, kWN = 32;  // 2 x 4 warps of 64 x 32
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kMmaThreads = 128;
+constexpr int kWarpsN = 2, kWM = 64, kWN = 64;  // 2 x 2 warps of 64 x 64
 constexpr int kMT = kWM / 16, kNT = kWN / 8;    // m16 row blocks and n8 column blocks per warp
 constexpr int kChunks = kBK / 8;                 // 16-byte chunks per tile row
 constexpr size_t kStageElems = static_cast<size_t>(kBM + kBN) * kBK;
-static_assert(kBM * kChunks == 2 * kMmaThreads && kBN * kChunks == 2 * kMmaThreads, "two chunks per thread");
+constexpr int kXC = kBM * kChunks / kMmaThreads;  // x (and w) chunks per thread and tile
+static_assert(kBM == kBN && kXC * kMmaThreads == kBM * kChunks, "whole chunks per thread");
 static_assert(kBM / kWM * kWarpsN * 32 == kMmaThreads && kBN == kWarpsN * kWN, "warps cover the block tile");
 
 __device__ __forceinline__ int swz(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 3); }
@@ -78,15 +80,15 @@ __device__ __forceinline__ void load_tile(const bf16* g, int rows, int k, int ro
   }
 }
 
-// f32 x: this thread's two 8-element chunks of an x tile (e = threadIdx.x + 256 i, as load_tile), staged in
+// f32 x: this thread's kXC 8-element chunks of an x tile (e = threadIdx.x + 128 i, as load_tile), staged in
 // registers between the global loads and the rounding stores.
 struct XChunks {
-  float4 v[2][2];
+  float4 v[kXC][2];
 };
 
 __device__ __forceinline__ void load_x_chunks(const float* x, int m, int k, int row0, int k0, XChunks& r) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kXC; ++i) {
     const int e = threadIdx.x + i * kMmaThreads, gr = row0 + e / kChunks, gk = k0 + (e % kChunks) * 8;
     if (gr < m && gk < k) {
       const float4* src = reinterpret_cast<const float4*>(x + static_cast<size_t>(gr) * k + gk);
@@ -100,7 +102,7 @@ __device__ __forceinline__ void load_x_chunks(const float* x, int m, int k, int 
 
 __device__ __forceinline__ void store_x_chunks(const XChunks& r, bf16* s) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kXC; ++i) {
     const int e = threadIdx.x + i * kMmaThreads;
     const float4 a = r.v[i][0], b = r.v[i][1];
     *reinterpret_cast<uint4*>(s + swz(e / kChunks, e % kChunks)) =
@@ -126,7 +128,7 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams 
   SKV_DYNAMIC_SMEM(smem_raw);
   bf16* const stages = reinterpret_cast<bf16*>(smem_raw);  // [kStages][A: BM][BK], [B: BN][BK]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = warp / kWarpsN, wn = warp % kWarpsN;  // the warp's tile starts at row wm*64, column wn*32
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;  // the warp's tile starts at row wm*64, column wn*64
   const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   const TX* x = static_cast<const TX*>(p.x);
   const bf16* w = static_cast<const bf16*>(p.w);
