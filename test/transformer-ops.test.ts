@@ -34,6 +34,15 @@ const GEMM_CASES: GemmCase[] = [
   { m: 33, n: 200, k: 264, x: 'bf16', w: 'bf16', y: 'bf16', bias: true, epilogue: 'gelu_tanh' },
   { m: 5, n: 9, k: 12, x: 'bf16', w: 'bf16', y: 'bf16', bias: true, epilogue: 'none' },
   { m: 4, n: 24, k: 7, x: 'bf16', w: 'bf16', y: 'f32', bias: true, epilogue: 'silu' },
+  // f32 x against bf16 w (the model's bf16 mode) on the CUDA/emu tensor cores, x rounded to bf16 on load: K = 40, 264,
+  // 1032 are 2, 9 and 33 K tiles (fewer than the pipeline's 4 stages, and wrapping around them); M and N tails.
+  { m: 1, n: 8, k: 40, x: 'f32', w: 'bf16', y: 'f32', bias: true, epilogue: 'none' },
+  { m: 130, n: 136, k: 264, x: 'f32', w: 'bf16', y: 'f32', bias: true, epilogue: 'silu' },
+  { m: 17, n: 24, k: 1032, x: 'f32', w: 'bf16', y: 'bf16', bias: false, epilogue: 'gelu_tanh' },
+  { m: 257, n: 136, k: 40, x: 'bf16', w: 'bf16', y: 'bf16', bias: true, epilogue: 'silu' },
+  // Output rows that are not 16-byte multiples (per-element stores), and odd K (the SIMT kernel, a noted slow path).
+  { m: 33, n: 27, k: 64, x: 'f32', w: 'bf16', y: 'f32', bias: true, epilogue: 'gelu_tanh' },
+  { m: 6, n: 17, k: 13, x: 'f32', w: 'bf16', y: 'bf16', bias: false, epilogue: 'none' },
   // Large M: oneDNN packs f32 weights (M >= 1024) and rounds x to bf16 in parallel chunks (M*K > 65536).
   { m: 1100, n: 70, k: 129, x: 'f32', w: 'f32', y: 'f32', bias: true, epilogue: 'none', cpuOnly: true },
   { m: 1100, n: 70, k: 129, x: 'f32', w: 'bf16', y: 'bf16', bias: true, epilogue: 'gelu_tanh', cpuOnly: true },

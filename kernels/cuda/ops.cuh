@@ -15,7 +15,13 @@ namespace scalekv::cuda_ops {
 // A launcher that takes a slower kernel than its dtypes would allow (e.g. SIMT for bf16 data) says why, so the
 // fallback is never silent: `op` and `reason` are string literals, remembered per host thread (slow_path.cu).
 void note_slow_path(const char* op, const char* reason);
-// The backend's profile label for the slow path noted since the last call ("gemm:simt (K % 8 != 0)"), else null;
+struct SlowPath {
+  const char* op = nullptr;      // e.g. "gemm"
+  const char* reason = nullptr;  // e.g. "K % 8 != 0"
+};
+// The note since the last take ({nullptr, nullptr}: none), cleared.
+SlowPath take_slow_path();
+// The backend's profile label for the slow path noted since the last take ("gemm:simt (K % 8 != 0)"), else null;
 // clears the note. The label lives as long as the process.
 const char* take_slow_path_label();
 

@@ -17,10 +17,16 @@ void note_slow_path(const char* op, const char* reason) {
   slow_reason = reason;
 }
 
-const char* take_slow_path_label() {
-  if (!slow_op) return nullptr;
-  const std::string label = std::string(slow_op) + ":simt (" + slow_reason + ")";
+SlowPath take_slow_path() {
+  const SlowPath note{slow_op, slow_reason};
   slow_op = slow_reason = nullptr;
+  return note;
+}
+
+const char* take_slow_path_label() {
+  const SlowPath note = take_slow_path();
+  if (!note.op) return nullptr;
+  const std::string label = std::string(note.op) + ":simt (" + note.reason + ")";
   // Profile labels must outlive the profile: one copy of each distinct label for the life of the process.
   static std::mutex mutex;
   static std::set<std::string> labels;

@@ -1,6 +1,7 @@
 // Runs the real kernels/cuda kernels through the emu backend (under the test sanitizer) and compares them
 // with the CPU backend on small random cases, including shapes that are not tile multiples, the tensor-core
 // and SIMT paths, and bad index lists (both backends must report the same status code).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -8,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../../kernels/cuda/ops.cuh"
 #include "../../kernels/emu/emu_backend.h"
 #include "selftest.h"
 
@@ -304,6 +306,69 @@ void check_conv2d(const ConvCase& c, uint32_t seed) {
   CHECK(bad == 0);
 }
 
+struct GemmCase {
+  int m, n, k;
+  DType x, w, y;
+  bool bias;
+  scalekv::Epilogue epilogue;
+  const char* slow_path = nullptr;  // the reason the emu launcher must note, if any
+  int x_offset = 0, y_offset = 0;   // bytes past a 256-aligned allocation (an unaligned base)
+  DType bias_dtype = DType::f32;
+};
+
+// Runs one gemm on a fresh backend; y has 64 guard bytes after it that must stay untouched.
+std::vector<float> run_gemm(std::unique_ptr<Backend> be, const GemmCase& c, const HostTensor& x, const HostTensor& w,
+                            const HostTensor& bias, scalekv::cuda_ops::SlowPath* note) {
+  Device d(std::move(be));
+  const size_t y_bytes = static_cast<size_t>(c.m) * c.n * scalekv::dtype_size(c.y), guard = 64;
+  const auto xb = x.bytes();
+  std::vector<unsigned char> x_host(c.x_offset + xb.size());
+  std::memcpy(x_host.data() + c.x_offset, xb.data(), xb.size());
+  scalekv::GemmArgs a;
+  a.m = c.m; a.n = c.n; a.k = c.k;
+  a.x_dtype = x.dtype; a.w_dtype = w.dtype; a.bias_dtype = bias.dtype; a.y_dtype = c.y; a.epilogue = c.epilogue;
+  a.x = static_cast<unsigned char*>(d.put(x_host.data(), x_host.size())) + c.x_offset;
+  a.w = d.put(w);
+  a.bias = c.bias ? d.put(bias) : nullptr;
+  unsigned char* y = static_cast<unsigned char*>(d.put(nullptr, c.y_offset + y_bytes + guard));
+  d.be->fill_u8(y, 0x7f, c.y_offset + y_bytes + guard);
+  a.y = y + c.y_offset;
+  (void)scalekv::cuda_ops::take_slow_path();
+  CHECK(d.run([&] { d.be->gemm(a); }) == 0);
+  if (note) *note = scalekv::cuda_ops::take_slow_path();
+  const auto raw = d.get(y, c.y_offset + y_bytes + guard);
+  for (size_t i = 0; i < c.y_offset; ++i) CHECK(raw[i] == 0x7f);
+  for (size_t i = 0; i < guard; ++i) CHECK(raw[c.y_offset + y_bytes + i] == 0x7f);
+  return decode(std::vector<unsigned char>(raw.begin() + c.y_offset, raw.begin() + c.y_offset + y_bytes), c.y);
+}
+
+void check_gemm(const GemmCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  HostTensor x{random_vec(rng, static_cast<size_t>(c.m) * c.k), c.x};
+  const float ws = 1.0f / std::sqrt(static_cast<float>(std::max(c.k, 1)));
+  HostTensor w{random_vec(rng, static_cast<size_t>(c.n) * c.k, -ws, ws), c.w};
+  HostTensor bias{random_vec(rng, static_cast<size_t>(c.n)), c.bias_dtype};
+  scalekv::cuda_ops::SlowPath note;
+  const std::vector<float> emu = run_gemm(scalekv::make_emu_backend(2), c, x, w, bias, &note);
+  const std::vector<float> cpu = run_gemm(scalekv::make_cpu_backend(2), c, x, w, bias, nullptr);
+  const double tol = c.y == DType::bf16 ? 1e-2 : 1e-5;
+  CHECK(count_mismatches(emu, cpu, tol, tol, "gemm y") == 0);
+  if (c.slow_path) {
+    CHECK(note.op && std::strcmp(note.op, "gemm") == 0);
+    CHECK(note.reason && std::strcmp(note.reason, c.slow_path) == 0);
+  } else {
+    CHECK(note.op == nullptr && note.reason == nullptr);
+  }
+  // f32 x against bf16 w means rounding x to bf16, then the bf16 product: the emu result must equal, bit for bit,
+  // the same kernel fed the rounded x as bf16 (same path: same tiles, same accumulation order).
+  if (c.x == DType::f32 && c.w == DType::bf16) {
+    HostTensor xr{x.v, DType::bf16};
+    for (float& v : xr.v) v = from_bf16(to_bf16(v));
+    const std::vector<float> emu_rounded = run_gemm(scalekv::make_emu_backend(2), c, xr, w, bias, nullptr);
+    CHECK(count_mismatches(emu, emu_rounded, 0, 0, "gemm y (f32 x vs pre-rounded bf16 x)") == 0);
+  }
+}
+
 }  // namespace
 
 EMU_TEST(attention_emu_matches_cpu) {
@@ -416,4 +481,36 @@ EMU_TEST(conv2d_emu_matches_float64) {
   };
   uint32_t seed = 40;
   for (const ConvCase& c : cases) check_conv2d(c, seed++);
+}
+
+EMU_TEST(gemm_emu_matches_cpu) {
+  using scalekv::Epilogue;
+  constexpr DType F = DType::f32, B = DType::bf16;
+  const GemmCase cases[] = {
+      // Tensor cores, f32 x rounded on load (the model's bf16 mode); K = 40, 264, 1032 are 2, 9, 33 K tiles: fewer
+      // tiles than pipeline stages, and the 4-stage ring wrapping around many times. M, N tails on both sides.
+      {1, 8, 40, F, B, F, true, Epilogue::none},
+      {17, 24, 264, F, B, B, false, Epilogue::gelu_tanh},
+      {130, 136, 1032, F, B, F, true, Epilogue::silu},
+      {257, 8, 264, F, B, B, true, Epilogue::silu},
+      {17, 136, 40, F, B, F, false, Epilogue::none},
+      // Tensor cores, bf16 x.
+      {257, 136, 264, B, B, B, true, Epilogue::none},
+      {130, 24, 40, B, B, F, true, Epilogue::gelu_tanh, nullptr, 0, 0, DType::bf16},
+      {1, 136, 1032, B, B, B, false, Epilogue::silu},
+      // Output rows that are not 16-byte multiples (N % 4 for f32, N % 8 for bf16) or an unaligned y: per-element stores.
+      {33, 27, 64, F, B, F, true, Epilogue::none},
+      {9, 20, 48, B, B, B, true, Epilogue::gelu_tanh},
+      {40, 136, 40, F, B, F, true, Epilogue::silu, nullptr, 0, 4},
+      {40, 136, 40, B, B, B, true, Epilogue::none, nullptr, 0, 2},
+      // SIMT: f32 x and w is the exact path (no note); bf16 w that cannot take the tensor cores is noted.
+      {70, 130, 300, F, F, F, true, Epilogue::none},
+      {9, 24, 64, F, B, F, true, Epilogue::none, "x not 16-byte aligned", 4},
+      {9, 24, 64, B, B, B, true, Epilogue::silu, "x not 16-byte aligned", 2},
+      {5, 17, 36, B, B, F, true, Epilogue::gelu_tanh, "K % 8 != 0"},
+      {6, 17, 13, F, B, B, false, Epilogue::none, "K % 8 != 0"},
+      {3, 5, 0, F, B, F, true, Epilogue::silu},  // K = 0: y = epilogue(bias), nothing slow about it
+  };
+  uint32_t seed = 40;
+  for (const GemmCase& c : cases) check_gemm(c, seed++);
 }
