@@ -13,8 +13,8 @@ import { createEngine, type Engine } from '../lib/engine.js';
 import type { CountingDevice } from '../lib/counting-device.js';
 import { generate, decodeImage } from '../lib/model/generate.js';
 import { InfinityModel } from '../lib/model/infinity.js';
-import { preset } from '../lib/model/presets.js';
-import { scaleSchedule } from '../lib/model/schedule.js';
+import { preset, type InfinityConfig } from '../lib/model/presets.js';
+import { scaleSchedule, type PixelBudget } from '../lib/model/schedule.js';
 import { VaeDecoder } from '../lib/model/vae.js';
 import type { NativeTensor } from '../lib/native.js';
 import type { NativeOpName } from '../lib/native-ops.generated.js';
@@ -33,7 +33,7 @@ interface RecordedOp {
 const isTensor = (v: unknown): v is NativeTensor => typeof v === 'object' && v !== null && 'shape' in v && 'dtype' in v && 'bytes' in v;
 
 /** The op stream of one image on the count backend, grouped by identical (op, shapes, scalars). */
-export async function recordImageOps(o: { kvPolicy?: (depth: number) => KvPolicy; textTokens?: number }): Promise<RecordedOp[]> {
+export async function recordImageOps(o: { config?: InfinityConfig; pn?: PixelBudget; kvPolicy?: (depth: number) => KvPolicy; textTokens?: number } = {}): Promise<RecordedOp[]> {
   const e = await createEngine({ backend: 'count' });
   const ops = new Map<string, RecordedOp>();
   (e.native as CountingDevice).onOp = (name, args) => {
@@ -45,11 +45,11 @@ export async function recordImageOps(o: { kvPolicy?: (depth: number) => KvPolicy
     else ops.set(key, { name, args: summary, count: 1 });
   };
   try {
-    const c = preset('infinity-2b');
+    const c = o.config ?? preset('infinity-2b');
     const model = await InfinityModel.allocate(e, c, { dtype: 'bf16' });
     const vae = await VaeDecoder.allocate(e, { ...c.vae, weightDtype: 'bf16', dtype: 'bf16' });
     const textTokens = o.textTokens ?? 64;
-    const schedule = scaleSchedule({ aspect: 1, pn: '1M' }).scales;
+    const schedule = scaleSchedule({ aspect: 1, pn: o.pn ?? '1M' }).scales;
     const r = await generate(model, {
       textFeatures: { kv: new Float32Array(textTokens * c.textChannels), lens: [textTokens] },
       schedule,
@@ -121,6 +121,10 @@ export interface ProjectedOp {
   /** Projected seconds of one call. */
   seconds: number;
   flops: number;
+  /** Of which on tensor cores. */
+  tensorFlops: number;
+  /** The dtype of the op's weight / main operand (gemm w, conv2d weight, attention q), when it has one. */
+  operandDtype?: string;
   launches: number;
 }
 
@@ -155,6 +159,8 @@ export async function projectOps(e: Engine, ops: RecordedOp[], device: DeviceMod
         count: op.count,
         seconds: projected.reduce((s, p) => s + p.seconds, 0),
         flops: projected.reduce((s, p) => s + p.flops, 0),
+        tensorFlops: launches.reduce((s, l) => s + (l.counters.tensorFlops ?? 0), 0),
+        operandDtype: ((op.args.w ?? op.args.weight ?? op.args.q) as { dtype?: string } | undefined)?.dtype,
         launches: launches.length,
       });
     } finally {

@@ -41,10 +41,11 @@ function transformerWeightBytes(c: InfinityConfig, dtype: 'bf16' | 'f32'): numbe
   return bytes + c.depth * (linear * (dtype === 'bf16' ? 2 : 4) + small * 4);
 }
 
-function vaeWeightBytes(c: InfinityConfig): number {
+// The Pipeline loads the VAE in the transformer's dtype.
+function vaeWeightBytes(c: InfinityConfig, dtype: 'f32' | 'bf16'): number {
   let n = 0;
   for (const [k, shape] of expectedVaeShapes(c.vae)) if (k.startsWith('decoder.')) n += shape.reduce((a, b) => a * b, 1);
-  return 4 * n;
+  return (dtype === 'bf16' ? 2 : 4) * n;
 }
 
 test('paper accounting (fp32 K + bf16 V, history at the last scale) reproduces Table 1', async (t) => {
@@ -75,7 +76,7 @@ test('the dry run agrees with closed forms at the real presets (weights, full-ca
       const rows = 2 * batch;
       const perToken = rows * c.numHeads * c.headDim * 2 * (dtype === 'bf16' ? 2 : 4);
       t.is(plan.weightDetail.transformer, transformerWeightBytes(c, dtype), `${p} ${dtype}`);
-      t.is(plan.weightDetail.vae, vaeWeightBytes(c), p);
+      t.is(plan.weightDetail.vae, vaeWeightBytes(c, dtype), `${p} ${dtype}`);
       // flan-t5-xl: the Linears in the model dtype, norms and the expanded position bias [32 heads, 257] in f32.
       const t5Linears = 24 * (4 * 2048 * 2048 + 3 * 5120 * 2048) * (dtype === 'bf16' ? 2 : 4);
       t.is(plan.weightDetail.textEncoder, t5Linears + (24 * 2 + 1) * 2048 * 4 + 32 * 257 * 4, `${p} ${dtype} T5`);
@@ -144,7 +145,7 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
       const e = await createEngine({ backend: 'cpu', threads: 2 });
       try {
         const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype });
-        const vae = await VaeDecoder.load(e, vaeWeights, tiny.vaeConfig);
+        const vae = await VaeDecoder.load(e, vaeWeights, { ...tiny.vaeConfig, weightDtype: dtype, dtype });  // as the Pipeline does
         const r = await generate(m, { text: syntheticText(), schedule: schedule.scales, cfg: 3, seed: 1, kvPolicy: policy });
         await decodeImage(vae, r.summedCodes);
         r.summedCodes.dispose();

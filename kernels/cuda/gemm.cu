@@ -9,11 +9,12 @@
 //                      no spills). A 4-stage pipeline: while tile t is multiplied, tiles t+1..t+3 are in flight.
 //                      w tiles ([128][32] bf16, K-contiguous: w rows are the "col" B operand as is) and bf16 x
 //                      tiles arrive by cp.async 16 B. f32 x is rounded to bf16 on the way
-//                      into shared memory: each thread loads its four 8-element chunks of tile t+3 into registers
-//                      (8 x 16 B) before tile t's MMAs, and after them rounds them (round to nearest even, as
-//                      __float2bfloat16_rn and autocast) and stores them 16 B at a time into the same swizzled
-//                      layout, so the global latency hides behind the MMAs and the products are exactly those of
-//                      the rounded x. Chunks past K are zero (K % 8 == 0: a chunk is wholly inside or outside).
+//                      into shared memory: each thread loads eight float4 pieces of tile t+3 into registers before
+//                      tile t's MMAs (piece tid + 128 i: a warp's load is 512 consecutive bytes, fully coalesced),
+//                      and after them rounds them (round to nearest even, as __float2bfloat16_rn and autocast) and
+//                      stores them 8 B at a time into the same swizzled layout, so the global latency hides behind
+//                      the MMAs and the products are exactly those of the rounded x. Pieces past K are zero
+//                      (K % 8 == 0: a piece is wholly inside or outside).
 //                      Fragments come from ldmatrix.x4 on rows XOR-swizzled in 16-byte chunks
 //                      (chunk ^ ((row >> 1) & 3)): a row is 64 B, so the 8 rows of an ldmatrix phase cover 8
 //                      distinct 16-byte bank groups. Smem 4 * (128 + 128) * 32 * 2 B = 64 KiB (past the default
@@ -80,34 +81,30 @@ __device__ __forceinline__ void load_tile(const bf16* g, int rows, int k, int ro
   }
 }
 
-// f32 x: this thread's kXC 8-element chunks of an x tile (e = threadIdx.x + 128 i, as load_tile), staged in
-// registers between the global loads and the rounding stores.
+// f32 x: an x tile is 128 rows x 8 float4 pieces; this thread's are pieces threadIdx.x + 128 i (a warp's load is
+// 4 whole rows, 512 consecutive bytes), staged in registers between the global loads and the rounding stores.
+constexpr int kXPieces = kBM * kBK / 4 / kMmaThreads;
 struct XChunks {
-  float4 v[kXC][2];
+  float4 v[kXPieces];
 };
 
 __device__ __forceinline__ void load_x_chunks(const float* x, int m, int k, int row0, int k0, XChunks& r) {
 #pragma unroll
-  for (int i = 0; i < kXC; ++i) {
-    const int e = threadIdx.x + i * kMmaThreads, gr = row0 + e / kChunks, gk = k0 + (e % kChunks) * 8;
-    if (gr < m && gk < k) {
-      const float4* src = reinterpret_cast<const float4*>(x + static_cast<size_t>(gr) * k + gk);
-      r.v[i][0] = src[0];
-      r.v[i][1] = src[1];
-    } else {
-      r.v[i][0] = r.v[i][1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
+  for (int i = 0; i < kXPieces; ++i) {
+    const int e = threadIdx.x + i * kMmaThreads, gr = row0 + e / (kBK / 4), gk = k0 + (e % (kBK / 4)) * 4;
+    r.v[i] = gr < m && gk < k ? *reinterpret_cast<const float4*>(x + static_cast<size_t>(gr) * k + gk)
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
 }
 
+// Piece q of a row is the low (q even) or high half of 16-byte chunk q / 2.
 __device__ __forceinline__ void store_x_chunks(const XChunks& r, bf16* s) {
 #pragma unroll
-  for (int i = 0; i < kXC; ++i) {
-    const int e = threadIdx.x + i * kMmaThreads;
-    const float4 a = r.v[i][0], b = r.v[i][1];
-    *reinterpret_cast<uint4*>(s + swz(e / kChunks, e % kChunks)) =
-        make_uint4(skv::pack_bf16x2(a.x, a.y), skv::pack_bf16x2(a.z, a.w), skv::pack_bf16x2(b.x, b.y),
-                   skv::pack_bf16x2(b.z, b.w));
+  for (int i = 0; i < kXPieces; ++i) {
+    const int e = threadIdx.x + i * kMmaThreads, q = e % (kBK / 4);
+    const float4 a = r.v[i];
+    *reinterpret_cast<uint2*>(s + swz(e / (kBK / 4), q / 2) + (q % 2) * 4) =
+        make_uint2(skv::pack_bf16x2(a.x, a.y), skv::pack_bf16x2(a.z, a.w));
   }
 }
 
