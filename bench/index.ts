@@ -2,7 +2,7 @@
 // profiler: CUDA events on a GPU) or a naive reference run in the same process, with work rates (GFLOP/s,
 // GB/s, Melem/s) and the ratio kernel / naive. Then the end-to-end tiny model (bench/e2e.ts). `npm run bench [-- --backend cuda] [--quick] [--only kernels|e2e] [--json]`; `--quick`
 // skips the Infinity-2B last-scale attention shapes (tens of seconds each on a CPU).
-// `--backend emu --project h100 [--sample N]`: instead, the CUDA kernels at Infinity-2B's shapes on the emulator
+// `--backend emu --project h100 [--sample N] [--resources BUILD_DIR]`: instead, the CUDA kernels at Infinity-2B's shapes on the emulator
 // with its cost counters, projected onto the named GPU (bench/project.ts), then one whole 2B image's op stream
 // projected the same way (bench/project-e2e.ts); every figure labelled projected.
 import { parseArgs } from 'node:util';
@@ -25,6 +25,7 @@ const { values } = parseArgs({
     only: { type: 'string' },
     project: { type: 'string' },
     sample: { type: 'string', default: '24' },
+    resources: { type: 'string' },
   },
 });
 
@@ -325,7 +326,8 @@ if (values.project) {
   const e = await createEngine({ backend: 'emu' });
   try {
     process.stderr.write(`scalekv bench --project ${values.project} on ${e.device}\n`);
-    const buildDir = defaultBuildDir(new URL('..', import.meta.url).pathname);
+    // ptxas's register counts: this checkout's build, or `--resources DIR` (another build, e.g. a baseline's).
+    const buildDir = values.resources ?? defaultBuildDir(new URL('..', import.meta.url).pathname);
     if (values.only !== 'e2e') {
       const projected = await projectKernels(e, values.project, { sampleBlocks, buildDir });
       process.stdout.write(values.json ? JSON.stringify(projected, null, 2) + '\n' : formatProjection(projected, values.project, sampleBlocks) + '\n');
