@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // The native half of `npm test`: the op table's C++ harness (test/native/op_table_check.cc), the SIMT emulator's own tests (planted bugs: missing barriers, divergent
 // barriers, wrong fragment indices, out-of-bounds shared writes, bad shuffle masks — built with
-// AddressSanitizer) and the real kernels/cuda sources on the emulator against the CPU kernels. Skipped, with
+// AddressSanitizer), the real kernels/cuda sources on the emulator against the CPU kernels, and the emulator's cost
+// counters on planted kernels (coalescing, bank conflicts, ldmatrix swizzles, sampling). Skipped, with
 // a notice, when the addon was built without the emulator (no Boost.Context).
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -11,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const buildDir = join(root, 'build-cmake');
 // op_table_check comes with every cmake-js build; the emulator's programs only with Boost.Context.
-const programs = ['op_table_check', 'emu_selftest', 'emu_kernel_check'];
+const programs = ['op_table_check', 'emu_selftest', 'emu_kernel_check', 'emu_profile_check'];
 const found = programs.map((p) => [p, [join(buildDir, p), join(buildDir, 'Release', p)].find(existsSync)]);
 if (!existsSync(buildDir)) {
   console.log('NOTICE: no cmake-js build (build-cmake/); native suites skipped');
