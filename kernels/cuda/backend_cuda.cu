@@ -1,11 +1,13 @@
 // The CUDA backend: device memory, one non-blocking stream, and the launchers of kernels/cuda/*.cu.
 // Everything is queued on the stream; `synchronize` waits, then reports the first error of the queued work:
 // a runtime failure (ERR_DEVICE) or a data error the kernels recorded in the device status word
-// {code, detail} (bad index lists, see ops.cuh), which it then clears. Progress marks (when_reached) are events
-// a waiter thread waits for. nvcc only: the emulator brings its own backend around the same launchers.
+// {code, detail} (bad index lists, see ops.cuh), which it then clears. Uploads are staged through pinned
+// host buffers, so the copies are truly asynchronous; progress marks (when_reached) are events a waiter thread
+// waits for. nvcc only: the emulator brings its own backend around the same launchers.
 #include <algorithm>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -52,6 +54,10 @@ class CudaBackend final : public Backend {
     }
     marks_cv_.notify_all();
     if (waiter_.joinable()) waiter_.join();  // the stream is idle: it reaches the marks left at once
+    for (Staging& s : staging_) {
+      if (s.host) cudaFreeHost(s.host);
+      if (s.copied) cudaEventDestroy(s.copied);
+    }
     if (workspace_) cudaFree(workspace_);
     cudaFree(status_);
     cudaStreamDestroy(stream_);
@@ -94,12 +100,23 @@ class CudaBackend final : public Backend {
     check(cudaFree(ptr), "cudaFree");
   }
 
+  // `src` is pageable memory, which would make the copy wait for the device: it is copied into one of two
+  // pinned staging buffers instead (in chunks, alternating, so filling one overlaps the other's transfer), and
+  // the call returns once `src` has been read, so the caller may reuse it.
   void upload(void* dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
     std::lock_guard<std::mutex> lock(mutex_);
     bind();
-    // From pageable host memory the call returns once `src` has been staged, so the caller may reuse it.
-    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload (cudaMemcpyAsync)");
+    const auto* from = static_cast<const unsigned char*>(src);
+    auto* to = static_cast<unsigned char*>(dst);
+    for (size_t done = 0; done < bytes;) {
+      const size_t n = std::min(bytes - done, kStagingChunk);
+      Staging& s = staging(n);
+      std::memcpy(s.host, from + done, n);
+      check(cudaMemcpyAsync(to + done, s.host, n, cudaMemcpyHostToDevice, stream_), "upload (cudaMemcpyAsync)");
+      check(cudaEventRecord(s.copied, stream_), "upload (cudaEventRecord)");
+      done += n;
+    }
   }
 
   void download(void* dst, const void* src, size_t bytes) override {
@@ -324,6 +341,34 @@ class CudaBackend final : public Backend {
       marks_idle_cv_.notify_all();
     }
   }
+  // The next staging buffer, holding at least `bytes` (<= kStagingChunk), once the copy it last fed is done.
+  struct Staging {
+    void* host = nullptr;
+    size_t bytes = 0;
+    cudaEvent_t copied = nullptr;
+  };
+  Staging& staging(size_t bytes) {
+    Staging& s = staging_[next_staging_];
+    next_staging_ = (next_staging_ + 1) % staging_.size();
+    if (!s.copied) check(cudaEventCreateWithFlags(&s.copied, cudaEventDisableTiming), "cudaEventCreate (staging)");
+    check(cudaEventSynchronize(s.copied), "upload (wait for the staging buffer)");
+    if (s.bytes < bytes) {
+      if (s.host) check(cudaFreeHost(s.host), "cudaFreeHost");
+      s.host = nullptr;
+      s.bytes = 0;
+      size_t want = 64 * 1024;
+      while (want < bytes) want *= 2;
+      want = std::min(want, kStagingChunk);
+      if (cudaHostAlloc(&s.host, want, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        s.host = nullptr;
+        throw BackendError(StatusCode::out_of_memory, "cuda: cannot allocate " + std::to_string(want) +
+                                                          " bytes of pinned upload staging");
+      }
+      s.bytes = want;
+    }
+    return s;
+  }
   void note_pending(const char* op) {
     if (std::find(pending_.begin(), pending_.end(), op) == pending_.end()) pending_.emplace_back(op);
   }
@@ -335,6 +380,10 @@ class CudaBackend final : public Backend {
   size_t workspace_bytes_ = 0;
   std::vector<std::string> pending_;  // ops queued since the last synchronize that may set the status
   mutable std::mutex mutex_;
+  // Pinned upload staging (guarded by mutex_): two buffers used in turn, grown up to one chunk.
+  static constexpr size_t kStagingChunk = size_t(8) << 20;
+  std::vector<Staging> staging_ = std::vector<Staging>(2);
+  size_t next_staging_ = 0;
   // Progress marks: events in placement order, waited for by waiter_ (guarded by marks_mu_; taken after mutex_
   // when both are held, never the other way round).
   struct Mark {
