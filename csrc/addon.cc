@@ -139,13 +139,15 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
     if (!core) throw_coded(env, "ERR_DISPOSED", "engine was disposed");
     return *core;
   }
-  Napi::Value NewPending(Napi::Env env, std::function<void()> op, std::vector<uint8_t>* staging_out,
-                         std::shared_ptr<std::vector<uint8_t>> staging);
+  // A promise of the completion of `op` (sync, read): it settles after everything queued before it, with the
+  // pending error or the `staging` bytes.
+  Napi::Value NewPending(Napi::Env env, std::function<void()> op, std::shared_ptr<std::vector<uint8_t>> staging);
   [[noreturn]] void reject_tensor(Napi::Env env, Napi::Value v, const std::string& what);
 
  private:
   Napi::Value Tensor(const Napi::CallbackInfo& info);
   Napi::Value Sync(const Napi::CallbackInfo& info);
+  Napi::Value Marker(const Napi::CallbackInfo& info);
   Napi::Value Memory(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value SetProfiling(const Napi::CallbackInfo& info);
@@ -163,6 +165,12 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
   static void on_completion(Napi::Env env, Napi::Function, JsEngine* self, Completion* c);
 
   using Tsfn = Napi::TypedThreadSafeFunction<JsEngine, Completion, &JsEngine::on_completion>;
+  // A promise that the Completion with its id settles: `enqueue` queues what delivers it through the
+  // thread-safe function (false: the engine was shut down, and the call throws ERR_DISPOSED).
+  Napi::Value Track(Napi::Env env, const std::function<bool(EngineCore&, Tsfn, uint64_t)>& enqueue);
+  static void deliver(Tsfn& tsfn, Completion* completion) {
+    if (tsfn.BlockingCall(completion) != napi_ok) delete completion;
+  }
   Tsfn tsfn_;
   bool tsfn_live_ = false;
   uint64_t next_id_ = 1;
@@ -180,6 +188,7 @@ Napi::Function JsEngine::Init(Napi::Env env) {
   std::vector<PropertyDescriptor> members = {
       InstanceMethod("tensor", &JsEngine::Tensor),
       InstanceMethod("sync", &JsEngine::Sync),
+      InstanceMethod("marker", &JsEngine::Marker),
       InstanceMethod("memory", &JsEngine::Memory),
       InstanceMethod("dispose", &JsEngine::Dispose),
       InstanceMethod("setProfiling", &JsEngine::SetProfiling),
@@ -272,23 +281,13 @@ void JsEngine::on_completion(Napi::Env env, Napi::Function, JsEngine* self, Comp
   }
 }
 
-Napi::Value JsEngine::NewPending(Napi::Env env, std::function<void()> op, std::vector<uint8_t>*,
-                                 std::shared_ptr<std::vector<uint8_t>> staging) {
+Napi::Value JsEngine::Track(Napi::Env env, const std::function<bool(EngineCore&, Tsfn, uint64_t)>& enqueue) {
   EngineCore& c = live(env);
   const uint64_t id = next_id_++;
   Napi::Promise::Deferred deferred = Napi::Promise::Deferred::New(env);
   deferreds_.emplace(id, deferred);
   ref_pending(env);
-  Tsfn tsfn = tsfn_;
-  const bool queued = c.enqueue_completion(std::move(op), [tsfn, id, staging](std::optional<QueuedError> err) mutable {
-    auto* completion = new Completion{id, std::move(err), {}, false};
-    if (staging && !completion->error) {
-      completion->data = std::move(*staging);
-      completion->has_data = true;
-    }
-    if (tsfn.BlockingCall(completion) != napi_ok) delete completion;
-  });
-  if (!queued) {
+  if (!enqueue(c, tsfn_, id)) {
     deferreds_.erase(id);
     unref_pending(env);
     throw_coded(env, "ERR_DISPOSED", "engine was disposed");
@@ -296,8 +295,27 @@ Napi::Value JsEngine::NewPending(Napi::Env env, std::function<void()> op, std::v
   return deferred.Promise();
 }
 
-Napi::Value JsEngine::Sync(const Napi::CallbackInfo& info) {
-  return NewPending(info.Env(), nullptr, nullptr, nullptr);
+Napi::Value JsEngine::NewPending(Napi::Env env, std::function<void()> op, std::shared_ptr<std::vector<uint8_t>> staging) {
+  return Track(env, [&](EngineCore& c, Tsfn tsfn, uint64_t id) {
+    return c.enqueue_completion(std::move(op), [tsfn, id, staging](std::optional<QueuedError> err) mutable {
+      auto* completion = new Completion{id, std::move(err), {}, false};
+      if (staging && !completion->error) {
+        completion->data = std::move(*staging);
+        completion->has_data = true;
+      }
+      deliver(tsfn, completion);
+    });
+  });
+}
+
+Napi::Value JsEngine::Sync(const Napi::CallbackInfo& info) { return NewPending(info.Env(), nullptr, nullptr); }
+
+// marker(): resolves once the device has finished everything queued before it, without a synchronisation
+// (EngineCore::enqueue_marker); errors stay pending for the next sync or read.
+Napi::Value JsEngine::Marker(const Napi::CallbackInfo& info) {
+  return Track(info.Env(), [](EngineCore& c, Tsfn tsfn, uint64_t id) {
+    return c.enqueue_marker([tsfn, id]() mutable { deliver(tsfn, new Completion{id, std::nullopt, {}, false}); });
+  });
 }
 
 Napi::Value JsEngine::Memory(const Napi::CallbackInfo& info) {
@@ -637,7 +655,7 @@ Napi::Value JsTensor::Read(const Napi::CallbackInfo& info) {
   Backend* backend = &core.backend();
   return engine->NewPending(
       env, [backend, buffer, staging] { backend->download(staging->data(), buffer->data(), staging->size()); },
-      nullptr, staging);
+      staging);
 }
 
 // write(data: TypedArray): replaces the contents, in queue order.

@@ -193,6 +193,17 @@ bool EngineCore::enqueue_completion(std::function<void()> op,
   });
 }
 
+bool EngineCore::enqueue_marker(std::function<void()> reached) {
+  return enqueue([this, reached = std::move(reached)] {
+    try {
+      backend_->when_reached(reached);
+    } catch (...) {
+      reached();  // the mark could not be placed: report the error at the next completion, progress now
+      throw;
+    }
+  });
+}
+
 // The JS thread issues small ops in bursts, each faster than a sleeping thread takes to wake: with the queue
 // empty, look for the next op for a moment before sleeping, so a burst costs no wake-up per op.
 void EngineCore::await_work() {

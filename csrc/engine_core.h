@@ -114,6 +114,13 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // with the pending error, if any, which is cleared. `done` must hand results to JS itself.
   bool enqueue_completion(std::function<void()> op, std::function<void(std::optional<QueuedError>)> done);
 
+  // Places a progress mark on the queue: `reached` is called once the device has finished everything enqueued
+  // before it (Backend::when_reached), from the queue thread or a backend's waiter thread, with no
+  // synchronisation on the way: neither the queue nor the caller waits for the device. Errors of the work
+  // before it stay pending for the next completion; `reached` is called anyway. It must hand results to JS
+  // itself. Marks are reached in order, and before any completion enqueued after them. False once shut down.
+  bool enqueue_marker(std::function<void()> reached);
+
   // Stops accepting work; the queue thread drains what was enqueued and exits. Returns at once.
   void shutdown();
 

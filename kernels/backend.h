@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -490,6 +491,13 @@ class Backend {
   using TimingMark = std::shared_ptr<void>;
   virtual TimingMark mark_time() = 0;
   virtual double elapsed_ms(const TimingMark& start, const TimingMark& end) = 0;
+
+  // Calls `reached` once the device has finished everything queued before this call, without waiting for it
+  // here: progress marks that never drain the queue. Backends that execute in place (cpu, emu) have finished it
+  // already and call it at once; CUDA records an event on the stream and calls it from a waiter thread.
+  // Marks are reached in the order they were placed, and all of them before the next `synchronize` returns.
+  // `reached` must not call into the backend. If this throws, `reached` has not been and will not be called.
+  virtual void when_reached(const std::function<void()>& reached) { reached(); }
 
   // --- Model ops (Infinity). A backend overrides what it implements; the rest report themselves as
   // unavailable there rather than failing to build, so backends can gain ops one at a time.

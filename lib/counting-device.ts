@@ -156,6 +156,9 @@ export class CountingDevice implements NativeEngine {
   }
 
   async sync(): Promise<void> {}
+  async marker(): Promise<void> {
+    if (this.#disposed) throw new ScaleKVError('ERR_DISPOSED', 'engine was disposed');
+  }
   dispose(): void {
     this.#disposed = true;
   }

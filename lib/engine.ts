@@ -191,6 +191,22 @@ export class Engine implements TensorOwner {
   }
 
   /**
+   * Resolves once the device has finished every op queued before this call, without draining the queue: neither
+   * this thread nor the engine's queue waits for the device, so ops queued after it keep the device busy (a
+   * progress mark; on CUDA an event on the stream). Markers resolve in call order, and before any `sync()` or
+   * `read()` called after them settles. A marker never rejects for the ops' errors: those stay pending for the
+   * next `sync()` or `read()`. Rejects with ERR_DISPOSED on a disposed engine; one made before `dispose()`
+   * still resolves once the queue has drained.
+   */
+  async marker(): Promise<void> {
+    try {
+      await this.native.marker();
+    } catch (e) {
+      rethrowNative(e);
+    }
+  }
+
+  /**
    * Starts an op profile: from now on every op is bracketed by timing marks in queue order (CUDA events on the
    * GPU, the host clock on CPU and emu), so device time is measured without synchronising per op. Clears any
    * previous profile.

@@ -34,6 +34,8 @@ export interface NativeEngine extends NativeOps {
   readonly device: string;
   tensor(dtype: string, shape: number[], data?: ArrayBufferView | null, category?: string, fillByte?: number): NativeTensor;
   sync(): Promise<void>;
+  /** Resolves once the device has passed this point of the queue; never reports the ops' errors. */
+  marker(): Promise<void>;
   memory(): NativeMemory;
   dispose(): void;
   setProfiling(on: boolean, kernelCounters?: boolean, sampleBlocks?: number): void;

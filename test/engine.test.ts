@@ -138,7 +138,48 @@ for (const backend of testBackends()) {
       out.dispose();
     });
   });
+
+  test(`marker ${backend}: resolves in queue order without draining it, leaves errors pending, and after dispose rejects`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    const e = await createEngine({ backend, threads: 2 });
+    try {
+      const busy = await busyWork(e, rng);
+      const out = e.empty(busy.outShape, 'f32');
+      const order: string[] = [];
+      const note = (name: string, p: Promise<unknown>) => p.then(() => void order.push(name));
+      const before = e.enqueued;
+      busy.enqueue(busy.countFor(50), out);
+      // A read queued first settles first: a marker that resolved at the call, or ahead of the queue, fails here.
+      const settled = [note('read', out.read()), note('m1', e.marker())];
+      const marks = Array.from({ length: 5 }, (_, i) => note(`m${i + 2}`, e.marker()));
+      settled.push(...marks, note('sync', e.sync()), note('m7', e.marker()));
+      t.is(e.enqueued, before + busy.countFor(50) + 9, 'each marker is one op on the queue');
+      await Promise.all(settled);
+      t.deepEqual(order, ['read', 'm1', 'm2', 'm3', 'm4', 'm5', 'm6', 'sync', 'm7']);
+      // An op's data error stays pending past a marker: the next sync reports it.
+      const q = e.tensor(new Float32Array(2 * 64).fill(0.5), [1, 1, 2, 64], 'f32');
+      const k = e.tensor(new Float32Array(3 * 64).fill(0.25), [1, 1, 3, 64], 'f32');
+      e.ops.attention({ q, history: { k, v: k, len: 2, gather: new Int32Array([0, 2]) }, out: e.empty([1, 1, 2, 64], 'f32'), scale: 1 });
+      await t.notThrowsAsync(e.marker());
+      await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_RANGE' });
+      // A marker made before dispose still resolves once the queue has drained; one made after rejects.
+      busy.enqueue(busy.countFor(20), out);
+      const last = e.marker();
+      e.dispose();
+      await t.notThrowsAsync(last);
+      await t.throwsAsync(e.marker(), { code: 'ERR_DISPOSED' });
+    } finally {
+      e.dispose();
+    }
+  });
 }
+
+test('marker count: resolves at once on the dry-run device and rejects once it is disposed', async (t) => {
+  const e = await createEngine({ backend: 'count' });
+  await t.notThrowsAsync(e.marker());
+  e.dispose();
+  await t.throwsAsync(e.marker(), { code: 'ERR_DISPOSED' });
+});
 
 /**
  * Square f32 GEMMs to keep a queue busy, sized so one takes at least a quarter millisecond (few calls per

@@ -4,7 +4,7 @@ import test from 'ava';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createEngine, Engine, MemoryCategory } from '../lib/engine.js';
+import { createEngine, Engine, MemoryCategory, Tensor } from '../lib/engine.js';
 import { ScaleKVError } from '../lib/errors.js';
 import { decodePng } from '../lib/image/png.js';
 import { kvPolicyFromSpec } from '../lib/kv/spec.js';
@@ -82,7 +82,56 @@ const CASES = [
   { name: 'two prompts x batch 2, aspect 3:4, streamingllm:4+60, a negative prompt', prompts: 2, batch: 2, aspect: '3:4', kv: 'streamingllm:4+60', backends: 'cpu', negative: 'blurry dark' },
 ] as const;
 
+// Reads of the engines a test watches, logged in order (one wrapper for the file: its tests run concurrently).
+const readLogs = new Map<Engine, string[]>();
+const readRaw = Tensor.prototype.readRaw;
+Tensor.prototype.readRaw = function (this: Tensor) {
+  readLogs.get(this.engine as Engine)?.push('read');
+  return readRaw.call(this);
+};
+
 for (const backend of testBackends()) {
+  test(`${backend}: generate queues scale after scale without waiting for the device, reports progress from markers once per scale in order, and samples the bits of a loop that drains every scale`, async (t) => {
+    await withEngine(backend, async (e) => {
+      const tiny = createTinyModel(5);
+      const [textFeatures] = await t5Features(e, tiny, ['a red fox at dawn']);
+      const model = await InfinityModel.load(e, tiny.weights, tiny.config);
+      const schedule = scaleSchedule({ aspect: 1, pn: '0.06M' }).scales.slice(0, 6);
+      const S = schedule.length;
+      const base = { textFeatures, schedule, cfg: 3, seed: 11 };
+      // What the loop waits for: every sync and read of this engine, in order with the scales and progress.
+      const log: string[] = [];
+      readLogs.set(e, log);
+      const sync = e.sync;
+      e.sync = () => (log.push('sync'), sync.call(e));
+      try {
+        const r = await generate(model, {
+          ...base,
+          observer: { onScaleInput: (si) => void log.push(`scale ${si}`) },
+          onProgress: (si, total) => (t.is(total, S), void log.push(`progress ${si}`)),
+        });
+        readLogs.delete(e);
+        e.sync = sync;
+        const progress = log.filter((x) => x.startsWith('progress'));
+        t.deepEqual(progress, schedule.map((_, si) => `progress ${si}`), 'once per scale, in order');
+        t.false(log.includes('sync'), log.join(', '));
+        t.true(log.indexOf('read') > log.indexOf(`progress ${S - 1}`), `the bits are read once the loop is done: ${log.join(', ')}`);
+        t.true(log.indexOf('scale 1') < log.indexOf('progress 0'), `scale 1 was queued before scale 0 was done: ${log.join(', ')}`);
+        t.deepEqual(r.timings.map((x) => x.scaleIndex), schedule.map((_, si) => si));
+        // The loop as it was: the device drained (and the bits read) at every scale.
+        const drained = await generate(model, { ...base, observer: { onScaleInput: () => e.sync() } });
+        t.deepEqual(r.bits, drained.bits);
+        t.deepEqual(await r.summedCodes.read(), await drained.summedCodes.read());
+        r.summedCodes.dispose();
+        drained.summedCodes.dispose();
+      } finally {
+        readLogs.delete(e);
+        model.dispose();
+      }
+    });
+  });
+
+
   for (const c of CASES) {
     if (c.backends === 'cpu' && backend !== 'cpu') continue;
     test(`${backend}: Pipeline on the tiny model equals generate + decodeImage bit for bit (${c.name})`, async (t) => {

@@ -1,12 +1,18 @@
 // The CUDA backend: device memory, one non-blocking stream, and the launchers of kernels/cuda/*.cu.
 // Everything is queued on the stream; `synchronize` waits, then reports the first error of the queued work:
 // a runtime failure (ERR_DEVICE) or a data error the kernels recorded in the device status word
-// {code, detail} (bad index lists, see ops.cuh), which it then clears. nvcc only: the emulator brings its
-// own backend around the same launchers.
+// {code, detail} (bad index lists, see ops.cuh), which it then clears. Uploads are staged through pinned
+// host buffers, so the copies are truly asynchronous; progress marks (when_reached) are events a waiter thread
+// waits for. nvcc only: the emulator brings its own backend around the same launchers.
 #include <algorithm>
+#include <condition_variable>
 #include <cstdio>
+#include <cstring>
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ops.cuh"
@@ -42,6 +48,16 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
+    {
+      std::lock_guard<std::mutex> lock(marks_mu_);
+      marks_stop_ = true;
+    }
+    marks_cv_.notify_all();
+    if (waiter_.joinable()) waiter_.join();  // the stream is idle: it reaches the marks left at once
+    for (Staging& s : staging_) {
+      if (s.host) cudaFreeHost(s.host);
+      if (s.copied) cudaEventDestroy(s.copied);
+    }
     if (workspace_) cudaFree(workspace_);
     cudaFree(status_);
     cudaStreamDestroy(stream_);
@@ -84,12 +100,23 @@ class CudaBackend final : public Backend {
     check(cudaFree(ptr), "cudaFree");
   }
 
+  // `src` is pageable memory, which would make the copy wait for the device: it is copied into one of two
+  // pinned staging buffers instead (in chunks, alternating, so filling one overlaps the other's transfer), and
+  // the call returns once `src` has been read, so the caller may reuse it.
   void upload(void* dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
     std::lock_guard<std::mutex> lock(mutex_);
     bind();
-    // From pageable host memory the call returns once `src` has been staged, so the caller may reuse it.
-    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload (cudaMemcpyAsync)");
+    const auto* from = static_cast<const unsigned char*>(src);
+    auto* to = static_cast<unsigned char*>(dst);
+    for (size_t done = 0; done < bytes;) {
+      const size_t n = std::min(bytes - done, kStagingChunk);
+      Staging& s = staging(n);
+      std::memcpy(s.host, from + done, n);
+      check(cudaMemcpyAsync(to + done, s.host, n, cudaMemcpyHostToDevice, stream_), "upload (cudaMemcpyAsync)");
+      check(cudaEventRecord(s.copied, stream_), "upload (cudaEventRecord)");
+      done += n;
+    }
   }
 
   void download(void* dst, const void* src, size_t bytes) override {
@@ -221,12 +248,42 @@ class CudaBackend final : public Backend {
     return ms;
   }
 
+  // An event recorded on the stream (no timing, blocking sync: the waiter sleeps instead of spinning); the
+  // waiter thread, started with the first mark, waits for the events in order and calls their callbacks.
+  void when_reached(const std::function<void()>& reached) override {
+    cudaEvent_t event;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      bind();
+      check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
+      const cudaError_t err = cudaEventRecord(event, stream_);
+      if (err != cudaSuccess) {
+        cudaEventDestroy(event);
+        check(err, "cudaEventRecord (mark)");
+      }
+    }
+    std::lock_guard<std::mutex> lock(marks_mu_);
+    try {
+      if (!waiter_.joinable()) waiter_ = std::thread([this] { wait_marks(); });
+      marks_.push_back({event, reached});
+    } catch (...) {
+      cudaEventDestroy(event);
+      throw;
+    }
+    marks_cv_.notify_one();
+  }
   void synchronize() override {
     std::lock_guard<std::mutex> lock(mutex_);
     bind();
     const std::vector<std::string> pending = std::move(pending_);
     pending_.clear();
-    check(cudaStreamSynchronize(stream_), "synchronize");
+    const cudaError_t synced = cudaStreamSynchronize(stream_);
+    {
+      // Every mark placed so far is reached now (or failed with the stream): let the waiter report them first.
+      std::unique_lock<std::mutex> marks(marks_mu_);
+      marks_idle_cv_.wait(marks, [&] { return marks_.empty() && !marks_busy_; });
+    }
+    check(synced, "synchronize");
     int32_t st[2] = {0, 0};
     check(cudaMemcpyAsync(st, status_, sizeof(st), cudaMemcpyDeviceToHost, stream_), "synchronize (read status)");
     check(cudaStreamSynchronize(stream_), "synchronize (read status)");
@@ -270,6 +327,55 @@ class CudaBackend final : public Backend {
     return workspace_;
   }
 
+  // Waits for marks in placement order and reports each, outside any lock of the backend's.
+  void wait_marks() {
+    cudaSetDevice(device_);
+    std::unique_lock<std::mutex> lock(marks_mu_);
+    for (;;) {
+      marks_cv_.wait(lock, [&] { return marks_stop_ || !marks_.empty(); });
+      if (marks_.empty()) return;  // stopped and drained
+      Mark m = std::move(marks_.front());
+      marks_.pop_front();
+      marks_busy_ = true;
+      lock.unlock();
+      // A failure here is the stream's: the next synchronize reports it; the mark is passed either way.
+      cudaEventSynchronize(m.event);
+      cudaEventDestroy(m.event);
+      cudaGetLastError();
+      m.reached();
+      lock.lock();
+      marks_busy_ = false;
+      marks_idle_cv_.notify_all();
+    }
+  }
+  // The next staging buffer, holding at least `bytes` (<= kStagingChunk), once the copy it last fed is done.
+  struct Staging {
+    void* host = nullptr;
+    size_t bytes = 0;
+    cudaEvent_t copied = nullptr;
+  };
+  Staging& staging(size_t bytes) {
+    Staging& s = staging_[next_staging_];
+    next_staging_ = (next_staging_ + 1) % staging_.size();
+    if (!s.copied) check(cudaEventCreateWithFlags(&s.copied, cudaEventDisableTiming), "cudaEventCreate (staging)");
+    check(cudaEventSynchronize(s.copied), "upload (wait for the staging buffer)");
+    if (s.bytes < bytes) {
+      if (s.host) check(cudaFreeHost(s.host), "cudaFreeHost");
+      s.host = nullptr;
+      s.bytes = 0;
+      size_t want = 64 * 1024;
+      while (want < bytes) want *= 2;
+      want = std::min(want, kStagingChunk);
+      if (cudaHostAlloc(&s.host, want, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        s.host = nullptr;
+        throw BackendError(StatusCode::out_of_memory, "cuda: cannot allocate " + std::to_string(want) +
+                                                          " bytes of pinned upload staging");
+      }
+      s.bytes = want;
+    }
+    return s;
+  }
   void note_pending(const char* op) {
     if (std::find(pending_.begin(), pending_.end(), op) == pending_.end()) pending_.emplace_back(op);
   }
@@ -281,6 +387,21 @@ class CudaBackend final : public Backend {
   size_t workspace_bytes_ = 0;
   std::vector<std::string> pending_;  // ops queued since the last synchronize that may set the status
   mutable std::mutex mutex_;
+  // Pinned upload staging (guarded by mutex_): two buffers used in turn, grown up to one chunk.
+  static constexpr size_t kStagingChunk = size_t(8) << 20;
+  std::vector<Staging> staging_ = std::vector<Staging>(2);
+  size_t next_staging_ = 0;
+  // Progress marks: events in placement order, waited for by waiter_ (guarded by marks_mu_; taken after mutex_
+  // when both are held, never the other way round).
+  struct Mark {
+    cudaEvent_t event;
+    std::function<void()> reached;
+  };
+  std::mutex marks_mu_;
+  std::condition_variable marks_cv_, marks_idle_cv_;
+  std::deque<Mark> marks_;
+  bool marks_busy_ = false, marks_stop_ = false;
+  std::thread waiter_;
 };
 
 }  // namespace

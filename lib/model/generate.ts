@@ -60,7 +60,12 @@ export interface GenerateOptions {
   ropeGrid?: readonly [number, number];
   /** KV policy; default FullKvPolicy (keep everything). */
   kvPolicy?: KvPolicy;
+  /**
+   * Called once per scale, in order, when the device has finished the scale (an engine marker, not a sync: the
+   * loop keeps queuing the next scales meanwhile). Not called once the generation has been aborted or has failed.
+   */
   onProgress?(scaleIndex: number, total: number): void;
+  /** Aborts between scales and layers (the scales already queued still run on the device). */
   signal?: AbortSignal;
   /** Hooks into the loop (see GenerateObserver). */
   observer?: GenerateObserver;
@@ -71,7 +76,10 @@ export interface GenerateOptions {
 export interface ScaleTiming {
   scaleIndex: number;
   tokens: number;
-  /** Wall time from the scale's first op to its completion (the loop syncs once per scale). */
+  /**
+   * Wall time from the start of the scale on the device to its completion, as the loop sees it: from its first op
+   * being queued, or the previous scale's completion when that came later, to the marker after its last op.
+   */
   ms: number;
 }
 
@@ -166,6 +174,14 @@ function nextScaleCodes(model: InfinityModel, sum: Tensor, rows: number, vaeGrid
 }
 
 /**
+ * How many scales the loop queues ahead of the device: before queuing scale si it waits (on a marker, not a
+ * sync) for scale si - SCALES_AHEAD to finish. The device then always has the next scale queued while the JS
+ * thread queues the one after (no drain between scales), and an abort stops the work within two scales rather
+ * than after everything the loop could queue.
+ */
+const SCALES_AHEAD = 2;
+
+/**
  * Runs the whole next-scale loop for B prompts. Returns the summed codes (decode them with `decodeImage`), the bits
  * of every scale, timings and memory; frees everything else, also when it throws (ERR_ABORTED on `signal`).
  */
@@ -190,7 +206,22 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
   let x: Tensor | undefined;
   let summed: Tensor | undefined;
   let kv: KvPolicySession | undefined;
-  const bitsOut: Int32Array[] = [];
+  // Every scale's bits stay on the device until the loop ends: nothing inside it waits for the device.
+  const bitsOnDevice: Tensor[] = [];
+  // Per scale: settles when the device has finished it, after onProgress (rejects only if onProgress throws).
+  const scalesDone: Promise<void>[] = [];
+  let finished = false;
+  let lastDone = t0;
+  const markScale = (si: number, n: number, queuedAt: number) => {
+    const done = e.marker().then(() => {
+      const now = performance.now();
+      timings.push({ scaleIndex: si, tokens: n, ms: now - Math.max(queuedAt, lastDone) });
+      lastDone = now;
+      if (!finished && !opts.signal?.aborted) opts.onProgress?.(si, S);
+    });
+    scalesDone.push(done);
+    done.catch(() => {}); // awaited below; a loop that throws first must not leave it unhandled
+  };
   try {
     const rows = run.useCfg ? 2 * B : B;
     if (observer?.onStart) await observer.onStart({ batch: B, rows, schedule: grids });
@@ -204,6 +235,7 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
     x = ctx.x0;
     ctx.x0 = undefined;
     for (let si = 0; si < S; si++) {
+      if (si >= SCALES_AHEAD) await scalesDone[si - SCALES_AHEAD];
       aborted(opts.signal);
       const ts = performance.now();
       const [h, w] = grids[si];
@@ -234,9 +266,9 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
           bits = e.tensor(tb instanceof Int32Array ? tb : Int32Array.from(tb), [B, h, w, cfgM.dVae], 'i32');
         } else {
           bits = e.empty([B, h, w, cfgM.dVae], 'i32');
-          ops.sampleBits({ logits, out: bits, topK: run.topK, topP: run.topP, seed: run.seed, scaleIndex: si });
         }
-        scratch.push(bits);
+        bitsOnDevice.push(bits);
+        if (!opts.teacherBits) ops.sampleBits({ logits, out: bits, topK: run.topK, topP: run.topP, seed: run.seed, scaleIndex: si });
         let latentBits = bits;
         if (cfgM.patchify) {
           latentBits = e.empty([B, 2 * h, 2 * w, cfgM.codebookDim], 'i32');
@@ -261,15 +293,17 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
           if (vh !== Hf || vw !== Wf) fail('ERR_INTERNAL', 'last scale is not the final latent size');
           ops.add({ a: sum, b: codes, out: sum });
         }
-        bitsOut.push((await bits.read()) as Int32Array);
-        await e.sync();
       } finally {
         cache.endScale();
         for (const s of scratch) s.dispose();
       }
-      timings.push({ scaleIndex: si, tokens: n, ms: performance.now() - ts });
-      opts.onProgress?.(si, S);
+      markScale(si, n, ts);
     }
+    for (const done of scalesDone) await done;
+    aborted(opts.signal);
+    // The reads report (and clear) the first error the queued work raised.
+    const bitsOut = (await Promise.all(bitsOnDevice.map((b) => b.read()))) as Int32Array[];
+    for (const b of bitsOnDevice.splice(0)) b.dispose();
     aborted(opts.signal);
     const kvBytes = cache.bytes;
     const result = summed as Tensor;
@@ -277,6 +311,8 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
     const memory = e.memory();
     return { summedCodes: result, bits: bitsOut, captured: capture?.captured ?? new Map(), timings, totalMs: performance.now() - t0, memory, kvBytes };
   } finally {
+    finished = true;
+    for (const b of bitsOnDevice) b.dispose();
     x?.dispose();
     summed?.dispose();
     cache?.dispose();
