@@ -3,7 +3,8 @@
  * cache, and the AdaLN head, composed from the engine's ops. The sampling loop is in generate.ts.
  *
  * Precision: with dtype 'f32' everything is f32. With 'bf16' the block Linear weights and the self-attention KV
- * cache (and the attention q / output) are bf16; the residual stream, norms, AdaLN vectors, cross-attention, the
+ * cache (and the attention q / output) are bf16, and so are the Linear inputs a GEMM would round to bf16 anyway
+ * (the norms' outputs, the FFN hidden); the residual stream, norm statistics, AdaLN vectors, cross-attention, the
  * non-block layers and the head stay f32 (spec sec. 5.1: the reference keeps non-block parameters and the head in
  * f32). GEMMs accumulate in f32 on every backend.
  */
@@ -480,8 +481,11 @@ export class InfinityModel {
     const scope = new Scope();
     const t = <T extends Tensor>(v: T) => scope.track(v);
     try {
+      // The inputs of the block Linears (h, hn, h2, f1) are only ever read by their GEMM, which rounds f32 x to bf16
+      // against bf16 weights (autocast's Linear): in bf16 mode they are stored as bf16 outright — the same bits
+      // (both round to nearest even), half the bytes written and read, and the GEMM takes its bf16 x path.
       // Self-attention branch.
-      const h = t(e.empty([bs, n, C], 'f32'));
+      const h = t(e.empty([bs, n, C], dt));
       ops.layerNorm({ x, y: h, eps: c.normEps, scale: { table: ada, slot: 2 }, shift: { table: ada, slot: 4 } });
       const qkv = t(e.empty([bs, n, 3 * C], dt));
       ops.gemm({ x: h, w: blk.qkvW, y: qkv });
@@ -514,7 +518,7 @@ export class InfinityModel {
       ops.gemm({ x: oTok, w: blk.projW, bias: blk.projB, y: sa });
       ops.gatedResidual({ x, y: sa, gate: { table: ada, slot: 0 } });
       // Cross-attention branch (no gate).
-      const hn = t(e.empty([bs, n, C], 'f32'));
+      const hn = t(e.empty([bs, n, C], dt));
       ops.layerNorm({ x, y: hn, eps: c.normEps, weight: blk.caNormW, bias: blk.caNormB });
       const cq = t(e.empty([bs, n, H, hd], 'f32'));
       ops.gemm({ x: hn, w: blk.caQW, bias: blk.caQB, y: t(cq.view([bs, n, C])) });
@@ -524,9 +528,9 @@ export class InfinityModel {
       ops.gemm({ x: t(co.view([bs, n, C])), w: blk.caProjW, bias: blk.caProjB, y: ca });
       ops.gatedResidual({ x, y: ca });
       // FFN branch.
-      const h2 = t(e.empty([bs, n, C], 'f32'));
+      const h2 = t(e.empty([bs, n, C], dt));
       ops.layerNorm({ x, y: h2, eps: c.normEps, scale: { table: ada, slot: 3 }, shift: { table: ada, slot: 5 } });
-      const f1 = t(e.empty([bs, n, c.ffnHidden], 'f32'));
+      const f1 = t(e.empty([bs, n, c.ffnHidden], dt));
       ops.gemm({ x: h2, w: blk.fc1W, bias: blk.fc1B, y: f1, epilogue: 'gelu_tanh' });
       const f2 = t(e.empty([bs, n, C], 'f32'));
       ops.gemm({ x: f1, w: blk.fc2W, bias: blk.fc2B, y: f2 });
