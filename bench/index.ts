@@ -2,7 +2,7 @@
 // profiler: CUDA events on a GPU) or a naive reference run in the same process, with work rates (GFLOP/s,
 // GB/s, Melem/s) and the ratio kernel / naive. Then the end-to-end tiny model (bench/e2e.ts). `npm run bench [-- --backend cuda] [--quick] [--only kernels|e2e] [--json]`; `--quick`
 // skips the Infinity-2B last-scale attention shapes (tens of seconds each on a CPU).
-// `--backend emu --project h100 [--sample N] [--resources BUILD_DIR]`: instead, the CUDA kernels at Infinity-2B's shapes on the emulator
+// `--backend emu --project h100 [--sample N] [--resources BUILD_DIR] [--kv SPEC]`: instead, the CUDA kernels at Infinity-2B's shapes on the emulator
 // with its cost counters, projected onto the named GPU (bench/project.ts), then one whole 2B image's op stream
 // projected the same way (bench/project-e2e.ts); every figure labelled projected.
 import { parseArgs } from 'node:util';
@@ -15,6 +15,7 @@ import { rand } from './random.js';
 import { formatE2e, runE2e, E2eResult } from './e2e.js';
 import { defaultBuildDir, formatProjection, projectKernels } from './project.js';
 import { formatImageProjection, projectImage } from './project-e2e.js';
+import { resolvePolicy } from '../lib/kv/resolve.js';
 
 const { values } = parseArgs({
   args: process.argv.slice(2),
@@ -26,6 +27,7 @@ const { values } = parseArgs({
     project: { type: 'string' },
     sample: { type: 'string', default: '24' },
     resources: { type: 'string' },
+    kv: { type: 'string', default: 'full' },
   },
 });
 
@@ -333,9 +335,11 @@ if (values.project) {
       process.stdout.write(values.json ? JSON.stringify(projected, null, 2) + '\n' : formatProjection(projected, values.project, sampleBlocks) + '\n');
     }
     if (values.only !== 'kernels') {
-      const image = await projectImage(values.project, { sampleBlocks, buildDir, onOp: (i, n) => process.stderr.write(`\rreplaying op ${i + 1}/${n}`) });
+      const kv = values.kv;
+      const kvPolicy = kv === 'full' ? undefined : (depth: number) => resolvePolicy(kv, { depth, preset: 'infinity-2b' });
+      const image = await projectImage(values.project, { sampleBlocks, buildDir, kvPolicy, onOp: (i, n) => process.stderr.write(`\rreplaying op ${i + 1}/${n}`) });
       process.stderr.write('\n');
-      process.stdout.write(values.json ? JSON.stringify(image, null, 2) + '\n' : '\n' + formatImageProjection(image, values.project) + '\n');
+      process.stdout.write(values.json ? JSON.stringify(image, null, 2) + '\n' : '\n' + formatImageProjection(image, values.project, kv) + '\n');
     }
   } finally {
     e.dispose();

@@ -183,7 +183,7 @@ export async function projectImage(deviceName: string, o: { sampleBlocks: number
 }
 
 /** Per op family: calls, projected ms per image, share, projected TFLOP/s; then the total and any slow paths. */
-export function formatImageProjection(ops: ProjectedOp[], deviceName: string): string {
+export function formatImageProjection(ops: ProjectedOp[], deviceName: string, kv = 'full'): string {
   const families = new Map<string, { calls: number; seconds: number; flops: number }>();
   for (const op of ops) {
     const key = op.path === 'kernel' ? op.name : `${op.name}:${op.path}`;
@@ -196,7 +196,7 @@ export function formatImageProjection(ops: ProjectedOp[], deviceName: string): s
   const total = [...families.values()].reduce((s, f) => s + f.seconds, 0);
   const rows = [...families.entries()].sort((a, b) => b[1].seconds - a[1].seconds);
   const lines = [
-    `PROJECTED per Infinity-2B image (1024², batch 1, CFG, bf16 blocks and VAE) on ${DEVICES[deviceName].name}: exact op stream (count backend) x per-shape emulator counters; not measured.`,
+    `PROJECTED per Infinity-2B image (1024², batch 1, CFG, bf16 blocks and VAE, KV policy ${kv}) on ${DEVICES[deviceName].name}: exact op stream (count backend) x per-shape emulator counters; not measured.`,
     '| op (path) | calls | projected ms | share | projected TFLOP/s |',
     '| --- | --- | --- | --- | --- |',
     ...rows.map(([k, f]) => `| ${k} | ${f.calls} | ${(f.seconds * 1e3).toFixed(2)} | ${((100 * f.seconds) / total).toFixed(1)} % | ${f.flops > 0 ? (f.flops / f.seconds / 1e12).toFixed(0) : '-'} |`),
