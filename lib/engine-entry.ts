@@ -13,7 +13,7 @@
  * ```
  */
 export { createEngine, backendInfo, Engine, Tensor, MEMORY_CATEGORIES } from './engine.js';
-export type { BackendChoice, BackendInfo, BackendName, EngineOptions, HostArray, MemoryCategory, MemoryStats, OpProfileEntry, TensorOptions } from './engine.js';
+export type { BackendChoice, BackendInfo, BackendName, EngineOptions, HostArray, KernelLaunch, MemoryCategory, MemoryStats, OpProfileEntry, ProfilingOptions, TensorOptions } from './engine.js';
 export { bsqCodeValue } from './ops.js';
 export type {
   ActivationArgs, AttentionArgs, BitsToCodesArgs, CfgTauArgs, Conv2dArgs, CrossAttentionArgs, Epilogue, EvictCompactArgs, GatedResidualArgs,
