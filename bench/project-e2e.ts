@@ -91,13 +91,16 @@ function indexData(op: RecordedOp, arg: string, shape: number[]): Int32Array | u
       return Int32Array.from({ length: last }, (_, i) => nKeys - last + i);
     }
     case 'segmentAttention.cuSeqlens':
-      return spread(last, a.qkv.shape[0] + 1).map((_, i) => Math.floor((i * a.qkv.shape[0]) / (last - 1)));
+      return Int32Array.from({ length: last }, (_, i) => Math.floor((i * a.qkv.shape[0]) / (last - 1)));
     case 'crossAttention.cuSeqlens': {
       const n = (a.kv ?? a.k).shape[0];
       return Int32Array.from({ length: last }, (_, i) => Math.floor((i * n) / (last - 1)));
     }
     case 'qkNormRope.positions':
-      return Int32Array.from({ length: shape[0] * 2 }, (_, i) => (i % 2 === 0 ? Math.floor(i / 2 / 64) : (i / 2) % 64));
+      return Int32Array.from({ length: shape[0] * 2 }, (_, i) => {
+        const token = Math.floor(i / 2);
+        return i % 2 === 0 ? Math.floor(token / 64) : token % 64;
+      });
   }
   return undefined;
 }

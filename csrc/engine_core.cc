@@ -227,7 +227,12 @@ void EngineCore::run() {
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stop_ and drained
+      if (queue_.empty()) {  // stop_ and drained
+        // The process's kernel counters belong to this thread while on: release them before it ends, not when the
+        // last buffer lets the backend go.
+        if (kernel_counters_) backend_->set_kernel_counters(false);
+        return;
+      }
       op = std::move(queue_.front());
       queue_.pop_front();
       queued_.store(queue_.size(), std::memory_order_release);
@@ -284,7 +289,6 @@ void EngineCore::set_profiling(bool on, bool kernel_counters, uint64_t sample_bl
                                                  ": kernel cost counters are not available (only the emulator built "
                                                  "without a sanitizer has them, for one engine at a time)");
     kernel_counters_ = counters;
-    if (!counters) backend_->take_kernel_counters();
   });
 }
 

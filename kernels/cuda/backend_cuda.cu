@@ -294,17 +294,15 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  // Every call starts here: it may come from any thread, and no slow-path note of an earlier op survives into it.
-  void bind() const {
-    check(cudaSetDevice(device_), "cudaSetDevice");
-    cuda_ops::note_slow_path(nullptr, nullptr);
-  }
+  void bind() const { check(cudaSetDevice(device_), "cudaSetDevice"); }  // calls may come from any thread
 
-  // Runs a launcher under the backend lock on this device (the launchers check their own launches).
+  // Runs a launcher under the backend lock on this device (the launchers check their own launches). No slow-path
+  // note of an earlier op survives into it (the queue reads the note after the op's end timing mark).
   template <typename Launch>
   void run_op(Launch&& launch) {
     std::lock_guard<std::mutex> lock(mutex_);
     bind();
+    cuda_ops::note_slow_path(nullptr, nullptr);
     launch();
   }
 
@@ -376,7 +374,9 @@ class CudaBackend final : public Backend {
     }
     return s;
   }
+  // The ops that take workspace start here (the others through run_op): no earlier slow-path note survives.
   void note_pending(const char* op) {
+    cuda_ops::note_slow_path(nullptr, nullptr);
     if (std::find(pending_.begin(), pending_.end(), op) == pending_.end()) pending_.emplace_back(op);
   }
 

@@ -84,8 +84,6 @@ inline bool same_site(const Site& a, const Site& b) {
 // Runs block `linear_idx` of `spec` on the calling OS thread.
 void run_block(Worker& w, const LaunchSpec& spec, uint64_t linear_idx);
 Worker& this_worker();
-// Lets the block's other ready threads run before `t` (which stays runnable) continues.
-void yield_running(SimThread& t);
 // The SIMT FLOPs the launcher declared for the launch it is about to make (skv::declare_simt_flops); 0 if none.
 double take_declared_simt_flops();
 bool scheduling_is_random();  // SKV_EMU_SCHEDULE is random (the default)

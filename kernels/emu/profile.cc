@@ -18,8 +18,8 @@ std::atomic<pthread_t> g_counting_thread{};
 namespace {
 
 constexpr int kSectorBytes = 32, kBanks = 32, kWavefrontBytes = 128;
-// A warp whose first lanes ran this many accesses ahead of the others lets them catch up (bounds the memory
-// of pending instructions in long loops without barriers).
+// Pending warp instructions per warp before they are finished as partial requests (bounds the memory of long
+// loops without barriers, where one lane runs far ahead of the others or lanes diverge).
 constexpr size_t kMaxPending = 4096;
 
 enum Kind : uint8_t { global_load, global_store, shared_load, shared_store };
@@ -53,7 +53,7 @@ struct State {
   uint64_t sample_blocks = 0;
   std::vector<Launch> done;
   Launch current;
-  const Block* block = nullptr;
+  std::unordered_map<const void*, std::string> kernel_names;
   std::vector<std::unordered_map<Key, Pending, KeyHash>> warps;
   std::vector<std::unordered_map<uintptr_t, uint32_t>> lane_seq;
   std::unordered_map<uintptr_t, AllocationFootprint> footprints;  // by allocation start
@@ -186,7 +186,10 @@ void record(uintptr_t site, Kind kind, uintptr_t addr, int size) {
     finish(key, p, *t->block);
     warp.erase(key);
   } else if (warp.size() > kMaxPending) {
-    yield_running(*t);
+    // Lanes that never reach these instructions before the next barrier (divergence) would hold them forever:
+    // finish them as the partial requests they are.
+    for (const auto& [k, pending] : warp) finish(k, pending, *t->block);
+    warp.clear();
   }
 }
 
@@ -204,8 +207,13 @@ void access(uintptr_t site, const void* ptr, int size, bool store) {
 void launch_begin(const LaunchSpec& spec) {
   State& s = state();
   s.current = Launch{};
-  s.current.kernel = kernel_function_name(spec.kernel_id);
-  if (s.current.kernel.empty()) s.current.kernel = spec.kernel_name;
+  // The symbol lookup runs addr2line: once per kernel.
+  auto named = s.kernel_names.find(spec.kernel_id);
+  if (named == s.kernel_names.end()) {
+    std::string name = kernel_function_name(spec.kernel_id);
+    named = s.kernel_names.emplace(spec.kernel_id, name.empty() ? std::string(spec.kernel_name) : name).first;
+  }
+  s.current.kernel = named->second;
   s.current.grid[0] = spec.grid.x, s.current.grid[1] = spec.grid.y, s.current.grid[2] = spec.grid.z;
   s.current.block[0] = spec.block.x, s.current.block[1] = spec.block.y, s.current.block[2] = spec.block.z;
   s.current.smem_bytes = spec.smem_bytes;
@@ -241,7 +249,6 @@ void launch_end(uint64_t blocks_run) {
 
 void block_begin(const Block& b) {
   State& s = state();
-  s.block = &b;
   s.warps.assign(b.warps.size(), {});
   s.lane_seq.assign(b.nthreads, {});
   s.current.counters.blocks += 1;
@@ -252,10 +259,7 @@ void barrier_done(const Block& b) {
   state().current.counters.barriers += 1;
 }
 
-void block_end(const Block& b) {
-  flush(b);
-  state().block = nullptr;
-}
+void block_end(const Block& b) { flush(b); }
 
 void mma() { state().current.counters.tensor_flops += 2 * 16 * 8 * 16; }
 

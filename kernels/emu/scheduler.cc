@@ -211,11 +211,6 @@ void warp_collective(const Site& site, const char* op, unsigned mask, void* reco
   san::acquire(&w.sync);
 }
 
-void yield_running(SimThread& t) {
-  t.block->ready.push_back(t.linear);
-  t.fiber->yield();
-}
-
 static void thread_exit(SimThread& t) {
   Block& b = *t.block;
   if (b.at_barrier > 0) {
