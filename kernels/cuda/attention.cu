@@ -47,8 +47,8 @@
 //                              block, f32 FMA. Smem Q [16][D] + K [32][D+1] f32.
 //   window_lse_kernel          one block per (r,h,w): max, then sum of exp, in f32.
 //
-// Every kernel needing > 48 KiB of smem is opted in once per instantiation and device (cudaFuncSetAttribute
-// with the most it ever launches with), not per launch.
+// Every kernel needing > 48 KiB of smem is opted in once per instantiation and device (opt_in_smem,
+// device_common.cuh, with the most it ever launches with), not per launch.
 //
 // Race freedom: every block writes only its own output rows (split-KV: its own split's partial rows; the
 // combine kernel runs after, in stream order); smem buffers are reused only after a __syncthreads that
@@ -59,7 +59,6 @@
 // scale < 0 negation of Q sits between two barriers. The output staging reuses only the warp's own Q rows,
 // after the loop's last barrier, with __syncwarp between its writes and reads.
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -665,35 +664,6 @@ void check(cudaError_t err, const char* what) {
     throw BackendError(StatusCode::device, std::string("attention: ") + what + ": CUDA error " + std::to_string(static_cast<int>(err)));
 }
 
-int current_device() {
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  return dev;
-}
-
-// Opts `kernel` in to `bytes` of dynamic shared memory once per device (the attribute is per device):
-// `done` is the caller's per-instantiation static, one bit per device; `bytes` is the most it ever launches with.
-template <typename Kernel>
-void set_smem_once(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
-  const int dev = current_device();
-  const uint64_t bit = dev >= 0 && dev < 64 ? uint64_t{1} << dev : 0;
-  if (bit && (done.load(std::memory_order_acquire) & bit)) return;
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-        "cudaFuncSetAttribute(max dynamic shared memory)");
-  done.fetch_or(bit, std::memory_order_release);
-}
-
-// SMs of the current device, queried once per device.
-int sm_count() {
-  static std::atomic<int> cached[64];  // 0: not yet queried
-  const int dev = current_device();
-  int n = dev >= 0 && dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
-  if (n > 0) return n;
-  check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute(SM count)");
-  if (dev >= 0 && dev < 64) cached[dev].store(n, std::memory_order_relaxed);
-  return n;
-}
-
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // Why bf16 attention cannot take the tensor-core kernel, or null when it can (f32 is never asked).
@@ -720,7 +690,7 @@ MmaPlan plan_mma(const AttentionArgs& a) {
   const int n_tiles = (a.n_keys() + mma_bk(a.head_dim) - 1) / mma_bk(a.head_dim);
   pl.tiles_per_split = n_tiles;
   const int64_t blocks = static_cast<int64_t>(pl.q_blocks) * a.heads * a.rows;
-  const int sms = sm_count();
+  const int sms = sm_count("attention");
   if (blocks < sms && n_tiles >= 2 * kMinTilesPerSplit) {
     const int64_t want = std::min<int64_t>({(sms + blocks - 1) / blocks, n_tiles / kMinTilesPerSplit, kMaxSplits});
     pl.tiles_per_split = static_cast<int>((n_tiles + want - 1) / want);
@@ -733,8 +703,8 @@ template <int D, int NW>
 void launch_mma(const AttnParams& p, const MmaPlan& pl, int rows, cudaStream_t stream) {
   using C = MmaTile<D, NW>;
   auto kernel = attention_mma_kernel<D, NW>;
-  static std::atomic<uint64_t> smem_set{0};
-  set_smem_once(kernel, C::kSmem, smem_set);
+  static SmemOptIn smem_set;
+  opt_in_smem(kernel, C::kSmem, smem_set, "attention");
   const dim3 grid(static_cast<unsigned>(pl.q_blocks * pl.splits), p.heads, rows);
   SKV_LAUNCH(kernel, grid, dim3(C::NT), C::kSmem, stream, p);
   if (pl.splits > 1) {
@@ -758,8 +728,8 @@ size_t simt_smem(int D) {
 template <typename T, int DV>
 void launch_simt(const AttnParams& p, int rows, cudaStream_t stream) {
   auto kernel = attention_simt_kernel<T, DV>;
-  static std::atomic<uint64_t> smem_set{0};
-  set_smem_once(kernel, simt_smem(32 * DV), smem_set);
+  static SmemOptIn smem_set;
+  opt_in_smem(kernel, simt_smem(32 * DV), smem_set, "attention");
   const dim3 grid((p.lq + kSimtQT - 1) / kSimtQT, p.heads, rows);
   skv::declare_simt_flops(4.0 * rows * p.heads * p.lq * p.n_keys * p.head_dim);
   SKV_LAUNCH(kernel, grid, dim3(32 * kSimtWarps), simt_smem(p.head_dim), stream, p);
@@ -777,8 +747,8 @@ size_t window_smem(int D) { return static_cast<size_t>(kWinQ * D + kWinK * (D + 
 template <typename T>
 void launch_window(const AttnParams& p, int rows, cudaStream_t stream) {
   auto kernel = window_logits_kernel<T>;
-  static std::atomic<uint64_t> smem_set{0};
-  set_smem_once(kernel, window_smem(256), smem_set);
+  static SmemOptIn smem_set;
+  opt_in_smem(kernel, window_smem(256), smem_set, "attention");
   const dim3 grid((p.n_keys + kWinK - 1) / kWinK, (p.n_window + kWinQ - 1) / kWinQ, rows * p.heads);
   skv::declare_simt_flops(2.0 * rows * p.heads * p.n_window * p.n_keys * p.head_dim);
   SKV_LAUNCH(kernel, grid, dim3(32 * kWinWarps), window_smem(p.head_dim), stream, p);

@@ -78,7 +78,7 @@ void dispatch(const CrossAttentionArgs& a, cudaStream_t stream, const int32_t* s
   const size_t smem = sizeof(float) * (kQT * a.head_dim + kKT * (a.head_dim + 1) + kKT * a.head_dim);
   const dim3 grid((a.tokens + kQT - 1) / kQT, a.heads, a.batch);
   tx::dispatch_channels_per_lane(a.head_dim, [&](auto dv) {
-    tx::launch_with_smem("crossAttention", cross_attention_kernel<T, decltype(dv)::value>, grid, dim3(32 * kWarps), smem, stream, a, status);
+    tx::launch_with_smem<cross_attention_kernel<T, decltype(dv)::value>>("crossAttention", grid, dim3(32 * kWarps), smem, stream, a, status);
   });
 }
 

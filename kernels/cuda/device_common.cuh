@@ -2,6 +2,10 @@
 // and the status word. In scalekv::cuda_ops, so kernels in its nested and anonymous namespaces find them.
 #pragma once
 
+#include <atomic>
+#include <mutex>
+#include <string>
+
 #include "../backend.h"
 #include "portable.cuh"
 
@@ -60,6 +64,58 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* to
 // Records the first data error of the stream (later ones keep the first code and detail).
 __device__ __forceinline__ void report_status(int32_t* status, StatusCode code, int32_t detail) {
   if (atomicCAS(reinterpret_cast<int*>(status), 0, static_cast<int>(code)) == 0) status[1] = detail;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host side: per-device launch facts, queried or set once rather than on every launch.
+
+// The current device; throws BackendError (what: the caller, for the message) where CUDA cannot say.
+inline int current_device(const char* what) {
+  int dev = 0;
+  const cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess)
+    throw BackendError(StatusCode::device, std::string("cuda: ") + what + ": cudaGetDevice: " + cudaGetErrorString(err));
+  return dev;
+}
+
+// SMs of the current device, queried once per device (0-63; later devices every call).
+inline int sm_count(const char* what) {
+  static std::atomic<int> cached[64];  // 0: not yet queried
+  const int dev = current_device(what);
+  int n = dev >= 0 && dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
+  if (n > 0) return n;
+  const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess || n <= 0)
+    throw BackendError(StatusCode::device, std::string("cuda: ") + what + ": SM count: " + cudaGetErrorString(err));
+  if (dev >= 0 && dev < 64) cached[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// Dynamic shared memory one kernel instantiation has been opted in to, per device (0: the default 48 KiB). One
+// static per instantiation, in its launcher (a static inside a template over the kernel's type would be shared
+// by every kernel of that signature).
+struct SmemOptIn {
+  std::atomic<int> bytes[64];  // zero-initialised as a static
+};
+
+// Opts `kernel` in to at least `bytes` of dynamic shared memory on the current device, calling
+// cudaFuncSetAttribute only the first time per device, or when a launch needs more than before (the attribute is
+// per device context; it is never lowered, so a smaller launch after a larger one needs nothing). Devices past
+// 64 call it every time.
+template <typename Kernel>
+void opt_in_smem(Kernel kernel, size_t bytes, SmemOptIn& state, const char* what) {
+  if (bytes <= 48 * 1024) return;
+  const int dev = current_device(what);
+  std::atomic<int>* const done = dev >= 0 && dev < 64 ? &state.bytes[dev] : nullptr;
+  if (done && done->load(std::memory_order_acquire) >= static_cast<int>(bytes)) return;
+  static std::mutex mutex;  // two threads raising the same kernel: the larger value must be the one set last
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done && done->load(std::memory_order_acquire) >= static_cast<int>(bytes)) return;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess)
+    throw BackendError(StatusCode::device, std::string("cuda: ") + what + ": " + std::to_string(bytes) +
+                                               " bytes of shared memory refused: " + cudaGetErrorString(err));
+  if (done) done->store(static_cast<int>(bytes), std::memory_order_release);
 }
 
 }  // namespace scalekv::cuda_ops

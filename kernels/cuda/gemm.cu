@@ -2,26 +2,37 @@
 // Cost: 2*M*N*K FLOP; bytes ~ (M*K*ceil(N/BN) * xsize + N*K*ceil(M/BM) * wsize) + M*N*ysize.
 //
 // Kernels:
-//   gemm_mma_kernel<TX, TY>  bf16 w, x bf16 or f32 (the model's bf16 mode: f32 activations against bf16 weights),
-//                      K a multiple of 8, 16-byte aligned x and w; any M, N (rows past M/N are zero-filled on load
-//                      and not stored). Block tile 128 x 128, K step 32, 4 warps as 2 (M) x 2 (N), warp tile
-//                      64 x 64 = 4 x 8 mma.m16n8k16 accumulators (8 ldmatrix.x4 per 32 MMAs; 229-233 registers,
-//                      no spills). A 4-stage pipeline: while tile t is multiplied, tiles t+1..t+3 are in flight.
-//                      w tiles ([128][32] bf16, K-contiguous: w rows are the "col" B operand as is) and bf16 x
-//                      tiles arrive by cp.async 16 B. f32 x is rounded to bf16 on the way
-//                      into shared memory: each thread loads eight float4 pieces of tile t+3 into registers before
-//                      tile t's MMAs (piece tid + 128 i: a warp's load is 512 consecutive bytes, fully coalesced),
-//                      and after them rounds them (round to nearest even, as __float2bfloat16_rn and autocast) and
-//                      stores them 8 B at a time into the same swizzled layout, so the global latency hides behind
-//                      the MMAs and the products are exactly those of the rounded x. Pieces past K are zero
-//                      (K % 8 == 0: a piece is wholly inside or outside).
+//   gemm_mma_kernel<BM, BN, TX, TY>  bf16 w, x bf16 or f32 (the model's bf16 mode: f32 activations against bf16
+//                      weights), K a multiple of 8, 16-byte aligned x and w; any M, N (rows past M/N are zero-filled
+//                      on load and not stored). Block tile BM x BN, K step 32, warps of 64 x 64 = 4 x 8
+//                      mma.m16n8k16 accumulators (8 ldmatrix.x4 per 32 MMAs) laid out (BM / 64) x (BN / 64):
+//                        128 x 128: 4 warps, smem 4 * (128 + 128) * 32 * 2 B = 64 KiB, 211-250 registers
+//                                   (sm_80 / sm_90, no spills): 2 blocks (8 warps) per SM.
+//                        128 x 256: 8 warps, smem 4 * (128 + 256) * 32 * 2 B = 96 KiB (128 KiB for f32 y, whose
+//                                   staged output tile is larger), 210-232 registers (no spills): 1 block per SM.
+//                      L2 traffic per FLOP ~ xsize / BN + wsize / BM (every block re-reads its A and B panels):
+//                      128 x 256 moves 3/4 of 128 x 128's sectors with bf16 x, 2/3 with f32 x (the emulator's
+//                      counters: 0.366 vs 0.488, 0.488 vs 0.732 load sectors per kFLOP). The launcher takes it when
+//                      its grid has at least one block per SM (ceil(M/128) * ceil(N/256) >= SMs), else 128 x 128,
+//                      whose twice as many blocks leave fewer SMs idle (Infinity-2B's block GEMMs, M = 8192 tokens,
+//                      N >= 2048: 512+ wide blocks on 132 SMs).
+//                      A 4-stage pipeline: while tile t is multiplied, tiles t+1..t+3 are in flight. w tiles
+//                      ([BN][32] bf16, K-contiguous: w rows are the "col" B operand as is) and bf16 x tiles arrive by
+//                      cp.async 16 B. f32 x is rounded to bf16 on the way into shared memory: each thread loads
+//                      BM * 8 / threads (8 or 4) float4 pieces of tile t+3 into registers before tile t's MMAs
+//                      (piece tid + threads * i: a warp's load is 512 consecutive bytes, fully coalesced), and after
+//                      them rounds them (round to nearest even, as __float2bfloat16_rn and autocast) and stores them
+//                      8 B at a time into the same swizzled layout, so the global latency hides behind the MMAs and
+//                      the products are exactly those of the rounded x. Pieces past K are zero (K % 8 == 0: a piece
+//                      is wholly inside or outside).
 //                      Fragments come from ldmatrix.x4 on rows XOR-swizzled in 16-byte chunks
 //                      (chunk ^ ((row >> 1) & 3)): a row is 64 B, so the 8 rows of an ldmatrix phase cover 8
-//                      distinct 16-byte bank groups. Smem 4 * (128 + 128) * 32 * 2 B = 64 KiB (past the default
-//                      48 KiB: the launcher opts each instantiation in once per device).
-//                      Epilogue: bias and the activation in registers, then the 128 x 128 output tile (TY, at most
-//                      64 KiB) is staged in the pipeline's shared memory with 16-byte chunks XOR-swizzled by
-//                      (row & 7) (the float2 / bf16x2 fragment stores of a warp hit distinct banks) and written out
+//                      distinct 16-byte bank groups. Past the default 48 KiB of smem, each instantiation is opted in
+//                      once per device (opt_in_smem, device_common.cuh).
+//                      Epilogue: bias and the activation in registers, then the BM x BN output tile (TY) is staged
+//                      in the pipeline's shared memory with 16-byte chunks XOR-swizzled by (row & 7) for bf16 and
+//                      2 (row & 3) for f32 (see staged(): each phase of the bf16x2 / 8-byte f32-pair fragment
+//                      stores hits all 32 banks once; (row & 7) gave f32 2-way conflicts) and written out
 //                      row-contiguously in 16-byte stores (per element where y is unaligned or N * ysize % 16 != 0).
 //   gemm_simt_kernel   every other case: f32 x and w (the exact conformance mode), and, reported as a slow path
 //                      (note_slow_path), bf16 operands with K % 8 != 0 or a base not 16-byte aligned: 64 x 64 tile,
@@ -29,13 +40,14 @@
 //                      consecutive across the half-warp, A reads broadcast). Tiles are converted to f32 in smem,
 //                      [k][m] and [k][n] (+1 pad); f32 x against bf16 w is rounded to bf16 on load. Stores per
 //                      element with bounds checks.
-// Race freedom. mma: iteration t waits for its own cp.async group, then one __syncthreads publishes tile t (copies
-// and the register stores of iteration t-3) and ends every warp's reads of stage (t-1) % 4, the only stage
-// iteration t then refills (by cp.async and by its register stores); nothing else writes a stage while it is
-// read. The epilogue reuses the pipeline smem only after cp_async_wait<0> and a __syncthreads (all reads of
-// every stage done), and reads the staged tile only after another. simt: a smem tile is refilled only after the
-// __syncthreads that ends its last read.
-#include <atomic>
+// Race freedom (both mma tiles; the block's threads cooperate on every load and store, whatever their number).
+// mma: iteration t waits for its own cp.async group, then one __syncthreads publishes tile t (copies and the
+// register stores of iteration t-3) and ends every warp's reads of stage (t-1) % 4, the only stage iteration t
+// then refills (by cp.async and by its register stores); nothing else writes a stage while it is read. The
+// epilogue reuses the pipeline smem (or more, for f32 y on 128 x 256: the allocation is the larger of the two)
+// only after cp_async_wait<0> and a __syncthreads (all reads of every stage done), and reads the staged tile only
+// after another. simt: a smem tile is refilled only after the __syncthreads that ends its last read.
+#include <algorithm>
 #include <type_traits>
 
 #include "transformer_common.cuh"
@@ -60,20 +72,33 @@ __device__ __forceinline__ float bias_at(const GemmParams& p, int col) {
 // ---------------------------------------------------------------------------------------------------------
 // bf16 tensor cores
 
-constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kMmaThreads = 128;
-constexpr int kWarpsN = 2, kWM = 64, kWN = 64;  // 2 x 2 warps of 64 x 64
-constexpr int kMT = kWM / 16, kNT = kWN / 8;    // m16 row blocks and n8 column blocks per warp
-constexpr int kChunks = kBK / 8;                 // 16-byte chunks per tile row
-constexpr size_t kStageElems = static_cast<size_t>(kBM + kBN) * kBK;
-constexpr int kXC = kBM * kChunks / kMmaThreads;  // x (and w) chunks per thread and tile
-static_assert(kBM == kBN && kXC * kMmaThreads == kBM * kChunks, "whole chunks per thread");
-static_assert(kBM / kWM * kWarpsN * 32 == kMmaThreads && kBN == kWarpsN * kWN, "warps cover the block tile");
+constexpr int kBK = 32, kStages = 4;
+constexpr int kWM = 64, kWN = 64;            // warp tile
+constexpr int kMT = kWM / 16, kNT = kWN / 8;  // m16 row blocks and n8 column blocks per warp
+constexpr int kChunks = kBK / 8;              // 16-byte chunks per tile row
+
+// The block tile: BM x BN outputs, (BM / 64) x (BN / 64) warps of 64 x 64.
+template <int BM, int BN>
+struct Tile {
+  static constexpr int kWarpsN = BN / kWN, kThreads = 32 * (BM / kWM) * kWarpsN;
+  static constexpr size_t kStageElems = static_cast<size_t>(BM + BN) * kBK;  // A [BM][BK], then B [BN][BK]
+  static constexpr int kXPieces = BM * kBK / 4 / kThreads;                    // f32 x float4 pieces per thread
+  // The pipeline, or the staged output tile where that is larger (f32 y on 128 x 256).
+  template <typename TY>
+  static constexpr size_t smem() {
+    return std::max(sizeof(bf16) * kStages * kStageElems, sizeof(TY) * BM * BN);
+  }
+  static_assert(BM % kWM == 0 && BN % kWN == 0, "whole warp tiles");
+  static_assert(BM * kChunks % kThreads == 0 && BN * kChunks % kThreads == 0, "whole chunks per thread");
+  static_assert(kXPieces * kThreads * 4 == BM * kBK, "whole f32 x pieces per thread");
+};
 
 __device__ __forceinline__ int swz(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 3); }
 
-// Rows [row0, row0 + 128) x K columns [k0, k0 + 32) of a [rows, K] bf16 matrix into a swizzled tile.
+// Rows [row0, row0 + ROWS) x K columns [k0, k0 + 32) of a [rows, K] bf16 matrix into a swizzled tile.
+template <int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(const bf16* g, int rows, int k, int row0, int k0, bf16* s) {
-  for (int e = threadIdx.x; e < kBM * kChunks; e += kMmaThreads) {
+  for (int e = threadIdx.x; e < ROWS * kChunks; e += THREADS) {
     const int row = e / kChunks, chunk = e % kChunks;
     const int gr = row0 + row, gk = k0 + chunk * 8;
     const bool inside = gr < rows && gk < k;  // K % 8 == 0: a chunk is wholly inside or outside
@@ -81,64 +106,76 @@ __device__ __forceinline__ void load_tile(const bf16* g, int rows, int k, int ro
   }
 }
 
-// f32 x: an x tile is 128 rows x 8 float4 pieces; this thread's are pieces threadIdx.x + 128 i (a warp's load is
-// 4 whole rows, 512 consecutive bytes), staged in registers between the global loads and the rounding stores.
-constexpr int kXPieces = kBM * kBK / 4 / kMmaThreads;
+// f32 x: an x tile is BM rows x 8 float4 pieces; this thread's are pieces threadIdx.x + THREADS i (a warp's load
+// is 4 whole rows, 512 consecutive bytes), staged in registers between the global loads and the rounding stores.
+template <int N>
 struct XChunks {
-  float4 v[kXPieces];
+  float4 v[N];
 };
 
-__device__ __forceinline__ void load_x_chunks(const float* x, int m, int k, int row0, int k0, XChunks& r) {
+template <int THREADS, int N>
+__device__ __forceinline__ void load_x_chunks(const float* x, int m, int k, int row0, int k0, XChunks<N>& r) {
 #pragma unroll
-  for (int i = 0; i < kXPieces; ++i) {
-    const int e = threadIdx.x + i * kMmaThreads, gr = row0 + e / (kBK / 4), gk = k0 + (e % (kBK / 4)) * 4;
+  for (int i = 0; i < N; ++i) {
+    const int e = threadIdx.x + i * THREADS, gr = row0 + e / (kBK / 4), gk = k0 + (e % (kBK / 4)) * 4;
     r.v[i] = gr < m && gk < k ? *reinterpret_cast<const float4*>(x + static_cast<size_t>(gr) * k + gk)
                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
 }
 
 // Piece q of a row is the low (q even) or high half of 16-byte chunk q / 2.
-__device__ __forceinline__ void store_x_chunks(const XChunks& r, bf16* s) {
+template <int THREADS, int N>
+__device__ __forceinline__ void store_x_chunks(const XChunks<N>& r, bf16* s) {
 #pragma unroll
-  for (int i = 0; i < kXPieces; ++i) {
-    const int e = threadIdx.x + i * kMmaThreads, q = e % (kBK / 4);
+  for (int i = 0; i < N; ++i) {
+    const int e = threadIdx.x + i * THREADS, q = e % (kBK / 4);
     const float4 a = r.v[i];
+    // One 8-byte store on the GPU; g++ splits it in two, so the emulator's counters see 2-way bank conflicts
+    // here that the GPU does not have (a 64-bit integer store would fix the count but costs ptxas 5 registers).
     *reinterpret_cast<uint2*>(s + swz(e / (kBK / 4), q / 2) + (q % 2) * 4) =
         make_uint2(skv::pack_bf16x2(a.x, a.y), skv::pack_bf16x2(a.z, a.w));
   }
 }
 
-// Two adjacent outputs as one 8-byte (f32) or 4-byte (bf16) shared-memory store.
-__device__ __forceinline__ void store_pair(float* d, float a, float b) { *reinterpret_cast<float2*>(d) = make_float2(a, b); }
+// Two adjacent outputs as one 8-byte (f32) or 4-byte (bf16) shared-memory store. f32: a 64-bit integer store, not
+// a float2 one, which g++ would split into two 4-byte stores that the emulator's bank counters see as conflicting.
+__device__ __forceinline__ void store_pair(float* d, float a, float b) {
+  *reinterpret_cast<unsigned long long*>(d) = static_cast<unsigned long long>(__float_as_uint(b)) << 32 | __float_as_uint(a);
+}
 __device__ __forceinline__ void store_pair(bf16* d, float a, float b) { *reinterpret_cast<uint32_t*>(d) = skv::pack_bf16x2(a, b); }
 
-// The staged output tile [BM][BN] of TY: 16-byte chunk c of row r sits at chunk c ^ (r & 7).
-template <typename TY>
+// The staged output tile [BM][BN] of TY: 16-byte chunk c of row r sits at chunk c ^ ((r % kPer) * (8 / kPer)),
+// kPer = 16 / sizeof(TY) (bf16: r & 7; f32: 2 (r & 3)). One phase of the fragment stores (128 bytes: 8 rows of
+// 4-byte bf16 pairs, or 4 rows of 8-byte f32 pairs, each row one n8 block = 1 or 2 chunks) then covers 8 distinct
+// chunks mod 8, all 32 banks; the row-contiguous 16-byte reads (8 aligned chunks of one row) stay a permutation.
+template <typename TY, int BN>
 __device__ __forceinline__ int staged(int row, int col) {
   constexpr int kPer = 16 / sizeof(TY);
-  return row * kBN + (((col / kPer) ^ (row & 7)) * kPer) + col % kPer;
+  return row * BN + (((col / kPer) ^ ((row % kPer) * (8 / kPer))) * kPer) + col % kPer;
 }
 
-template <typename TX, typename TY>
-__global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams p) {
+template <int BM, int BN, typename TX, typename TY>
+__global__ void __launch_bounds__(Tile<BM, BN>::kThreads) gemm_mma_kernel(const GemmParams p) {
+  using T = Tile<BM, BN>;
+  constexpr int kThreads = T::kThreads;
   constexpr bool kRoundX = std::is_same<TX, float>::value;
   SKV_DYNAMIC_SMEM(smem_raw);
   bf16* const stages = reinterpret_cast<bf16*>(smem_raw);  // [kStages][A: BM][BK], [B: BN][BK]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = warp / kWarpsN, wn = warp % kWarpsN;  // the warp's tile starts at row wm*64, column wn*64
-  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  const int wm = warp / T::kWarpsN, wn = warp % T::kWarpsN;  // the warp's tile starts at row wm*64, column wn*64
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const TX* x = static_cast<const TX*>(p.x);
   const bf16* w = static_cast<const bf16*>(p.w);
   // g = row within an 8-row group, t = column pair; mi = which ldmatrix matrix this lane addresses, lr = its row.
   const int g = lane >> 2, t = lane & 3, mi = lane >> 3, lr = lane & 7;
 
   // Starts tile kt's loads into its stage: cp.async for w (and bf16 x); f32 x into `xr` (stored by the caller).
-  XChunks xr;
+  XChunks<T::kXPieces> xr;
   const auto issue = [&](int kt) {
-    bf16* a_s = stages + (kt % kStages) * kStageElems;
-    if constexpr (kRoundX) load_x_chunks(x, p.m, p.k, m0, kt * kBK, xr);
-    else load_tile(x, p.m, p.k, m0, kt * kBK, a_s);
-    load_tile(w, p.n, p.k, n0, kt * kBK, a_s + kBM * kBK);
+    bf16* a_s = stages + (kt % kStages) * T::kStageElems;
+    if constexpr (kRoundX) load_x_chunks<kThreads>(x, p.m, p.k, m0, kt * kBK, xr);
+    else load_tile<BM, kThreads>(x, p.m, p.k, m0, kt * kBK, a_s);
+    load_tile<BN, kThreads>(w, p.n, p.k, n0, kt * kBK, a_s + BM * kBK);
   };
 
   float acc[kMT][kNT][4];
@@ -154,7 +191,7 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams 
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < n_tiles) {
       issue(s);
-      if constexpr (kRoundX) store_x_chunks(xr, stages + s * kStageElems);
+      if constexpr (kRoundX) store_x_chunks<kThreads>(xr, stages + s * T::kStageElems);
     }
     skv::cp_async_commit();
   }
@@ -168,8 +205,8 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams 
     if (next < n_tiles) issue(next);
     skv::cp_async_commit();
 
-    const bf16* a_s = stages + (kt % kStages) * kStageElems;
-    const bf16* b_s = a_s + kBM * kBK;
+    const bf16* a_s = stages + (kt % kStages) * T::kStageElems;
+    const bf16* b_s = a_s + BM * kBK;
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       // A 16x16: a0 = rows 0-7 / k 0-7, a1 = rows 8-15 / k 0-7, a2 = rows 0-7 / k 8-15, a3 = rows 8-15 / k 8-15.
@@ -192,7 +229,7 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams 
       }
     }
     if constexpr (kRoundX) {
-      if (next < n_tiles) store_x_chunks(xr, stages + (next % kStages) * kStageElems);
+      if (next < n_tiles) store_x_chunks<kThreads>(xr, stages + (next % kStages) * T::kStageElems);
     }
   }
 
@@ -209,19 +246,19 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = wm * kWM + mt * 16 + g + 8 * h;
-        store_pair(out_s + staged<TY>(row, col), tx::apply_epilogue(p.epilogue, acc[mt][nt][2 * h] + b0),
+        store_pair(out_s + staged<TY, BN>(row, col), tx::apply_epilogue(p.epilogue, acc[mt][nt][2 * h] + b0),
                    tx::apply_epilogue(p.epilogue, acc[mt][nt][2 * h + 1] + b1));
       }
     }
   }
   __syncthreads();
-  constexpr int kPer = 16 / sizeof(TY), kRowChunks = kBN / kPer;
+  constexpr int kPer = 16 / sizeof(TY), kRowChunks = BN / kPer;
   TY* const y = static_cast<TY*>(p.y);
   const bool vec = reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && p.n % kPer == 0;
-  for (int e = threadIdx.x; e < kBM * kRowChunks; e += kMmaThreads) {
+  for (int e = threadIdx.x; e < BM * kRowChunks; e += kThreads) {
     const int row = e / kRowChunks, col = (e % kRowChunks) * kPer, gr = m0 + row, gc = n0 + col;
     if (gr >= p.m || gc >= p.n) continue;
-    const TY* src = out_s + staged<TY>(row, col);
+    const TY* src = out_s + staged<TY, BN>(row, col);
     TY* dst = y + static_cast<size_t>(gr) * p.n + gc;
     if (vec) {
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
@@ -231,30 +268,26 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(const GemmParams 
   }
 }
 
-// Opts `kernel` into `smem` bytes of dynamic shared memory on the current device, once per device (and per
-// kernel instantiation: each has its own mask). The attribute is per device context, so a second GPU needs its own call.
-template <typename Kernel>
-void opt_in_smem_once(Kernel kernel, size_t smem, std::atomic<uint64_t>& done_devices) {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) device = 0;
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;  // devices past 64: every launch
-  if (bit && (done_devices.load(std::memory_order_acquire) & bit)) return;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess)
-    throw BackendError(StatusCode::device, "cuda: gemm: " + std::to_string(smem) +
-                                               " bytes of shared memory refused: " + cudaGetErrorString(err));
-  done_devices.fetch_or(bit, std::memory_order_acq_rel);
+template <int BM, int BN, typename TX, typename TY>
+void launch_mma_tile(const GemmParams& p, cudaStream_t stream) {
+  using T = Tile<BM, BN>;
+  constexpr size_t smem = T::template smem<TY>();
+  static_assert(smem <= 160 * 1024, "within sm_80's opt-in ceiling (163 KiB), which the emulator enforces");
+  const auto kernel = gemm_mma_kernel<BM, BN, TX, TY>;  // a template-id with a comma cannot be a macro argument
+  static SmemOptIn opted_in;
+  opt_in_smem(kernel, smem, opted_in, "gemm");
+  const dim3 grid((p.n + BN - 1) / BN, (p.m + BM - 1) / BM);
+  SKV_LAUNCH(kernel, grid, dim3(T::kThreads), smem, stream, p);
 }
 
+// The tile: 128 x 256 (L2 traffic per FLOP ~ 1/BM + 1/BN: 3/256 against 4/256) when its grid has at least one
+// block per SM (it runs one block of 8 warps per SM, as 128 x 128 runs two of 4); else 128 x 128, whose twice as
+// many blocks leave fewer SMs idle.
 template <typename TX, typename TY>
 void launch_mma(const GemmParams& p, cudaStream_t stream) {
-  constexpr size_t smem = sizeof(bf16) * kStages * kStageElems;
-  static_assert(smem >= sizeof(TY) * kBM * kBN, "the staged output tile fits in the pipeline's shared memory");
-  const auto kernel = gemm_mma_kernel<TX, TY>;  // a template-id with a comma cannot be a macro argument
-  static std::atomic<uint64_t> opted_in{0};
-  opt_in_smem_once(kernel, smem, opted_in);
-  const dim3 grid((p.n + kBN - 1) / kBN, (p.m + kBM - 1) / kBM);
-  SKV_LAUNCH(kernel, grid, dim3(kMmaThreads), smem, stream, p);
+  const int64_t wide_blocks = static_cast<int64_t>((p.m + 127) / 128) * ((p.n + 255) / 256);
+  if (wide_blocks >= sm_count("gemm")) launch_mma_tile<128, 256, TX, TY>(p, stream);
+  else launch_mma_tile<128, 128, TX, TY>(p, stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------

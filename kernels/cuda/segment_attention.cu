@@ -92,7 +92,7 @@ void dispatch(const SegmentAttentionArgs& a, cudaStream_t stream, const int32_t*
   const size_t smem = sizeof(float) * (kQT * a.head_dim + kKT * (a.head_dim + 1) + kKT * a.head_dim);
   const dim3 grid((a.max_seqlen + kQT - 1) / kQT, a.heads, a.segments);
   tx::dispatch_channels_per_lane(a.head_dim, [&](auto dv) {
-    tx::launch_with_smem("segmentAttention", segment_attention_kernel<T, decltype(dv)::value>, grid, dim3(32 * kWarps), smem, stream, a, status);
+    tx::launch_with_smem<segment_attention_kernel<T, decltype(dv)::value>>("segmentAttention", grid, dim3(32 * kWarps), smem, stream, a, status);
   });
 }
 

@@ -235,12 +235,8 @@ void selection(const SelectionArgs& a, cudaStream_t stream, int32_t* status, voi
     p.mode = a.mode;
     p.pooling = a.pooling;
     const size_t smem = (256 + kWarps + 1 + 2 + 2 * static_cast<size_t>(a.n_window)) * sizeof(int);
-    if (smem > 48 * 1024) {
-      const cudaError_t err =
-          cudaFuncSetAttribute(selection_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (err != cudaSuccess)
-        throw BackendError(StatusCode::device, "selection: too many window keys for shared memory: CUDA error " + std::to_string(static_cast<int>(err)));
-    }
+    static SmemOptIn smem_set;  // raised as window sizes grow: at most a few calls per device
+    opt_in_smem(selection_kernel, smem, smem_set, "selection (window keys in shared memory)");
     SKV_LAUNCH(selection_kernel, dim3(static_cast<unsigned>(pairs)), dim3(kThreads), smem, stream, p);
   }
   const cudaError_t err = cudaGetLastError();

@@ -150,16 +150,14 @@ void dispatch_channels_per_lane(int head_dim, Launch&& launch) {
   else launch(std::integral_constant<int, 8>{});
 }
 
-// Launches `kernel` with `smem` bytes of dynamic shared memory, opting in past the default 48 KiB first.
-template <class Kernel, class... Args>
-void launch_with_smem(const char* what, Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess)
-      throw BackendError(StatusCode::device, std::string("cuda: ") + what + ": " + std::to_string(smem) +
-                                                 " bytes of shared memory refused: " + cudaGetErrorString(err));
-  }
-  SKV_LAUNCH(kernel, grid, block, smem, stream, args...);
+// Launches `Kernel` with `smem` bytes of dynamic shared memory, opting it in past the default 48 KiB first: once
+// per device, or again when a launch needs more than any before (the kernel is a template argument so that each
+// kernel has its own record).
+template <auto Kernel, class... Args>
+void launch_with_smem(const char* what, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  static SmemOptIn opted_in;
+  opt_in_smem(Kernel, smem, opted_in, what);
+  SKV_LAUNCH(Kernel, grid, block, smem, stream, args...);
   check_launch(what);
 }
 

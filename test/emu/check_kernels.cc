@@ -503,6 +503,16 @@ EMU_TEST(gemm_emu_matches_cpu) {
       {9, 20, 48, B, B, B, true, Epilogue::gelu_tanh},
       {40, 136, 40, F, B, F, true, Epilogue::silu, nullptr, 0, 4},
       {40, 136, 40, B, B, B, true, Epilogue::none, nullptr, 0, 2},
+      // The 128 x 256 tile (8 warps): at least one such block per SM (132 in the emulator), e.g. 17 x 9 = 153 for
+      // M = N = 2100 (tails of 52 rows / columns); K = 40, 72 end in a partial K tile, K = 136 wraps the ring.
+      {2100, 2100, 72, F, B, F, true, Epilogue::silu},
+      {2100, 2100, 40, B, B, B, true, Epilogue::gelu_tanh, nullptr, 0, 0, DType::bf16},
+      {1100, 4100, 136, B, B, F, false, Epilogue::none},
+      {2100, 2100, 40, F, B, B, true, Epilogue::none},
+      {2100, 2102, 32, F, B, F, true, Epilogue::silu},               // N % 4 != 0: per-element stores
+      {2100, 2100, 40, B, B, B, false, Epilogue::none, nullptr, 0, 2},  // unaligned y
+      // Just under the rule (16 x 8 = 128 wide blocks < 132 SMs): the 128 x 128 tile.
+      {2048, 2048, 40, B, B, F, true, Epilogue::silu},
       // SIMT: f32 x and w is the exact path (no note); bf16 w that cannot take the tensor cores is noted.
       {70, 130, 300, F, F, F, true, Epilogue::none},
       {9, 24, 64, F, B, F, true, Epilogue::none, "x not 16-byte aligned", 4},
