@@ -11,8 +11,8 @@
 //       [16][64+4], padded against bank conflicts on the store). Single buffered. Now only for f32 x (exact,
 //       also against bf16 weights: the contract) and bf16 x against f32 weights (noted by note_slow_path).
 //   conv2d_mma_kernel<KS> (v2, bf16 x and bf16 weights, any shape) mma.m16n8k16 bf16 -> f32. Block tile 128
-//       channels x 128 pixels, K step 32, 8 warps as 2 (M) x 4 (N), warp tile 64 x 32 = 4 x 4 accumulators, as
-//       gemm_mma_kernel. The 1-D grid runs the O tiles of one pixel tile next to each other (x is read once
+//       channels x 128 pixels, K step 32, 8 warps as 2 (M) x 4 (N), warp tile 64 x 32 = 4 x 4 accumulators (the
+//       warp step of mma_tile.cuh). The 1-D grid runs the O tiles of one pixel tile next to each other (x is read once
 //       from DRAM, then from L2). 3 stages of A [128 o][32 k] and B [32 k][128 n] bf16: smem 3 * 2 * 8 KiB =
 //       48 KiB (no opt-in), 128 registers for 3x3 (2 blocks / SM), ~165 for 1x1 (1 block), no spills.
 //       A: cp.async 16 B when K % 8 == 0 and the weights are 16-byte aligned (zero-fill past O and K), else each

@@ -1,5 +1,5 @@
-// The warp step shared by the bf16 tensor-core GEMMs (gemm_mma_kernel, conv2d_mma_kernel): 8 warps as 2 (M) x 4
-// (N) over a 128 x 128 block tile, each warp owning 64 x 32 = 4 x 4 mma.m16n8k16 accumulators, A read from a
+// The warp step of conv2d_mma_kernel's implicit GEMM (gemm_mma_kernel has its own 64 x 64 warp tiles): 8 warps as
+// 2 (M) x 4 (N) over a 128 x 128 block tile, each warp owning 64 x 32 = 4 x 4 mma.m16n8k16 accumulators, A read from a
 // [128 rows][32 k] bf16 smem tile whose 64-byte rows are XOR-swizzled in 16-byte chunks.
 #pragma once
 
