@@ -48,6 +48,15 @@ struct AllocationFootprint {
   Footprint reads, writes;
 };
 
+// g++ may split one CUDA vector access (a float4 load, a 64-bit store) into several scalar ones; nvcc keeps it
+// whole. A thread's access that continues its previous one (same kind, the next bytes, within one aligned 16-byte
+// window) is therefore merged into it before lanes are grouped.
+struct OpenAccess {
+  uintptr_t site = 0, addr = 0;
+  Kind kind = global_load;
+  int size = 0;  // 0: none open
+};
+
 struct State {
   std::mutex owner_mutex;
   uint64_t sample_blocks = 0;
@@ -56,6 +65,7 @@ struct State {
   std::unordered_map<const void*, std::string> kernel_names;
   std::vector<std::unordered_map<Key, Pending, KeyHash>> warps;
   std::vector<std::unordered_map<uintptr_t, uint32_t>> lane_seq;
+  std::vector<OpenAccess> open;  // per thread: its latest access, still growing
   std::unordered_map<uintptr_t, AllocationFootprint> footprints;  // by allocation start
   std::mutex globals_mutex;
   std::map<uintptr_t, size_t> globals;  // start -> bytes
@@ -154,8 +164,19 @@ void finish(const Key& k, const Pending& p, const Block& b) {
   }
 }
 
+void record(const SimThread& t, uintptr_t site, Kind kind, uintptr_t addr, int size);
+
+void close_access(const SimThread& t) {
+  OpenAccess& o = state().open[t.linear];
+  if (o.size == 0) return;
+  const OpenAccess done = o;
+  o.size = 0;
+  record(t, done.site, done.kind, done.addr, done.size);
+}
+
 void flush(const Block& b) {
   State& s = state();
+  for (const SimThread& t : b.threads) close_access(t);
   for (auto& warp : s.warps) {
     for (const auto& [key, pending] : warp) finish(key, pending, b);
     warp.clear();
@@ -163,9 +184,7 @@ void flush(const Block& b) {
   for (auto& seq : s.lane_seq) seq.clear();
 }
 
-void record(uintptr_t site, Kind kind, uintptr_t addr, int size) {
-  SimThread* t = t_sim;
-  if (!t) return;  // host code (a launcher) touching memory
+void record(const SimThread& t, uintptr_t site, Kind kind, uintptr_t addr, int size) {
   State& s = state();
   if (kind == global_load || kind == global_store) {
     const auto [start, bytes] = allocation_of(addr);
@@ -173,35 +192,46 @@ void record(uintptr_t site, Kind kind, uintptr_t addr, int size) {
     f.bytes = bytes;
     mark(kind == global_store ? f.writes : f.reads, addr / kSectorBytes, (addr + size - 1) / kSectorBytes);
   }
-  const unsigned lane = t->linear % 32, warp_index = t->linear / 32;
+  const unsigned lane = t.linear % 32, warp_index = t.linear / 32;
   const uintptr_t tagged = site * 4 + kind;
-  const Key key{tagged, s.lane_seq[t->linear][tagged]++};
+  const Key key{tagged, s.lane_seq[t.linear][tagged]++};
   auto& warp = s.warps[warp_index];
   Pending& p = warp[key];
   p.lanes |= 1u << lane;
   p.size = static_cast<uint8_t>(size);
   p.addr[lane] = addr;
-  const WarpState& ws = t->block->warps[warp_index];
+  const WarpState& ws = t.block->warps[warp_index];
   if (p.lanes == (ws.lanes & ~ws.exited)) {
-    finish(key, p, *t->block);
+    finish(key, p, *t.block);
     warp.erase(key);
   } else if (warp.size() > kMaxPending) {
     // Lanes that never reach these instructions before the next barrier (divergence) would hold them forever:
     // finish them as the partial requests they are.
-    for (const auto& [k, pending] : warp) finish(k, pending, *t->block);
+    for (const auto& [k, pending] : warp) finish(k, pending, *t.block);
     warp.clear();
   }
+}
+
+// A thread's access: merged into its open one when it continues it, else the open one is recorded and this opens.
+void note_access(const SimThread& t, uintptr_t site, Kind kind, uintptr_t addr, int size) {
+  OpenAccess& o = state().open[t.linear];
+  if (o.size > 0 && o.kind == kind && addr == o.addr + o.size && o.addr / 16 == (addr + size - 1) / 16) {
+    o.size += size;
+    return;
+  }
+  close_access(t);
+  o = OpenAccess{site, addr, kind, size};
 }
 
 }  // namespace
 
 void access(uintptr_t site, const void* ptr, int size, bool store) {
   const SimThread* t = t_sim;
-  if (!t) return;
+  if (!t) return;  // host code (a launcher) touching memory
   const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
   const uintptr_t smem = reinterpret_cast<uintptr_t>(t->lane.smem);
-  if (a - smem < t->lane.smem_bytes) record(site, store ? shared_store : shared_load, a, size);
-  else if (allocation_of(a).second) record(site, store ? global_store : global_load, a, size);
+  if (a - smem < t->lane.smem_bytes) note_access(*t, site, store ? shared_store : shared_load, a, size);
+  else if (allocation_of(a).second) note_access(*t, site, store ? global_store : global_load, a, size);
 }
 
 void launch_begin(const LaunchSpec& spec) {
@@ -251,6 +281,7 @@ void block_begin(const Block& b) {
   State& s = state();
   s.warps.assign(b.warps.size(), {});
   s.lane_seq.assign(b.nthreads, {});
+  s.open.assign(b.nthreads, {});
   s.current.counters.blocks += 1;
 }
 
@@ -276,10 +307,11 @@ void ldmatrix(const unsigned char* const rows[], int matrices) {
 }
 
 void cp_async(const void* site, const void* smem_dst, const void* gmem_src, int src_bytes) {
+  const SimThread& t = *t_sim;
   const uintptr_t s = reinterpret_cast<uintptr_t>(site);
   if (src_bytes > 0 && allocation_of(reinterpret_cast<uintptr_t>(gmem_src)).second)
-    record(s, global_load, reinterpret_cast<uintptr_t>(gmem_src), src_bytes);
-  record(s, shared_store, reinterpret_cast<uintptr_t>(smem_dst), 16);
+    record(t, s, global_load, reinterpret_cast<uintptr_t>(gmem_src), src_bytes);
+  record(t, s, shared_store, reinterpret_cast<uintptr_t>(smem_dst), 16);
 }
 
 }  // namespace detail

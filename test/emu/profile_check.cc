@@ -95,6 +95,29 @@ __global__ void divergent_load(const float* in, float* out, int active) {
   out[threadIdx.x] = v;
 }
 
+// Each lane reads four consecutive floats one by one, as g++ may compile a float4 load; then two floats 32 apart.
+__global__ void split_vector_load(const float* in, float* out) {
+  const int lane = threadIdx.x;
+  const volatile float* v = in + 4 * lane;
+  float s = v[0];
+  s += v[1];
+  s += v[2];
+  s += v[3];
+  const volatile float* w = in;
+  s += w[lane];
+  s += w[lane + 32];
+  out[lane] = s;
+}
+
+EMU_TEST(counters_merge_a_lanes_split_vector_access) {
+  if (!prof::available()) return;
+  DeviceVector<float> in(128, 1.0f), out(32);
+  const prof::Counters c = counted([&] { SKV_LAUNCH(split_vector_load, 1, 32, 0, nullptr, in.data(), out.data()); });
+  // One 16-byte request (512 bytes, 16 sectors) for the four scalar loads; two 4-byte requests (4 sectors each).
+  CHECK(c.global_load_requests == 3);
+  CHECK(c.global_load_sectors == 16 + 4 + 4 && c.global_load_bytes == 512 + 128 + 128);
+}
+
 EMU_TEST(counters_global_coalescing) {
   if (!prof::available()) { std::printf("NOTICE: cost counters not built in this flavour; skipped\n"); return; }
   DeviceVector<float> in(32 * 64, 1.0f), out(64);
