@@ -250,16 +250,17 @@ class CudaBackend final : public Backend {
 
   // An event recorded on the stream (no timing, blocking sync: the waiter sleeps instead of spinning); the
   // waiter thread, started with the first mark, waits for the events in order and calls their callbacks.
+  // A mark whose event cannot be made or recorded (a device already failing: the error is sticky, the next
+  // synchronize reports it) still joins the waiter's queue, event-less, so marks stay in order.
   void when_reached(const std::function<void()>& reached) override {
-    cudaEvent_t event;
+    cudaEvent_t event = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       bind();
-      check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
-      const cudaError_t err = cudaEventRecord(event, stream_);
-      if (err != cudaSuccess) {
+      if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventBlockingSync) != cudaSuccess) event = nullptr;
+      if (event && cudaEventRecord(event, stream_) != cudaSuccess) {
         cudaEventDestroy(event);
-        check(err, "cudaEventRecord (mark)");
+        event = nullptr;
       }
     }
     std::lock_guard<std::mutex> lock(marks_mu_);
@@ -267,7 +268,7 @@ class CudaBackend final : public Backend {
       if (!waiter_.joinable()) waiter_ = std::thread([this] { wait_marks(); });
       marks_.push_back({event, reached});
     } catch (...) {
-      cudaEventDestroy(event);
+      if (event) cudaEventDestroy(event);
       throw;
     }
     marks_cv_.notify_one();
@@ -337,8 +338,10 @@ class CudaBackend final : public Backend {
       marks_busy_ = true;
       lock.unlock();
       // A failure here is the stream's: the next synchronize reports it; the mark is passed either way.
-      cudaEventSynchronize(m.event);
-      cudaEventDestroy(m.event);
+      if (m.event) {
+        cudaEventSynchronize(m.event);
+        cudaEventDestroy(m.event);
+      }
       cudaGetLastError();
       m.reached();
       lock.lock();
