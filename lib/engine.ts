@@ -141,6 +141,7 @@ export class Engine implements TensorOwner {
   /** @internal */
   readonly native: NativeEngine;
   #disposed = false;
+  #countingKernels = false;
 
   /** @internal */
   constructor(native: NativeEngine, backend: BackendName, fallbackReason?: string) {
@@ -215,6 +216,7 @@ export class Engine implements TensorOwner {
     if (opts.kernelCounters && this.backend !== 'emu') fail('ERR_BACKEND_UNAVAILABLE', `startProfiling: kernel counters need the emu backend (this engine runs on ${this.backend})`);
     try {
       this.native.setProfiling(true, opts.kernelCounters ?? false, opts.sampleBlocks ?? 0);
+      this.#countingKernels = opts.kernelCounters ?? false;
     } catch (e) {
       rethrowNative(e);
     }
@@ -236,6 +238,11 @@ export class Engine implements TensorOwner {
       launches.set(op, list);
     }
     this.native.setProfiling(false);
+    if (this.#countingKernels) {
+      // The counters are the process's, switched off on the queue thread: free for another engine once this resolves.
+      this.#countingKernels = false;
+      await this.sync();
+    }
     return Object.entries(raw)
       .map(([label, p]): OpProfileEntry => {
         const colon = label.indexOf(':');
