@@ -664,8 +664,6 @@ void check(cudaError_t err, const char* what) {
     throw BackendError(StatusCode::device, std::string("attention: ") + what + ": CUDA error " + std::to_string(static_cast<int>(err)));
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Why bf16 attention cannot take the tensor-core kernel, or null when it can (f32 is never asked).
 const char* mma_obstacle(const AttentionArgs& a) {
   if (a.head_dim != 64 && a.head_dim != 128) return "bf16 attention on SIMT cores: head_dim is not 64 or 128";

@@ -78,6 +78,9 @@ inline int current_device(const char* what) {
   return dev;
 }
 
+// Host side: whether a device pointer suits 16-byte vector loads and cp.async.
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 // SMs of the current device, queried once per device (0-63; later devices every call).
 inline int sm_count(const char* what) {
   static std::atomic<int> cached[64];  // 0: not yet queried

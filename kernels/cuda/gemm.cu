@@ -359,8 +359,6 @@ void launch_simt(const GemmParams& p, cudaStream_t stream) {
   SKV_LAUNCH(kernel, grid, dim3(kSimtThreads), smem, stream, p);
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Why bf16 w (with bf16 or f32 x) cannot take the tensor cores, or null when it can.
 const char* mma_blocker(const GemmArgs& a) {
   if (a.k % 8 != 0) return "K % 8 != 0";
