@@ -9,14 +9,16 @@ export type ActivationFn = 'silu' | 'gelu_tanh';
 
 /** The arguments object of every native op, `T` being the native tensor type. */
 export interface NativeOpArgs<T> {
-  /** softmax(scale * q . key) . value over [history (or its gathered rows) ‖ current], optionally with the observation window's logits and log-sum-exp (kernel 'attention'). */
+  /** softmax(scale * q . key) . value over [history (or its gathered rows) ‖ current], optionally with the observation window's logits and log-sum-exp; the history is paged through pageTable, or contiguous (kernel 'attention'). */
   attention: {
     /** in: f32|bf16, [rows, heads, Lq, headDim]. */
     q: T;
-    /** in: q's dtype, [rows, heads, capacity, headDim]. */
+    /** in: q's dtype, [pages, heads, pageTokens, headDim]. */
     histK?: T;
-    /** in: q's dtype, [rows, heads, capacity, headDim]. */
+    /** in: q's dtype, [pages, heads, pageTokens, headDim]. */
     histV?: T;
+    /** in: i32, [rows, tablePages]. */
+    pageTable?: T;
     /** in: i32, [rows, heads, nGather]. */
     gather?: T;
     /** in: q's dtype, [rows, heads, Lc, headDim]. */
@@ -36,12 +38,14 @@ export interface NativeOpArgs<T> {
     /** number, required. */
     scale: number;
   };
-  /** moves the kept rows of [history ‖ current] to the front of the history, in place, per (row, head) (kernel 'evict_compact'). */
+  /** moves the kept rows of [history ‖ current] to the front of the history, in place, per (row, head); the history is paged through pageTable, or contiguous (kernel 'evict_compact'). */
   evictCompact: {
-    /** inout: f32|bf16, [rows, heads, capacity, headDim]. */
+    /** inout: f32|bf16, [pages, heads, pageTokens, headDim]. */
     histK: T;
-    /** inout: histK's dtype, [rows, heads, capacity, headDim]. */
+    /** inout: histK's dtype, [pages, heads, pageTokens, headDim]. */
     histV: T;
+    /** in: i32, [rows, tablePages]. */
+    pageTable?: T;
     /** in: histK's dtype, [rows, heads, Lc, headDim]. */
     curK?: T;
     /** in: histK's dtype, [rows, heads, Lc, headDim]. */
@@ -163,7 +167,7 @@ export interface NativeOpArgs<T> {
     /** 'silu' | 'gelu_tanh', required. */
     fn: ActivationFn;
   };
-  /** q/k/v from the fused projection: bias, L2-normalise and scale, 2-D RoPE; k and v written at kvOffset (kernel 'qk_norm_rope'). */
+  /** q/k/v from the fused projection: bias, L2-normalise and scale, 2-D RoPE; k and v written at kvOffset of a paged (pageTable) or contiguous history (kernel 'qk_norm_rope'). */
   qkNormRope: {
     /** in: f32|bf16, [batch, tokens, 3*heads*headDim]. */
     qkv: T;
@@ -177,10 +181,12 @@ export interface NativeOpArgs<T> {
     positions?: T;
     /** out: f32|bf16, [batch, heads, tokens, headDim]. */
     q: T;
-    /** out: f32|bf16, [batch, heads, capacity, headDim]. */
+    /** out: f32|bf16, [pages, heads, pageTokens, headDim]. */
     k?: T;
     /** out: k's dtype, k's shape. */
     v?: T;
+    /** in: i32, [batch, tablePages]. */
+    pageTable?: T;
     /** boolean, default true. */
     normalize?: boolean;
     /** integer, in [0, 2147483647], default 0. */

@@ -33,7 +33,7 @@ struct KeySource {
   // prefetcher cannot see it coming.
   void prefetch_key(int j) const {
     if (!a.gather || j >= n_hist) return;
-    const int64_t row = rh * a.hist_cap + a.gather[rh * a.n_gather + j];
+    const int64_t row = history_row(a.gather[rh * a.n_gather + j]);
     const size_t bytes = size_t(a.head_dim) * dtype_size(a.dtype);
     const char* k = static_cast<const char*>(a.hist_k) + row * int64_t(bytes);
     const char* v = static_cast<const char*>(a.hist_v) + row * int64_t(bytes);
@@ -43,12 +43,13 @@ struct KeySource {
     }
   }
 
+  int64_t history_row(int t) const { return kv_page_row(a.hist_pages, a.heads, int(rh / a.heads), int(rh % a.heads), t); }
+
   // Key j of the virtual sequence (and its value when v is given) as f32.
   void load_key(int j, float* k, float* v) const {
     const int D = a.head_dim;
     if (j < n_hist) {
-      const int64_t src = a.gather ? a.gather[rh * a.n_gather + j] : j;
-      const int64_t row = rh * a.hist_cap + src;
+      const int64_t row = history_row(a.gather ? a.gather[rh * a.n_gather + j] : j);
       load_row_f32(a.hist_k, a.dtype, row, D, k);
       if (v) load_row_f32(a.hist_v, a.dtype, row, D, v);
     } else {
@@ -92,6 +93,7 @@ inline float dot(const float* x, const float* y, int n) {
 }
 
 void validate(const AttentionArgs& a) {
+  if (a.hist_k) check_kv_pages(a.hist_pages, a.rows, 0, a.hist_len, "attention");
   if (a.gather) {
     const int64_t total = int64_t(a.rows) * a.heads * a.n_gather;
     for (int64_t i = 0; i < total; ++i) {

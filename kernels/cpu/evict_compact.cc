@@ -2,6 +2,7 @@
 // nothing. Moving rows front-to-back is safe because a strictly increasing list has keep[i] >= i: the
 // destination of row i never holds a source that a later i still has to read. A list with repeats breaks
 // that (keep[i] < i after a repeat), so those lists are gathered through a copy of the kept rows.
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@ void evict_compact(ThreadPool& pool, const EvictCompactArgs& a) {
     throw BackendError(StatusCode::index_out_of_range, "evictCompact: " + std::to_string(a.n_keep) +
                                                            " kept rows exceed the history capacity " +
                                                            std::to_string(a.hist_cap));
+  check_kv_pages(a.hist_pages, a.rows, 0, std::max(a.hist_len, a.n_keep), "evictCompact");
   for (int64_t rh = 0; rh < pairs; ++rh) {
     const int32_t* keep = a.keep + rh * a.n_keep;
     for (int i = 0; i < a.n_keep; ++i) {
@@ -39,31 +41,30 @@ void evict_compact(ThreadPool& pool, const EvictCompactArgs& a) {
     std::vector<char> gathered;
     for (int64_t rh = begin; rh < end; ++rh) {
       const int32_t* keep = a.keep + rh * a.n_keep;
-      char* hk = static_cast<char*>(a.hist_k) + rh * a.hist_cap * row_bytes;
-      char* hv = static_cast<char*>(a.hist_v) + rh * a.hist_cap * row_bytes;
+      const int r = int(rh / a.heads);
+      const int h = int(rh % a.heads);
+      char* hk = static_cast<char*>(a.hist_k);
+      char* hv = static_cast<char*>(a.hist_v);
       const char* ck = static_cast<const char*>(a.cur_k) + rh * a.lc * row_bytes;
       const char* cv = static_cast<const char*>(a.cur_v) + rh * a.lc * row_bytes;
-      auto source = [&](const char* hist, const char* cur, int src) {
-        return src < a.hist_len ? hist + src * row_bytes : cur + (src - a.hist_len) * row_bytes;
+      auto history = [&](char* pool, int t) { return pool + kv_page_row(a.hist_pages, a.heads, r, h, t) * int64_t(row_bytes); };
+      auto source = [&](char* hist, const char* cur, int src) -> const char* {
+        return src < a.hist_len ? history(hist, src) : cur + (src - a.hist_len) * row_bytes;
       };
       bool repeated = false;
       for (int i = 1; a.repeats && i < a.n_keep && !repeated; ++i) repeated = keep[i] == keep[i - 1];
-      char* dk = hk;
-      char* dv = hv;
-      if (repeated) {
-        gathered.resize(2 * size_t(a.n_keep) * row_bytes);
-        dk = gathered.data();
-        dv = dk + size_t(a.n_keep) * row_bytes;
-      }
+      if (repeated) gathered.resize(2 * size_t(a.n_keep) * row_bytes);
+      char* gk = gathered.data();
+      char* gv = repeated ? gk + size_t(a.n_keep) * row_bytes : nullptr;
       for (int i = 0; i < a.n_keep; ++i) {
         const int src = keep[i];
         if (!repeated && src == i && src < a.hist_len) continue;  // already in place
-        std::memcpy(dk + i * row_bytes, source(hk, ck, src), row_bytes);
-        std::memcpy(dv + i * row_bytes, source(hv, cv, src), row_bytes);
+        std::memcpy(repeated ? gk + i * row_bytes : history(hk, i), source(hk, ck, src), row_bytes);
+        std::memcpy(repeated ? gv + i * row_bytes : history(hv, i), source(hv, cv, src), row_bytes);
       }
-      if (repeated) {
-        std::memcpy(hk, dk, size_t(a.n_keep) * row_bytes);
-        std::memcpy(hv, dv, size_t(a.n_keep) * row_bytes);
+      for (int i = 0; repeated && i < a.n_keep; ++i) {
+        std::memcpy(history(hk, i), gk + i * row_bytes, row_bytes);
+        std::memcpy(history(hv, i), gv + i * row_bytes, row_bytes);
       }
     }
   });

@@ -6,6 +6,9 @@
 
 namespace scalekv::cpu {
 
+// ERR_INDEX_RANGE unless the page-table entries of tokens [begin, end) of every row name pages of the pool.
+void check_kv_pages(const KvPages& p, int rows, int begin, int end, const char* op);
+
 void attention(ThreadPool& pool, const AttentionArgs& a);
 void evict_compact(ThreadPool& pool, const EvictCompactArgs& a);
 void selection(ThreadPool& pool, const SelectionArgs& a);

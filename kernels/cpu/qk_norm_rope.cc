@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ops.h"
 #include "tensor_view.h"
 #include "transformer_ops.h"
 #include "vector_math.h"
@@ -58,6 +59,7 @@ struct AngleTable {
 
 void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
   const int H = a.heads, c = a.head_dim, L = a.tokens, pairs = c / 2, quarter = c / 4;
+  if (a.k) check_kv_pages(a.kv_pages, a.batch, a.kv_offset, a.kv_offset + L, "qkNormRope");
   std::vector<float> inv_freq(quarter);
   for (int i = 0; i < quarter; ++i)
     inv_freq[i] = 1.0f / std::pow(10000.0f, float(2 * i) / float(pairs));
@@ -97,8 +99,9 @@ void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
         if (a.v_bias) for (int d = 0; d < c; ++d) v[d] += a.v_bias[h * c + d];
         if (a.normalize) normalize(k.data(), c, 1.0f);
         if (a.positions) rotate(k.data(), cos_t, sin_t, quarter);
-        store_row_f32(a.k, a.kv_dtype, bh * a.kv_cap + a.kv_offset + l, c, k.data());
-        store_row_f32(a.v, a.kv_dtype, bh * a.kv_cap + a.kv_offset + l, c, v.data());
+        const int64_t kv_row = kv_page_row(a.kv_pages, H, int(b), h, a.kv_offset + l);
+        store_row_f32(a.k, a.kv_dtype, kv_row, c, k.data());
+        store_row_f32(a.v, a.kv_dtype, kv_row, c, v.data());
       }
     }
   });
