@@ -152,6 +152,60 @@ async function attentionCase(e: Engine, rows: Row[], o: { pairs: number; heads: 
 }
 let naiveGflops = 0;
 
+/**
+ * Attention over a paged history (the KV arena: pages of `pageTokens` tokens x all heads, shuffled as after many
+ * compactions) against the same keys stored contiguously, interleaved call by call (ABAB) so drift hits both. The
+ * ratio is the paged rate over the contiguous one.
+ */
+async function pagedAttentionCase(e: Engine, rows: Row[], o: { heads: number; lq: number; hist: number; lc: number; d: number; pageTokens: number; rounds: number }) {
+  const { heads, lq, hist, lc, d, pageTokens: P } = o;
+  const shape = `heads ${heads}, Lq ${lq}, keys ${hist}+${lc}, D ${d}, bf16, ${P}-token pages`;
+  const flops = 4 * heads * lq * (hist + lc) * d;
+  const sh = (l: number) => [1, heads, l, d];
+  const pages = Math.ceil(hist / P);
+  // Page i of the history is pool page order[i]: a fixed shuffle of twice as many pages as it needs.
+  const order = Array.from({ length: 2 * pages }, (_, i) => i);
+  for (let i = order.length - 1; i > 0; i--) {
+    const j = (i * 7919 + 13) % (i + 1);
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  const table = e.tensor(Int32Array.from(order.slice(0, pages)), [1, pages], 'i32');
+  const kData = rand(heads * hist * d, 2);
+  const vData = rand(heads * hist * d, 3);
+  const paged = (data: Float32Array) => {
+    const pool = new Float32Array(2 * pages * heads * P * d);
+    for (let h = 0; h < heads; h++)
+      for (let t = 0; t < hist; t++)
+        pool.set(data.subarray((h * hist + t) * d, (h * hist + t + 1) * d), ((order[Math.floor(t / P)] * heads + h) * P + (t % P)) * d);
+    return e.tensor(pool, [2 * pages, heads, P, d], 'bf16');
+  };
+  const q = e.tensor(rand(heads * lq * d, 1), sh(lq), 'bf16');
+  const hk = e.tensor(kData, sh(hist), 'bf16');
+  const hv = e.tensor(vData, sh(hist), 'bf16');
+  const pk = paged(kData);
+  const pv = paged(vData);
+  const ck = e.tensor(rand(heads * lc * d, 4), sh(lc), 'bf16');
+  const cv = e.tensor(rand(heads * lc * d, 5), sh(lc), 'bf16');
+  const out = e.empty(sh(lq), 'bf16');
+  const current = lc > 0 ? { k: ck, v: cv } : undefined;
+  let contiguousMs = 0;
+  let pagedMs = 0;
+  for (let r = 0; r < o.rounds; r++) {
+    contiguousMs += await timeKernel(e, 'attention', async () => {
+      e.ops.attention({ q, history: { k: hk, v: hv, len: hist }, current, out, scale: 1 / Math.sqrt(d) });
+      await e.sync();
+    }, 1);
+    pagedMs += await timeKernel(e, 'attention', async () => {
+      e.ops.attention({ q, history: { k: pk, v: pv, len: hist, pageTable: table }, current, out, scale: 1 / Math.sqrt(d) });
+      await e.sync();
+    }, 1);
+  }
+  const [c, p] = [contiguousMs / o.rounds, pagedMs / o.rounds];
+  rows.push({ kernel: 'attention', shape, impl: `${e.backend} contiguous history`, ms: c, rate: gflopsRate(flops / c / 1e6) });
+  rows.push({ kernel: 'attention', shape, impl: `${e.backend} paged history`, ms: p, rate: gflopsRate(flops / p / 1e6), ratio: `${(c / p).toFixed(3)}×`, note: 'paged / contiguous rate, interleaved in this run' });
+  for (const t of [q, hk, hv, pk, pv, ck, cv, out, table]) t.dispose();
+}
+
 async function compactCase(e: Engine, rows: Row[], o: { b: number; heads: number; cap: number; keep: number; d: number }) {
   const pairs = o.b * o.heads;
   const shape = `rows ${o.b} × heads ${o.heads}, ${o.keep} of ${o.cap} kept, D ${o.d}, bf16 K+V`;
@@ -417,7 +471,12 @@ async function kernelCases() {
     const iterations = engine.backend === 'cuda' ? 20 : 1;
     for (const hist of [650, 6425])
       await attentionCase(engine, rows, { pairs: 16, heads: 16, lq: 4096, hist, lc: 4096, d: 128, dtype: 'bf16', naive: false, iterations });
+    // Infinity-2B's last scale with ScaleKV 10 % (650 history tokens a layer), paged as the arena holds it.
+    await pagedAttentionCase(engine, rows, { heads: 16, lq: 4096, hist: 650, lc: 4096, d: 128, pageTokens: 16, rounds: engine.backend === 'cuda' ? 20 : 2 });
   }
+  // All keys from the history: where the page indirection costs the most.
+  for (const pageTokens of [16, 64])
+    await pagedAttentionCase(engine, rows, { heads: 16, lq: 256, hist: 6425, lc: 0, d: 128, pageTokens, rounds: engine.backend === 'cuda' ? 20 : 3 });
   await compactCase(engine, rows, { b: 2, heads: 16, cap: 6425 + 4096, keep: 650, d: 128 });
   await selectionCase(engine, rows, { b: 2, heads: 16, nw: 16, nk: 10521, budget: 650 });
   await rmsNormCase(engine, rows, { tokens: 512, C: 2048 });

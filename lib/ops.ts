@@ -27,9 +27,14 @@ export interface KVPair {
 export interface AttentionArgs {
   /** [rows, heads, Lq, headDim], f32 or bf16. */
   q: Tensor;
-  /** [rows, heads, capacity, headDim]; the first `len` (default: capacity) rows are valid. */
+  /**
+   * Contiguous [rows, heads, capacity, headDim], or a paged pool [pages, heads, pageTokens, headDim] read through
+   * `pageTable`; the first `len` (default: capacity) tokens are valid.
+   */
   history?: KVPair & {
     len?: number;
+    /** [rows, tablePages] int32: history token t of row r is in page pageTable[r, t / pageTokens]. */
+    pageTable?: IndexInput;
     /** [rows, heads, n] int32: read history rows through these indices (each in [0, len)). */
     gather?: IndexInput;
   };
@@ -51,8 +56,8 @@ export interface AttentionArgs {
 }
 
 export interface EvictCompactArgs {
-  /** The layer's buffers; rows [0, len) are valid. Compacted in place. */
-  history: KVPair & { len: number };
+  /** The layer's buffers (contiguous, or paged through pageTable as in AttentionArgs); tokens [0, len) are valid. Compacted in place. */
+  history: KVPair & { len: number; pageTable?: IndexInput };
   current?: KVPair;
   /** [rows, heads, nKeep] int32, strictly increasing per (row, head), into [0, len + Lc). */
   keep: IndexInput;
@@ -263,11 +268,14 @@ export interface QkNormRopeArgs {
   /** [B, H, L, c] output, f32 or bf16. */
   q: Tensor;
   /**
-   * [B, H, capacity, c] K/V (one dtype): this scale's tokens are written at rows kvOffset .. kvOffset + L. Both
-   * absent: q only (e.g. ScaleKV's raw scoring query).
+   * K/V (one dtype): this scale's tokens are written at tokens kvOffset .. kvOffset + L. Contiguous [B, H, capacity,
+   * c], or a paged pool [pages, H, pageTokens, c] with `pageTable`. Both absent: q only (e.g. ScaleKV's raw scoring
+   * query).
    */
   k?: Tensor;
   v?: Tensor;
+  /** [B, tablePages] int32: token t of batch row b is in page pageTable[b, t / pageTokens] of k and v. */
+  pageTable?: IndexInput;
   /** Default 0. */
   kvOffset?: number;
 }
@@ -348,6 +356,13 @@ export class Ops {
     return { tensor: x, temp: false };
   }
 
+  /** A page table given as a host array is [rows, entries / rows]. */
+  #pageTable(x: IndexInput | undefined, rows: number | undefined, what: string): { tensor?: Tensor; temp: boolean } {
+    if (x instanceof Int32Array && (!rows || x.length % rows !== 0))
+      fail('ERR_SHAPE', `${what} has ${x.length} entries, not a whole number per row of ${rows ?? 'unknown'} rows`);
+    return this.#indices(x, x instanceof Int32Array ? [rows as number, x.length / (rows as number)] : null, what);
+  }
+
   #run<K extends NativeOpName>(name: K, args: NativeCall<K>, temps: { tensor?: Tensor; temp: boolean }[]) {
     try {
       (this.#engine.native[name] as unknown as (a: NativeCall<K>) => void)(args);
@@ -368,6 +383,7 @@ export class Ops {
     if (a.history?.gather instanceof Int32Array && !Number.isInteger(gatherLen))
       fail('ERR_SHAPE', `attention: gather has ${a.history.gather.length} entries, not a multiple of rows*heads = ${rows * heads}`);
     const gather = this.#indices(a.history?.gather, [rows, heads, gatherLen], 'history.gather');
+    const pageTable = this.#pageTable(a.history?.pageTable, rows, 'history.pageTable');
     const windowRows = this.#indices(a.window?.rows, null, 'window.rows');
     this.#run(
       'attention',
@@ -376,6 +392,7 @@ export class Ops {
         histK: this.#own(a.history?.k, 'history.k'),
         histV: this.#own(a.history?.v, 'history.v'),
         histLen: a.history?.len,
+        pageTable: pageTable.tensor?.native,
         gather: gather.tensor?.native,
         curK: this.#own(a.current?.k, 'current.k'),
         curV: this.#own(a.current?.v, 'current.v'),
@@ -385,7 +402,7 @@ export class Ops {
         windowLogits: this.#own(a.window?.logits, 'window.logits'),
         windowLse: this.#own(a.window?.lse, 'window.lse'),
       },
-      [gather, windowRows],
+      [gather, pageTable, windowRows],
     );
   }
 
@@ -393,7 +410,12 @@ export class Ops {
   evictCompact(a: EvictCompactArgs): number {
     if (!a?.history?.k) fail('ERR_INVALID_ARG', 'evictCompact: history is required');
     const k = this.#own(a.history.k, 'history.k');
-    const [rows, heads] = a.history.k.shape;
+    const heads = a.history.k.shape[1];
+    // A paged pool's first axis counts pages: the rows come from whichever operand has them.
+    const table = a.history.pageTable;
+    const rows = table === undefined ? a.history.k.shape[0] : !(table instanceof Int32Array) ? table.shape?.[0] : !(a.keep instanceof Int32Array) ? a.keep?.shape?.[0] : a.current?.k.shape[0];
+    if (rows === undefined) fail('ERR_INVALID_ARG', 'evictCompact: with a host pageTable, give keep or pageTable as a tensor, or a current operand, so the rows are known');
+    const pageTable = this.#pageTable(table, rows, 'history.pageTable');
     const n = a.keep instanceof Int32Array ? a.keep.length / (rows * heads) : a.keep?.shape?.[2];
     if (!Number.isInteger(n)) fail('ERR_SHAPE', `evictCompact: keep must hold rows*heads = ${rows * heads} equal lists`);
     const keep = this.#indices(a.keep, [rows, heads, n as number], 'keep');
@@ -403,12 +425,13 @@ export class Ops {
         histK: k,
         histV: this.#own(a.history.v, 'history.v'),
         histLen: a.history.len,
+        pageTable: pageTable.tensor?.native,
         curK: this.#own(a.current?.k, 'current.k'),
         curV: this.#own(a.current?.v, 'current.v'),
         keep: keep.tensor?.native,
         repeats: a.repeats ?? false,
       },
-      [keep],
+      [keep, pageTable],
     );
     return n as number;
   }
@@ -514,14 +537,16 @@ export class Ops {
   qkNormRope(a: QkNormRopeArgs): void {
     const tokens = a?.qkv?.shape?.[1] ?? 0;
     const positions = this.#indices(a?.positions, [tokens, 2], 'positions');
+    const pageTable = this.#pageTable(a?.pageTable, a?.qkv?.shape?.[0], 'pageTable');
     this.#run(
       'qkNormRope',
       {
         qkv: this.#own(a?.qkv, 'qkv'), qBias: this.#own(a?.qBias, 'qBias'), vBias: this.#own(a?.vBias, 'vBias'),
         scaleMul: this.#own(a?.scaleMul, 'scaleMul'), normalize: a?.normalize ?? true, positions: positions.tensor?.native,
         q: this.#own(a?.q, 'q'), k: this.#own(a?.k, 'k'), v: this.#own(a?.v, 'v'), kvOffset: a?.kvOffset ?? 0,
+        pageTable: pageTable.tensor?.native,
       },
-      [positions],
+      [positions, pageTable],
     );
   }
 

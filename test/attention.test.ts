@@ -3,6 +3,7 @@ import type { Engine } from '../lib/engine.js';
 import { bf16BitsToF32, f32ToBf16Bits } from '../lib/dtype.js';
 import { attentionRef, AttentionProblem, windowRef } from './reference.js';
 import { bf16Round, maxAbs, maxAbsDiff, Rng, seedFor, testBackends, withEngine } from './helpers.js';
+import { randomLayout, scatter } from './paged.js';
 
 const roundBf16 = (x: number) => bf16BitsToF32(f32ToBf16Bits(x));
 
@@ -70,12 +71,23 @@ function makeProblem(rng: Rng, c: Case, dtype: 'f32' | 'bf16'): AttentionProblem
   };
 }
 
-async function runAttention(e: Engine, p: AttentionProblem & { windowRows: Int32Array }, dtype: 'f32' | 'bf16', withOut = true) {
+/** The history paged through a random table (test/paged.ts), the table given as a host array or a tensor. */
+interface Paging {
+  rng: Rng;
+  pageTokens: number;
+  tableOnDevice: boolean;
+}
+
+async function runAttention(e: Engine, p: AttentionProblem & { windowRows: Int32Array }, dtype: 'f32' | 'bf16', withOut = true, paging?: Paging) {
   const sh = (l: number) => [p.rows, p.heads, l, p.d];
   const nKeys = (p.gather ? p.gather.length / (p.rows * p.heads) : p.len) + p.lc;
   const q = e.tensor(p.q, sh(p.lq), dtype);
-  const hk = p.cap > 0 ? e.tensor(p.hk, sh(p.cap), dtype) : undefined;
-  const hv = p.cap > 0 ? e.tensor(p.hv, sh(p.cap), dtype) : undefined;
+  const dims = { rows: p.rows, heads: p.heads, cap: p.cap, d: p.d };
+  const layout = paging && p.cap > 0 ? randomLayout(paging.rng, p.rows, p.cap, paging.pageTokens) : undefined;
+  const poolShape = layout ? [layout.pages, p.heads, layout.pageTokens, p.d] : sh(p.cap);
+  const hk = p.cap > 0 ? e.tensor(layout ? scatter(layout, p.hk, dims, NaN) : p.hk, poolShape, dtype) : undefined;
+  const hv = p.cap > 0 ? e.tensor(layout ? scatter(layout, p.hv, dims, NaN) : p.hv, poolShape, dtype) : undefined;
+  const table = layout && (paging?.tableOnDevice ? e.tensor(layout.table, [p.rows, layout.tablePages], 'i32') : layout.table);
   const ck = p.lc > 0 ? e.tensor(p.ck, sh(p.lc), dtype) : undefined;
   const cv = p.lc > 0 ? e.tensor(p.cv, sh(p.lc), dtype) : undefined;
   const out = withOut ? e.empty(sh(p.lq), dtype, { fillByte: 0xff }) : undefined;
@@ -84,7 +96,7 @@ async function runAttention(e: Engine, p: AttentionProblem & { windowRows: Int32
   const lse = nw ? e.empty([p.rows, p.heads, nw], 'f32', { fillByte: 0xff }) : undefined;
   e.ops.attention({
     q,
-    history: hk && hv ? { k: hk, v: hv, len: p.len, gather: p.gather } : undefined,
+    history: hk && hv ? { k: hk, v: hv, len: p.len, gather: p.gather, pageTable: table } : undefined,
     current: ck && cv ? { k: ck, v: cv } : undefined,
     out,
     scale: p.scale,
@@ -95,7 +107,7 @@ async function runAttention(e: Engine, p: AttentionProblem & { windowRows: Int32
     logits: logits ? ((await logits.read()) as Float32Array) : undefined,
     lse: lse ? ((await lse.read()) as Float32Array) : undefined,
   };
-  for (const t of [q, hk, hv, ck, cv, out, logits, lse]) t?.dispose();
+  for (const t of [q, hk, hv, ck, cv, out, logits, lse, table instanceof Int32Array ? undefined : table]) t?.dispose();
   return result;
 }
 
@@ -137,6 +149,27 @@ for (const backend of testBackends()) {
       });
     });
   }
+
+  test(`attention ${backend}: a paged history (pages of 1 to 64 tokens, shuffled ragged tables) matches the float64 reference and the contiguous history bit for bit`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    await withEngine(backend, async (e) => {
+      const cases = [...CASES, ...TILE_CASES].filter((c) => c.len > 0);
+      for (const [i, c] of cases.entries()) {
+        const dtype = i % 2 ? 'bf16' : 'f32';
+        const pageTokens = [1, 3, 16, 64, 7, 32][i % 6];
+        const p = makeProblem(rng, c, dtype);
+        const label = `${dtype} ${pageTokens}-token pages ${JSON.stringify(c)}`;
+        const contiguous = await runAttention(e, p, dtype);
+        const paged = await runAttention(e, p, dtype, true, { rng, pageTokens, tableOnDevice: i % 3 === 0 });
+        t.deepEqual(paged, contiguous, label);
+        const ref = attentionRef(p, dtype === 'bf16' ? roundBf16 : undefined);
+        const err = maxAbsDiff(paged.out!, ref.out);
+        const bound = dtype === 'f32' ? 1e-5 * Math.max(1, maxAbs(ref.out)) : 2 * maxAbsDiff(ref.outBf16!, ref.out) + 1e-6;
+        t.true(err <= bound, `${label}: out error ${err}, bound ${bound}`);
+        if (c.window) windowMatches(t, paged, windowRef(p, p.windowRows), label);
+      }
+    });
+  });
 
   test(`attention ${backend} bf16: warp-tile tails and split-KV shapes match a float64 reference`, async (t) => {
     const rng = new Rng(seedFor(t));
@@ -187,6 +220,17 @@ for (const backend of testBackends()) {
       await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_RANGE' });
       e.ops.attention({ q, current: { k, v: k }, out, scale: 1 });
       await t.notThrowsAsync(e.sync());
+      // A paged history: its pool's first axis counts pages, which only a page table may make differ from the rows.
+      const pool = e.tensor(new Float32Array(3 * 2 * 64).fill(0.25), [3, 1, 2, 64], 'f32');
+      t.throws(() => e.ops.attention({ q, history: { k: pool, v: pool, len: 2 }, out, scale: 1 }), { code: 'ERR_SHAPE', message: /pages/ });
+      t.throws(() => e.ops.attention({ q, history: { k: pool, v: pool, len: 5, pageTable: new Int32Array([0, 1]) }, out, scale: 1 }), { code: 'ERR_SHAPE' });
+      const twoRows = e.tensor(new Int32Array([0, 1, 2, 0]), [2, 2], 'i32');
+      t.throws(() => e.ops.attention({ q, history: { k: pool, v: pool, len: 2, pageTable: twoRows }, out, scale: 1 }), { code: 'ERR_SHAPE' }, 'a table row per q row');
+      // Page-table entries are data: those a call reads must name pages of the pool.
+      e.ops.attention({ q, history: { k: pool, v: pool, len: 3, pageTable: new Int32Array([2, 3]) }, out, scale: 1 });
+      await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_RANGE' });
+      e.ops.attention({ q, history: { k: pool, v: pool, len: 2, pageTable: new Int32Array([2, -1]) }, out, scale: 1 });
+      await t.notThrowsAsync(e.sync(), 'entries past the history are never read');
     });
   });
 }

@@ -1,6 +1,7 @@
 import test, { type ExecutionContext } from 'ava';
 import type { BackendName, Engine } from '../lib/engine.js';
 import { Rng, seedFor, testBackends, withEngine } from './helpers.js';
+import { firstOutsideChanged, gather, randomLayout, scatter } from './paged.js';
 
 function sortedSample(rng: Rng, n: number, total: number): number[] {
   const all = Array.from({ length: total }, (_, i) => i);
@@ -66,31 +67,52 @@ function firstBitDifference(got: ArrayLike<number>, want: Uint16Array | Float32A
   return -1;
 }
 
-async function roundTrip(e: Engine, rng: Rng, dtype: 'f32' | 'bf16', rows: number, heads: number, cap: number, len: number, lc: number, d: number, n: number, repeats = false) {
+/** Bits no random draw of the tests produces twice in a row... and never a kept value: the pages' poison. */
+const POISON = { f32: 0xdeadbeef, bf16: 0xdead };
+const bitView = (a: Float32Array | Uint16Array): Uint32Array | Uint16Array => (a instanceof Float32Array ? new Uint32Array(a.buffer, a.byteOffset, a.length) : a);
+const dataView = (a: Uint32Array | Uint16Array): Float32Array | Uint16Array => (a instanceof Uint32Array ? new Float32Array(a.buffer, a.byteOffset, a.length) : a);
+
+/** With pageTokens, the history is a shuffled paged pool (test/paged.ts) and is read back through its table. */
+async function roundTrip(e: Engine, rng: Rng, dtype: 'f32' | 'bf16', rows: number, heads: number, cap: number, len: number, lc: number, d: number, n: number, repeats = false, pageTokens?: number) {
   const pairs = rows * heads;
   const mk = (count: number) => (dtype === 'f32' ? new Float32Array(randomBits32(rng, count).buffer) : randomBits16(rng, count));
   const hk = mk(pairs * cap * d), hv = mk(pairs * cap * d), ck = mk(pairs * lc * d), cv = mk(pairs * lc * d);
   const keep = new Int32Array(pairs * n);
   for (let p = 0; p < pairs; p++) keep.set(repeats ? sortedWithRepeats(rng, n, len + lc) : sortedSample(rng, n, len + lc), p * n);
   const T = (a: Float32Array | Uint16Array, l: number) => e.tensor(a, [rows, heads, l, d], dtype, { category: 'kv' });
-  const [HK, HV] = [T(hk, cap), T(hv, cap)];
+  const dims = { rows, heads, cap, d };
+  const layout = pageTokens ? randomLayout(rng, rows, cap, pageTokens) : undefined;
+  const pool = (a: Float32Array | Uint16Array) =>
+    layout ? e.tensor(dataView(scatter(layout, bitView(a), dims, POISON[dtype])), [layout.pages, heads, layout.pageTokens, d], dtype, { category: 'kv' }) : T(a, cap);
+  const [HK, HV] = [pool(hk), pool(hv)];
   const cur = lc > 0 ? { k: T(ck, lc), v: T(cv, lc) } : undefined;
-  const newLen = e.ops.evictCompact({ history: { k: HK, v: HV, len }, current: cur, keep, repeats });
-  const [gotK, gotV] = [await HK.readRaw(), await HV.readRaw()];
-  for (const x of [HK, HV, cur?.k, cur?.v]) x?.dispose();
-  return { newLen, gotK, gotV, wantK: expected(hk, ck, keep, pairs, cap, len, lc, d, n), wantV: expected(hv, cv, keep, pairs, cap, len, lc, d, n) };
+  // A host table needs another operand that knows the rows (the pool's first axis counts pages): without a current
+  // one, the table goes as a tensor.
+  const table = layout && (lc === 0 || rng.int(0, 1) ? e.tensor(layout.table, [rows, layout.tablePages], 'i32') : layout.table);
+  const newLen = e.ops.evictCompact({ history: { k: HK, v: HV, len, pageTable: table }, current: cur, keep, repeats });
+  const [rawK, rawV] = [await HK.readRaw(), await HV.readRaw()];
+  for (const x of [HK, HV, cur?.k, cur?.v, table instanceof Int32Array ? undefined : table]) x?.dispose();
+  // The pages past the history's reach still hold the poison; the rest, gathered, is the contiguous result.
+  const outside = layout ? [rawK, rawV].map((raw) => firstOutsideChanged(layout, bitView(raw as Float32Array | Uint16Array), dims, POISON[dtype])) : [-1, -1];
+  const unpaged = (raw: ArrayLike<number>) => (layout ? dataView(gather(layout, bitView(raw as Float32Array | Uint16Array), dims, cap)) : raw);
+  return {
+    newLen, gotK: unpaged(rawK), gotV: unpaged(rawV), outside,
+    wantK: expected(hk, ck, keep, pairs, cap, len, lc, d, n), wantV: expected(hv, cv, keep, pairs, cap, len, lc, d, n),
+  };
 }
 
 type Shape = [rows: number, heads: number, cap: number, len: number, lc: number, d: number, nKeep: number];
 
-async function compactsExactly(t: ExecutionContext, backend: BackendName, shapes: Shape[], repeats: boolean) {
+async function compactsExactly(t: ExecutionContext, backend: BackendName, shapes: Shape[], repeats: boolean, paged = false) {
   const rng = new Rng(seedFor(t));
   const covered = { f32: new Set<string>(), bf16: new Set<string>() };
   await withEngine(backend, async (e) => {
     for (const dtype of ['f32', 'bf16'] as const) {
-      for (const shape of shapes) {
-        const r = await roundTrip(e, rng, dtype, ...shape, repeats);
+      for (const [i, shape] of shapes.entries()) {
+        const pageTokens = paged ? [1, 16, 5, 64, 2, 33, 8][i % 7] : undefined;
+        const r = await roundTrip(e, rng, dtype, ...shape, repeats, pageTokens);
         t.is(r.newLen, shape[6]);
+        t.deepEqual(r.outside, [-1, -1], `${dtype} ${shape} in ${pageTokens}-token pages: first changed element outside the table's reach`);
         t.is(firstBitDifference(r.gotK, r.wantK), -1, `${dtype} K ${shape}: first differing element`);
         t.is(firstBitDifference(r.gotV, r.wantV), -1, `${dtype} V ${shape}: first differing element`);
         for (const x of [r.wantK, r.wantV]) {
@@ -106,28 +128,32 @@ async function compactsExactly(t: ExecutionContext, backend: BackendName, shapes
   for (const dtype of ['f32', 'bf16'] as const) t.deepEqual([...covered[dtype]].sort(), [...BIT_CLASSES].sort(), `${dtype} patterns moved`);
 }
 
-for (const backend of testBackends()) {
-  test(`evictCompact ${backend}: moves exactly the kept rows, in place, for many shapes`, (t) =>
-    compactsExactly(t, backend, [
-      [1, 1, 8, 5, 3, 64, 4],
-      [2, 3, 40, 33, 17, 128, 40],
-      [1, 2, 300, 290, 0, 64, 123],
-      [2, 1, 64, 0, 64, 64, 30],
-      [1, 1, 650, 632, 400, 128, 632],
-      [3, 2, 20, 20, 5, 8, 0],
-      [1, 4, 100, 100, 0, 64, 100],
-    ], false));
+const SHAPES: Shape[] = [
+  [1, 1, 8, 5, 3, 64, 4],
+  [2, 3, 40, 33, 17, 128, 40],
+  [1, 2, 300, 290, 0, 64, 123],
+  [2, 1, 64, 0, 64, 64, 30],
+  [1, 1, 650, 632, 400, 128, 632],
+  [3, 2, 20, 20, 5, 8, 0],
+  [1, 4, 100, 100, 0, 64, 100],
+];
 
-  // Lists longer than the CUDA kernel's chunks and scan blocks, and lists that fill the capacity.
+// Lists longer than the CUDA kernel's chunks and scan blocks, and lists that fill the capacity.
+const REPEAT_SHAPES: Shape[] = [
+  [1, 1, 8, 5, 3, 64, 8],
+  [2, 3, 40, 33, 17, 128, 40],
+  [1, 2, 1100, 1000, 100, 64, 1100],
+  [2, 1, 64, 0, 64, 64, 30],
+  [1, 1, 920, 521, 400, 128, 920],
+  [1, 2, 30, 30, 0, 3, 17],
+];
+
+for (const backend of testBackends()) {
+  test(`evictCompact ${backend}: moves exactly the kept rows, in place, for many shapes`, (t) => compactsExactly(t, backend, SHAPES, false));
   test(`evictCompact ${backend}: repeated indices copy their row once per occurrence (the official avgpool gather)`, (t) =>
-    compactsExactly(t, backend, [
-      [1, 1, 8, 5, 3, 64, 8],
-      [2, 3, 40, 33, 17, 128, 40],
-      [1, 2, 1100, 1000, 100, 64, 1100],
-      [2, 1, 64, 0, 64, 64, 30],
-      [1, 1, 920, 521, 400, 128, 920],
-      [1, 2, 30, 30, 0, 3, 17],
-    ], true));
+    compactsExactly(t, backend, REPEAT_SHAPES, true));
+  test(`evictCompact ${backend}: a paged history (pages of 1 to 64 tokens, shuffled ragged tables) compacts exactly, within its pages`, (t) =>
+    compactsExactly(t, backend, SHAPES, false, true).then(() => compactsExactly(t, backend, REPEAT_SHAPES, true, true)));
 
   test(`evictCompact ${backend}: a bad keep list anywhere changes nothing and rejects with a code`, async (t) => {
     const rng = new Rng(seedFor(t));
@@ -159,6 +185,17 @@ for (const backend of testBackends()) {
       const got = (await HK.read()) as Float32Array;
       const row = (p: number, i: number) => hk.subarray((p * cap + i) * d, (p * cap + i + 1) * d);
       t.deepEqual(got.subarray((3 * cap + 2) * d, (3 * cap + 3) * d), row(3, 3), 'the repeated row is copied twice');
+      // A paged history: the table entries of the tokens read or written ([0, max(len, kept))) must name pages.
+      const pool = e.tensor(hk.subarray(0, 6 * heads * 4 * d), [6, heads, 4, d], 'f32');
+      const poolV = e.tensor(hk.subarray(0, 6 * heads * 4 * d), [6, heads, 4, d], 'f32');
+      const before = await pool.read();
+      const keep4 = new Int32Array(rows * heads * 4).map((_, i) => [0, 3, 5, 11][i % 4]);
+      for (const [table, code] of [[[0, 1, 2, 3, 4, 6], 'ERR_INDEX_RANGE'], [[0, 1, -1, 3, 4, 5], 'ERR_INDEX_RANGE']] as const) {
+        e.ops.evictCompact({ history: { k: pool, v: poolV, len, pageTable: new Int32Array(table) }, current: { k: CK, v: CV }, keep: keep4 });
+        await t.throwsAsync(e.sync(), { code }, `table ${table}`);
+        t.deepEqual(await pool.read(), before, `pool changed by a rejected table ${table}`);
+      }
+      t.throws(() => e.ops.evictCompact({ history: { k: pool, v: poolV, len }, current: { k: CK, v: CV }, keep: keep4 }), { code: 'ERR_SHAPE' }, 'a pool without a table');
       t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HV, len }, keep: new Int32Array(4), repeats: 1 as unknown as boolean }), { code: 'ERR_INVALID_ARG' });
       t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HV, len }, keep: new Int32Array(rows * heads * 13) }), { code: 'ERR_SHAPE' });
       t.throws(() => e.ops.evictCompact({ history: { k: HK, v: HV, len: 13 }, keep: new Int32Array(4) }), { code: 'ERR_SHAPE' });

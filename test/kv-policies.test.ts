@@ -8,6 +8,7 @@ import {
   SnapKvPolicy, StreamingLlmPolicy, builtinPlan, gridWindow, pyramidBudgets,
 } from '../lib/kv/index.js';
 import type { AfterAttentionContext, KvStep } from '../lib/kv/policy.js';
+import type { KvTarget } from '../lib/kv/cache.js';
 import type { SelectionPolicy } from '../lib/kv/selection.js';
 import { generate, GenerateOptions } from '../lib/model/generate.js';
 import { InfinityModel } from '../lib/model/infinity.js';
@@ -71,8 +72,27 @@ for (const backend of testBackends()) {
             : Math.max(0, ...records.filter((x) => x.layer === l && x.scaleIndex < sched.length - 1).map((x) => x.lenAfter)),
         );
         t.deepEqual(caps, held, name);
-        // The engine's own counter: the history buffers are the only 'kv' allocations (rows = 2 with CFG, f32 K and V).
-        t.is(r.memory.peak.kv, held.reduce((a, b) => a + b, 0) * 2 * numHeads * headDim * 4 * 2, name);
+        // The pages the layers held, replayed from the trace in loop order (a layer holds the larger of its old and new
+        // length while it works on a scale): the arena's pool is exactly their peak, and it was reached.
+        const P = r.kvArena.pageTokens;
+        const len = new Array<number>(depth).fill(0);
+        const pagesNow = () => len.reduce((a, n) => a + Math.ceil(n / P), 0);
+        let peak = 0;
+        for (let si = 0; si < sched.length - 1; si++)
+          for (let l = 0; l < depth; l++) {
+            const after = name === 'full' ? len[l] + tok[si] : (records.find((x) => x.layer === l && x.scaleIndex === si)?.lenAfter ?? NaN);
+            const before = len[l];
+            len[l] = Math.max(before, after);
+            peak = Math.max(peak, pagesNow());
+            len[l] = after;
+          }
+        const rows = 2;
+        t.is(r.kvArena.poolPages, rows * peak, `${name}: pool pages`);
+        t.is(r.kvArena.peakPages, r.kvArena.poolPages, `${name}: every page of the pool was used`);
+        // ScaleKV's layers change roles between scales: they are never all at their most at once.
+        if (name.startsWith('scalekv')) t.true(peak < caps.reduce((a, c) => a + Math.ceil(c / P), 0), `${name}: the pool is smaller than every layer at its most`);
+        // The engine's own counter: the K and V pools (f32) and the page tables are the only 'kv' allocations.
+        t.is(r.memory.peak.kv, 2 * r.kvArena.poolPages * numHeads * P * headDim * 4 + r.kvArena.tableBytes, name);
         for (const [k, v] of r.captured) t.true(v.every(Number.isFinite), `${name} ${k}`);
         if (name !== 'full') t.true(records.some((x) => x.compressed), `${name} never compressed`);
         t.log(`${name}: history capacities ${caps.join(',')} (full: ${new FullKvPolicy().capacity(0, tok)})`);
@@ -378,7 +398,7 @@ for (const [label, make] of [
       const temps: Tensor[] = [];
       const session = policy.begin(cache, { schedule, batch: 1 });
       // qkNormRope without normalisation, biases or positions writes q, k and v unchanged, where the cache says.
-      const write = (first: number, len: number, target: { k: Tensor; v: Tensor; offset: number }, withQ: boolean) => {
+      const write = (first: number, len: number, target: KvTarget, withQ: boolean) => {
         const qkv = new Float32Array(rows * len * 3 * heads * hd);
         for (let p = 0; p < pairs; p++)
           for (let i = 0; i < len; i++) {
@@ -390,7 +410,7 @@ for (const [label, make] of [
         const qkvT = e.tensor(qkv, [rows, len, 3 * heads * hd], 'f32');
         const qT = e.empty([rows, heads, len, hd], 'f32', { fillByte: 0xff });
         temps.push(qkvT, qT);
-        e.ops.qkNormRope({ qkv: qkvT, normalize: false, q: qT, k: target.k, v: target.v, kvOffset: target.offset });
+        e.ops.qkNormRope({ qkv: qkvT, normalize: false, q: qT, k: target.k, v: target.v, kvOffset: target.offset, pageTable: target.pageTable });
         return { qkv: qkvT, q: qT };
       };
       try {
@@ -430,10 +450,10 @@ for (const [label, make] of [
             if (mineSet.has(j) !== want.has(j)) exactMismatches++;
           }
           // The cache holds exactly the kept rows of [history ‖ current], in order.
-          const [kc, vc] = await Promise.all([(cache.k(0) as Tensor).read(), (cache.v(0) as Tensor).read()]);
+          const { k: kc, v: vc } = await cache.readHistory(0);
           for (let i = 0; i < budget; i++) {
             const src = (p * keyLen + mine[i]) * hd;
-            const dst = (p * keyLen + i) * hd;
+            const dst = (p * budget + i) * hd;
             t.deepEqual((kc as Float32Array).subarray(dst, dst + hd), keys.subarray(src, src + hd));
             t.deepEqual((vc as Float32Array).subarray(dst, dst + hd), values.subarray(src, src + hd));
           }

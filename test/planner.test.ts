@@ -82,11 +82,13 @@ test('the dry run agrees with closed forms at the real presets (weights, full-ca
       t.is(plan.weightDetail.textEncoder, t5Linears + (24 * 2 + 1) * 2048 * 4 + 32 * 257 * 4, `${p} ${dtype} T5`);
       // The encoder is loaded on top of the model and freed before sampling: the weights peak while it runs.
       t.is(plan.bytes.weights, plan.weightDetail.transformer + plan.weightDetail.vae + plan.weightDetail.textEncoder);
-      // Every layer holds every scale but the last; the current scale's K/V (the largest, 4096 tokens) and its RoPE positions are shared.
+      // Every layer holds every scale but the last (6425 tokens: 402 pages of 16 per row, each with its page table);
+      // the current scale's K/V (the largest, 4096 tokens) and its RoPE positions are shared.
       t.deepEqual(plan.capacities, new Array(c.depth).fill(6425));
-      t.is(plan.bytes.kv, c.depth * 6425 * perToken, `${p} kv`);
+      t.is(plan.bytes.kv, c.depth * 402 * 16 * perToken + c.depth * rows * 402 * 4, `${p} kv`);
+      t.deepEqual(plan.kvArena, { pageTokens: 16, poolPages: c.depth * rows * 402, tableBytes: c.depth * rows * 402 * 4 });
       t.is(plan.bytes.scratch, 4096 * perToken + 4096 * 2 * 4, `${p} scratch`);
-      t.is(plan.bytes.kv, paperKvBytes(c, rows, 6425, dtype, dtype));
+      t.is(c.depth * 6425 * perToken, paperKvBytes(c, rows, 6425, dtype, dtype));
       // The categories peak at different times; the total is the peak of their sum.
       const sum = plan.bytes.weights + plan.bytes.kv + plan.bytes.scratch + plan.bytes.activations;
       t.true(plan.bytes.total <= sum && plan.bytes.total > plan.bytes.weights + plan.bytes.kv, `${p} total`);
@@ -96,7 +98,7 @@ test('the dry run agrees with closed forms at the real presets (weights, full-ca
   // A window policy: every layer holds 650 tokens.
   const c2 = preset('infinity-2b');
   const w = await planMemory({ preset: 'infinity-2b', batch: 2, policy: resolvePolicy('window:650', { depth: 32 }) });
-  t.is(w.bytes.kv, 32 * 650 * 4 * c2.numHeads * c2.headDim * 2 * 2);
+  t.is(w.bytes.kv, 32 * 656 * 4 * c2.numHeads * c2.headDim * 2 * 2 + 32 * 4 * 41 * 4); // 650 tokens: 41 pages of 16
 });
 
 test('largestBatch: the largest batch whose planned peak fits', async (t) => {
@@ -153,7 +155,8 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
         const what = `${spec} ${dtype}`;
         t.deepEqual({ ...mem.peak, total: mem.totalPeak }, plan.bytes, what);
         t.is(mem.reservedPeak, plan.reservedPeak, what);
-        t.is(r.kvBytes, plan.bytes.kv, what);
+        t.is(r.kvBytes + r.kvArena.tableBytes, plan.bytes.kv, what);
+        t.deepEqual(plan.kvArena, { pageTokens: r.kvArena.pageTokens, poolPages: r.kvArena.poolPages, tableBytes: r.kvArena.tableBytes }, what);
         // (The official-mode 20 % plan keeps every token of this 7-scale schedule at its largest history.)
         if (spec === 'full') fullKv.set(dtype, plan.bytes.kv);
         else if (!spec.startsWith('scalekv:')) t.true(plan.bytes.kv < (fullKv.get(dtype) as number), `${what}: the policy shrinks the cache`);
@@ -224,7 +227,8 @@ test('scalekv plan CLI: table and JSON', (t) => {
   const j = cli('plan', '--preset', 'infinity-2b', '--batch', '8', '--k-dtype', 'f32', '--json');
   t.is(j.status, 0, j.stderr);
   const plan = JSON.parse(j.stdout);
-  t.is(plan.bytes.kv, 25700 * MiB);
+  // 32 layers x 16 rows x 6425 tokens in 402 pages of 16 x 8 KiB (K and V, bf16), and the page tables.
+  t.is(plan.bytes.kv, 32 * 16 * 402 * 16 * 8192 + 32 * 16 * 402 * 4);
   t.is(plan.paperAccounting.mib, 38550);
   t.true(plan.bytes.total <= plan.bytes.weights + plan.bytes.kv + plan.bytes.scratch + plan.bytes.activations);
   const bad = cli('plan', '--policy', 'nonsense:1');

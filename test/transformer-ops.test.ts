@@ -6,6 +6,7 @@ import { rope2dPositions } from '../lib/model/rope2d.js';
 import { SafetensorsFile } from '../lib/safetensors.js';
 import { bf16Round, goldenDir, maxAbs, maxAbsDiff, Rng, seedFor, testBackends, withEngine } from './helpers.js';
 import { crossAttentionRef, epilogue, gemmRef, layerNormRef, maskRowRef, philox4x32, philoxUniform, ropeRef } from './transformer-reference.js';
+import { firstOutsideChanged, gather, randomLayout } from './paged.js';
 
 type FloatType = 'f32' | 'bf16';
 const f32 = (t: Tensor) => t.read() as Promise<Float32Array>;
@@ -244,6 +245,23 @@ for (const backend of testBackends()) {
         const raw = (await tk.readRaw()) as Uint16Array | Float32Array;
         const untouched = outDt === 'f32' ? new Uint32Array(raw.buffer).subarray(0, offset * c).every((w) => w === 0xffffffff) : (raw as Uint16Array).subarray(0, offset * c).every((w) => w === 0xffff);
         t.true(untouched, `${label}: cache rows before the offset were written`);
+        // A paged pool through a shuffled table: the same bits where the table puts them, nothing else written.
+        const layout = randomLayout(rng, B, cap, [1, 7, 16][rng.int(0, 2)]);
+        const poolShape = [layout.pages, H, layout.pageTokens, c];
+        const pk = e.empty(poolShape, outDt, { fillByte: 0xff });
+        const pv = e.empty(poolShape, outDt, { fillByte: 0xff });
+        e.ops.qkNormRope({
+          qkv: e.tensor(qkv, [B, L, 3 * H * c], inDt), qBias: e.tensor(qBias, [H * c], 'f32'), vBias: e.tensor(vBias, [H * c], 'f32'),
+          scaleMul: e.tensor(scaleMul, [H], 'f32'), positions: Int32Array.from(positions), q: e.empty([B, H, L, c], outDt), k: pk, v: pv,
+          kvOffset: offset, pageTable: layout.table,
+        });
+        const bits = (a: ArrayLike<number>) => (a instanceof Float32Array ? new Uint32Array(a.buffer, a.byteOffset, a.length) : (a as Uint16Array));
+        const poison = outDt === 'f32' ? 0xffffffff : 0xffff;
+        for (const [pool, flat, what] of [[pk, tk, 'k'], [pv, tv, 'v']] as const) {
+          const raw = bits(await pool.readRaw());
+          t.deepEqual(gather(layout, raw, { rows: B, heads: H, d: c }, cap), bits(await flat.readRaw()), `${label} paged ${what} (${layout.pageTokens}-token pages)`);
+          t.is(firstOutsideChanged(layout, raw, { rows: B, heads: H, cap, d: c }, poison), -1, `${label} paged ${what}: written outside the table`);
+        }
       }
     });
   });
@@ -259,6 +277,16 @@ for (const backend of testBackends()) {
       t.throws(() => e.ops.qkNormRope({ qkv, q, k, v: e.empty([1, 2, 6, 8], 'bf16') }), { code: 'ERR_DTYPE' });
       t.throws(() => e.ops.qkNormRope({ qkv, q, k, v: k }), { code: 'ERR_INVALID_ARG' });
       t.throws(() => e.ops.qkNormRope({ qkv, q, k }), { code: 'ERR_INVALID_ARG' });
+      const pool = e.empty([3, 2, 2, 8], 'f32');
+      const poolV = e.empty([3, 2, 2, 8], 'f32');
+      t.throws(() => e.ops.qkNormRope({ qkv, q, k: pool, v: poolV }), { code: 'ERR_SHAPE', message: /pages/ }, 'a pool without a table');
+      t.throws(() => e.ops.qkNormRope({ qkv, q, k: pool, v: poolV, pageTable: new Int32Array([0, 1]), kvOffset: 1 }), { code: 'ERR_SHAPE' }, '1 + 4 tokens > 2 pages of 2');
+      t.throws(() => e.ops.qkNormRope({ qkv, q, pageTable: new Int32Array([0, 1]) }), { code: 'ERR_INVALID_ARG' }, 'a table without k and v');
+      // Table entries are data: those of the written tokens must name pages of the pool (the others are never used).
+      e.ops.qkNormRope({ qkv, q, k: pool, v: poolV, pageTable: new Int32Array([0, 3, 2]), kvOffset: 1 });
+      await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_RANGE' });
+      e.ops.qkNormRope({ qkv, q, k: pool, v: poolV, pageTable: new Int32Array([-1, 0, 2, 1]), kvOffset: 2 });
+      await t.notThrowsAsync(e.sync());
       t.throws(() => e.ops.qkNormRope({ qkv, q, k, v, positions: new Int32Array(6) }), { code: 'ERR_SHAPE' });
       t.throws(() => e.ops.qkNormRope({ qkv, q, k, v, normalize: false, scaleMul: e.empty([2], 'f32') }), { code: 'ERR_INVALID_ARG' });
       await t.notThrowsAsync(e.sync());

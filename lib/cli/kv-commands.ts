@@ -70,7 +70,7 @@ function planTable(p: MemoryPlan, deviceBytes?: number, fit?: number): string {
   const caps = p.capacities;
   const rows: [string, number, string][] = [
     ['weights', p.bytes.weights, `transformer ${MiB(p.weightDetail.transformer)} MiB (block Linears ${p.dtype}, rest f32)${p.decode ? ` + VAE decoder ${MiB(p.weightDetail.vae)} MiB` : ''}${p.textEncoder ? ` + T5 encoder ${MiB(p.weightDetail.textEncoder)} MiB (${p.textEncoder.layers} layers, d ${p.textEncoder.dModel}, ${p.textEncoder.kept ? 'kept loaded' : 'freed before sampling'})` : ''}`],
-    ['kv (history)', p.bytes.kv, `${caps.reduce((x, y) => x + y, 0)} tokens over ${caps.length} layers (min ${Math.min(...caps)}, max ${Math.max(...caps)}), K and V ${p.dtype}, ${p.rows} rows`],
+    ['kv (history)', p.bytes.kv, `paged arena: ${p.kvArena.poolPages} pages of ${p.kvArena.pageTokens} tokens x all heads per K/V pool = the most the ${caps.length} layers hold at once (${(p.kvArena.poolPages / p.rows) * p.kvArena.pageTokens} tokens a row; a layer at most ${Math.max(...caps)}, at least ${Math.min(...caps)}), K and V ${p.dtype}, ${p.rows} rows; page tables ${p.kvArena.tableBytes} bytes`],
     ['scratch', p.bytes.scratch, `current-scale K/V (${Math.max(...p.scaleTokens)} tokens, shared by all layers), RoPE positions, selection indices`],
     ['activations', p.bytes.activations, `${p.textEncoder ? 'T5 encoder passes, ' : ''}text context, block intermediates, logits and bits${p.decode ? ', VAE decode' : ''} (${p.textTokens} text tokens a prompt)`],
     ['total', p.bytes.total, 'peak of the sum (the categories peak at different times)'],

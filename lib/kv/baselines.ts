@@ -1,7 +1,7 @@
 /** The reference full cache and the baseline KV policies the paper compares ScaleKV with. */
 import { fail } from '../errors.js';
 import type { KvCache } from './cache.js';
-import { appendUnlessLast, type AfterAttentionContext, type KvPolicy, type KvPolicySession } from './policy.js';
+import { appendUnlessLast, cumulativeLengths, type AfterAttentionContext, type KvPolicy, type KvPolicySession } from './policy.js';
 import { avgPoolSafeBudget, Decision, gridScoring, Pooling, positiveInt, ScoringSetup, SelectionPolicy, SelectionPolicyOptions } from './selection.js';
 
 /** The reference behaviour: keep every token; history capacity = all tokens but the last scale's. */
@@ -9,6 +9,9 @@ export class FullKvPolicy implements KvPolicy {
   readonly name = 'full';
   capacity(_layer: number, scaleTokens: readonly number[]): number {
     return scaleTokens.slice(0, -1).reduce((a, b) => a + b, 0);
+  }
+  historyLengths(_layer: number, scaleTokens: readonly number[]): number[] {
+    return cumulativeLengths(scaleTokens);
   }
   begin(_cache: KvCache): KvPolicySession {
     return { placement: appendUnlessLast };

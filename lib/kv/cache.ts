@@ -1,17 +1,26 @@
 /**
- * The per-layer self-attention KV cache of the Infinity sampling loop (spec sec. 11.1).
+ * The per-layer self-attention KV cache of the Infinity sampling loop (spec sec. 11.1), held in a paged arena.
  *
  * Layout (the planner/policy contract):
- * - **History**, per layer: K and V buffers [rows, heads, capacity_l, headDim] (category 'kv'); rows [0, len) of
- *   every (row, head) are valid. capacity_l = `policy.capacity(layer, scaleTokens)`: the most history the layer ever
- *   holds, NOT counting a scale it does not keep whole.
- * - **Scale scratch**: ONE K/V pair [rows, heads, n_si, headDim] (category 'scratch', the cache dtype) shared by the
- *   layers of a scale, allocated the first time a layer places its K/V there and released by `endScale`.
+ * - **Pool**: one K and one V tensor [pages, heads, pageTokens, headDim] per cache (category 'kv'). A page holds
+ *   `pageTokens` consecutive history tokens of one row for every head (the heads of a row always keep the same count,
+ *   so one table serves them all, and a page's K rows for one head are contiguous, as the attention tiles read them).
+ * - **Page tables**: per layer, [rows, tablePages_l] int32 (host copy + a device copy, category 'kv'); history token t
+ *   of row r is in page table[r, t / pageTokens], slot t % pageTokens. tablePages_l covers the layer's capacity,
+ *   `policy.capacity(layer, scaleTokens)`, the most history it ever holds; entries past its length are -1.
+ * - **Scale scratch**: ONE contiguous K/V pair [rows, heads, n_si, headDim] (category 'scratch', the cache dtype)
+ *   shared by the layers of a scale, allocated the first time a layer places its K/V there and released by `endScale`.
+ *
+ * A layer holds pages for exactly its length (rounded up to whole pages per row), so the pool need not cover every
+ * layer at its largest at once: `kvPoolPages` sizes it from the lengths a policy goes through, the in-scale
+ * transitions included (a layer that grows at scale s takes its pages before a later layer that shrinks at s gives
+ * its own back). Pages freed by a compaction serve the next layer at once: the engine's queue orders the reuse.
  *
  * Per (layer, scale): `place(layer, placement)` says where qkNormRope writes this scale's K/V — after the history
- * ('append': the history grows by the scale, no copy) or into the scratch ('decide'); the attention reads
- * `attentionOperands(layer)`; after a 'decide' placement the policy keeps entries of [history ‖ current] with
- * `compact` (or none). These are the only ways the cache changes, and each checks lengths against capacities.
+ * ('append': the history grows by the scale into new pages, no copy) or into the scratch ('decide'); the attention
+ * reads `attentionOperands(layer)`; after a 'decide' placement the policy keeps entries of [history ‖ current] with
+ * `compact` (or none), which moves them to the front of the layer's pages and frees the pages past them. These are
+ * the only ways the cache changes, and each checks lengths against capacities and the pool.
  * RoPE stays correct under compaction because K is stored rotated and positions come from the schedule.
  */
 import type { DType } from '../dtype.js';
@@ -20,26 +29,71 @@ import { fail } from '../errors.js';
 import type { KVPair } from '../ops.js';
 import type { KvPlacement } from './policy.js';
 
+/** Tokens per page unless a cache says otherwise (see `KvCacheOptions.pageTokens`). */
+export const DEFAULT_PAGE_TOKENS = 16;
+
 export interface KvCacheOptions {
   layers: number;
   /** Batch rows (2B with CFG). */
   rows: number;
   heads: number;
   headDim: number;
-  /** History capacity (tokens) of every layer, or one per layer; 0 is allowed (no buffer). */
+  /** History capacity (tokens) of every layer, or one per layer; 0 is allowed (the layer never keeps anything). */
   capacity: number | readonly number[];
   /** 'f32' or 'bf16'. */
   dtype: DType;
+  /**
+   * Tokens per page. Default 16: a (layer, row) wastes under one page (< 16 tokens, e.g. 2B bf16: < 128 KiB of K
+   * and V), and a page is still 16 whole 128-byte K rows per head for the attention's tile loads.
+   */
+  pageTokens?: number;
+  /**
+   * Pages in the pool (per K and V). Default: every layer at its capacity at once, rows x sum of ceil(capacity /
+   * pageTokens); `kvPoolPages` gives the tighter figure for a policy's lengths.
+   */
+  poolPages?: number;
 }
 
-/** Where a layer writes this scale's K/V: rows offset .. offset + tokens of k and v. */
+/** Where a layer writes this scale's K/V: token offset .. offset + tokens of k and v, through pageTable when paged. */
 export interface KvTarget {
   k: Tensor;
   v: Tensor;
   offset: number;
+  /** [rows, tablePages] int32 page table of k and v (absent for the contiguous scratch). */
+  pageTable?: Tensor;
 }
 
+/** A layer's history as the ops read it: the pool, its length and the layer's page table. */
+export type KvHistory = KVPair & { len: number; pageTable: Tensor };
+
 type LayerState = 'idle' | 'appended' | 'scratch' | 'compacted';
+
+const pagesFor = (tokens: number, pageTokens: number) => Math.ceil(tokens / pageTokens);
+
+/**
+ * Pages per K (and V) pool a generation needs when every layer's history length after scale si is
+ * `lengths[si][layer]` (si over every scale but the last, whose K/V are never kept): the most pages live at any
+ * point of the layer-by-layer loop. While layer l works on scale si, the layers before it already hold their new
+ * length, those after it their old one, and layer l the larger of the two (a growing layer takes its pages before
+ * writing, a shrinking one frees them after its compaction).
+ */
+export function kvPoolPages(lengths: readonly (readonly number[])[], rows: number, pageTokens: number): number {
+  let most = 0;
+  let before: readonly number[] = lengths[0]?.map(() => 0) ?? [];
+  for (const after of lengths) {
+    if (after.length !== before.length) fail('ERR_INVALID_ARG', 'kvPoolPages: every scale needs one length per layer');
+    let pages = before.reduce((s, len) => s + pagesFor(len, pageTokens), 0);
+    for (let l = 0; l < after.length; l++) {
+      const old = pagesFor(before[l], pageTokens);
+      const next = pagesFor(after[l], pageTokens);
+      most = Math.max(most, pages - old + Math.max(old, next));
+      pages += next - old;
+    }
+    most = Math.max(most, pages);
+    before = after;
+  }
+  return rows * most;
+}
 
 export class KvCache {
   readonly engine: Engine;
@@ -48,13 +102,22 @@ export class KvCache {
   readonly heads: number;
   readonly headDim: number;
   readonly dtype: DType;
-  readonly #k: (Tensor | undefined)[] = [];
-  readonly #v: (Tensor | undefined)[] = [];
+  readonly pageTokens: number;
+  readonly poolPages: number;
+  readonly #poolK: Tensor | undefined;
+  readonly #poolV: Tensor | undefined;
+  /** Free pages, taken from the end (the most recently freed first: their lines may still be in cache). */
+  readonly #free: number[];
+  readonly #tables: Int32Array[];
+  readonly #deviceTables: (Tensor | undefined)[] = [];
+  readonly #dirty: boolean[];
   readonly #len: number[];
   readonly #cap: number[];
   readonly #state: LayerState[];
   #tokens = 0;
   #scratch: KVPair | undefined;
+  #disposed = false;
+  #peakPages = 0;
 
   constructor(engine: Engine, o: KvCacheOptions) {
     this.engine = engine;
@@ -63,31 +126,32 @@ export class KvCache {
     this.heads = o.heads;
     this.headDim = o.headDim;
     this.dtype = o.dtype;
+    this.pageTokens = o.pageTokens ?? DEFAULT_PAGE_TOKENS;
+    if (!Number.isSafeInteger(this.pageTokens) || this.pageTokens < 1) fail('ERR_INVALID_ARG', `KvCache: pageTokens ${o.pageTokens} must be a positive integer`);
     if (typeof o.capacity !== 'number' && o.capacity.length !== o.layers)
       fail('ERR_INVALID_ARG', `KvCache: ${o.capacity.length} capacities for ${o.layers} layers`);
     this.#cap = Array.from({ length: o.layers }, (_, l) => (typeof o.capacity === 'number' ? o.capacity : o.capacity[l]));
     for (const c of this.#cap) if (!Number.isSafeInteger(c) || c < 0) fail('ERR_INVALID_ARG', `KvCache: capacity ${c} must be a non-negative integer`);
+    const tablePages = this.#cap.map((c) => pagesFor(c, this.pageTokens));
+    this.poolPages = o.poolPages ?? o.rows * tablePages.reduce((a, b) => a + b, 0);
+    if (!Number.isSafeInteger(this.poolPages) || this.poolPages < 0) fail('ERR_INVALID_ARG', `KvCache: poolPages ${o.poolPages} must be a non-negative integer`);
+    this.#free = Array.from({ length: this.poolPages }, (_, i) => this.poolPages - 1 - i);
+    this.#tables = tablePages.map((n) => new Int32Array(o.rows * n).fill(-1));
+    this.#dirty = new Array(o.layers).fill(false);
     this.#len = new Array(o.layers).fill(0);
     this.#state = new Array(o.layers).fill('idle');
     try {
-      for (let l = 0; l < o.layers; l++) {
-        const shape = [o.rows, o.heads, this.#cap[l], o.headDim];
-        this.#k.push(this.#cap[l] > 0 ? engine.empty(shape, o.dtype, { category: 'kv' }) : undefined);
-        this.#v.push(this.#cap[l] > 0 ? engine.empty(shape, o.dtype, { category: 'kv' }) : undefined);
-      }
+      const shape = [this.poolPages, o.heads, this.pageTokens, o.headDim];
+      this.#poolK = this.poolPages > 0 ? engine.empty(shape, o.dtype, { category: 'kv' }) : undefined;
+      this.#poolV = this.poolPages > 0 ? engine.empty(shape, o.dtype, { category: 'kv' }) : undefined;
+      for (let l = 0; l < o.layers; l++)
+        this.#deviceTables.push(tablePages[l] > 0 ? engine.tensor(this.#tables[l], [o.rows, tablePages[l]], 'i32', { category: 'kv' }) : undefined);
     } catch (e) {
       this.dispose();
       throw e;
     }
   }
 
-  /** [rows, heads, capacity, headDim] history buffers of a layer (undefined when its capacity is 0). */
-  k(layer: number): Tensor | undefined {
-    return this.#k[this.#layer(layer)];
-  }
-  v(layer: number): Tensor | undefined {
-    return this.#v[this.#layer(layer)];
-  }
   /** Valid history tokens of a layer (after 'append', the current scale included). */
   len(layer: number): number {
     return this.#len[this.#layer(layer)];
@@ -95,14 +159,50 @@ export class KvCache {
   capacity(layer: number): number {
     return this.#cap[this.#layer(layer)];
   }
+  /** Pages of the pool not held by any layer. */
+  get freePages(): number {
+    return this.#free.length;
+  }
+  /** The most pages the layers held at once so far. */
+  get peakPages(): number {
+    return this.#peakPages;
+  }
+  /** Bytes of the device page tables. */
+  get tableBytes(): number {
+    return this.#deviceTables.reduce((a, t) => a + (t?.bytes ?? 0), 0);
+  }
+  /** The [rows, tablePages] page table of a layer (a copy). */
+  pageTable(layer: number): Int32Array {
+    return this.#tables[this.#layer(layer)].slice();
+  }
 
-  /** The valid history of a layer (undefined when empty): its buffers and length. */
-  history(layer: number): { k: Tensor; v: Tensor; len: number } | undefined {
+  /** The valid history of a layer (undefined when empty): the pool, its length and the layer's page table. */
+  history(layer: number): KvHistory | undefined {
     const l = this.#layer(layer);
-    const k = this.#k[l];
-    const v = this.#v[l];
-    if (!k || !v || this.#len[l] === 0) return undefined;
-    return { k, v, len: this.#len[l] };
+    if (this.#len[l] === 0) return undefined;
+    return { k: this.#poolK as Tensor, v: this.#poolV as Tensor, len: this.#len[l], pageTable: this.#table(l) };
+  }
+
+  /** Reads a layer's history back as contiguous [rows, heads, len, headDim] K and V (f32, or raw bf16 bits). */
+  async readHistory(layer: number): Promise<{ k: Float32Array | Uint16Array; v: Float32Array | Uint16Array; len: number }> {
+    const l = this.#layer(layer);
+    const len = this.#len[l];
+    const table = this.#tables[l];
+    const [poolK, poolV] = this.#poolK && this.#poolV ? await Promise.all([this.#poolK.read(), this.#poolV.read()]) : [new Float32Array(0), new Float32Array(0)];
+    const { rows, heads, headDim: d, pageTokens: P } = this;
+    const gather = (pool: Float32Array | Int32Array | Uint8Array) => {
+      const out = pool instanceof Float32Array ? new Float32Array(rows * heads * len * d) : new Uint16Array(rows * heads * len * d);
+      const tablePages = table.length / rows;
+      for (let r = 0; r < rows; r++)
+        for (let h = 0; h < heads; h++)
+          for (let t = 0; t < len; t++) {
+            const page = table[r * tablePages + Math.floor(t / P)];
+            const src = ((page * heads + h) * P + (t % P)) * d;
+            out.set(pool.subarray(src, src + d), ((r * heads + h) * len + t) * d);
+          }
+      return out;
+    };
+    return { k: gather(poolK), v: gather(poolV), len };
   }
 
   /** Starts a scale of `tokens` tokens: every layer places its K/V anew. */
@@ -118,9 +218,9 @@ export class KvCache {
   }
 
   /**
-   * Where layer `layer` writes this scale's K/V (qkNormRope's k, v and kvOffset). 'append' extends the history by
-   * the scale in place (ERR_BUDGET when it would exceed the layer's capacity); 'decide' hands out the scale's
-   * scratch, whose entries compact() can keep.
+   * Where layer `layer` writes this scale's K/V (qkNormRope's k, v, kvOffset and pageTable). 'append' extends the
+   * history by the scale into new pages (ERR_BUDGET when it would exceed the layer's capacity or the pool); 'decide'
+   * hands out the scale's scratch, whose entries compact() can keep.
    */
   place(layer: number, placement: KvPlacement): KvTarget {
     const l = this.#layer(layer);
@@ -131,9 +231,10 @@ export class KvCache {
       const len = this.#len[l];
       if (len + n > this.#cap[l])
         fail('ERR_BUDGET', `KV cache layer ${l}: ${len} cached + ${n} new tokens exceed its history capacity ${this.#cap[l]}`);
+      this.#resize(l, len + n);
       this.#len[l] = len + n;
       this.#state[l] = 'appended';
-      return { k: this.#k[l] as Tensor, v: this.#v[l] as Tensor, offset: len };
+      return { k: this.#poolK as Tensor, v: this.#poolV as Tensor, offset: len, pageTable: this.#table(l) };
     }
     if (placement !== 'decide') fail('ERR_INVALID_ARG', `KvCache: placement must be 'append' or 'decide', got ${String(placement)}`);
     this.#state[l] = 'scratch';
@@ -141,7 +242,7 @@ export class KvCache {
   }
 
   /** The keys/values layer `layer` attends over at this scale: its history, and the scratch when placed there. */
-  attentionOperands(layer: number): { history?: KVPair & { len: number }; current?: KVPair } {
+  attentionOperands(layer: number): { history?: KvHistory; current?: KVPair } {
     const l = this.#layer(layer);
     if (this.#state[l] === 'idle' || this.#state[l] === 'compacted') fail('ERR_INTERNAL', `KV cache layer ${l}: no scale placed to attend over`);
     return { history: this.history(l), current: this.#state[l] === 'scratch' ? this.#scratch : undefined };
@@ -155,17 +256,22 @@ export class KvCache {
   compact(layer: number, keep: Int32Array | Tensor, count: number, repeats = false): void {
     const l = this.#layer(layer);
     if (this.#state[l] !== 'scratch') fail('ERR_INTERNAL', `KV cache layer ${l}: compact() needs this scale placed with 'decide' and not yet compacted`);
-    const keyLen = this.#len[l] + this.#tokens;
+    const len = this.#len[l];
+    const keyLen = len + this.#tokens;
     if (!Number.isSafeInteger(count) || count < 0 || count > this.#cap[l] || count > keyLen)
       fail('ERR_BUDGET', `KV cache layer ${l}: keeping ${count} of ${keyLen} entries (history capacity ${this.#cap[l]})`);
     const listed = keep instanceof Int32Array ? keep.length : keep.shape.length === 3 && keep.shape[0] === this.rows && keep.shape[1] === this.heads ? keep.shape[2] * this.rows * this.heads : -1;
     if (listed !== this.rows * this.heads * count)
       fail('ERR_SHAPE', `KV cache layer ${l}: keep must hold ${this.rows} x ${this.heads} lists of ${count} positions`);
     this.#state[l] = 'compacted';
+    if (count > len) this.#resize(l, count);
     if (count > 0) {
-      const history = { k: this.#k[l] as Tensor, v: this.#v[l] as Tensor, len: this.#len[l] };
+      const history = { k: this.#poolK as Tensor, v: this.#poolV as Tensor, len, pageTable: this.#table(l) };
       this.engine.ops.evictCompact({ history, current: this.#scratch, keep, repeats });
     }
+    // Pages past the kept entries go back to the pool at once: the queue runs this compaction before any later
+    // write to them.
+    if (count < len) this.#resize(l, count);
     this.#len[l] = count;
   }
 
@@ -178,23 +284,55 @@ export class KvCache {
     this.#state.fill('idle');
   }
 
-  /** Bytes held by the history buffers of all layers. */
+  /** Bytes of the K and V pools (the page tables are not counted). */
   get bytes(): number {
-    let n = 0;
-    for (const t of [...this.#k, ...this.#v]) n += t?.bytes ?? 0;
-    return n;
+    return (this.#poolK?.bytes ?? 0) + (this.#poolV?.bytes ?? 0);
   }
 
   dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
     this.endScale();
-    for (const t of [...this.#k, ...this.#v]) t?.dispose();
-    this.#k.length = 0;
-    this.#v.length = 0;
+    this.#poolK?.dispose();
+    this.#poolV?.dispose();
+    for (const t of this.#deviceTables) t?.dispose();
   }
 
   #layer(layer: number): number {
+    if (this.#disposed) fail('ERR_DISPOSED', 'KvCache: used after dispose()');
     if (!Number.isSafeInteger(layer) || layer < 0 || layer >= this.layers) fail('ERR_INVALID_ARG', `KvCache: layer ${layer} outside [0, ${this.layers})`);
     return layer;
+  }
+
+  /** The device copy of a layer's page table, written (in queue order) when the host copy changed. */
+  #table(l: number): Tensor {
+    const t = this.#deviceTables[l] as Tensor;
+    if (this.#dirty[l]) {
+      t.write(this.#tables[l]);
+      this.#dirty[l] = false;
+    }
+    return t;
+  }
+
+  /** Gives every row of layer l pages for exactly `tokens` history tokens, taking or returning the difference. */
+  #resize(l: number, tokens: number): void {
+    const table = this.#tables[l];
+    const tablePages = table.length / this.rows;
+    const have = pagesFor(this.#len[l], this.pageTokens);
+    const want = pagesFor(tokens, this.pageTokens);
+    if (want === have) return;
+    if (want > have && (want - have) * this.rows > this.#free.length)
+      fail('ERR_BUDGET', `KV arena: layer ${l} needs ${(want - have) * this.rows} more pages of ${this.pageTokens} tokens but ${this.#free.length} of ${this.poolPages} are free`);
+    for (let r = 0; r < this.rows; r++) {
+      const row = r * tablePages;
+      for (let i = have; i < want; i++) table[row + i] = this.#free.pop() as number;
+      for (let i = have - 1; i >= want; i--) {
+        this.#free.push(table[row + i]);
+        table[row + i] = -1;
+      }
+    }
+    this.#dirty[l] = true;
+    this.#peakPages = Math.max(this.#peakPages, this.poolPages - this.#free.length);
   }
 
   #scratchPair(): KVPair {

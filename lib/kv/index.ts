@@ -1,7 +1,7 @@
 /** The KV cache, the policy hook, the baselines, policy specs and the memory planner. */
-export { KvCache } from './cache.js';
-export type { KvCacheOptions, KvTarget } from './cache.js';
-export { appendUnlessLast } from './policy.js';
+export { DEFAULT_PAGE_TOKENS, KvCache, kvPoolPages } from './cache.js';
+export type { KvCacheOptions, KvHistory, KvTarget } from './cache.js';
+export { appendUnlessLast, cumulativeLengths, policyHistoryLengths } from './policy.js';
 export type { AfterAttentionContext, KvGeneration, KvPlacement, KvPolicy, KvPolicySession, KvStep } from './policy.js';
 export { SelectionPolicy, SelectionSession, scoreAndSelect, gridWindow, gridScoring, avgPoolSafeBudget } from './selection.js';
 export type { Decision, KvTraceRecord, Pooling, ScoringSetup, SelectionPolicyOptions } from './selection.js';

@@ -76,6 +76,8 @@ export interface MemoryPlan {
    * peaks because they peak at different times (the KV cache is freed before the VAE decode).
    */
   bytes: Record<MemoryCategory, number> & { total: number };
+  /** The KV arena (lib/kv/cache.ts): tokens per page, pages per K/V pool (all of them used at the peak), page-table bytes. */
+  kvArena: { pageTokens: number; poolPages: number; tableBytes: number };
   /** The engine's caching allocator at its fullest (live tensors + cached blocks, in 512-byte blocks). */
   reservedPeak: number;
   /** Transformer, VAE decoder and T5 encoder weights separately (textEncoder 0 when not counted). */
@@ -117,7 +119,8 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
     const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
     if (vae) await decodeImage(vae, r.summedCodes);
     r.summedCodes.dispose();
-    return { memory: e.memory(), transformer, vaeBytes, textEncoder };
+    const { pageTokens, poolPages, tableBytes } = r.kvArena;
+    return { memory: e.memory(), transformer, vaeBytes, textEncoder, kvArena: { pageTokens, poolPages, tableBytes } };
   } finally {
     encoder?.dispose();
     e.dispose();
@@ -140,7 +143,7 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
   if (t5 && t5.dModel !== c.textChannels) fail('ERR_INVALID_ARG', `planMemory: the T5 width ${t5.dModel} is not the model's text_channels ${c.textChannels}`);
   const rows = (o.cfg ?? true) ? 2 * o.batch : o.batch;
   const capacities = Array.from({ length: c.depth }, (_, l) => policy.capacity(l, tokens));
-  const { memory, transformer, vaeBytes, textEncoder } = await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5);
+  const { memory, transformer, vaeBytes, textEncoder, kvArena } = await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5);
   const kDtype = o.paperKDtype ?? dtype;
   const vDtype = o.paperVDtype ?? dtype;
   const fullHistory = tokens.slice(0, -1).reduce((a, b) => a + b, 0);
@@ -157,6 +160,7 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
     decode,
     capacities,
     bytes: { ...memory.peak, total: memory.totalPeak },
+    kvArena,
     reservedPeak: memory.reservedPeak,
     weightDetail: { transformer, vae: vaeBytes, textEncoder },
     textEncoder: t5 && { dModel: t5.dModel, layers: t5.layers, kept: o.keepTextEncoder ?? false, dtype },

@@ -69,6 +69,11 @@ export interface KvPolicy {
   readonly name: string;
   /** History capacity of a layer in tokens (excluding the scale being computed) for a schedule of these scale sizes. */
   capacity(layer: number, scaleTokens: readonly number[]): number;
+  /**
+   * History length of a layer after each scale but the last (whose K/V are never kept), for a schedule of these scale
+   * sizes: what the KV arena pages (kvPoolPages). Absent: the layer is taken at its capacity throughout.
+   */
+  historyLengths?(layer: number, scaleTokens: readonly number[]): number[];
   /** A fresh session for one generation on `cache`. */
   begin(cache: KvCache, generation: KvGeneration): KvPolicySession;
 }
@@ -76,4 +81,18 @@ export interface KvPolicy {
 /** Keep every scale but the last, whose K/V nothing reads. */
 export function appendUnlessLast(step: KvStep): KvPlacement {
   return step.lastScale ? 'decide' : 'append';
+}
+
+/** Every scale's K/V kept (the full cache): the history after scale si holds scales 0 .. si. */
+export function cumulativeLengths(scaleTokens: readonly number[]): number[] {
+  let len = 0;
+  return scaleTokens.slice(0, -1).map((n) => (len += n));
+}
+
+/** [scale][layer] history lengths of a policy for a schedule (see KvPolicy.historyLengths), for kvPoolPages. */
+export function policyHistoryLengths(policy: KvPolicy, layers: number, scaleTokens: readonly number[]): number[][] {
+  const perLayer = Array.from({ length: layers }, (_, l) =>
+    policy.historyLengths?.(l, scaleTokens) ?? scaleTokens.slice(0, -1).map(() => policy.capacity(l, scaleTokens)),
+  );
+  return scaleTokens.slice(0, -1).map((_, si) => perLayer.map((lengths) => lengths[si]));
 }

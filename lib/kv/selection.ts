@@ -91,17 +91,22 @@ export abstract class SelectionPolicy<S = undefined> implements KvPolicy {
     return d.kind === 'all' ? keyLen : d.kind === 'positions' ? d.positions.length : Math.min(d.budget, keyLen);
   }
 
-  /** The most history (tokens) the layer holds for this schedule: the allocation the cache needs. */
+  /** The most history (tokens) the layer holds for this schedule: the table the cache gives it. */
   capacity(layer: number, scaleTokens: readonly number[]): number {
+    return Math.max(0, ...this.historyLengths(layer, scaleTokens));
+  }
+
+  /** The layer's history length after each scale but the last, replaying the length-only decisions. */
+  historyLengths(layer: number, scaleTokens: readonly number[]): number[] {
     const state = this.newLayerState(layer);
+    const lengths: number[] = [];
     let hist = 0;
-    let most = 0;
     for (let si = 0; si < scaleTokens.length - 1; si++) {
       const keyLen = hist + scaleTokens[si];
       hist = SelectionPolicy.keptCount(this.decide(layer, si, keyLen, scaleTokens, state), keyLen);
-      most = Math.max(most, hist);
+      lengths.push(hist);
     }
-    return most;
+    return lengths;
   }
 
   begin(cache: KvCache, generation: KvGeneration): SelectionSession<S> {

@@ -9,8 +9,8 @@ import { CaptureOptions, captureObserver, composeObservers } from './capture.js'
 import type { InfinityModel, TextContext, TextFeatures, TextObservation } from './infinity.js';
 import { final1MGrid, rope2dPositions, ScaleGrid } from './rope2d.js';
 import { FullKvPolicy } from '../kv/baselines.js';
-import { KvCache } from '../kv/cache.js';
-import type { KvPolicy, KvPolicySession } from '../kv/policy.js';
+import { DEFAULT_PAGE_TOKENS, KvCache, kvPoolPages } from '../kv/cache.js';
+import { policyHistoryLengths, type KvPolicy, type KvPolicySession } from '../kv/policy.js';
 import type { VaeDecoder } from './vae.js';
 
 /**
@@ -95,6 +95,8 @@ export interface GenerateResult {
   /** Engine memory after the loop (peaks included) and the KV cache bytes it held. */
   memory: MemoryStats;
   kvBytes: number;
+  /** The KV arena: tokens per page, pages per K/V pool, the most pages held at once, and the page tables' bytes. */
+  kvArena: { pageTokens: number; poolPages: number; peakPages: number; tableBytes: number };
 }
 
 function perScale(v: number | readonly number[] | undefined, n: number, what: string, dflt: number): number[] {
@@ -229,6 +231,7 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
     cache = new KvCache(e, {
       layers: cfgM.depth, rows, heads: cfgM.numHeads, headDim: cfgM.headDim, dtype: model.dtype,
       capacity: Array.from({ length: cfgM.depth }, (_, l) => policy.capacity(l, tokens)),
+      poolPages: kvPoolPages(policyHistoryLengths(policy, cfgM.depth, tokens), rows, DEFAULT_PAGE_TOKENS),
     });
     kv = policy.begin(cache, { schedule: grids, batch: B });
     summed = e.empty([B, cfgM.codebookDim, Hf, Wf], 'f32', { fillByte: 0 });
@@ -306,10 +309,11 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
     for (const b of bitsOnDevice.splice(0)) b.dispose();
     aborted(opts.signal);
     const kvBytes = cache.bytes;
+    const kvArena = { pageTokens: cache.pageTokens, poolPages: cache.poolPages, peakPages: cache.peakPages, tableBytes: cache.tableBytes };
     const result = summed as Tensor;
     summed = undefined;
     const memory = e.memory();
-    return { summedCodes: result, bits: bitsOut, captured: capture?.captured ?? new Map(), timings, totalMs: performance.now() - t0, memory, kvBytes };
+    return { summedCodes: result, bits: bitsOut, captured: capture?.captured ?? new Map(), timings, totalMs: performance.now() - t0, memory, kvBytes, kvArena };
   } finally {
     finished = true;
     for (const b of bitsOnDevice) b.dispose();

@@ -497,7 +497,7 @@ export class InfinityModel {
       const dst = cache.place(layer, placement);
       ops.qkNormRope({
         qkv, qBias: blk.qBias, vBias: blk.vBias, scaleMul: blk.scaleMul, normalize: true, positions: scale.positions,
-        q, k: dst.k, v: dst.v, kvOffset: dst.offset,
+        q, k: dst.k, v: dst.v, kvOffset: dst.offset, pageTable: dst.pageTable,
       });
       const o = t(e.empty([bs, H, n, hd], dt));
       ops.attention({ q, ...cache.attentionOperands(layer), out: o, scale: 1 });

@@ -24,7 +24,7 @@ import { fail } from '../errors.js';
 import { generate } from '../model/generate.js';
 import type { InfinityModel, TextFeatures } from '../model/infinity.js';
 import type { KvCache } from '../kv/cache.js';
-import { appendUnlessLast, AfterAttentionContext, KvGeneration, KvPolicy, KvPolicySession } from '../kv/policy.js';
+import { appendUnlessLast, cumulativeLengths, AfterAttentionContext, KvGeneration, KvPolicy, KvPolicySession } from '../kv/policy.js';
 import type { ScaleGrid } from '../model/rope2d.js';
 import { BudgetPlan, budgetTokens, officialRulePlan, planEntry } from './budget.js';
 import { SCALE_TOKENS_1M_SQUARE } from './window.js';
@@ -120,6 +120,10 @@ export class AsiProfiler implements KvPolicy {
 
   capacity(_layer: number, scaleTokens: readonly number[]): number {
     return scaleTokens.slice(0, -1).reduce((a, b) => a + b, 0);
+  }
+
+  historyLengths(_layer: number, scaleTokens: readonly number[]): number[] {
+    return cumulativeLengths(scaleTokens);
   }
 
   begin(cache: KvCache, generation: KvGeneration): KvPolicySession {

@@ -5,7 +5,7 @@
 // selection and compaction, read back from the cache.
 import type { Engine, Tensor } from '../engine.js';
 import { ScaleKVError } from '../errors.js';
-import { KvCache } from '../kv/cache.js';
+import { KvCache, type KvTarget } from '../kv/cache.js';
 import type { AfterAttentionContext, KvStep } from '../kv/policy.js';
 import type { KvTraceRecord, Pooling } from '../kv/selection.js';
 import type { SafetensorsFile } from '../safetensors.js';
@@ -78,13 +78,6 @@ function packQkv(call: UnitCall, n: number, first: number, len: number, k: Float
   return out;
 }
 
-/** The first `len` rows of every (row, head) of a [rows, heads, cap, hd] buffer. */
-function historyRows(buf: Float32Array, pairs: number, cap: number, len: number, hd: number): Float32Array {
-  const out = new Float32Array(pairs * len * hd);
-  for (let p = 0; p < pairs; p++) out.set(buf.subarray(p * cap * hd, (p * cap + len) * hd), p * len * hd);
-  return out;
-}
-
 function gatherRows(src: Float32Array, kept: Int32Array, pairs: number, keyLen: number, n: number, hd: number): Float32Array {
   const out = new Float32Array(pairs * n * hd);
   for (let p = 0; p < pairs; p++)
@@ -129,10 +122,10 @@ async function runUnit(engine: Engine, manifest: UnitManifest, call: UnitCall, k
   const temps: Tensor[] = [];
   const t = <T extends Tensor>(x: T) => (temps.push(x), x);
   // qkNormRope without normalisation, biases or positions writes the given K/V (and q) unchanged.
-  const write = (qkv: Float32Array, tokens: number, target: { k: Tensor; v: Tensor; offset: number }) => {
+  const write = (qkv: Float32Array, tokens: number, target: KvTarget) => {
     const q = t(engine.empty([bsz, heads, tokens, hd], 'f32', { fillByte: 0xff }));
     const qkvT = t(engine.tensor(qkv, [bsz, tokens, 3 * heads * hd], 'f32'));
-    engine.ops.qkNormRope({ qkv: qkvT, normalize: false, q, k: target.k, v: target.v, kvOffset: target.offset });
+    engine.ops.qkNormRope({ qkv: qkvT, normalize: false, q, k: target.k, v: target.v, kvOffset: target.offset, pageTable: target.pageTable });
     return { q, qkv: qkvT };
   };
   try {
@@ -152,14 +145,8 @@ async function runUnit(engine: Engine, manifest: UnitManifest, call: UnitCall, k
     } catch (error) {
       return { error, reachedBase: session.layerStates[layer].reachedBase };
     }
-    const len = cache.len(layer);
-    const [k, v] = await Promise.all([(cache.k(layer) as Tensor).read(), (cache.v(layer) as Tensor).read()]);
-    return {
-      record: records[0],
-      reachedBase: session.layerStates[layer].reachedBase,
-      k: historyRows(k as Float32Array, bsz * heads, keyLen, len, hd),
-      v: historyRows(v as Float32Array, bsz * heads, keyLen, len, hd),
-    };
+    const { k, v } = await cache.readHistory(layer);
+    return { record: records[0], reachedBase: session.layerStates[layer].reachedBase, k: k as Float32Array, v: v as Float32Array };
   } finally {
     session.end();
     cache.dispose();
