@@ -22,6 +22,19 @@ struct KeySource {
   const AttentionArgs& a;
   int64_t rh;  // row * heads + head
   int n_hist;
+  // The history of this (row, head): its row of the page table (null: one contiguous page), and the page size as
+  // a shift when it is a power of two (the arena's pages are), so a key's address costs no division.
+  const int32_t* table_row;
+  int64_t head_rows;  // rows before this head's slot in a page (h * page_tokens), or this (row, head)'s first row
+  int page_shift;
+
+  KeySource(const AttentionArgs& args, int64_t pair, int hist) : a(args), rh(pair), n_hist(hist) {
+    const KvPages& p = a.hist_pages;
+    const int r = int(rh / a.heads);
+    table_row = p.table ? p.table + int64_t(r) * p.table_pages : nullptr;
+    head_rows = p.table ? int64_t(rh % a.heads) * p.page_tokens : rh * int64_t(p.page_tokens);
+    page_shift = p.page_tokens > 0 && (p.page_tokens & (p.page_tokens - 1)) == 0 ? __builtin_ctz(unsigned(p.page_tokens)) : -1;
+  }
 
   // Loads key (and, when v is given, value) rows [j0, j0 + n) of the virtual sequence as [n][D] f32.
   void load(int j0, int n, float* k, float* v) const {
@@ -29,11 +42,11 @@ struct KeySource {
     for (int t = 0; t < n; ++t) load_key(j0 + t, k + int64_t(t) * D, v ? v + int64_t(t) * D : nullptr);
   }
 
-  // The cache lines of gathered history row j (K and V): its address depends on the gather list, so the hardware
-  // prefetcher cannot see it coming.
+  // The cache lines of history row j (K and V) when its address depends on a gather list or a page table, so the
+  // hardware prefetcher cannot see it coming.
   void prefetch_key(int j) const {
-    if (!a.gather || j >= n_hist) return;
-    const int64_t row = history_row(a.gather[rh * a.n_gather + j]);
+    if ((!a.gather && !table_row) || j >= n_hist) return;
+    const int64_t row = history_row(a.gather ? a.gather[rh * a.n_gather + j] : j);
     const size_t bytes = size_t(a.head_dim) * dtype_size(a.dtype);
     const char* k = static_cast<const char*>(a.hist_k) + row * int64_t(bytes);
     const char* v = static_cast<const char*>(a.hist_v) + row * int64_t(bytes);
@@ -43,7 +56,14 @@ struct KeySource {
     }
   }
 
-  int64_t history_row(int t) const { return kv_page_row(a.hist_pages, a.heads, int(rh / a.heads), int(rh % a.heads), t); }
+  // kv_page_row (backend.h) for this (row, head).
+  int64_t history_row(int t) const {
+    if (!table_row) return head_rows + t;
+    const int P = a.hist_pages.page_tokens;
+    const int page = page_shift >= 0 ? t >> page_shift : t / P;
+    const int slot = page_shift >= 0 ? t & (P - 1) : t % P;
+    return int64_t(table_row[page]) * a.heads * P + head_rows + slot;
+  }
 
   // Key j of the virtual sequence (and its value when v is given) as f32.
   void load_key(int j, float* k, float* v) const {
