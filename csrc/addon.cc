@@ -152,6 +152,8 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value SetProfiling(const Napi::CallbackInfo& info);
   Napi::Value TrimCache(const Napi::CallbackInfo& info);
+  Napi::Value BeginMemoryPlan(const Napi::CallbackInfo& info);
+  Napi::Value EndMemoryPlan(const Napi::CallbackInfo& info);
   Napi::Value Profile(const Napi::CallbackInfo& info);
   Napi::Value KernelCounters(const Napi::CallbackInfo& info);
   // Every op of the table (op_table.h): info.Data() is its declaration.
@@ -193,6 +195,8 @@ Napi::Function JsEngine::Init(Napi::Env env) {
       InstanceMethod("dispose", &JsEngine::Dispose),
       InstanceMethod("setProfiling", &JsEngine::SetProfiling),
       InstanceMethod("trimCache", &JsEngine::TrimCache),
+      InstanceMethod("beginMemoryPlan", &JsEngine::BeginMemoryPlan),
+      InstanceMethod("endMemoryPlan", &JsEngine::EndMemoryPlan),
       InstanceMethod("profile", &JsEngine::Profile),
       InstanceMethod("kernelCounters", &JsEngine::KernelCounters),
       InstanceMethod("enqueued", &JsEngine::Enqueued),
@@ -350,6 +354,52 @@ Napi::Value JsEngine::Dispose(const Napi::CallbackInfo& info) {
 Napi::Value JsEngine::TrimCache(const Napi::CallbackInfo& info) {
   live(info.Env()).trim_cache();
   return info.Env().Undefined();
+}
+
+// beginMemoryPlan(sizes: number[], offsets: number[], total: number): allocates the plan's arena and places the
+// allocations that follow (EngineCore::begin_plan). lib/memory-plan.ts computes the plan.
+Napi::Value JsEngine::BeginMemoryPlan(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto integers = [&](const Napi::Value& v, const char* what) {
+    if (!v.IsArray()) throw_coded(env, "ERR_INVALID_ARG", std::string("beginMemoryPlan: ") + what + " must be an array of integers");
+    Napi::Array a = v.As<Napi::Array>();
+    std::vector<int64_t> out(a.Length());
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+      Napi::Value x = a[i];
+      const double d = x.IsNumber() ? x.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d >= 0 && d <= 9007199254740991.0) || d != double(int64_t(d)))
+        throw_coded(env, "ERR_INVALID_ARG", std::string("beginMemoryPlan: ") + what + " must hold non-negative integers");
+      out[i] = int64_t(d);
+    }
+    return out;
+  };
+  MemoryPlanSpec plan;
+  plan.sizes = integers(info[0], "sizes");
+  plan.offsets = integers(info[1], "offsets");
+  if (plan.sizes.size() != plan.offsets.size()) throw_coded(env, "ERR_INVALID_ARG", "beginMemoryPlan: one offset per size");
+  const double total = info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : -1;
+  if (!(total > 0 && total <= 9007199254740991.0)) throw_coded(env, "ERR_INVALID_ARG", "beginMemoryPlan: total must be a positive byte count");
+  plan.total = int64_t(total);
+  for (size_t i = 0; i < plan.sizes.size(); ++i)
+    if (plan.sizes[i] == 0 || plan.offsets[i] % 512 != 0 || plan.offsets[i] + plan.sizes[i] > plan.total)
+      throw_coded(env, "ERR_INVALID_ARG", "beginMemoryPlan: allocation " + std::to_string(i) +
+                                               " must be non-empty, 512-byte aligned and inside the arena");
+  try {
+    live(env).begin_plan(std::move(plan));
+  } catch (const BackendError& e) {
+    throw_coded(env, status_code_name(e.code), e.what());
+  }
+  return env.Undefined();
+}
+
+// endMemoryPlan(): { placed, diverged } of the plan being placed (zeros when none).
+Napi::Value JsEngine::EndMemoryPlan(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const MemoryPlanReport r = live(env).end_plan();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("placed", Napi::Number::New(env, double(r.placed)));
+  out.Set("diverged", Napi::Boolean::New(env, r.diverged));
+  return out;
 }
 
 // setProfiling(on: boolean, kernelCounters?: boolean, sampleBlocks?: number): turning it on clears the previous

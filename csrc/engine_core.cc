@@ -18,8 +18,14 @@ const char* category_name(Category c) {
 
 void Buffer::release() {
   if (released_.exchange(true)) return;
-  core_->recycle(ptr_, bytes_, block_bytes_, category_);
+  if (arena_) {
+    core_->release_planned(bytes_, category_);
+  } else {
+    core_->recycle(ptr_, bytes_, block_bytes_, category_);
+  }
 }
+
+PlanArena::~PlanArena() { core_->free_in_queue_order(base_, bytes_); }
 
 std::shared_ptr<EngineCore> EngineCore::create(std::unique_ptr<Backend> backend) {
   auto core = std::make_shared<EngineCore>(std::move(backend));
@@ -71,6 +77,18 @@ std::shared_ptr<Buffer> EngineCore::allocate(size_t bytes, Category category) {
   size_t block = want;
   {
     std::lock_guard<std::mutex> lock(mem_mu_);
+    if (plan_arena_ && !plan_diverged_) {
+      if (plan_next_ < plan_.sizes.size() && int64_t(want) <= plan_.sizes[plan_next_]) {
+        const int64_t offset = plan_.offsets[plan_next_++];
+        const int c = static_cast<int>(category);
+        mem_.in_use[c] += int64_t(bytes);
+        mem_.peak[c] = std::max(mem_.peak[c], mem_.in_use[c]);
+        mem_.total_in_use += int64_t(bytes);
+        mem_.total_peak = std::max(mem_.total_peak, mem_.total_in_use);
+        return std::make_shared<Buffer>(shared_from_this(), plan_arena_->base() + offset, bytes, want, category, plan_arena_);
+      }
+      plan_diverged_ = true;
+    }
     auto it = cache_.lower_bound(want);
     if (it != cache_.end() && close_enough(it->first, want)) {
       block = it->first;
@@ -107,6 +125,51 @@ void EngineCore::recycle(void* ptr, size_t bytes, size_t block_bytes, Category c
   cache_.emplace(block_bytes, ptr);
   mem_.in_use[static_cast<int>(category)] -= int64_t(bytes);
   mem_.total_in_use -= int64_t(bytes);
+}
+
+void EngineCore::release_planned(size_t bytes, Category category) {
+  std::lock_guard<std::mutex> lock(mem_mu_);
+  mem_.in_use[static_cast<int>(category)] -= int64_t(bytes);
+  mem_.total_in_use -= int64_t(bytes);
+}
+
+void EngineCore::begin_plan(MemoryPlanSpec plan) {
+  const size_t total = (std::max<int64_t>(plan.total, 1) + kBlockRounding - 1) / kBlockRounding * kBlockRounding;
+  for (size_t i = 0; i < plan.sizes.size(); ++i)
+    if (plan.sizes[i] <= 0 || plan.offsets[i] < 0 || plan.offsets[i] % int64_t(kBlockRounding) != 0 ||
+        plan.offsets[i] + plan.sizes[i] > int64_t(total))
+      throw BackendError(StatusCode::internal, "memory plan: allocation " + std::to_string(i) + " lies outside its arena");
+  end_plan();
+  // The arena takes the cache's place: its blocks go back to the device first, and the wait makes that happen
+  // before the arena is taken (the queue is short here: a plan begins a generation).
+  trim_cache();
+  wait_idle();
+  void* base = backend_->alloc(total);
+  std::lock_guard<std::mutex> lock(mem_mu_);
+  mem_.reserved += int64_t(total);
+  mem_.reserved_peak = std::max(mem_.reserved_peak, mem_.reserved);
+  plan_arena_ = std::make_shared<PlanArena>(shared_from_this(), base, total);
+  plan_ = std::move(plan);
+  plan_next_ = 0;
+  plan_diverged_ = false;
+}
+
+MemoryPlanReport EngineCore::end_plan() {
+  std::shared_ptr<PlanArena> arena;
+  MemoryPlanReport report;
+  {
+    std::lock_guard<std::mutex> lock(mem_mu_);
+    arena.swap(plan_arena_);
+    report = {int64_t(plan_next_), plan_diverged_};
+    plan_ = {};
+    plan_next_ = 0;
+    plan_diverged_ = false;
+  }
+  return report;  // `arena` goes here, outside the lock: if no tensor holds it, it is freed in queue order now
+}
+
+void EngineCore::free_in_queue_order(void* ptr, size_t block_bytes) {
+  if (!enqueue([this, ptr, block_bytes] { free_block(ptr, block_bytes); })) free_block(ptr, block_bytes);
 }
 
 void EngineCore::free_block(void* ptr, size_t block_bytes) {

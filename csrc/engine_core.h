@@ -32,20 +32,38 @@ struct QueuedError {
 
 class EngineCore;
 
+// One device block that a static memory plan carves into tensors (EngineCore::begin_plan). It is freed, in queue
+// order, once the plan has ended and the last tensor placed in it is gone.
+class PlanArena {
+ public:
+  PlanArena(std::shared_ptr<EngineCore> core, void* base, size_t bytes) : core_(std::move(core)), base_(base), bytes_(bytes) {}
+  ~PlanArena();
+  PlanArena(const PlanArena&) = delete;
+  PlanArena& operator=(const PlanArena&) = delete;
+  char* base() const { return static_cast<char*>(base_); }
+
+ private:
+  std::shared_ptr<EngineCore> core_;
+  void* base_;
+  size_t bytes_;
+};
+
 // Device memory of one tensor. Memory is stream-ordered: `release()` (the JS dispose) hands the block back to
 // the engine's cache at once, although queued ops may still use it, because the queue runs in order: every
 // op that touches the old tensor was enqueued before the release and runs before any op on the tensor that
 // reuses the block. Queued ops hold the Buffer object itself, so `data()` stays valid for them.
 class Buffer {
  public:
-  Buffer(std::shared_ptr<EngineCore> core, void* ptr, size_t bytes, size_t block_bytes, Category category)
-      : core_(std::move(core)), ptr_(ptr), bytes_(bytes), block_bytes_(block_bytes), category_(category) {}
+  Buffer(std::shared_ptr<EngineCore> core, void* ptr, size_t bytes, size_t block_bytes, Category category,
+         std::shared_ptr<PlanArena> arena = nullptr)
+      : core_(std::move(core)), ptr_(ptr), bytes_(bytes), block_bytes_(block_bytes), category_(category), arena_(std::move(arena)) {}
   ~Buffer() { release(); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   void* data() const { return ptr_; }
   size_t bytes() const { return bytes_; }
-  // Returns the block to the engine's cache (once; also done by the destructor).
+  // Returns the block to the engine's cache (once; also done by the destructor). A planned tensor's place in its
+  // arena is reused by the plan itself; the arena stays alive while queued ops hold this Buffer.
   void release();
 
  private:
@@ -54,7 +72,22 @@ class Buffer {
   size_t bytes_;
   size_t block_bytes_;
   Category category_;
+  std::shared_ptr<PlanArena> arena_;
   std::atomic<bool> released_{false};
+};
+
+// A static memory plan: the sizes (512-byte blocks) of a known sequence of allocations and their offsets in one
+// arena of `total` bytes, computed from a dry run of the same work (lib/memory-plan.ts).
+struct MemoryPlanSpec {
+  std::vector<int64_t> sizes, offsets;
+  int64_t total = 0;
+};
+
+// What a plan served when it ended: allocations placed, and whether the sequence left the plan (from then on the
+// caching allocator served every allocation).
+struct MemoryPlanReport {
+  int64_t placed = 0;
+  bool diverged = false;
 };
 
 struct MemoryCounters {
@@ -81,6 +114,17 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   std::shared_ptr<Buffer> allocate(size_t bytes, Category category);
   // Frees every cached block, in queue order.
   void trim_cache();
+
+  // Static memory plan: returns the cache of released blocks to the device (waiting for the queued work), then
+  // allocates the arena (out-of-memory throws at the call); allocation i after this call
+  // takes [offsets[i], offsets[i] + sizes[i]) of it when its rounded size is at most sizes[i]. The first that is
+  // not (a larger one, or one past the plan) ends the placing: it and every later one go to the caching
+  // allocator, so a plan that does not match the work is slower to reserve but never unsafe. end_plan() stops
+  // the placing and reports; the arena goes once its last tensor does.
+  void begin_plan(MemoryPlanSpec plan);
+  MemoryPlanReport end_plan();
+  // Frees a block of backend memory after everything enqueued so far (at once when the queue has stopped).
+  void free_in_queue_order(void* ptr, size_t block_bytes);
 
   // Runs `op` on the queue thread after everything enqueued before it. An exception it throws is kept as
   // the pending error; later ops still run (each validates its own inputs). False once shut down.
@@ -126,6 +170,8 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
 
   MemoryCounters memory() const;
   void recycle(void* ptr, size_t bytes, size_t block_bytes, Category category);
+  // A planned tensor is released: only the counters change.
+  void release_planned(size_t bytes, Category category);
 
  private:
   void run();
@@ -163,6 +209,11 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
 
   mutable std::mutex mem_mu_;
   MemoryCounters mem_;
+  // The plan being placed (guarded by mem_mu_): its arena, the spec, the next allocation's index.
+  std::shared_ptr<PlanArena> plan_arena_;
+  MemoryPlanSpec plan_;
+  size_t plan_next_ = 0;
+  bool plan_diverged_ = false;
   std::multimap<size_t, void*> cache_;  // released blocks by size, guarded by mem_mu_
   std::condition_variable idle_cv_;
   int64_t running_ = 0;  // ops taken off the queue but not finished; guarded by mu_

@@ -23,10 +23,39 @@ const closeEnough = (block: number, want: number) => block <= want + Math.floor(
 /** One allocation, shared by a tensor and its views; it is recycled when the last of them is disposed. */
 class CountedBlock {
   handles = 1;
-  constructor(readonly device: CountingDevice, readonly block: number, readonly bytes: number, readonly category: Category) {}
+  constructor(
+    readonly device: CountingDevice,
+    readonly block: number,
+    readonly bytes: number,
+    readonly category: Category,
+    /** The static memory plan that placed it: released without going to the cache. */
+    readonly plan: PlanState | undefined,
+    /** The allocation trace recording it, and its index there. */
+    readonly traced: { trace: AllocationTrace; index: number } | undefined,
+  ) {}
   drop(): void {
-    if (--this.handles === 0) this.device.recycle(this.block, this.bytes, this.category);
+    if (--this.handles === 0) this.device.recycle(this);
   }
+}
+
+/** A static memory plan being placed (or ended, while tensors it placed live): its arena goes with the last of them. */
+interface PlanState {
+  sizes: number[];
+  next: number;
+  diverged: boolean;
+  arena: number;
+  live: number;
+  ended: boolean;
+}
+
+/**
+ * The allocations of a stretch of work in order: their rounded sizes and their lifetimes in event time (an
+ * event is one allocation or one release; `end` is Infinity for one still alive when the trace was taken).
+ */
+export interface AllocationTrace {
+  sizes: number[];
+  start: number[];
+  end: number[];
 }
 
 class CountedTensor implements NativeTensor {
@@ -88,6 +117,9 @@ export class CountingDevice implements NativeEngine {
   #reservedPeak = 0;
   /** Sizes of the cached (released) blocks, ascending. */
   #cache: number[] = [];
+  #plan: PlanState | undefined;
+  #trace: AllocationTrace | undefined;
+  #events = 0;
   #disposed = false;
 
   /** Called with every op and its arguments (shapes and scalars; tensors hold no data): the op stream of a dry run. */
@@ -114,17 +146,70 @@ export class CountingDevice implements NativeEngine {
     if (data && (data as unknown as { length: number }).length !== numel)
       throw new ScaleKVError('ERR_SHAPE', `data has ${(data as unknown as { length: number }).length} elements but the shape needs ${numel}`);
     const bytes = numel * dtypeSize(dtype as DType);
-    const block = this.#allocate(bytes);
+    const want = Math.ceil(Math.max(bytes, 1) / BLOCK_ROUNDING) * BLOCK_ROUNDING;
+    let plan = this.#plan;
+    if (plan && !plan.diverged) {
+      if (plan.next < plan.sizes.length && want <= plan.sizes[plan.next]) {
+        plan.next++;
+        plan.live++;
+      } else {
+        plan.diverged = true;
+      }
+    }
+    if (plan?.diverged) plan = undefined;
+    const block = plan ? want : this.#allocate(want);
     this.#inUse[cat] += bytes;
     this.#peak[cat] = Math.max(this.#peak[cat], this.#inUse[cat]);
     this.#totalInUse += bytes;
     this.#totalPeak = Math.max(this.#totalPeak, this.#totalInUse);
-    return new CountedTensor(new CountedBlock(this, block, bytes, cat), [...shape], dtype);
+    let traced: { trace: AllocationTrace; index: number } | undefined;
+    if (this.#trace) {
+      traced = { trace: this.#trace, index: this.#trace.sizes.length };
+      this.#trace.sizes.push(want);
+      this.#trace.start.push(this.#events++);
+      this.#trace.end.push(Infinity);
+    }
+    return new CountedTensor(new CountedBlock(this, block, bytes, cat, plan, traced), [...shape], dtype);
+  }
+
+  /** Starts recording an allocation trace (see AllocationTrace) of everything allocated from now on. */
+  startTrace(): void {
+    this.#trace = { sizes: [], start: [], end: [] };
+    this.#events = 0;
+  }
+
+  /** The trace since startTrace(); recording stops. */
+  takeTrace(): AllocationTrace {
+    const t = this.#trace ?? { sizes: [], start: [], end: [] };
+    this.#trace = undefined;
+    return t;
+  }
+
+  beginMemoryPlan(sizes: number[], offsets: number[], total: number): void {
+    if (sizes.length !== offsets.length || !(total > 0)) throw new ScaleKVError('ERR_INVALID_ARG', 'beginMemoryPlan: one offset per size and a positive total');
+    sizes.forEach((size, i) => {
+      if (!(size > 0) || offsets[i] % BLOCK_ROUNDING !== 0 || offsets[i] + size > total)
+        throw new ScaleKVError('ERR_INVALID_ARG', `beginMemoryPlan: allocation ${i} must be non-empty, 512-byte aligned and inside the arena`);
+    });
+    this.endMemoryPlan();
+    this.trimCache();
+    const arena = Math.ceil(total / BLOCK_ROUNDING) * BLOCK_ROUNDING;
+    this.#reserved += arena;
+    this.#reservedPeak = Math.max(this.#reservedPeak, this.#reserved);
+    this.#plan = { sizes: [...sizes], next: 0, diverged: false, arena, live: 0, ended: false };
+  }
+
+  endMemoryPlan(): { placed: number; diverged: boolean } {
+    const plan = this.#plan;
+    if (!plan) return { placed: 0, diverged: false };
+    this.#plan = undefined;
+    plan.ended = true;
+    this.#releaseArena(plan);
+    return { placed: plan.next, diverged: plan.diverged };
   }
 
   // The smallest cached block that is at least the rounded request, if it is close enough; else a new block.
-  #allocate(bytes: number): number {
-    const want = Math.ceil(Math.max(bytes, 1) / BLOCK_ROUNDING) * BLOCK_ROUNDING;
+  #allocate(want: number): number {
     const i = lowerBound(this.#cache, want);
     if (i < this.#cache.length && closeEnough(this.#cache[i], want)) return this.#cache.splice(i, 1)[0];
     this.#reserved += want;
@@ -133,10 +218,21 @@ export class CountingDevice implements NativeEngine {
   }
 
   /** @internal */
-  recycle(block: number, bytes: number, category: Category): void {
-    this.#cache.splice(lowerBound(this.#cache, block), 0, block);
-    this.#inUse[category] -= bytes;
-    this.#totalInUse -= bytes;
+  recycle(b: CountedBlock): void {
+    if (b.plan) {
+      b.plan.live--;
+      this.#releaseArena(b.plan);
+    } else {
+      this.#cache.splice(lowerBound(this.#cache, b.block), 0, b.block);
+    }
+    this.#inUse[b.category] -= b.bytes;
+    this.#totalInUse -= b.bytes;
+    if (b.traced && b.traced.trace === this.#trace) b.traced.trace.end[b.traced.index] = this.#events++;
+  }
+
+  // An arena goes back to the device once its plan has ended and the last tensor placed in it is gone.
+  #releaseArena(plan: PlanState): void {
+    if (plan.ended && plan.live === 0) this.#reserved -= plan.arena;
   }
 
   memory(): NativeMemory {

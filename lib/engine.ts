@@ -5,6 +5,7 @@ import { CountingDevice } from './counting-device.js';
 import { loadNative, NativeEngine, type NativeKernelLaunch } from './native.js';
 import { Ops } from './ops.js';
 import { HostArray, Tensor, type TensorOwner } from './tensor.js';
+import type { MemoryPlanReport, StaticMemoryPlan } from './memory-plan.js';
 
 export { Tensor, type HostArray, type TensorOwner } from './tensor.js';
 
@@ -272,6 +273,40 @@ export class Engine implements TensorOwner {
       this.native.trimCache();
     } catch (e) {
       rethrowNative(e);
+    }
+  }
+
+  /**
+   * Places the allocations that follow by a static memory plan (lib/memory-plan.ts) in one arena, allocated now:
+   * allocation i takes offset i of the plan when it is no larger than planned. The first that is not ends the
+   * placing (it and the rest come from the caching allocator: slower to reserve, never unsafe). The arena goes back
+   * to the device once `endMemoryPlan()` has been called and the last tensor placed in it is disposed. The arena
+   * takes the place of the cache of released blocks: they are returned to the device first (after the work already
+   * queued, which this call waits for).
+   */
+  beginMemoryPlan(plan: StaticMemoryPlan): void {
+    try {
+      this.native.beginMemoryPlan(plan.sizes, plan.offsets, plan.total);
+    } catch (e) {
+      rethrowNative(e);
+    }
+  }
+
+  /** Ends the placing of the plan begun last; says how many allocations it placed and whether the work left it. */
+  endMemoryPlan(): MemoryPlanReport {
+    return this.native.endMemoryPlan();
+  }
+
+  /** Runs `work` with its allocations placed by `plan` (see beginMemoryPlan), ending the plan however it ends. */
+  async withMemoryPlan<T>(plan: StaticMemoryPlan, work: () => Promise<T>): Promise<{ result: T; plan: MemoryPlanReport }> {
+    this.beginMemoryPlan(plan);
+    let report: MemoryPlanReport | undefined;
+    try {
+      const result = await work();
+      report = this.endMemoryPlan();
+      return { result, plan: report };
+    } finally {
+      if (!report) this.endMemoryPlan();
     }
   }
 

@@ -40,6 +40,9 @@ export interface NativeEngine extends NativeOps {
   dispose(): void;
   setProfiling(on: boolean, kernelCounters?: boolean, sampleBlocks?: number): void;
   trimCache(): void;
+  /** Static memory plan (csrc/engine_core.h begin_plan): the arena is allocated now; later allocations are placed. */
+  beginMemoryPlan(sizes: number[], offsets: number[], total: number): void;
+  endMemoryPlan(): { placed: number; diverged: boolean };
   profile(): Record<string, { count: number; ms: number }>;
   kernelCounters(): NativeKernelLaunch[];
   /** Ops accepted since the engine was created; a call rejected by its checks adds none. */
