@@ -20,7 +20,8 @@ import { BackendChoice, createEngine, Engine, MemoryStats } from './engine.js';
 import { fail, ScaleKVError } from './errors.js';
 import { encodePng, RawImage } from './image/png.js';
 import { kvPolicyFromSpec } from './kv/spec.js';
-import { decodeImage, generate } from './model/generate.js';
+import { decodeImage, generate, type GenerateOptions } from './model/generate.js';
+import { planAllocations, plannedTextLength, type StaticMemoryPlan } from './memory-plan.js';
 import { InfinityModel, TextFeatures, WeightSource } from './model/infinity.js';
 import type { KvPolicy } from './kv/policy.js';
 import { InfinityConfig, preset, PRESET_NAMES, PresetName } from './model/presets.js';
@@ -69,6 +70,13 @@ export interface PipelineLoadOptions {
   keepTextEncoder?: boolean;
   /** The T5 Linear weights: default `dtype` when given, else 'bf16' on CUDA and 'f32' elsewhere (never f16: T5 overflows it). */
   t5Dtype?: 'bf16' | 'f32';
+  /**
+   * Run each generation and its decode from a static memory plan (lib/memory-plan.ts): a dry run of the same shape
+   * on a counting twin of the model places every allocation in one arena, so the engine reserves the plan's peak
+   * instead of a caching allocator's 2-3x. Plans are kept per shape (schedule, batch, guidance, KV policy, prompt
+   * lengths rounded up to 64 tokens). Default true.
+   */
+  memoryPlan?: boolean;
 }
 
 export interface PipelineProgress {
@@ -138,6 +146,11 @@ export interface PipelineResult {
   /** The engine's counters after the decode (peaks since the engine was created) and the KV cache bytes held. */
   memory: MemoryStats;
   kvBytes: number;
+  /**
+   * The static memory plan the generation and decode ran from (absent with `memoryPlan: false`): its arena, how many
+   * allocations it placed, and whether the work left it (then the rest came from the caching allocator).
+   */
+  memoryPlan?: { arenaBytes: number; placed: number; diverged: boolean };
 }
 
 /** A ratio h / w from '1', '0.75', '4/3' or '3:4'. */
@@ -262,6 +275,10 @@ interface TextEncoderSource {
   close(): void;
 }
 
+/** Static memory plans a pipeline keeps (one per generation shape, the least recently used dropped first). */
+const MEMORY_PLANS_KEPT = 16;
+let nextPolicyId = 0;
+
 export class Pipeline {
   readonly engine: Engine;
   readonly model: InfinityModel;
@@ -278,8 +295,14 @@ export class Pipeline {
   /** Generations run one at a time, in call order; this settles when the last one queued has. */
   #queue: Promise<unknown> = Promise.resolve();
   #disposed = false;
+  readonly #memoryPlans: boolean;
+  /** Static memory plans by generation shape (the most recent last), and the counting twin that makes them. */
+  readonly #plans = new Map<string, StaticMemoryPlan>();
+  #twin?: Promise<{ engine: Engine; model: InfinityModel; vae: VaeDecoder }>;
+  readonly #policyIds = new WeakMap<KvPolicy, number>();
 
-  private constructor(p: { engine: Engine; model: InfinityModel; vae?: VaeDecoder; presetName?: PresetName; tiny: boolean; text?: TextEncoderSource; encoder?: T5TextEncoder; ownsEngine: boolean }) {
+  private constructor(p: { engine: Engine; model: InfinityModel; vae?: VaeDecoder; presetName?: PresetName; tiny: boolean; text?: TextEncoderSource; encoder?: T5TextEncoder; ownsEngine: boolean; memoryPlans: boolean }) {
+    this.#memoryPlans = p.memoryPlans;
     this.engine = p.engine;
     this.model = p.model;
     this.vae = p.vae;
@@ -347,7 +370,7 @@ export class Pipeline {
       }
       if (decode) vae = await loadVae(engine, tiny ? tiny.vae : (opts.vae as string | Checkpoint), config, model.dtype);
       if (text && opts.keepTextEncoder) encoder = await T5TextEncoder.load(engine, text.weights, text.tokenizer, { dtype: text.dtype });
-      return new Pipeline({ engine, model, vae, presetName, tiny: tiny !== undefined, text, encoder, ownsEngine });
+      return new Pipeline({ engine, model, vae, presetName, tiny: tiny !== undefined, text, encoder, ownsEngine, memoryPlans: opts.memoryPlan ?? true });
     } catch (e) {
       encoder?.dispose();
       vae?.dispose();
@@ -467,28 +490,36 @@ export class Pipeline {
     const negativeText = conditioning.negative && repeatTextFeatures(conditioning.negative, batch);
     const textMs = performance.now() - started;
     const seed = o.seed ?? 0;
-    const sampled = await generate(this.model, {
-      textFeatures: text,
-      negativeText,
-      schedule,
-      cfg,
-      tau: o.tau ?? 1,
-      topK: o.topK,
-      topP: o.topP,
-      seed,
-      kvPolicy,
-      signal: o.signal,
-      onProgress: o.onProgress && ((si, total) => o.onProgress?.({ stage: 'sampling', done: si + 1, total })),
-    });
-    const samplingMs = performance.now() - started - textMs;
-    let decoded;
-    const decodeStart = performance.now();
-    try {
-      if (o.signal?.aborted) throw abortError(o.signal);
-      decoded = await decodeImage(vae, sampled.summedCodes);
-    } finally {
-      sampled.summedCodes.dispose();
+    const sampling = { textFeatures: text, negativeText, schedule, cfg, tau: o.tau ?? 1, topK: o.topK, topP: o.topP, kvPolicy };
+    const plan = this.#memoryPlans ? await this.#planFor(sampling, o.kv) : undefined;
+    let samplingMs = 0;
+    let decodeStart = 0;
+    const work = async () => {
+      const sampled = await generate(this.model, {
+        ...sampling,
+        seed,
+        signal: o.signal,
+        onProgress: o.onProgress && ((si, total) => o.onProgress?.({ stage: 'sampling', done: si + 1, total })),
+      });
+      samplingMs = performance.now() - started - textMs;
+      decodeStart = performance.now();
+      try {
+        if (o.signal?.aborted) throw abortError(o.signal);
+        return { sampled, decoded: await decodeImage(vae, sampled.summedCodes) };
+      } finally {
+        sampled.summedCodes.dispose();
+      }
+    };
+    let memoryPlan: PipelineResult['memoryPlan'];
+    let run: Awaited<ReturnType<typeof work>>;
+    if (plan) {
+      const r = await this.engine.withMemoryPlan(plan, work);
+      run = r.result;
+      memoryPlan = { arenaBytes: plan.total, ...r.plan };
+    } else {
+      run = await work();
     }
+    const { sampled, decoded } = run;
     const decodeMs = performance.now() - decodeStart;
     o.onProgress?.({ stage: 'decode', done: 1, total: 1 });
     if (o.signal?.aborted) throw abortError(o.signal);
@@ -511,7 +542,55 @@ export class Pipeline {
       timings: { textMs, samplingMs, decodeMs, encodeMs: performance.now() - encodeStart, totalMs: performance.now() - started, perScaleMs: sampled.timings.map((t) => t.ms) },
       memory,
       kvBytes: sampled.kvBytes,
+      memoryPlan,
     };
+  }
+
+  /**
+   * The static memory plan of a generation and its decode: from the cache, or from a dry run of the same calls on
+   * the counting twin, for prompt lengths rounded up by plannedTextLength.
+   */
+  async #planFor(sampling: Omit<GenerateOptions, 'seed' | 'signal' | 'onProgress'>, kv: KvPolicy | string | undefined): Promise<StaticMemoryPlan> {
+    const padded = (t: TextFeatures | undefined) => {
+      if (!t) return undefined;
+      const channels = this.config.textChannels;
+      const lens = t.lens.map((n) => plannedTextLength(n, this.config.textMaxlen));
+      return { kv: new Float32Array(lens.reduce((a, b) => a + b, 0) * channels), lens };
+    };
+    const textFeatures = padded(sampling.textFeatures);
+    const negativeText = padded(sampling.negativeText);
+    const policy = typeof kv === 'string' || kv === undefined ? `spec:${kv ?? 'full'}` : `object:${this.#policyId(kv)}`;
+    const key = JSON.stringify({ schedule: sampling.schedule, cfg: sampling.cfg, text: textFeatures?.lens, negative: negativeText?.lens, policy, topK: sampling.topK, topP: sampling.topP });
+    const cached = this.#plans.get(key);
+    if (cached) {
+      this.#plans.delete(key);
+      this.#plans.set(key, cached);
+      return cached;
+    }
+    this.#twin ??= (async () => {
+      const engine = await createEngine({ backend: 'count' });
+      const model = await InfinityModel.allocate(engine, this.config, { dtype: this.model.dtype });
+      const vae = await VaeDecoder.allocate(engine, (this.vae as VaeDecoder).config);
+      return { engine, model, vae };
+    })();
+    const twin = await this.#twin;
+    const plan = await planAllocations(twin.engine, async () => {
+      const r = await generate(twin.model, { ...sampling, textFeatures, negativeText });
+      try {
+        await decodeImage(twin.vae, r.summedCodes);
+      } finally {
+        r.summedCodes.dispose();
+      }
+    });
+    this.#plans.set(key, plan);
+    if (this.#plans.size > MEMORY_PLANS_KEPT) this.#plans.delete(this.#plans.keys().next().value as string);
+    return plan;
+  }
+
+  #policyId(policy: KvPolicy): number {
+    let id = this.#policyIds.get(policy);
+    if (id === undefined) this.#policyIds.set(policy, (id = nextPolicyId++));
+    return id;
   }
 
   /**
@@ -528,6 +607,8 @@ export class Pipeline {
     this.vae?.dispose();
     this.model.dispose();
     if (this.#ownsEngine) this.engine.dispose();
+    const twin = await this.#twin?.catch(() => undefined);
+    twin?.engine.dispose();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -158,6 +158,9 @@ for (const backend of testBackends()) {
           t.true(r.memory.peak.kv >= r.kvBytes && r.kvBytes > 0);
           t.is(r.schedule.length, 7);
           t.deepEqual(progress, [...Array.from({ length: 7 }, (_, i) => `sampling ${i + 1}/7`), 'decode 1/1']);
+          // The generation and decode ran from their static memory plan, every allocation placed.
+          t.false(r.memoryPlan?.diverged, 'the work stayed in its static memory plan');
+          t.true((r.memoryPlan?.placed ?? 0) > 100, `placed ${r.memoryPlan?.placed}`);
           for (let b = 0; b < B; b++) {
             const img = r.images[b];
             t.deepEqual([img.width, img.height, img.channels], [W, H, 3]);
@@ -180,6 +183,9 @@ for (const backend of testBackends()) {
       try {
         const baseline = e.memory().inUse;
         t.true(baseline.weights > 0);
+        e.trimCache();
+        await e.sync();
+        const reserved = e.memory().reserved;
         const ctl = new AbortController();
         const reason = new Error('user cancelled');
         const seen: string[] = [];
@@ -198,6 +204,10 @@ for (const backend of testBackends()) {
         t.deepEqual(seen, ['sampling 1', 'sampling 2', 'sampling 3']);
         await e.sync();
         t.deepEqual(e.memory().inUse, baseline);
+        // The plan's arena went back to the device with its last tensor (the cache holds only the text encoder's).
+        e.trimCache();
+        await e.sync();
+        t.is(e.memory().reserved, reserved, 'the arena was freed');
         // Already aborted: nothing is allocated at all.
         const peak = e.memory().totalPeak;
         const pre = await t.throwsAsync(pipe.generate({ prompts: ['a red fox'], signal: AbortSignal.abort() }), { instanceOf: ScaleKVError });

@@ -260,7 +260,9 @@ test('the planner counts the T5 encoder as the Pipeline runs it (freed before sa
       }
       const mem = e.memory();
       t.deepEqual({ ...mem.peak, total: mem.totalPeak }, plan.bytes, what);
-      t.is(mem.reservedPeak, plan.reservedPeak, what);
+      // The Pipeline runs from a static memory plan: the engine reserves exactly what the planner says it would.
+      t.is(mem.reservedPeak, plan.staticPlan?.reservedPeak ?? NaN, what);
+      t.true(mem.reservedPeak < plan.reservedPeak, `${what}: the plan reserves less than the caching allocator alone`);
       peaks.push(plan.bytes.total);
     } finally {
       e.dispose();

@@ -82,7 +82,10 @@ function planTable(p: MemoryPlan, deviceBytes?: number, fit?: number): string {
     '|---|---:|---:|---|',
     ...rows.map(([k, b, w]) => `| ${k} | ${b} | ${MiB(b)} | ${w} |`),
     '',
-    `reserved by the caching allocator at its fullest: ${MiB(p.reservedPeak)} MiB (engine.trimCache() returns the cached part)`,
+    ...(p.staticPlan
+      ? [`reserved with the static memory plan (as the Pipeline runs): ${MiB(p.staticPlan.reservedPeak)} MiB = ${(p.staticPlan.reservedPeak / p.bytes.total).toFixed(3)} x the live peak; its arena ${MiB(p.staticPlan.arenaBytes)} MiB = ${(p.staticPlan.arenaBytes / p.staticPlan.livePeak).toFixed(3)} x the generation and decode's live peak, ${p.staticPlan.allocations} allocations (prompts of up to ${p.staticPlan.textTokens} tokens)`]
+      : []),
+    `reserved by the caching allocator alone, at its fullest: ${MiB(p.reservedPeak)} MiB (engine.trimCache() returns the cached part)`,
     `paper accounting (sec. 5.2): ${p.rows} rows x ${p.paperAccounting.tokensPerLayer} tokens x ${caps.length} layers x C x (K ${p.paperAccounting.kDtype} + V ${p.paperAccounting.vDtype}) = ${p.paperAccounting.mib.toFixed(1)} MiB`,
   ];
   if (deviceBytes !== undefined)

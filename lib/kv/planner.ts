@@ -18,6 +18,7 @@ import { InfinityConfig, preset, PresetName } from '../model/presets.js';
 import { scaleSchedule } from '../model/schedule.js';
 import { VaeDecoder } from '../model/vae.js';
 import { FLAN_T5_XL, T5Config } from '../text/t5-checkpoint.js';
+import { planAllocations, plannedTextLength, type StaticMemoryPlan } from '../memory-plan.js';
 import { T5TextEncoder } from '../text/t5-encoder.js';
 import { FullKvPolicy } from './baselines.js';
 import type { KvPolicy } from './policy.js';
@@ -50,6 +51,8 @@ export interface PlanMemoryOptions {
   keepTextEncoder?: boolean;
   /** Every prompt has a negative prompt, encoded in the same T5 pass. Default false. */
   negativePrompts?: boolean;
+  /** Plan the generation's memory statically (MemoryPlan.staticPlan), as the Pipeline does. Default true. */
+  staticPlan?: boolean;
   /** K and V dtypes of the paper accounting line (the reference keeps K in f32). Default the model dtype. */
   paperKDtype?: PlanDtype;
   paperVDtype?: PlanDtype;
@@ -78,8 +81,15 @@ export interface MemoryPlan {
   bytes: Record<MemoryCategory, number> & { total: number };
   /** The KV arena (lib/kv/cache.ts): tokens per page, pages per K/V pool (all of them used at the peak), page-table bytes. */
   kvArena: { pageTokens: number; poolPages: number; tableBytes: number };
-  /** The engine's caching allocator at its fullest (live tensors + cached blocks, in 512-byte blocks). */
+  /** The engine's caching allocator at its fullest (live tensors + cached blocks, in 512-byte blocks), without a plan. */
   reservedPeak: number;
+  /**
+   * The static memory plan of the generation and decode (lib/memory-plan.ts), as the Pipeline runs them (absent
+   * with `staticPlan: false`): its arena, the most bytes live at once in the run it was traced from (the arena's
+   * lower bound), how many allocations it places, the engine's reserved peak under it (the weights, and the arena
+   * once the cache is trimmed before it), and the prompt length it was made for (plannedTextLength).
+   */
+  staticPlan?: { arenaBytes: number; livePeak: number; allocations: number; reservedPeak: number; textTokens: number };
   /** Transformer, VAE decoder and T5 encoder weights separately (textEncoder 0 when not counted). */
   weightDetail: { transformer: number; vae: number; textEncoder: number };
   /** The T5 encoder counted: its width and depth, and whether it stays loaded; undefined when none. */
@@ -95,8 +105,11 @@ export function paperKvBytes(c: InfinityConfig, rows: number, tokensPerLayer: nu
   return rows * tokensPerLayer * c.depth * c.embedDim * (size(kDtype) + size(vDtype));
 }
 
-/** One generation (and decode) on a fresh counting engine, as the Pipeline runs it: its counters and the weight totals. */
-async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, number][], policy: KvPolicy, dtype: PlanDtype, textTokens: number, decode: boolean, t5: T5Config | undefined) {
+/**
+ * One generation (and decode) on a fresh counting engine, as the Pipeline runs it: its counters and the weight
+ * totals. The generation and decode run under `plan` when given, else they are traced and packed into a plan.
+ */
+async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, number][], policy: KvPolicy, dtype: PlanDtype, textTokens: number, decode: boolean, t5: T5Config | undefined, plan?: StaticMemoryPlan, planTextTokens = textTokens) {
   const e = await createEngine({ backend: 'count' });
   let encoder: T5TextEncoder | undefined;
   try {
@@ -114,13 +127,25 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
       await encoder.encodeIds(new Int32Array(prompts * textTokens), new Array<number>(prompts).fill(textTokens));
       if (!o.keepTextEncoder) encoder.dispose();
     }
-    const text = { kv: new Float32Array(o.batch * textTokens * c.textChannels), lens: new Array<number>(o.batch).fill(textTokens) };
+    // Traced for a plan, the generation sees prompts of the plan's length (as the Pipeline plans them).
+    const tokens = plan ? textTokens : planTextTokens;
+    const text = { kv: new Float32Array(o.batch * tokens * c.textChannels), lens: new Array<number>(o.batch).fill(tokens) };
     const negativeText = o.negativePrompts ? text : undefined;
-    const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
-    if (vae) await decodeImage(vae, r.summedCodes);
-    r.summedCodes.dispose();
-    const { pageTokens, poolPages, tableBytes } = r.kvArena;
-    return { memory: e.memory(), transformer, vaeBytes, textEncoder, kvArena: { pageTokens, poolPages, tableBytes } };
+    let kvArena: MemoryPlan['kvArena'] | undefined;
+    const work = async () => {
+      const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
+      if (vae) await decodeImage(vae, r.summedCodes);
+      r.summedCodes.dispose();
+      kvArena = { pageTokens: r.kvArena.pageTokens, poolPages: r.kvArena.poolPages, tableBytes: r.kvArena.tableBytes };
+    };
+    let staticPlan = plan;
+    if (plan) {
+      const placed = (await e.withMemoryPlan(plan, work)).plan;
+      if (placed.diverged || placed.placed !== plan.sizes.length) fail('ERR_INTERNAL', `planner: the generation left its own static memory plan (${placed.placed} of ${plan.sizes.length} placed)`);
+    } else {
+      staticPlan = await planAllocations(e, work);
+    }
+    return { memory: e.memory(), transformer, vaeBytes, textEncoder, kvArena: kvArena as MemoryPlan['kvArena'], staticPlan: staticPlan as StaticMemoryPlan };
   } finally {
     encoder?.dispose();
     e.dispose();
@@ -143,7 +168,16 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
   if (t5 && t5.dModel !== c.textChannels) fail('ERR_INVALID_ARG', `planMemory: the T5 width ${t5.dModel} is not the model's text_channels ${c.textChannels}`);
   const rows = (o.cfg ?? true) ? 2 * o.batch : o.batch;
   const capacities = Array.from({ length: c.depth }, (_, l) => policy.capacity(l, tokens));
-  const { memory, transformer, vaeBytes, textEncoder, kvArena } = await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5);
+  // The generation alone (the counters of the caching allocator); then, unless asked not to, traced with the prompt
+  // lengths a plan is made for, and run again under that plan, as the Pipeline runs it.
+  const { memory, transformer, vaeBytes, textEncoder, kvArena, staticPlan: exactPlan } = await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5);
+  let staticPlan: MemoryPlan['staticPlan'];
+  if (o.staticPlan ?? true) {
+    const traced = plannedTextLength(textTokens, c.textMaxlen);
+    const plan = traced === textTokens ? exactPlan : (await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5, undefined, traced)).staticPlan;
+    const planned = await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5, plan);
+    staticPlan = { arenaBytes: plan.total, livePeak: plan.livePeak, allocations: plan.sizes.length, reservedPeak: planned.memory.reservedPeak, textTokens: traced };
+  }
   const kDtype = o.paperKDtype ?? dtype;
   const vDtype = o.paperVDtype ?? dtype;
   const fullHistory = tokens.slice(0, -1).reduce((a, b) => a + b, 0);
@@ -162,6 +196,7 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
     bytes: { ...memory.peak, total: memory.totalPeak },
     kvArena,
     reservedPeak: memory.reservedPeak,
+    staticPlan,
     weightDetail: { transformer, vae: vaeBytes, textEncoder },
     textEncoder: t5 && { dModel: t5.dModel, layers: t5.layers, kept: o.keepTextEncoder ?? false, dtype },
     paperAccounting: { bytes: paperBytes, mib: paperBytes / 2 ** 20, tokensPerLayer, kDtype, vDtype },
@@ -171,7 +206,7 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
 /** The largest batch whose peak live bytes fit in `deviceBytes` (0 if even batch 1 does not). */
 export async function largestBatch(o: Omit<PlanMemoryOptions, 'batch'>, deviceBytes: number): Promise<number> {
   if (!(deviceBytes > 0)) fail('ERR_INVALID_ARG', `device memory must be positive, got ${deviceBytes}`);
-  const fits = async (b: number) => (await planMemory({ ...o, batch: b })).bytes.total <= deviceBytes;
+  const fits = async (b: number) => (await planMemory({ ...o, batch: b, staticPlan: false })).bytes.total <= deviceBytes;
   if (!(await fits(1))) return 0;
   let lo = 1;
   let hi = 2;
