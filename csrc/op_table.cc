@@ -1011,8 +1011,12 @@ Launch bind_transpose12(const OpCall& c) {
   a.d = int64_t(dims[3]);
   // Each entry is at most 2^40, so the product is taken in 128 bits before it is compared.
   const __int128 product = __int128(a.a) * a.b * a.c * a.d;
-  if (product != c.numel("input"))
-    c.fail("ERR_SHAPE", "dims hold " + (product > INT64_MAX ? std::string("more than 2^63") : std::to_string(int64_t(product))) +
+  a.in_offset = int64_t(c.number("inOffset"));
+  // Without inOffset the dims must cover the whole input; with it, a slice of the input from there on.
+  const bool sliced = c.given("inOffset");
+  if (sliced ? a.in_offset + product > c.numel("input") : product != c.numel("input"))
+    c.fail("ERR_SHAPE", (sliced ? "inOffset " + std::to_string(a.in_offset) + " + " : std::string()) + "dims hold " +
+                            (product > INT64_MAX ? std::string("more than 2^63") : std::to_string(int64_t(product))) +
                             " elements, input has " + std::to_string(c.numel("input")));
   const int64_t numel = int64_t(product);
   a.out_offset = int64_t(c.number("outOffset"));
@@ -1200,11 +1204,14 @@ std::vector<OpDecl> declarations() {
        bind_add,
        "a b out | S=2,3 |"},
       {"transpose12", "transpose12",
-       "input viewed as [A, B, C, D] written to out viewed as [A, C, B, D] from element outOffset on",
+       "input from element inOffset on, viewed as [A, B, C, D], written to out viewed as [A, C, B, D] from element "
+       "outOffset on",
        {in("input", "any", "[...In]"), out("out", "=input", "[...Out]")},
-       {int_list("dims", 4, 0, 1099511627776.0), {"outOffset", AttrKind::integer, false, true, 0, 0, kSafeInt, "", 0}},
+       {int_list("dims", 4, 0, 1099511627776.0), {"outOffset", AttrKind::integer, false, true, 0, 0, kSafeInt, "", 0},
+        {"inOffset", AttrKind::integer, false, true, 0, 0, kSafeInt, "", 0}},
        bind_transpose12,
-       "input out | In=12 Out=3,5 | dims=2,3,2,1 outOffset=2"},
+       "input out | In=12 Out=3,5 | dims=2,3,2,1 outOffset=2\n"
+       "input out | In=20 Out=12 | dims=1,1,3,4 inOffset=7"},
       {"imageToU8", "image_to_u8", "image in [-1, 1] to 8-bit pixels: clamp, (x+1)/2*255, truncate",
        {in("image", F, "[batch, 3, height, width]"), out("out", "u8", "[batch, height, width, 3]")},
        {flag_def("bgr", false)},

@@ -266,13 +266,14 @@ struct AddArgs {
   void* out = nullptr;
 };
 
-// transpose12: the input, viewed as contiguous [A, B, C, D], is written to the output viewed as [A, C, B, D]
-// from element out_offset on: out[out_offset + ((a*C + c)*B + b)*D + d] = in[((a*B + b)*C + c)*D + d]. With B or
-// C = 1 it is a plain copy (a reshape, or a write into a slice of a larger tensor). Any dtype (raw words);
-// in and out do not overlap.
+// transpose12: the input from element in_offset on, viewed as contiguous [A, B, C, D], is written to the output
+// viewed as [A, C, B, D] from element out_offset on:
+//   out[out_offset + ((a*C + c)*B + b)*D + d] = in[in_offset + ((a*B + b)*C + c)*D + d].
+// With B or C = 1 it is a plain copy (a reshape, or a slice read from or written into a larger tensor). Any dtype
+// (raw words); in and out do not overlap.
 struct Transpose12Args {
   int64_t a = 0, b = 0, c = 0, d = 0;
-  int64_t out_offset = 0;  // elements
+  int64_t in_offset = 0, out_offset = 0;  // elements
   DType dtype = DType::f32;
   const void* in = nullptr;
   void* out = nullptr;

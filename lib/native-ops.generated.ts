@@ -322,7 +322,7 @@ export interface NativeOpArgs<T> {
     /** out: a's dtype, a's shape, may be a or b. */
     out: T;
   };
-  /** input viewed as [A, B, C, D] written to out viewed as [A, C, B, D] from element outOffset on (kernel 'transpose12'). */
+  /** input from element inOffset on, viewed as [A, B, C, D], written to out viewed as [A, C, B, D] from element outOffset on (kernel 'transpose12'). */
   transpose12: {
     /** in: any, [...In]. */
     input: T;
@@ -332,6 +332,8 @@ export interface NativeOpArgs<T> {
     dims: number[];
     /** integer, in [0, 9007199254740991], default 0. */
     outOffset?: number;
+    /** integer, in [0, 9007199254740991], default 0. */
+    inOffset?: number;
   };
   /** image in [-1, 1] to 8-bit pixels: clamp, (x+1)/2*255, truncate (kernel 'image_to_u8'). */
   imageToU8: {

@@ -653,16 +653,20 @@ export class Ops {
   }
 
   /**
-   * Moves data between layouts: `input` (dims[0]*dims[1]*dims[2]*dims[3] elements, any shape) viewed as
-   * contiguous [A, B, C, D] is written to `out` viewed as [A, C, B, D], starting at element `outOffset` of out
-   * (default 0): out[outOffset + ((a*C + c)*B + b)*D + d] = input[((a*B + b)*C + c)*D + d]. With B or C = 1 it
-   * is a plain copy: a reshape, or a write into a slice of a larger tensor. Any dtype (out has input's); no aliasing.
-   * E.g. attention output [rows, heads, L, c] -> [rows, L, heads*c] with dims [rows, heads, L, c].
+   * Moves data between layouts: `input` (dims[0]*dims[1]*dims[2]*dims[3] elements, any shape; with `inOffset`, that
+   * many from element inOffset on) viewed as contiguous [A, B, C, D] is written to `out` viewed as [A, C, B, D],
+   * starting at element `outOffset` of out (default 0):
+   * out[outOffset + ((a*C + c)*B + b)*D + d] = input[inOffset + ((a*B + b)*C + c)*D + d]. With B or C = 1 it is a
+   * plain copy: a reshape, or a slice read from or written into a larger tensor. Any dtype (out has input's); no
+   * aliasing. E.g. attention output [rows, heads, L, c] -> [rows, L, heads*c] with dims [rows, heads, L, c].
    */
-  transpose12(a: { input: Tensor; out: Tensor; dims: readonly [number, number, number, number]; outOffset?: number }): void {
+  transpose12(a: { input: Tensor; out: Tensor; dims: readonly [number, number, number, number]; outOffset?: number; inOffset?: number }): void {
     this.#run(
       'transpose12',
-      { input: this.#own(a?.input, 'input'), out: this.#own(a?.out, 'out'), dims: a?.dims ? [...a.dims] : undefined, outOffset: a?.outOffset ?? 0 },
+      {
+        input: this.#own(a?.input, 'input'), out: this.#own(a?.out, 'out'), dims: a?.dims ? [...a.dims] : undefined, outOffset: a?.outOffset ?? 0,
+        inOffset: a?.inOffset,
+      },
       [],
     );
   }

@@ -20,7 +20,7 @@ import { BackendChoice, createEngine, Engine, MemoryStats } from './engine.js';
 import { fail, ScaleKVError } from './errors.js';
 import { encodePng, RawImage } from './image/png.js';
 import { kvPolicyFromSpec } from './kv/spec.js';
-import { decodeImage, generate, type GenerateOptions } from './model/generate.js';
+import { decodeImage, generate, vaeBatchWithin, type GenerateOptions } from './model/generate.js';
 import { planAllocations, plannedTextLength, type StaticMemoryPlan } from './memory-plan.js';
 import { InfinityModel, TextFeatures, WeightSource } from './model/infinity.js';
 import type { KvPolicy } from './kv/policy.js';
@@ -121,6 +121,11 @@ export interface PipelineGenerateOptions {
   kv?: KvPolicy | string;
   /** Also encode every image as PNG (`PipelineImage.png`). Default false. */
   png?: boolean;
+  /**
+   * Images the VAE decodes at once. Default: with memory plans, the most whose decode stays under the sampling
+   * loop's peak (vaeBatchWithin on the plan's dry run); without, the whole batch.
+   */
+  vaeBatch?: number;
   onProgress?(p: PipelineProgress): void;
   /** Cancels the generation: it rejects with ERR_ABORTED (cause: the signal's reason) and frees what it allocated. */
   signal?: AbortSignal;
@@ -275,6 +280,12 @@ interface TextEncoderSource {
   close(): void;
 }
 
+/** A generation shape's static memory plan, and the images its decode takes at once. */
+interface PlannedShape {
+  plan: StaticMemoryPlan;
+  vaeBatch: number;
+}
+
 /** Static memory plans a pipeline keeps (one per generation shape, the least recently used dropped first). */
 const MEMORY_PLANS_KEPT = 16;
 let nextPolicyId = 0;
@@ -297,7 +308,7 @@ export class Pipeline {
   #disposed = false;
   readonly #memoryPlans: boolean;
   /** Static memory plans by generation shape (the most recent last), and the counting twin that makes them. */
-  readonly #plans = new Map<string, StaticMemoryPlan>();
+  readonly #plans = new Map<string, PlannedShape>();
   #twin?: Promise<{ engine: Engine; model: InfinityModel; vae: VaeDecoder }>;
   readonly #policyIds = new WeakMap<KvPolicy, number>();
 
@@ -491,7 +502,9 @@ export class Pipeline {
     const textMs = performance.now() - started;
     const seed = o.seed ?? 0;
     const sampling = { textFeatures: text, negativeText, schedule, cfg, tau: o.tau ?? 1, topK: o.topK, topP: o.topP, kvPolicy };
-    const plan = this.#memoryPlans ? await this.#planFor(sampling, o.kv) : undefined;
+    const shape = this.#memoryPlans ? await this.#planFor(sampling, o.kv, o.vaeBatch) : undefined;
+    const plan = shape?.plan;
+    const vaeBatch = o.vaeBatch ?? shape?.vaeBatch;
     let samplingMs = 0;
     let decodeStart = 0;
     const work = async () => {
@@ -505,7 +518,7 @@ export class Pipeline {
       decodeStart = performance.now();
       try {
         if (o.signal?.aborted) throw abortError(o.signal);
-        return { sampled, decoded: await decodeImage(vae, sampled.summedCodes) };
+        return { sampled, decoded: await decodeImage(vae, sampled.summedCodes, { vaeBatch }) };
       } finally {
         sampled.summedCodes.dispose();
       }
@@ -550,7 +563,7 @@ export class Pipeline {
    * The static memory plan of a generation and its decode: from the cache, or from a dry run of the same calls on
    * the counting twin, for prompt lengths rounded up by plannedTextLength.
    */
-  async #planFor(sampling: Omit<GenerateOptions, 'seed' | 'signal' | 'onProgress'>, kv: KvPolicy | string | undefined): Promise<StaticMemoryPlan> {
+  async #planFor(sampling: Omit<GenerateOptions, 'seed' | 'signal' | 'onProgress'>, kv: KvPolicy | string | undefined, vaeBatch: number | undefined): Promise<PlannedShape> {
     const padded = (t: TextFeatures | undefined) => {
       if (!t) return undefined;
       const channels = this.config.textChannels;
@@ -560,7 +573,7 @@ export class Pipeline {
     const textFeatures = padded(sampling.textFeatures);
     const negativeText = padded(sampling.negativeText);
     const policy = typeof kv === 'string' || kv === undefined ? `spec:${kv ?? 'full'}` : `object:${this.#policyId(kv)}`;
-    const key = JSON.stringify({ schedule: sampling.schedule, cfg: sampling.cfg, text: textFeatures?.lens, negative: negativeText?.lens, policy, topK: sampling.topK, topP: sampling.topP });
+    const key = JSON.stringify({ schedule: sampling.schedule, cfg: sampling.cfg, text: textFeatures?.lens, negative: negativeText?.lens, policy, topK: sampling.topK, topP: sampling.topP, vaeBatch });
     const cached = this.#plans.get(key);
     if (cached) {
       this.#plans.delete(key);
@@ -574,17 +587,21 @@ export class Pipeline {
       return { engine, model, vae };
     })();
     const twin = await this.#twin;
+    let images = vaeBatch ?? 0;
     const plan = await planAllocations(twin.engine, async () => {
       const r = await generate(twin.model, { ...sampling, textFeatures, negativeText });
       try {
-        await decodeImage(twin.vae, r.summedCodes);
+        const m = twin.engine.memory();
+        images = vaeBatch ?? (await vaeBatchWithin(twin.vae.config, r.summedCodes, m.totalPeak - m.totalInUse));
+        await decodeImage(twin.vae, r.summedCodes, { vaeBatch: images });
       } finally {
         r.summedCodes.dispose();
       }
     });
-    this.#plans.set(key, plan);
+    const shape = { plan, vaeBatch: images };
+    this.#plans.set(key, shape);
     if (this.#plans.size > MEMORY_PLANS_KEPT) this.#plans.delete(this.#plans.keys().next().value as string);
-    return plan;
+    return shape;
   }
 
   #policyId(policy: KvPolicy): number {

@@ -45,6 +45,17 @@ for (const backend of testBackends()) {
         t.throws(() => e.ops.transpose12({ input, out, dims: [A, B, C, D + 1] }), { instanceOf: ScaleKVError });
         t.throws(() => e.ops.transpose12({ input, out, dims: [A, B, C, D], outOffset: 12 }), { instanceOf: ScaleKVError });
         t.throws(() => e.ops.transpose12({ input, out: input, dims: [A, B, C, D] }), { instanceOf: ScaleKVError });
+        // A slice of the input from inOffset on: [1, 3, 4, 7] of the 210 elements from element 9.
+        const slice = e.empty([3 * 4 * 7], dtype, { fillByte: 0xff });
+        e.ops.transpose12({ input, out: slice, dims: [1, 3, 4, 7], inOffset: 9 });
+        const part = await slice.read();
+        let wrong = 0;
+        for (let b = 0; b < 3; b++)
+          for (let c = 0; c < 4; c++)
+            for (let d = 0; d < 7; d++) if (part[(c * 3 + b) * 7 + d] !== src[9 + (b * 4 + c) * 7 + d]) wrong++;
+        t.is(wrong, 0, `${dtype} from an input offset`);
+        t.throws(() => e.ops.transpose12({ input, out: slice, dims: [1, 3, 4, 7], inOffset: n - 83 }), { code: 'ERR_SHAPE' }, 'past the input');
+        slice.dispose();
         input.dispose();
         out.dispose();
       }

@@ -5,7 +5,7 @@ import test from 'ava';
 import type { AllocationTrace } from '../lib/counting-device.js';
 import { createEngine, type Engine } from '../lib/engine.js';
 import { livePeak, packAllocations, planAllocations } from '../lib/memory-plan.js';
-import { decodeImage, generate } from '../lib/model/generate.js';
+import { decodeImage, generate, vaeBatchWithin } from '../lib/model/generate.js';
 import { InfinityModel } from '../lib/model/infinity.js';
 import { scaleSchedule } from '../lib/model/schedule.js';
 import { createTinyModel } from '../lib/model/tiny.js';
@@ -150,5 +150,46 @@ for (const backend of testBackends()) {
         t.throws(() => e.beginMemoryPlan({ ...bad, livePeak: 0 }), { code: 'ERR_INVALID_ARG' }, JSON.stringify(bad));
       t.deepEqual(e.endMemoryPlan(), { placed: 0, diverged: false });
     });
+  });
+}
+
+for (const backend of testBackends()) {
+  test(`${backend}: decodeImage in slices (vaeBatch) gives the pixels and float image of the whole batch, with a lower peak`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    const tiny = createTinyModel(rng.int(0, 1000));
+    const decoder = new Map(tiny.vae.names.filter((n) => n.startsWith('decoder.')).map((x) => [x, tiny.vae.f32(x)]));
+    const [B, d, h, w] = [5, tiny.vaeConfig.codebookDim, 4, 6];
+    const latent = rng.normals(B * d * h * w, 0.7);
+    await withEngine(backend, async (e) => {
+      const vae = await VaeDecoder.load(e, decoder, tiny.vaeConfig);
+      const codes = e.tensor(latent, [B, d, h, w], 'f32');
+      try {
+        const whole = await decodeImage(vae, codes, { float: true });
+        for (const vaeBatch of [1, 2, 3]) {
+          const sliced = await decodeImage(vae, codes, { float: true, vaeBatch });
+          t.deepEqual(sliced.shape, whole.shape);
+          t.true(Buffer.from(sliced.pixels).equals(Buffer.from(whole.pixels)), `vaeBatch ${vaeBatch}: pixels`);
+          t.deepEqual(sliced.float, whole.float, `vaeBatch ${vaeBatch}: float image`);
+        }
+        await t.throwsAsync(decodeImage(vae, codes, { vaeBatch: 0 }), { code: 'ERR_INVALID_ARG' });
+      } finally {
+        codes.dispose();
+        vae.dispose();
+      }
+    });
+    // The decode's own peak, on a counting twin: one image at a time holds one image's activations.
+    const count = await createEngine({ backend: 'count' });
+    try {
+      const vae = await VaeDecoder.allocate(count, tiny.vaeConfig);
+      const codes = count.empty([B, d, h, w], 'f32');
+      const peak = async (vaeBatch: number) => (await planAllocations(count, async () => void (await decodeImage(vae, codes, { vaeBatch })))).livePeak;
+      const [single, all] = [await peak(1), await peak(B)];
+      t.true(single * 3 < all, `decode peak ${single} bytes one image at a time, ${all} for ${B}`);
+    } finally {
+      count.dispose();
+    }
+    const one = await vaeBatchWithin(tiny.vaeConfig, { shape: [B, d, h, w], dtype: 'f32' }, 0);
+    t.is(one, 1, 'no budget: one image at a time');
+    t.is(await vaeBatchWithin(tiny.vaeConfig, { shape: [B, d, h, w], dtype: 'f32' }, Infinity), B, 'any budget: the whole batch');
   });
 }

@@ -149,7 +149,7 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
         const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype });
         const vae = await VaeDecoder.load(e, vaeWeights, { ...tiny.vaeConfig, weightDtype: dtype, dtype });  // as the Pipeline does
         const r = await generate(m, { text: syntheticText(), schedule: schedule.scales, cfg: 3, seed: 1, kvPolicy: policy });
-        await decodeImage(vae, r.summedCodes);
+        await decodeImage(vae, r.summedCodes, { vaeBatch: plan.vaeBatch });
         r.summedCodes.dispose();
         const mem = e.memory();
         const what = `${spec} ${dtype}`;

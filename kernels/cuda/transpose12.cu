@@ -1,4 +1,4 @@
-// transpose12: out[out_offset + ((a*C + c)*B + b)*D + d] = in[((a*B + b)*C + c)*D + d], any dtype (moved as raw
+// transpose12: out[out_offset + ((a*C + c)*B + b)*D + d] = in[in_offset + ((a*B + b)*C + c)*D + d], any dtype (moved as raw
 // words). One thread per output element. Bytes: 2 * count * dsize.
 #include "element.cuh"
 #include "ops.cuh"
@@ -25,7 +25,7 @@ void transpose12(const Transpose12Args& a, cudaStream_t stream) {
   elem::dispatch_word(a.dtype, [&](auto word) {
     using T = decltype(word);
     SKV_LAUNCH(transpose12_kernel<T>, dim3(elem::grid_for(total)), dim3(elem::kThreads), 0, stream,
-               static_cast<const T*>(a.in), static_cast<T*>(a.out) + a.out_offset, total, a.b, a.c, a.d);
+               static_cast<const T*>(a.in) + a.in_offset, static_cast<T*>(a.out) + a.out_offset, total, a.b, a.c, a.d);
   });
   elem::check_launch("transpose12");
 }

@@ -17,11 +17,13 @@ import { loadFromFlags, parseNumber, textOf } from './common.js';
 
 export const KV_USAGE: Record<string, string> = {
   plan: `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--policy SPEC] [--pn 1M] [--aspect H/W]
-       [--dtype bf16|f32] [--k-dtype f32|bf16] [--text-tokens T] [--no-cfg] [--no-decode] [--no-text-encoder]
-       [--keep-text-encoder] [--negative-prompts] [--device-memory 80GiB] [--json]
-      Exact peak device memory of a generation and its VAE decode, by category (weights, KV history, the shared
-      current-scale scratch, activations), from a dry run of the loop on the 'count' backend; the caching
-      allocator's reserved peak; the paper's KV accounting (history read by the last scale; --k-dtype f32 is the
+       [--dtype bf16|f32] [--k-dtype f32|bf16] [--text-tokens T] [--no-cfg] [--no-decode] [--vae-batch N]
+       [--no-text-encoder] [--keep-text-encoder] [--negative-prompts] [--device-memory 80GiB] [--json]
+      Exact peak device memory of a generation and its VAE decode, by category (weights, KV history in its paged
+      arena, the shared current-scale scratch, activations), from a dry run of the loop on the 'count' backend; the
+      reserved peak with the static memory plan the Pipeline runs from, and with the caching allocator alone; the
+      VAE decodes --vae-batch images at once (default: the most that leave the peak where sampling put it); the
+      paper's KV accounting (history read by the last scale; --k-dtype f32 is the
       reference's fp32 K) and, with --device-memory, the largest batch whose peak fits. --dtype is the model's
       (block Linears and K/V, and the T5 encoder's Linears); --text-tokens defaults to the model's maximum prompt
       length (512). The T5 encoder (flan-t5-xl; the tiny model's own) is counted as generate runs it: loaded after
@@ -72,7 +74,7 @@ function planTable(p: MemoryPlan, deviceBytes?: number, fit?: number): string {
     ['weights', p.bytes.weights, `transformer ${MiB(p.weightDetail.transformer)} MiB (block Linears ${p.dtype}, rest f32)${p.decode ? ` + VAE decoder ${MiB(p.weightDetail.vae)} MiB` : ''}${p.textEncoder ? ` + T5 encoder ${MiB(p.weightDetail.textEncoder)} MiB (${p.textEncoder.layers} layers, d ${p.textEncoder.dModel}, ${p.textEncoder.kept ? 'kept loaded' : 'freed before sampling'})` : ''}`],
     ['kv (history)', p.bytes.kv, `paged arena: ${p.kvArena.poolPages} pages of ${p.kvArena.pageTokens} tokens x all heads per K/V pool = the most the ${caps.length} layers hold at once (${(p.kvArena.poolPages / p.rows) * p.kvArena.pageTokens} tokens a row; a layer at most ${Math.max(...caps)}, at least ${Math.min(...caps)}), K and V ${p.dtype}, ${p.rows} rows; page tables ${p.kvArena.tableBytes} bytes`],
     ['scratch', p.bytes.scratch, `current-scale K/V (${Math.max(...p.scaleTokens)} tokens, shared by all layers), RoPE positions, selection indices`],
-    ['activations', p.bytes.activations, `${p.textEncoder ? 'T5 encoder passes, ' : ''}text context, block intermediates, logits and bits${p.decode ? ', VAE decode' : ''} (${p.textTokens} text tokens a prompt)`],
+    ['activations', p.bytes.activations, `${p.textEncoder ? 'T5 encoder passes, ' : ''}text context, block intermediates, logits and bits${p.decode ? `, VAE decode (${p.vaeBatch} image${p.vaeBatch === 1 ? '' : 's'} at once)` : ''} (${p.textTokens} text tokens a prompt)`],
     ['total', p.bytes.total, 'peak of the sum (the categories peak at different times)'],
   ];
   const lines = [
@@ -106,6 +108,7 @@ export async function planCommand(argv: string[]): Promise<number> {
       'k-dtype': { type: 'string' },
       'no-cfg': { type: 'boolean', default: false },
       'no-decode': { type: 'boolean', default: false },
+      'vae-batch': { type: 'string' },
       'device-memory': { type: 'string' },
       'text-tokens': { type: 'string' },
       'no-text-encoder': { type: 'boolean', default: false },
@@ -123,6 +126,7 @@ export async function planCommand(argv: string[]): Promise<number> {
     config,
     cfg: !values['no-cfg'],
     decode: !values['no-decode'],
+    vaeBatch: values['vae-batch'] === undefined ? undefined : parseNumber(values['vae-batch'], '--vae-batch', 1),
     schedule: sched.scales,
     policy: resolvePolicy(spec, { depth: config.depth, preset: values.preset === 'tiny' ? undefined : values.preset }),
     dtype,

@@ -12,7 +12,7 @@
  */
 import { createEngine, MemoryCategory } from '../engine.js';
 import { fail } from '../errors.js';
-import { decodeImage, generate } from '../model/generate.js';
+import { decodeImage, generate, vaeBatchWithin } from '../model/generate.js';
 import { InfinityModel } from '../model/infinity.js';
 import { InfinityConfig, preset, PresetName } from '../model/presets.js';
 import { scaleSchedule } from '../model/schedule.js';
@@ -40,6 +40,8 @@ export interface PlanMemoryOptions {
   dtype?: PlanDtype;
   /** Include the VAE decoder: its weights stay resident and the batch is decoded after the loop. Default true. */
   decode?: boolean;
+  /** Images decoded at once (decodeImage's vaeBatch). Default: the most whose decode stays under the sampling peak. */
+  vaeBatch?: number;
   /** Text tokens per prompt. Default the model's textMaxlen (the most a prompt can take). */
   textTokens?: number;
   /**
@@ -72,6 +74,8 @@ export interface MemoryPlan {
   dtype: PlanDtype;
   textTokens: number;
   decode: boolean;
+  /** Images the VAE decodes at once (0 without decode): as asked, or the most that leave the peak where sampling put it. */
+  vaeBatch: number;
   /** History tokens per layer (the current scale excluded). */
   capacities: number[];
   /**
@@ -132,9 +136,15 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
     const text = { kv: new Float32Array(o.batch * tokens * c.textChannels), lens: new Array<number>(o.batch).fill(tokens) };
     const negativeText = o.negativePrompts ? text : undefined;
     let kvArena: MemoryPlan['kvArena'] | undefined;
+    let vaeBatch = 0;
     const work = async () => {
       const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
-      if (vae) await decodeImage(vae, r.summedCodes);
+      if (vae) {
+        // By default as many images at once as the generation's peak leaves room for: decoding never raises it.
+        const m = e.memory();
+        vaeBatch = o.vaeBatch ?? (await vaeBatchWithin(vae.config, r.summedCodes, m.totalPeak - m.totalInUse));
+        await decodeImage(vae, r.summedCodes, { vaeBatch });
+      }
       r.summedCodes.dispose();
       kvArena = { pageTokens: r.kvArena.pageTokens, poolPages: r.kvArena.poolPages, tableBytes: r.kvArena.tableBytes };
     };
@@ -145,7 +155,7 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
     } else {
       staticPlan = await planAllocations(e, work);
     }
-    return { memory: e.memory(), transformer, vaeBytes, textEncoder, kvArena: kvArena as MemoryPlan['kvArena'], staticPlan: staticPlan as StaticMemoryPlan };
+    return { memory: e.memory(), transformer, vaeBytes, textEncoder, kvArena: kvArena as MemoryPlan['kvArena'], staticPlan: staticPlan as StaticMemoryPlan, vaeBatch };
   } finally {
     encoder?.dispose();
     e.dispose();
@@ -170,7 +180,7 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
   const capacities = Array.from({ length: c.depth }, (_, l) => policy.capacity(l, tokens));
   // The generation alone (the counters of the caching allocator); then, unless asked not to, traced with the prompt
   // lengths a plan is made for, and run again under that plan, as the Pipeline runs it.
-  const { memory, transformer, vaeBytes, textEncoder, kvArena, staticPlan: exactPlan } = await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5);
+  const { memory, transformer, vaeBytes, textEncoder, kvArena, staticPlan: exactPlan, vaeBatch } = await dryRun(o, c, grids, policy, dtype, textTokens, decode, t5);
   let staticPlan: MemoryPlan['staticPlan'];
   if (o.staticPlan ?? true) {
     const traced = plannedTextLength(textTokens, c.textMaxlen);
@@ -192,6 +202,7 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
     dtype,
     textTokens,
     decode,
+    vaeBatch,
     capacities,
     bytes: { ...memory.peak, total: memory.totalPeak },
     kvArena,

@@ -3,7 +3,7 @@
  * temperature, bit sampling (or teacher forcing), BSQ codes, the running code sum at the final latent size and the
  * bilinear next-scale input; then the VAE decode to pixels.
  */
-import type { Engine, MemoryStats, Tensor } from '../engine.js';
+import { createEngine, type Engine, type MemoryStats, type Tensor } from '../engine.js';
 import { fail, ScaleKVError } from '../errors.js';
 import { CaptureOptions, captureObserver, composeObservers } from './capture.js';
 import type { InfinityModel, TextContext, TextFeatures, TextObservation } from './infinity.js';
@@ -11,7 +11,9 @@ import { final1MGrid, rope2dPositions, ScaleGrid } from './rope2d.js';
 import { FullKvPolicy } from '../kv/baselines.js';
 import { DEFAULT_PAGE_TOKENS, KvCache, kvPoolPages } from '../kv/cache.js';
 import { policyHistoryLengths, type KvPolicy, type KvPolicySession } from '../kv/policy.js';
-import type { VaeDecoder } from './vae.js';
+import { VaeDecoder, type VaeDecoderConfig } from './vae.js';
+import { planAllocations } from '../memory-plan.js';
+import type { DType } from '../dtype.js';
 
 /**
  * Hooks into the sampling loop, for conformance checks and tracing: the loop awaits each hook it has, and runs
@@ -334,22 +336,87 @@ export interface DecodedImage {
 }
 
 /** The VAE decode of summed codes to pixels: trunc((clamp(x) + 1) / 2 * 255), RGB by default (BGR = the official order). */
-export async function decodeImage(vae: VaeDecoder, summedCodes: Tensor, opts: { bgr?: boolean; float?: boolean } = {}): Promise<DecodedImage> {
+export interface DecodeOptions {
+  /** Pixels in BGR order (the official output, for OpenCV). Default false. */
+  bgr?: boolean;
+  /** Also return the clamped float image. Default false. */
+  float?: boolean;
+  /**
+   * Images decoded at once: the decoder's activations grow with it, its speed hardly does at 1M pixels an image.
+   * Default: the whole batch. `vaeBatchWithin` gives the most that fits a memory budget.
+   */
+  vaeBatch?: number;
+}
+
+/**
+ * Decodes the summed codes [B, d, h, w] into 8-bit pixels, `vaeBatch` images at a time: every slice is queued before
+ * any is read back, and each slice's activations are released as its decode is queued, so only one slice's are live.
+ */
+export async function decodeImage(vae: VaeDecoder, summedCodes: Tensor, opts: DecodeOptions = {}): Promise<DecodedImage> {
   const e = vae.engine;
-  const raw = vae.decode(summedCodes);
-  const [B, , H, W] = raw.shape;
-  const u8 = e.empty([B, H, W, 3], 'u8');
+  e.checkOwn(summedCodes, 'summedCodes');
+  const [B, d, h, w] = summedCodes.shape;
+  const step = opts.vaeBatch ?? B;
+  if (!Number.isSafeInteger(step) || step < 1) fail('ERR_INVALID_ARG', `vaeBatch must be a positive integer, got ${opts.vaeBatch}`);
+  // Per slice: its pixels, and its raw image when the float image is asked for.
+  const slices: { u8: Tensor; raw?: Tensor; images: number }[] = [];
   try {
-    e.ops.imageToU8({ image: raw, out: u8, bgr: opts.bgr ?? false });
-    const pixels = (await u8.read()) as Uint8Array;
-    let float: Float32Array | undefined;
-    if (opts.float) {
-      float = Float32Array.from((await raw.read()) as Float32Array);
-      for (let i = 0; i < float.length; i++) float[i] = Math.min(1, Math.max(-1, float[i]));
+    for (let b0 = 0; b0 < B; b0 += step) {
+      const images = Math.min(step, B - b0);
+      let latent = summedCodes;
+      if (images < B) {
+        latent = e.empty([images, d, h, w], summedCodes.dtype, { category: 'activations' });
+        e.ops.transpose12({ input: summedCodes, out: latent, dims: [1, 1, 1, images * d * h * w], inOffset: b0 * d * h * w });
+      }
+      let raw: Tensor;
+      try {
+        raw = vae.decode(latent);
+      } finally {
+        if (latent !== summedCodes) latent.dispose();
+      }
+      try {
+        const [, , H, W] = raw.shape;
+        const u8 = e.empty([images, H, W, 3], 'u8');
+        slices.push({ u8, images });
+        e.ops.imageToU8({ image: raw, out: u8, bgr: opts.bgr ?? false });
+      } finally {
+        if (opts.float && slices.length && !slices[slices.length - 1].raw) slices[slices.length - 1].raw = raw;
+        else raw.dispose();
+      }
     }
+    const [, H, W] = slices[0].u8.shape;
+    const pixels = new Uint8Array(B * H * W * 3);
+    const float = opts.float ? new Float32Array(B * 3 * H * W) : undefined;
+    let at = 0;
+    for (const slice of slices) {
+      pixels.set((await slice.u8.read()) as Uint8Array, at * H * W * 3);
+      if (float && slice.raw) float.set((await slice.raw.read()) as Float32Array, at * 3 * H * W);
+      at += slice.images;
+    }
+    if (float) for (let i = 0; i < float.length; i++) float[i] = Math.min(1, Math.max(-1, float[i]));
     return { pixels, float, shape: [B, H, W, 3] };
   } finally {
-    raw.dispose();
-    u8.dispose();
+    for (const slice of slices) {
+      slice.u8.dispose();
+      slice.raw?.dispose();
+    }
+  }
+}
+
+/**
+ * The most images `decodeImage` may decode at once (vaeBatch) while its own allocations stay within `budget` bytes:
+ * a dry run of the decode on a counting twin of the decoder, from the whole batch down by halves (at least 1).
+ */
+export async function vaeBatchWithin(config: VaeDecoderConfig, latent: { shape: readonly number[]; dtype: DType }, budget: number): Promise<number> {
+  const e = await createEngine({ backend: 'count' });
+  try {
+    const vae = await VaeDecoder.allocate(e, config);
+    const codes = e.empty(latent.shape, latent.dtype);
+    for (let n = latent.shape[0]; ; n = Math.ceil(n / 2)) {
+      const plan = await planAllocations(e, async () => void (await decodeImage(vae, codes, { vaeBatch: n })));
+      if (plan.livePeak <= budget || n === 1) return n;
+    }
+  } finally {
+    e.dispose();
   }
 }
