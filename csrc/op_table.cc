@@ -535,6 +535,25 @@ void row_vectors(const OpCall& c, const char* tensor, const char* slot, const ch
 
 // ------------------------------------------------------------------------------------------- bind functions
 
+// The paged history of attention / evictCompact / qkNormRope: a pool [pages, heads, pageTokens, headDim] read through
+// the optional page table [rows, tablePages]; without a table the pool is the contiguous [rows, heads, capacity,
+// headDim] (one page per row).
+KvPages bind_kv_pages(const OpCall& c, const char* pool, int rows) {
+  KvPages p;
+  p.pages = narrow(c, c.dim("pages"), "pages");
+  p.page_tokens = narrow(c, c.dim("pageTokens"), "pageTokens");
+  if (c.has("pageTable")) {
+    p.table = c.data_as<const int32_t>("pageTable");
+    p.table_pages = narrow(c, c.dim("tablePages"), "tablePages");
+    if (int64_t(p.table_pages) * p.page_tokens > kI32Max) c.fail("ERR_SHAPE", "pageTable covers more than 2^31 - 1 tokens");
+  } else if (p.pages != rows) {
+    c.fail("ERR_SHAPE", std::string(pool) + " has " + std::to_string(p.pages) + " pages but " + std::to_string(rows) +
+                            " rows: without a pageTable each row is one page");
+  }
+  return p;
+}
+
+
 Launch bind_attention(const OpCall& c) {
   AttentionArgs a;
   a.rows = narrow(c, c.dim("rows"), "rows");
@@ -549,12 +568,13 @@ Launch bind_attention(const OpCall& c) {
   together(c, "histK", "histV");
   together(c, "curK", "curV");
   if (c.has("histK")) {
-    a.hist_cap = narrow(c, c.dim("capacity"), "capacity");
+    a.hist_pages = bind_kv_pages(c, "histK", a.rows);
+    a.hist_cap = a.hist_pages.capacity();
     a.hist_len = c.given("histLen") ? c.integer("histLen") : a.hist_cap;
     if (a.hist_len > a.hist_cap)
       c.fail("ERR_SHAPE", "histLen " + std::to_string(a.hist_len) + " is outside [0, capacity " + std::to_string(a.hist_cap) + "]");
-  } else if (c.given("histLen")) {
-    c.fail("ERR_INVALID_ARG", "histLen needs histK and histV");
+  } else if (c.given("histLen") || c.has("pageTable")) {
+    c.fail("ERR_INVALID_ARG", "histLen and pageTable need histK and histV");
   }
   if (c.has("gather")) {
     if (!c.has("histK")) c.fail("ERR_INVALID_ARG", "gather needs a history");
@@ -590,8 +610,9 @@ Launch bind_evict_compact(const OpCall& c) {
   EvictCompactArgs a;
   a.rows = narrow(c, c.dim("rows"), "rows");
   a.heads = narrow(c, c.dim("heads"), "heads");
-  a.hist_cap = narrow(c, c.dim("capacity"), "capacity");
   a.head_dim = narrow(c, c.dim("headDim"), "headDim");
+  a.hist_pages = bind_kv_pages(c, "histK", a.rows);
+  a.hist_cap = a.hist_pages.capacity();
   a.dtype = c.dtype("histK");
   a.hist_len = c.integer("histLen");
   if (a.hist_len > a.hist_cap)
@@ -729,11 +750,14 @@ Launch bind_qk_norm_rope(const OpCall& c) {
     c.fail("ERR_SHAPE", "headDim must be even and in [2, 256], got " + std::to_string(a.head_dim));
   together(c, "k", "v");
   if (c.has("k")) {
-    a.kv_cap = narrow(c, c.dim("capacity"), "capacity");
+    a.kv_pages = bind_kv_pages(c, "k", a.batch);
+    a.kv_cap = a.kv_pages.capacity();
     a.kv_offset = c.integer("kvOffset");
     if (int64_t(a.kv_offset) + a.tokens > a.kv_cap)
       c.fail("ERR_SHAPE", "kvOffset " + std::to_string(a.kv_offset) + " + tokens " + std::to_string(a.tokens) +
                               " exceeds the K/V capacity " + std::to_string(a.kv_cap));
+  } else if (c.has("pageTable")) {
+    c.fail("ERR_INVALID_ARG", "pageTable needs k and v");
   }
   if (c.has("positions") && a.head_dim % 4 != 0)
     c.fail("ERR_SHAPE", "2-D RoPE needs headDim a multiple of 4, got " + std::to_string(a.head_dim));
@@ -1020,25 +1044,32 @@ std::vector<OpDecl> declarations() {
   return {
       {"attention", "attention",
        "softmax(scale * q . key) . value over [history (or its gathered rows) ‖ current], optionally with the "
-       "observation window's logits and log-sum-exp",
-       {in("q", F, "[rows, heads, Lq, headDim]"), in_opt("histK", "=q", "[rows, heads, capacity, headDim]"),
-        in_opt("histV", "=q", "[rows, heads, capacity, headDim]"), in_opt("gather", "i32", "[rows, heads, nGather]"),
+       "observation window's logits and log-sum-exp; the history is paged through pageTable, or contiguous",
+       {in("q", F, "[rows, heads, Lq, headDim]"), in_opt("histK", "=q", "[pages, heads, pageTokens, headDim]"),
+        in_opt("histV", "=q", "[pages, heads, pageTokens, headDim]"), in_opt("pageTable", "i32", "[rows, tablePages]"),
+        in_opt("gather", "i32", "[rows, heads, nGather]"),
         in_opt("curK", "=q", "[rows, heads, Lc, headDim]"), in_opt("curV", "=q", "[rows, heads, Lc, headDim]"),
         out_opt("out", "=q", "=q"), in_opt("windowRows", "i32", "[nWindow]"),
         out_opt("windowLogits", "f32", "[rows, heads, nWindow, nKeys]"), out_opt("windowLse", "f32", "[rows, heads, nWindow]")},
        {int_opt("histLen", 0, kI32Max), num_req("scale")},
        bind_attention,
-       "q histK histV gather curK curV out windowRows windowLogits windowLse | rows=2 heads=2 Lq=3 headDim=8 capacity=6 "
-       "nGather=3 Lc=3 nWindow=2 nKeys=6 | histLen=4 scale=0.35\n"
-       "q histK histV out | rows=1 heads=2 Lq=2 headDim=16 capacity=5 | scale=0.25"},
+       "q histK histV gather curK curV out windowRows windowLogits windowLse | rows=2 heads=2 Lq=3 headDim=8 pages=2 "
+       "pageTokens=6 nGather=3 Lc=3 nWindow=2 nKeys=6 | histLen=4 scale=0.35\n"
+       "q histK histV pageTable curK curV out | rows=2 heads=2 Lq=2 headDim=16 pages=5 pageTokens=2 tablePages=3 Lc=2 | "
+       "histLen=5 scale=0.25\n"
+       "q histK histV out | rows=1 heads=2 Lq=2 headDim=16 pages=1 pageTokens=5 | scale=0.25"},
       {"evictCompact", "evict_compact",
-       "moves the kept rows of [history ‖ current] to the front of the history, in place, per (row, head)",
-       {inout("histK", F, "[rows, heads, capacity, headDim]"), inout("histV", "=histK", "[rows, heads, capacity, headDim]"),
+       "moves the kept rows of [history ‖ current] to the front of the history, in place, per (row, head); the "
+       "history is paged through pageTable, or contiguous",
+       {inout("histK", F, "[pages, heads, pageTokens, headDim]"), inout("histV", "=histK", "[pages, heads, pageTokens, headDim]"),
+        in_opt("pageTable", "i32", "[rows, tablePages]"),
         in_opt("curK", "=histK", "[rows, heads, Lc, headDim]"), in_opt("curV", "=histK", "[rows, heads, Lc, headDim]"),
         in("keep", "i32", "[rows, heads, nKeep]")},
        {int_req("histLen", 0, kI32Max), flag_def("repeats", false)},
        bind_evict_compact,
-       "histK histV curK curV keep | rows=2 heads=2 capacity=6 headDim=4 Lc=3 nKeep=5 | histLen=4"},
+       "histK histV curK curV keep | rows=2 heads=2 pages=2 pageTokens=6 headDim=4 Lc=3 nKeep=5 | histLen=4\n"
+       "histK histV pageTable curK curV keep | rows=2 heads=2 pages=6 pageTokens=2 tablePages=3 headDim=4 Lc=3 nKeep=5 | "
+       "histLen=4"},
       {"selection", "selection",
        "window scoring, pooling, top-k (ties to the lowest index) and union with the window, sorted",
        {in("logits", "f32", "[rows, heads, nWindow, nKeys]"), in_opt("lse", "f32", "[rows, heads, nWindow]"),
@@ -1092,14 +1123,16 @@ std::vector<OpDecl> declarations() {
        bind_activation,
        "x out | S=2,3 | fn=gelu_tanh"},
       {"qkNormRope", "qk_norm_rope",
-       "q/k/v from the fused projection: bias, L2-normalise and scale, 2-D RoPE; k and v written at kvOffset",
+       "q/k/v from the fused projection: bias, L2-normalise and scale, 2-D RoPE; k and v written at kvOffset of a "
+       "paged (pageTable) or contiguous history",
        {in("qkv", F, "[batch, tokens, 3*heads*headDim]"), in_opt("qBias", "f32", "[heads*headDim]"),
         in_opt("vBias", "f32", "[heads*headDim]"), in_opt("scaleMul", "f32", "[heads]"), in_opt("positions", "i32", "[tokens, 2]"),
-        out("q", F, "[batch, heads, tokens, headDim]"), out_opt("k", F, "[batch, heads, capacity, headDim]"),
-        out_opt("v", "=k", "=k")},
+        out("q", F, "[batch, heads, tokens, headDim]"), out_opt("k", F, "[pages, heads, pageTokens, headDim]"),
+        out_opt("v", "=k", "=k"), in_opt("pageTable", "i32", "[batch, tablePages]")},
        {flag_def("normalize", true), int_def("kvOffset", 0, 0, kI32Max)},
        bind_qk_norm_rope,
-       "qkv qBias vBias scaleMul positions q k v | batch=2 tokens=3 heads=2 headDim=8 capacity=5 | kvOffset=2"},
+       "qkv qBias vBias scaleMul positions q k v | batch=2 tokens=3 heads=2 headDim=8 pages=2 pageTokens=5 | kvOffset=2\n"
+       "qkv q k v pageTable | batch=2 tokens=3 heads=2 headDim=8 pages=7 pageTokens=2 tablePages=3 | kvOffset=2"},
       {"crossAttention", "cross_attention", "varlen cross-attention of each image's tokens over its own text segment",
        {in("q", F, "[batch, tokens, heads, headDim]"), in_opt("kv", "=q", "[nText, 2, heads, headDim]"),
         in_opt("k", "=q", "[nText, heads, headDim]"), in_opt("v", "=q", "[nText, heads, headDim]"),

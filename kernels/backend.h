@@ -69,8 +69,35 @@ struct BackendError : std::runtime_error {
 };
 
 // ---------------------------------------------------------------------------------------------------------
+// Paged K/V (the KV arena of lib/kv/cache.ts): token t of history row r lives in page
+//   page(r, t) = table ? table[r * table_pages + t / page_tokens] : r
+// of a pool [pages, heads, page_tokens, head_dim], at slot t % page_tokens; a page holds page_tokens tokens of one
+// row for every head, so one table per (layer, row) serves all heads. Without a table every row's history is one
+// page of page_tokens = capacity tokens, which is the contiguous layout [rows, heads, capacity, head_dim].
+// Table entries are checked against [0, pages) where the data lives (ERR_INDEX_RANGE); two rows may name the same
+// page (a read-only op is then well defined; a writing op races, which a caller must not do).
+struct KvPages {
+  const int32_t* table = nullptr;  // [rows, table_pages]
+  int table_pages = 1;             // table entries per row (the capacity in pages)
+  int page_tokens = 0;             // tokens per page
+  int pages = 0;                   // pages in the pool (rows without a table)
+
+  int capacity() const { return table ? table_pages * page_tokens : page_tokens; }
+};
+
+// Index of the head_dim-long row of (row r, head h, token t) in a paged pool.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int64_t kv_page_row(const KvPages& p, int heads, int r, int h, int t) {
+  const int page = p.table ? p.table[int64_t(r) * p.table_pages + t / p.page_tokens] : r;
+  return (int64_t(page) * heads + h) * p.page_tokens + t % p.page_tokens;
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // attention: out[r,h,i,:] = softmax_j(scale * q[r,h,i,:] . key_j) . value_j over the keys
-//   key_j, j <  n_hist : history row  hist[r,h, g(j), :]   with g(j) = gather ? gather[r,h,j] : j
+//   key_j, j <  n_hist : history row  hist[r,h, g(j), :]   with g(j) = gather ? gather[r,h,j] : j, read through
+//                        hist_pages (row kv_page_row(hist_pages, heads, r, h, g(j)) of hist_k / hist_v)
 //   key_j, j >= n_hist : current row  cur[r,h, j - n_hist, :]
 // where n_hist = gather ? n_gather : hist_len. No mask. f32 accumulation; q/k/v/out share `dtype`.
 // Optional window output: for each window query row w (an index into [0, lq)),
@@ -80,14 +107,15 @@ struct BackendError : std::runtime_error {
 struct AttentionArgs {
   int rows = 0, heads = 0, head_dim = 0;
   int lq = 0;
-  int hist_cap = 0, hist_len = 0;
+  int hist_cap = 0, hist_len = 0;   // hist_cap = hist_pages.capacity()
+  KvPages hist_pages;
   int n_gather = 0;            // number of gathered history entries per (row, head); used when gather != null
   int lc = 0;
   DType dtype = DType::f32;    // f32 or bf16
   float scale = 1.0f;
   const void* q = nullptr;     // [rows, heads, lq, head_dim]
   const void* hist_k = nullptr;
-  const void* hist_v = nullptr;   // [rows, heads, hist_cap, head_dim]
+  const void* hist_v = nullptr;   // [pages, heads, page_tokens, head_dim]
   const int32_t* gather = nullptr;  // [rows, heads, n_gather], values in [0, hist_len)
   const void* cur_k = nullptr;
   const void* cur_v = nullptr;    // [rows, heads, lc, head_dim]
@@ -101,18 +129,19 @@ struct AttentionArgs {
 };
 
 // evictCompact: for every (r, h) independently, with the union U = [hist[r,h,0:hist_len) ‖ cur[r,h,0:lc)],
-//   hist[r,h,i,:] <- U[keep[r,h,i]]  for i in [0, n_keep), for K and V, in place.
+//   hist[r,h,i,:] <- U[keep[r,h,i]]  for i in [0, n_keep), for K and V, in place, history rows through hist_pages.
 // keep must be strictly increasing per (r, h) — non-decreasing with `repeats`, where a repeated index copies
 // its row once per occurrence (what the official gather does with the duplicates average pooling can select) —
 // and inside [0, hist_len + lc); n_keep <= hist_cap. Every list is validated before anything moves: on a bad
 // list nothing changes and the op reports the status.
 struct EvictCompactArgs {
   int rows = 0, heads = 0, head_dim = 0;
-  int hist_cap = 0, hist_len = 0, lc = 0, n_keep = 0;
+  int hist_cap = 0, hist_len = 0, lc = 0, n_keep = 0;   // hist_cap = hist_pages.capacity()
+  KvPages hist_pages;
   bool repeats = false;
   DType dtype = DType::f32;    // f32 or bf16 (K and V share it)
   void* hist_k = nullptr;
-  void* hist_v = nullptr;      // [rows, heads, hist_cap, head_dim]
+  void* hist_v = nullptr;      // [pages, heads, page_tokens, head_dim]
   const void* cur_k = nullptr;
   const void* cur_v = nullptr; // [rows, heads, lc, head_dim]; may be null when lc == 0
   const int32_t* keep = nullptr;  // [rows, heads, n_keep]
@@ -339,9 +368,10 @@ struct QkNormRopeArgs {
   const float* scale_mul = nullptr; // [H], natural-log scale
   const int32_t* positions = nullptr;  // [L, 2] (y, x); null: no rotation
   void* q = nullptr;                // [B, H, L, c]
-  void* k = nullptr;                // [B, H, kv_cap, c]; k and v both null: q only
-  void* v = nullptr;                // [B, H, kv_cap, c]
-  int kv_cap = 0, kv_offset = 0;    // kv_offset + L <= kv_cap
+  void* k = nullptr;                // [pages, H, page_tokens, c] through kv_pages; k and v both null: q only
+  void* v = nullptr;                // token l of batch row b at kv_page_row(kv_pages, H, b, h, kv_offset + l)
+  KvPages kv_pages;
+  int kv_cap = 0, kv_offset = 0;    // kv_cap = kv_pages.capacity(); kv_offset + L <= kv_cap
 };
 
 // cross_attention (varlen): out[b, l, h, :] = softmax_j(scale * q[b, l, h, :] . k[j, h, :]) . v[j, h, :] over
