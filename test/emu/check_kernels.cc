@@ -97,6 +97,14 @@ int count_mismatches(const std::vector<float>& a, const std::vector<float>& b, d
   return bad;
 }
 
+// The contiguous K/V layout [rows, heads, cap, head_dim]: one page of cap tokens per row, no table.
+scalekv::KvPages contiguous_pages(int rows, int cap) {
+  scalekv::KvPages p;
+  p.page_tokens = cap;
+  p.pages = rows;
+  return p;
+}
+
 struct AttnCase {
   DType dtype;
   int rows, heads, head_dim, lq, hist_cap, hist_len, n_gather, lc, n_window;
@@ -126,6 +134,7 @@ void check_attention(const AttnCase& c, uint32_t seed) {
     scalekv::AttentionArgs a;
     a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.lq = c.lq;
     a.hist_cap = c.hist_cap; a.hist_len = c.hist_len; a.n_gather = c.n_gather; a.lc = c.lc;
+    a.hist_pages = contiguous_pages(c.rows, c.hist_cap);
     a.dtype = c.dtype; a.scale = c.scale_mul / std::sqrt(static_cast<float>(c.head_dim));
     a.q = d.put(q); a.hist_k = d.put(hk); a.hist_v = d.put(hv);
     a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
@@ -188,6 +197,7 @@ void check_evict(const EvictCase& c, uint32_t seed) {
     Device d(b == 0 ? scalekv::make_emu_backend(2) : scalekv::make_cpu_backend(2));
     scalekv::EvictCompactArgs a;
     a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.hist_cap = c.hist_cap;
+    a.hist_pages = contiguous_pages(c.rows, c.hist_cap);
     a.hist_len = c.hist_len; a.lc = c.lc; a.n_keep = c.n_keep; a.dtype = c.dtype; a.repeats = c.repeats;
     a.hist_k = d.put(hk); a.hist_v = d.put(hv);
     a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
