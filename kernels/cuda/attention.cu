@@ -1,12 +1,21 @@
 // attention: out[r,h,i,:] = softmax_j(scale * q[r,h,i,:] . key_j) . value_j over the keys
 // [history (optionally gathered through gather[r,h,:]) ‖ current], plus the optional window logits/lse.
-// Shapes (named dims): q/out [R,H,Lq,D], hist [R,H,Hcap,D], gather [R,H,G], cur [R,H,Lc,D],
-// window_logits [R,H,W,N], window_lse [R,H,W], with N = n_hist + Lc keys and n_hist = G or hist_len.
+// Shapes (named dims): q/out [R,H,Lq,D], hist [R,H,Hcap,D] or, paged, a pool [P,H,T,D] of P pages of T tokens
+// read through the page table [R,Tp], gather [R,H,G], cur [R,H,Lc,D], window_logits [R,H,W,N], window_lse
+// [R,H,W], with N = n_hist + Lc keys and n_hist = G or hist_len.
 // Cost: 4*R*H*Lq*N*D FLOP; bytes ~ (2*Lq + 2*N*ceil(Lq/BQ))*R*H*D*dsize (+ 8*splits*R*H*Lq*(D+2) split-KV).
 //
 // Kernels, in launch order:
-//   attention_validate_kernel  gather values in [0, hist_len), window rows in [0, Lq); else status
+//   attention_validate_kernel  gather values in [0, hist_len), window rows in [0, Lq), the page-table entries
+//                              of the first ceil(hist_len / T) pages of every row in [0, P); else status
 //                              index_out_of_range (atomicCAS from 0) and every later kernel returns early.
+//   attention_pool_rows_kernel paged history only: the pool row kv_page_row(pages, H, r, h, g(j)) of every
+//                              history key j of every (r, h) (g(j): the gather's logical position, or j), int32,
+//                              into the workspace [R*H, n_hist]. The kernels below read a history through a
+//                              list of rows per (r, h) either way: the gather (or none) into the (r, h) slab of
+//                              a contiguous history, these pool rows into the pool. Resolving pages once per
+//                              key and call, rather than per key tile and block, leaves the tensor-core
+//                              kernel as it was: at 223-255 registers, page math in its loop spills.
 //   attention_mma_kernel<D,NW> bf16, D = 64 or 128. Grid (ceil(Lq/BQ) * splits, H, R), NW warps, BQ = 32*NW
 //                              query rows (NW = 2 -> 64 for Lq <= 64, NW = 4 -> 128), key tile BK = 64 (D = 64)
 //                              or 32 (D = 128). Smem: Q [BQ][D] + K [2][BK][D] + V [2][BK][D] bf16 + key codes
@@ -23,8 +32,8 @@
 //                              shuffle) and V fragments from ldmatrix.trans. A negative scale negates the Q
 //                              tile in smem once. K/V tiles arrive by cp.async 16 B, double buffered: tile t+1
 //                              is in flight while tile t is multiplied. Key rows are named by codes (history
-//                              row after the gather, current row, or none = zero fill) in smem; the gather
-//                              indices of tile t+2 are loaded into a register during tile t and stored at its
+//                              row from the row list, current row, or none = zero fill) in smem; the row list
+//                              entries of tile t+2 are loaded into a register during tile t and stored at its
 //                              end, so the cp.async addresses never wait on a global load. Query rows past Lq
 //                              are zero-filled. Smem rows are XOR-swizzled in 16-byte chunks (chunk ^ (row &
 //                              7)) so the 8 row addresses of every ldmatrix phase hit 8 distinct bank groups;
@@ -75,7 +84,10 @@ struct AttnParams {
   const void* q;
   const void* hist_k;
   const void* hist_v;
-  const int32_t* gather;  // null: history rows are read in order
+  // History key j of (r, h) is row hist_rows[(r*H + h) * n_hist + j] (null: row j) of the (r, h) history, which
+  // starts (r*H + h) * hist_stride rows into hist_k / hist_v: the gather over slabs of hist_cap rows, or the
+  // pool rows over the whole pool (stride 0).
+  const int32_t* hist_rows;
   const void* cur_k;
   const void* cur_v;
   void* out;
@@ -83,7 +95,7 @@ struct AttnParams {
   float* window_logits;
   float* window_lse;
   const int32_t* status;
-  int heads, lq, head_dim, hist_cap, n_hist, lc, n_keys, n_gather, n_window;
+  int heads, lq, head_dim, hist_stride, n_hist, lc, n_keys, n_window;
   float scale;
   // Tensor-core path only.
   float scale_log2;  // max(|scale| log2(e), FLT_MIN): positive, so -inf logits always give 0
@@ -94,12 +106,12 @@ struct AttnParams {
   float* part_ml;                 // [n_splits][R*H*Lq][2] (running max in the log2 domain, sum)
 };
 // Pointer to key/value row j of the virtual sequence [history (gathered) ‖ current] of one (r, h); null
-// past the end. `hist`/`cur` already point at this (r, h)'s slice.
+// past the end. `hist`/`cur` and `rows_bh` already point at this (r, h)'s slice.
 template <typename T>
-__device__ __forceinline__ const T* key_row(const AttnParams& p, const int32_t* gather_bh, const T* hist,
+__device__ __forceinline__ const T* key_row(const AttnParams& p, const int32_t* rows_bh, const T* hist,
                                             const T* cur, int j) {
   if (j < p.n_hist) {
-    const int hr = gather_bh ? __ldg(gather_bh + j) : j;
+    const int hr = rows_bh ? __ldg(rows_bh + j) : j;
     return hist + static_cast<size_t>(hr) * p.head_dim;
   }
   if (j < p.n_keys) return cur + static_cast<size_t>(j - p.n_hist) * p.head_dim;
@@ -109,19 +121,41 @@ __device__ __forceinline__ const T* key_row(const AttnParams& p, const int32_t* 
 // ---------------------------------------------------------------------------------------------------------
 // validation
 
+// Checks, as one flat list: the gather values, the window rows, then the first pages_read page-table entries of
+// every row (detail: the flat index into the tensor holding the bad value).
 __global__ void attention_validate_kernel(const int32_t* gather, int64_t n_gather_total, int hist_len,
-                                          const int32_t* window_rows, int n_window, int lq, int32_t* status) {
-  const int64_t total = n_gather_total + n_window;
+                                          const int32_t* window_rows, int n_window, int lq, KvPages pages,
+                                          int64_t n_pages_total, int pages_read, int32_t* status) {
+  const int64_t total = n_gather_total + n_window + n_pages_total;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (i < n_gather_total) {
       const int v = gather[i];
       if (v < 0 || v >= hist_len) report_status(status, StatusCode::index_out_of_range, static_cast<int32_t>(i));
-    } else {
+    } else if (i < n_gather_total + n_window) {
       const int v = window_rows[i - n_gather_total];
       if (v < 0 || v >= lq)
         report_status(status, StatusCode::index_out_of_range, static_cast<int32_t>(i - n_gather_total));
+    } else {
+      const int64_t k = i - n_gather_total - n_window;
+      const int64_t entry = k / pages_read * pages.table_pages + k % pages_read;
+      const int v = pages.table[entry];
+      if (v < 0 || v >= pages.pages) report_status(status, StatusCode::index_out_of_range, static_cast<int32_t>(entry));
     }
+  }
+}
+
+// pool_rows [R*H, n_hist]: the pool row of every history key of every (r, h). Runs after validation and writes
+// nothing when it failed (a bad gather value could index past the table); nothing reads pool_rows then.
+__global__ void attention_pool_rows_kernel(KvPages pages, int heads, const int32_t* gather, int n_hist,
+                                           int64_t total, const int32_t* status, int32_t* pool_rows) {
+  if (status[0] != 0) return;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t bh = i / n_hist;
+    const int t = gather ? gather[i] : static_cast<int>(i % n_hist);
+    pool_rows[i] = static_cast<int32_t>(
+        kv_page_row(pages, heads, static_cast<int>(bh / heads), static_cast<int>(bh % heads), t));
   }
 }
 
@@ -151,10 +185,10 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
-// Where key j of one (r, h) lives: >= 0 a history row (after the gather), -1 - c current row c, kNoRow past
+// Where key j of one (r, h) lives: >= 0 a history row (from the row list), -1 - c current row c, kNoRow past
 // the end.
-__device__ __forceinline__ int key_code(const AttnParams& p, const int32_t* gather_bh, int j) {
-  if (j < p.n_hist) return gather_bh ? __ldg(gather_bh + j) : j;
+__device__ __forceinline__ int key_code(const AttnParams& p, const int32_t* rows_bh, int j) {
+  if (j < p.n_hist) return rows_bh ? __ldg(rows_bh + j) : j;
   return j < p.n_keys ? -1 - (j - p.n_hist) : kNoRow;
 }
 
@@ -197,11 +231,11 @@ __global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention
   const int split = blockIdx.x % p.n_splits, q0 = static_cast<int>(blockIdx.x / p.n_splits) * BQ;
   const size_t bh = static_cast<size_t>(blockIdx.z) * p.heads + blockIdx.y;
   const bf16* q = static_cast<const bf16*>(p.q) + bh * p.lq * D;
-  const bf16* hk = static_cast<const bf16*>(p.hist_k) + bh * p.hist_cap * D;
-  const bf16* hv = static_cast<const bf16*>(p.hist_v) + bh * p.hist_cap * D;
+  const bf16* hk = static_cast<const bf16*>(p.hist_k) + bh * p.hist_stride * D;
+  const bf16* hv = static_cast<const bf16*>(p.hist_v) + bh * p.hist_stride * D;
   const bf16* ck = static_cast<const bf16*>(p.cur_k) + bh * p.lc * D;
   const bf16* cv = static_cast<const bf16*>(p.cur_v) + bh * p.lc * D;
-  const int32_t* gather_bh = p.gather ? p.gather + bh * p.n_gather : nullptr;
+  const int32_t* rows_bh = p.hist_rows ? p.hist_rows + bh * p.n_hist : nullptr;
   const int n_tiles = (p.n_keys + BK - 1) / BK;
   const int t_begin = split * p.tiles_per_split;
   const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
@@ -225,8 +259,8 @@ __global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention
 
   if (t_begin < t_end) {
     if (tid < BK) {
-      sRow[tid] = key_code(p, gather_bh, t_begin * BK + tid);
-      if (t_begin + 1 < t_end) sRow[BK + tid] = key_code(p, gather_bh, (t_begin + 1) * BK + tid);
+      sRow[tid] = key_code(p, rows_bh, t_begin * BK + tid);
+      if (t_begin + 1 < t_end) sRow[BK + tid] = key_code(p, rows_bh, (t_begin + 1) * BK + tid);
     }
 #pragma unroll
     for (int i = 0; i < BQ * CH / NT; ++i) {
@@ -257,10 +291,10 @@ __global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention
                           sV + (buf ^ 1) * BK * D);
       skv::cp_async_commit();
     }
-    // The key codes of tile kt+2 are read now and stored at the end of this iteration, so the gather load's
+    // The key codes of tile kt+2 are read now and stored at the end of this iteration, so the row list load's
     // latency hides behind this tile's math and the cp.async of tile kt+2 never waits on it.
     const bool fetch = tid < BK && kt + 2 < t_end;
-    const int next_code = fetch ? key_code(p, gather_bh, (kt + 2) * BK + tid) : 0;
+    const int next_code = fetch ? key_code(p, rows_bh, (kt + 2) * BK + tid) : 0;
     if (kt + 1 < t_end) skv::cp_async_wait<1>();  // everything but the newest group (tile kt+1) has landed
     else skv::cp_async_wait<0>();
     __syncthreads();  // publish every thread's cp.async writes of tile kt (and Q)
@@ -471,13 +505,13 @@ constexpr int kSimtWarps = 4, kSimtRowsPerWarp = 4, kSimtQT = kSimtWarps * kSimt
 
 // Loads key/value rows [tile*32, tile*32+32) as f32 into sK [32][D+1] and sV [32][D]; zeros past the end.
 template <typename T>
-__device__ __forceinline__ void load_kv_f32(const AttnParams& p, const int32_t* gather_bh, const T* hk, const T* hv,
+__device__ __forceinline__ void load_kv_f32(const AttnParams& p, const int32_t* rows_bh, const T* hk, const T* hv,
                                             const T* ck, const T* cv, int tile, float* sK, float* sV, int nt) {
   const int D = p.head_dim;
   for (int e = threadIdx.x; e < kSimtKT * D; e += nt) {
     const int row = e / D, d = e % D, j = tile * kSimtKT + row;
-    const T* kr = key_row<T>(p, gather_bh, hk, ck, j);
-    const T* vr = key_row<T>(p, gather_bh, hv, cv, j);
+    const T* kr = key_row<T>(p, rows_bh, hk, ck, j);
+    const T* vr = key_row<T>(p, rows_bh, hv, cv, j);
     sK[row * (D + 1) + d] = kr ? to_f32(kr[d]) : 0.0f;
     if (sV) sV[e] = vr ? to_f32(vr[d]) : 0.0f;
   }
@@ -498,11 +532,11 @@ __global__ void attention_simt_kernel(const AttnParams p) {
   const size_t bh = static_cast<size_t>(blockIdx.z) * p.heads + blockIdx.y;
   const T* q = static_cast<const T*>(p.q) + bh * p.lq * D;
   T* out = static_cast<T*>(p.out) + bh * p.lq * D;
-  const T* hk = static_cast<const T*>(p.hist_k) + bh * p.hist_cap * D;
-  const T* hv = static_cast<const T*>(p.hist_v) + bh * p.hist_cap * D;
+  const T* hk = static_cast<const T*>(p.hist_k) + bh * p.hist_stride * D;
+  const T* hv = static_cast<const T*>(p.hist_v) + bh * p.hist_stride * D;
   const T* ck = static_cast<const T*>(p.cur_k) + bh * p.lc * D;
   const T* cv = static_cast<const T*>(p.cur_v) + bh * p.lc * D;
-  const int32_t* gather_bh = p.gather ? p.gather + bh * p.n_gather : nullptr;
+  const int32_t* rows_bh = p.hist_rows ? p.hist_rows + bh * p.n_hist : nullptr;
 
   for (int e = tid; e < kSimtQT * D; e += NT) {
     const int qi = q0 + e / D;
@@ -521,7 +555,7 @@ __global__ void attention_simt_kernel(const AttnParams p) {
 
   const int n_tiles = (p.n_keys + kSimtKT - 1) / kSimtKT;
   for (int kt = 0; kt < n_tiles; ++kt) {
-    load_kv_f32<T>(p, gather_bh, hk, hv, ck, cv, kt, sK, sV, NT);
+    load_kv_f32<T>(p, rows_bh, hk, hv, ck, cv, kt, sK, sV, NT);
     __syncthreads();
 
     // Logits: lane = key. sQ reads are broadcasts; sK rows are padded to D+1 (D+1 odd: distinct banks).
@@ -596,15 +630,15 @@ __global__ void window_logits_kernel(const AttnParams p) {
   const int j0 = blockIdx.x * kWinK, w0 = blockIdx.y * kWinQ;
   const size_t bh = blockIdx.z;
   const T* q = static_cast<const T*>(p.q) + bh * p.lq * D;
-  const T* hk = static_cast<const T*>(p.hist_k) + bh * p.hist_cap * D;
+  const T* hk = static_cast<const T*>(p.hist_k) + bh * p.hist_stride * D;
   const T* ck = static_cast<const T*>(p.cur_k) + bh * p.lc * D;
-  const int32_t* gather_bh = p.gather ? p.gather + bh * p.n_gather : nullptr;
+  const int32_t* rows_bh = p.hist_rows ? p.hist_rows + bh * p.n_hist : nullptr;
 
   for (int e = tid; e < kWinQ * D; e += kWinWarps * 32) {
     const int w = w0 + e / D;
     sQ[e] = w < p.n_window ? to_f32(q[static_cast<size_t>(p.window_rows[w]) * D + e % D]) : 0.0f;
   }
-  load_kv_f32<T>(p, gather_bh, hk, hk, ck, ck, blockIdx.x, sK, nullptr, kWinWarps * 32);
+  load_kv_f32<T>(p, rows_bh, hk, hk, ck, ck, blockIdx.x, sK, nullptr, kWinWarps * 32);
   __syncthreads();
 
   // Warp `warp` computes windows warp and warp+8 against key lane.
@@ -752,7 +786,13 @@ void launch_window(const AttnParams& p, int rows, cudaStream_t stream) {
   SKV_LAUNCH(kernel, grid, dim3(32 * kWinWarps), window_smem(p.head_dim), stream, p);
 }
 
-// Split-KV partials: O then (m, l), each [splits][R*H*Lq]; O's rows stay 16-byte aligned.
+// Workspace: the pool rows of a paged history (padded to 256 bytes), then the split-KV partials: O then (m, l),
+// each [splits][R*H*Lq]; O's rows stay 16-byte aligned.
+size_t pool_rows_bytes(const AttentionArgs& a) {
+  const int n_hist = a.gather ? a.n_gather : a.hist_len;
+  if (!a.hist_pages.table || n_hist == 0) return 0;
+  return (static_cast<size_t>(a.rows) * a.heads * n_hist * sizeof(int32_t) + 255) / 256 * 256;
+}
 size_t part_o_bytes(const AttentionArgs& a, const MmaPlan& pl) {
   return static_cast<size_t>(pl.splits) * a.rows * a.heads * a.lq * a.head_dim * sizeof(float);
 }
@@ -761,8 +801,10 @@ size_t part_o_bytes(const AttentionArgs& a, const MmaPlan& pl) {
 
 size_t attention_workspace_bytes(const AttentionArgs& a) {
   const MmaPlan pl = plan_mma(a);
-  if (pl.nw == 0 || pl.splits == 1) return 0;
-  return part_o_bytes(a, pl) + static_cast<size_t>(pl.splits) * a.rows * a.heads * a.lq * 2 * sizeof(float);
+  size_t bytes = pool_rows_bytes(a);
+  if (pl.nw != 0 && pl.splits > 1)
+    bytes += part_o_bytes(a, pl) + static_cast<size_t>(pl.splits) * a.rows * a.heads * a.lq * 2 * sizeof(float);
+  return bytes;
 }
 
 void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, void* workspace) {
@@ -780,7 +822,7 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
   p.q = a.q;
   p.hist_k = a.hist_k;
   p.hist_v = a.hist_v;
-  p.gather = a.gather;
+  p.hist_rows = a.gather;
   p.cur_k = a.cur_k;
   p.cur_v = a.cur_v;
   p.out = a.out;
@@ -791,11 +833,10 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
   p.heads = a.heads;
   p.lq = a.lq;
   p.head_dim = a.head_dim;
-  p.hist_cap = a.hist_cap;
+  p.hist_stride = a.hist_cap;
   p.n_hist = a.gather ? a.n_gather : a.hist_len;
   p.lc = a.lc;
   p.n_keys = a.n_keys();
-  p.n_gather = a.n_gather;
   p.n_window = a.window_logits ? a.n_window : 0;
   p.scale = a.scale;
   // Positive even for scale 0, so that masked (-inf) logits give exp2(-inf) = 0 and real ones exp2(~0) = 1.
@@ -803,18 +844,37 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
   p.negate_q = a.scale < 0.0f;
   p.n_splits = 1;
 
-  // 1. Validate the index lists on the device; the kernels below return early if anything is wrong.
+  // 1. Validate the index lists and the page-table entries the history reads on the device; the kernels below
+  // return early if anything is wrong.
   const int64_t n_gather_total = a.gather ? pairs * a.n_gather : 0;
   const int n_window_rows = a.window_rows ? a.n_window : 0;
-  const int64_t n_check = n_gather_total + n_window_rows;
+  const int pages_read = a.hist_pages.table ? (a.hist_len + a.hist_pages.page_tokens - 1) / a.hist_pages.page_tokens : 0;
+  const int64_t n_pages_total = static_cast<int64_t>(a.rows) * pages_read;
+  const int64_t n_check = n_gather_total + n_window_rows + n_pages_total;
   if (n_check > 0) {
     const int blocks = static_cast<int>(n_check / 256 + 1 < 1024 ? n_check / 256 + 1 : 1024);
     SKV_LAUNCH(attention_validate_kernel, dim3(blocks), dim3(256), 0, stream, a.gather, n_gather_total,
-               a.hist_len, a.window_rows, n_window_rows, a.lq, status);
+               a.hist_len, a.window_rows, n_window_rows, a.lq, a.hist_pages, n_pages_total, pages_read, status);
     check(cudaGetLastError(), "validate launch");
   }
 
-  // 2. Attention output.
+  // 2. A paged history: every history key's pool row, once for all the kernels below.
+  void* partials = workspace;
+  if (const size_t bytes = pool_rows_bytes(a)) {
+    if (static_cast<int64_t>(a.hist_pages.pages) * a.heads * a.hist_pages.page_tokens > INT32_MAX)
+      throw BackendError(StatusCode::internal, "attention: a K/V pool of 2^31 rows or more (int32 pool rows)");
+    int32_t* pool_rows = static_cast<int32_t*>(workspace);
+    const int64_t total = pairs * p.n_hist;
+    const int blocks = static_cast<int>(total / 256 + 1 < 1024 ? total / 256 + 1 : 1024);
+    SKV_LAUNCH(attention_pool_rows_kernel, dim3(blocks), dim3(256), 0, stream, a.hist_pages, a.heads, a.gather,
+               p.n_hist, total, status, pool_rows);
+    check(cudaGetLastError(), "pool rows launch");
+    p.hist_rows = pool_rows;
+    p.hist_stride = 0;
+    partials = static_cast<unsigned char*>(workspace) + bytes;
+  }
+
+  // 3. Attention output.
   if (a.out && a.lq > 0) {
     const MmaPlan pl = plan_mma(a);
     if (pl.nw != 0) {
@@ -822,8 +882,8 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
       p.tiles_per_split = pl.tiles_per_split;
       p.part_rows = pairs * a.lq;
       if (pl.splits > 1) {
-        p.part_o = static_cast<float*>(workspace);
-        p.part_ml = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + part_o_bytes(a, pl));
+        p.part_o = static_cast<float*>(partials);
+        p.part_ml = reinterpret_cast<float*>(static_cast<unsigned char*>(partials) + part_o_bytes(a, pl));
       }
       if (a.head_dim == 64) launch_mma_dispatch<64>(p, pl, a.rows, stream);
       else launch_mma_dispatch<128>(p, pl, a.rows, stream);
@@ -836,7 +896,7 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
     check(cudaGetLastError(), "attention kernel launch");
   }
 
-  // 3. Window logits (and their log-sum-exp).
+  // 4. Window logits (and their log-sum-exp).
   if (p.n_window > 0 && p.n_keys > 0) {
     if ((p.n_window + kWinQ - 1) / kWinQ > 65535 || pairs > 65535)
       throw BackendError(StatusCode::internal, "attention: too many window rows or (row, head) pairs");

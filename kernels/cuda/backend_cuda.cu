@@ -176,7 +176,8 @@ class CudaBackend final : public Backend {
     check(cudaGetLastError(), "selection launch");
   }
 
-  // Transformer ops: none needs workspace; only crossAttention and segmentAttention can set the status word.
+  // Transformer ops: none needs workspace; only crossAttention, segmentAttention and qkNormRope (a bad page
+  // table) can set the status word.
   void gemm(const GemmArgs& a) override { run_op([&] { cuda_ops::gemm(a, stream_, status_); }); }
   void layer_norm(const LayerNormArgs& a) override { run_op([&] { cuda_ops::layer_norm(a, stream_, status_); }); }
   void rms_norm(const RmsNormArgs& a) override { run_op([&] { cuda_ops::rms_norm(a, stream_, status_); }); }
@@ -193,7 +194,12 @@ class CudaBackend final : public Backend {
     run_op([&] { cuda_ops::gated_residual(a, stream_, status_); });
   }
   void activation(const ActivationArgs& a) override { run_op([&] { cuda_ops::activation(a, stream_, status_); }); }
-  void qk_norm_rope(const QkNormRopeArgs& a) override { run_op([&] { cuda_ops::qk_norm_rope(a, stream_, status_); }); }
+  void qk_norm_rope(const QkNormRopeArgs& a) override {
+    run_op([&] {
+      note_pending("qkNormRope");
+      cuda_ops::qk_norm_rope(a, stream_, status_);
+    });
+  }
   void cross_attention(const CrossAttentionArgs& a) override {
     run_op([&] {
       note_pending("crossAttention");

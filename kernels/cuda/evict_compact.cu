@@ -1,13 +1,16 @@
 // evict_compact: for every (r, h), hist[r,h,i,:] <- U[keep[r,h,i]] for i in [0, n_keep), for K and V, in
 // place, where U = [hist[r,h,0:hist_len) ‖ cur[r,h,0:lc)].
-// Shapes: hist [R,H,Hcap,D], cur [R,H,Lc,D], keep [R,H,K]. Bytes moved: <= 2 * 2*R*H*K*D*dsize (twice that
-// with repeats).
+// Shapes: hist [P,H,T,D] (a pool of P pages of T tokens: history position t of (r, h) is pool row
+// kv_page_row(pages, H, r, h, t), backend.h; without a page table P = R and T = Hcap), cur [R,H,Lc,D],
+// keep [R,H,K]. Bytes moved: <= 2 * 2*R*H*K*D*dsize (twice that with repeats).
 //
 // Kernels, in launch order:
 //   evict_validate_kernel    one block per (r,h): keep in [0, hist_len+lc), strictly increasing (non-decreasing
-//                            with repeats), and K <= Hcap; else status (index_out_of_range / index_not_sorted,
-//                            detail = the flat index of the bad entry). It runs to completion before the
-//                            compaction starts (stream order), so a bad list anywhere means nothing moves anywhere.
+//                            with repeats), and K <= Hcap; the (r, 0) block also checks the page-table entries
+//                            of row r covering [0, max(hist_len, K)) (read or written) against [0, P); else
+//                            status (index_out_of_range / index_not_sorted, detail = the flat index of the bad
+//                            entry in keep or the table). It runs to completion before the compaction starts
+//                            (stream order), so a bad list or page anywhere means nothing moves anywhere.
 //   evict_compact_kernel<V>  one block (256 threads) per (r,h). The kept rows, flattened to K*D*dsize/sizeof(V)
 //                            vectors V (uint4 when row bytes and pointers allow, else 4 or 2 bytes), are moved
 //                            in chunks of 256*kPieces vectors: every thread loads its vectors of the chunk
@@ -20,7 +23,8 @@
 // later chunk reads history positions >= its own e > e0 + chunk - 1, so no write clobbers a source still
 // to be read. Inside one chunk a destination may be another piece's source (keep[i] = i+1), which is why
 // the whole chunk is loaded into registers before any of it is stored. Rows with keep[i] == i taken from
-// the history are no-op moves and are skipped.
+// the history are no-op moves and are skipped. All of this is about logical history positions: the pages only
+// relocate them, and distinct positions of one (r, h) are distinct pool rows (a row's table names distinct pages).
 //
 // Repeats (a non-decreasing list: the official gather of the duplicates average pooling can select) break
 // keep[i] >= i, so the same block works in three steps. (1) rank[i] = distinct values among keep[0..i] - 1,
@@ -30,6 +34,8 @@
 // every row already written, and reads only rows <= its own, so it never reads a row a later-processed
 // (lower) chunk has not yet produced nor one an earlier (higher) chunk has overwritten; inside the chunk,
 // registers again come before stores.
+#include <algorithm>
+
 #include "device_common.cuh"
 #include "ops.cuh"
 
@@ -39,8 +45,9 @@ namespace {
 constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kPieces = 4;  // vectors per thread per chunk, for K and for V
 
+// pages_read: the table entries per row the compaction touches (0 without a table).
 __global__ void evict_validate_kernel(const int32_t* keep, int n_keep, int n_total, int hist_cap, bool repeats,
-                                      int32_t* status) {
+                                      KvPages pages, int heads, int pages_read, int32_t* status) {
   const size_t bh = blockIdx.x;
   const int32_t* list = keep + bh * n_keep;
   if (bh == 0 && threadIdx.x == 0 && n_keep > hist_cap) report_status(status, StatusCode::index_out_of_range, n_keep);
@@ -49,6 +56,13 @@ __global__ void evict_validate_kernel(const int32_t* keep, int n_keep, int n_tot
     const int32_t flat = static_cast<int32_t>(bh * n_keep + i);
     if (v < 0 || v >= n_total) report_status(status, StatusCode::index_out_of_range, flat);
     else if (i > 0 && (v < list[i - 1] || (v == list[i - 1] && !repeats))) report_status(status, StatusCode::index_not_sorted, flat);
+  }
+  if (bh % heads != 0) return;  // one block per row checks its table
+  const int64_t row_entries = static_cast<int64_t>(bh / heads) * pages.table_pages;
+  for (int i = threadIdx.x; i < pages_read; i += blockDim.x) {
+    const int v = pages.table[row_entries + i];
+    if (v < 0 || v >= pages.pages)
+      report_status(status, StatusCode::index_out_of_range, static_cast<int32_t>(row_entries + i));
   }
 }
 
@@ -60,15 +74,22 @@ struct CompactParams {
   const int32_t* keep;
   const int32_t* status;
   int32_t* rank;  // [R*H, K] workspace, with repeats only
-  int n_keep, hist_cap, hist_len, lc;
+  KvPages pages;
+  int heads, n_keep, hist_len, lc;
   int row_vecs;  // vectors per row
 };
 
-// Moves the rows `row` of [0, n_rows) with source(row) >= 0 to dest(row), front to back in chunks (see the
-// header for why this order is safe); source < hist_len reads the history, otherwise the current buffer.
+// Offset, in vectors of the pool, of vector c of history position t of (r, h).
+__device__ __forceinline__ int64_t hist_vec(const CompactParams& p, int r, int h, int t, int c) {
+  return kv_page_row(p.pages, p.heads, r, h, t) * p.row_vecs + c;
+}
+
+// Moves the rows `row` of [0, n_rows) with source(row) >= 0 to history position dest(row), front to back in chunks
+// (see the header for why this order is safe); source < hist_len reads the history, otherwise the current
+// buffer. hk / hv are the pools, ck / cv the current rows of (r, h).
 template <typename V, typename Source, typename Dest>
-__device__ __forceinline__ void move_forward(const CompactParams& p, V* hk, V* hv, const V* ck, const V* cv,
-                                             int n_rows, Source source, Dest dest) {
+__device__ __forceinline__ void move_forward(const CompactParams& p, int r, int h, V* hk, V* hv, const V* ck,
+                                             const V* cv, int n_rows, Source source, Dest dest) {
   const int rv = p.row_vecs;
   const int64_t total = static_cast<int64_t>(n_rows) * rv;
   for (int64_t e0 = 0; e0 < total; e0 += kThreads * kPieces) {
@@ -85,13 +106,14 @@ __device__ __forceinline__ void move_forward(const CompactParams& p, V* hk, V* h
         const int dst = dest(row);
         if (src < p.hist_len) {
           if (src == dst) continue;  // already in place
-          k_reg[i] = hk[static_cast<int64_t>(src) * rv + c];
-          v_reg[i] = hv[static_cast<int64_t>(src) * rv + c];
+          const int64_t from = hist_vec(p, r, h, src, c);
+          k_reg[i] = hk[from];
+          v_reg[i] = hv[from];
         } else {
           k_reg[i] = ck[static_cast<int64_t>(src - p.hist_len) * rv + c];
           v_reg[i] = cv[static_cast<int64_t>(src - p.hist_len) * rv + c];
         }
-        to[i] = static_cast<int64_t>(dst) * rv + c;
+        to[i] = hist_vec(p, r, h, dst, c);
       }
     }
     __syncthreads();  // every source of this chunk is in registers before any destination is written
@@ -110,14 +132,16 @@ template <typename V>
 __global__ void evict_compact_kernel(const CompactParams p) {
   if (p.status[0] != 0) return;  // some list somewhere is bad: move nothing
   const size_t bh = blockIdx.x;
+  const int r = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
   const int rv = p.row_vecs;
-  V* hk = static_cast<V*>(p.hist_k) + bh * p.hist_cap * rv;
-  V* hv = static_cast<V*>(p.hist_v) + bh * p.hist_cap * rv;
+  V* hk = static_cast<V*>(p.hist_k);
+  V* hv = static_cast<V*>(p.hist_v);
   const V* ck = static_cast<const V*>(p.cur_k) + bh * p.lc * rv;
   const V* cv = static_cast<const V*>(p.cur_v) + bh * p.lc * rv;
   const int32_t* keep = p.keep + bh * p.n_keep;
   if (!p.rank) {
-    move_forward(p, hk, hv, ck, cv, p.n_keep, [&](int row) { return __ldg(keep + row); }, [](int row) { return row; });
+    move_forward(p, r, h, hk, hv, ck, cv, p.n_keep, [&](int row) { return __ldg(keep + row); },
+                 [](int row) { return row; });
     return;
   }
 
@@ -135,34 +159,34 @@ __global__ void evict_compact_kernel(const CompactParams p) {
   }
   __syncthreads();  // ranks visible to the whole block
   move_forward(
-      p, hk, hv, ck, cv, p.n_keep, [&](int row) { return row == 0 || keep[row] != keep[row - 1] ? keep[row] : -1; },
+      p, r, h, hk, hv, ck, cv, p.n_keep, [&](int row) { return row == 0 || keep[row] != keep[row - 1] ? keep[row] : -1; },
       [&](int row) { return rank[row]; });
   // Expansion, back to front: row i <- row rank[i] (<= i), rows that already hold their value skipped.
   const int64_t total = static_cast<int64_t>(p.n_keep) * rv;
   for (int64_t e1 = total; e1 > 0; e1 -= kThreads * kPieces) {
     V k_reg[kPieces], v_reg[kPieces];
-    bool move[kPieces];
+    int64_t to[kPieces];
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
       const int64_t e = e1 - 1 - (i * kThreads + threadIdx.x);
-      move[i] = false;
+      to[i] = -1;
       if (e >= 0) {
         const int row = static_cast<int>(e / rv), c = static_cast<int>(e % rv);
         const int from = rank[row];
-        move[i] = from != row;
-        if (move[i]) {
-          k_reg[i] = hk[static_cast<int64_t>(from) * rv + c];
-          v_reg[i] = hv[static_cast<int64_t>(from) * rv + c];
+        if (from != row) {
+          const int64_t src = hist_vec(p, r, h, from, c);
+          k_reg[i] = hk[src];
+          v_reg[i] = hv[src];
+          to[i] = hist_vec(p, r, h, row, c);
         }
       }
     }
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
-      if (move[i]) {
-        const int64_t e = e1 - 1 - (i * kThreads + threadIdx.x);
-        hk[e] = k_reg[i];
-        hv[e] = v_reg[i];
+      if (to[i] >= 0) {
+        hk[to[i]] = k_reg[i];
+        hv[to[i]] = v_reg[i];
       }
     }
     __syncthreads();
@@ -192,8 +216,14 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
   if (a.lc > 0 && (!a.cur_k || !a.cur_v))
     throw BackendError(StatusCode::internal, "evictCompact: lc > 0 needs current K and V");
 
+  // The compaction reads history positions [0, hist_len) and writes [0, n_keep); n_keep > hist_cap is reported
+  // by the keep check, the clamp keeps the table check inside the table.
+  const int tokens_touched = std::max(a.hist_len, a.n_keep);
+  const int pages_read = a.hist_pages.table ? std::min((tokens_touched + a.hist_pages.page_tokens - 1) /
+                                                           a.hist_pages.page_tokens, a.hist_pages.table_pages)
+                                            : 0;
   SKV_LAUNCH(evict_validate_kernel, dim3(static_cast<unsigned>(pairs)), dim3(kThreads), 0, stream, a.keep, a.n_keep,
-             a.hist_len + a.lc, a.hist_cap, a.repeats, status);
+             a.hist_len + a.lc, a.hist_cap, a.repeats, a.hist_pages, a.heads, pages_read, status);
 
   // Widest vector that divides the row and every base pointer (all allocations are 256-aligned, so this is
   // 16 bytes except for odd head dims or offset views).
@@ -214,8 +244,9 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
   p.keep = a.keep;
   p.status = status;
   p.rank = a.repeats ? static_cast<int32_t*>(workspace) : nullptr;
+  p.pages = a.hist_pages;
+  p.heads = a.heads;
   p.n_keep = a.n_keep;
-  p.hist_cap = a.hist_cap;
   p.hist_len = a.hist_len;
   p.lc = a.lc;
   p.row_vecs = static_cast<int>(row_bytes / vec);

@@ -35,7 +35,8 @@ size_t selection_workspace_bytes(const SelectionArgs& a);
 void selection(const SelectionArgs& a, cudaStream_t stream, int32_t* status, void* workspace);
 
 // Transformer ops (gemm.cu, layer_norm.cu, ...): no workspace. Only cross_attention and
-// segment_attention report data errors (cuSeqlens out of order or range: index_out_of_range, the output untouched).
+// segment_attention (cuSeqlens out of order or range) and qk_norm_rope (a page-table entry out of range) report
+// data errors: index_out_of_range, the outputs untouched.
 void gemm(const GemmArgs& a, cudaStream_t stream, int32_t* status);
 void layer_norm(const LayerNormArgs& a, cudaStream_t stream, int32_t* status);
 void rms_norm(const RmsNormArgs& a, cudaStream_t stream, int32_t* status);

@@ -2,8 +2,14 @@
 // L2-normalises q and k (x / max(|x|, 1e-12), the norm by a warp sum) and scales q by
 // exp(min(scale_mul[h], ln 100)), rotates adjacent pairs (2p, 2p+1) by theta = pos * inv_freq[p mod c/4]
 // (pos = y for the first c/4 pairs, x after; inv_freq in f32 as torch builds it, accurate sinf/cosf), and
-// stores q [B,H,L,c] and k/v at row kv_offset + l of [B,H,cap,c]. Lane j owns pairs j, j+32, .. (c <= 256).
+// stores q [B,H,L,c] and k/v at token kv_offset + l of the pool [P,H,T,c], row kv_page_row(kv_pages, H, b, h,
+// kv_offset + l) (backend.h; without a page table P = B and T = cap). Lane j owns pairs j, j+32, .. (c <= 256).
 // Cost: ~12*B*L*H*c FLOP + B*L*H*c/2 sin/cos pairs; reads 3 and writes 3 c-vectors per (b, l, h).
+// With a page table, kv_pages_validate_kernel first checks the entries covering [kv_offset, kv_offset + L) of
+// every batch row against [0, P); a bad one is reported as index_out_of_range (detail: its flat index in the
+// table) and the main kernel then writes nothing at all, q included, as after any earlier op's data error.
+#include <algorithm>
+
 #include "transformer_common.cuh"
 
 namespace scalekv::cuda_ops {
@@ -57,7 +63,21 @@ __device__ void norm_rope_one(const QkNormRopeArgs& a, int64_t src, int64_t dst,
   }
 }
 
-__global__ void __launch_bounds__(32 * kWarps) qk_norm_rope_kernel(const QkNormRopeArgs a, float ln100) {
+// Entries [first_page, first_page + n_pages) of every batch row.
+__global__ void kv_pages_validate_kernel(KvPages pages, int batch, int first_page, int n_pages, int32_t* status) {
+  const int64_t total = static_cast<int64_t>(batch) * n_pages;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t entry = i / n_pages * pages.table_pages + first_page + i % n_pages;
+    const int v = pages.table[entry];
+    if (v < 0 || v >= pages.pages) report_status(status, StatusCode::index_out_of_range, static_cast<int32_t>(entry));
+  }
+}
+
+// status: null without a page table (nothing to check, nothing to wait for).
+__global__ void __launch_bounds__(32 * kWarps) qk_norm_rope_kernel(const QkNormRopeArgs a, float ln100,
+                                                                   const int32_t* status) {
+  if (status && status[0] != 0) return;  // a bad page table (or an earlier op's error): write nothing
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;  // (b, l, h), h fastest
   if (item >= static_cast<int64_t>(a.batch) * a.tokens * a.heads) return;  // whole warps: shuffles stay full
   const int H = a.heads, c = a.head_dim, L = a.tokens, lane = threadIdx.x % 32;
@@ -69,7 +89,7 @@ __global__ void __launch_bounds__(32 * kWarps) qk_norm_rope_kernel(const QkNormR
   const float pos_x = a.positions ? static_cast<float>(a.positions[2 * l + 1]) : 0.0f;
   const int64_t src = (bl * 3 * H + h) * c;  // q; k is H*c later, v 2*H*c later
   const int64_t q_dst = ((b * H + h) * L + l) * c;
-  const int64_t kv_dst = ((b * H + h) * a.kv_cap + a.kv_offset + l) * c;
+  const int64_t kv_dst = a.k ? kv_page_row(a.kv_pages, H, static_cast<int>(b), h, a.kv_offset + l) * c : 0;
   const float mul = a.scale_mul ? expf(fminf(a.scale_mul[h], ln100)) : 1.0f;
   norm_rope_one(a, src, q_dst, a.q_dtype, a.q, a.q_bias ? a.q_bias + h * c : nullptr, mul, pos_y, pos_x);
   if (!a.k) return;  // q only (uniform over the launch, so the warp stays whole)
@@ -83,15 +103,24 @@ __global__ void __launch_bounds__(32 * kWarps) qk_norm_rope_kernel(const QkNormR
 
 }  // namespace
 
-void qk_norm_rope(const QkNormRopeArgs& a, cudaStream_t stream, int32_t* /*status*/) {
+void qk_norm_rope(const QkNormRopeArgs& a, cudaStream_t stream, int32_t* status) {
   const int64_t items = static_cast<int64_t>(a.batch) * a.tokens * a.heads;
   if (items == 0) return;
   if (a.head_dim > 2 * 32 * kMaxPairsPerLane)
     throw BackendError(StatusCode::internal, "qkNormRope: headDim " + std::to_string(a.head_dim) + " exceeds 256");
   const int64_t blocks = (items + kWarps - 1) / kWarps;
   if (blocks > 0x7fffffff) throw BackendError(StatusCode::internal, "qkNormRope: too many tokens");
+  const bool paged = a.k && a.kv_pages.table;
+  if (paged) {
+    const int first_page = a.kv_offset / a.kv_pages.page_tokens;
+    const int n_pages = (a.kv_offset + a.tokens - 1) / a.kv_pages.page_tokens - first_page + 1;
+    const int64_t checks = static_cast<int64_t>(a.batch) * n_pages;
+    SKV_LAUNCH(kv_pages_validate_kernel, dim3(static_cast<unsigned>(std::min<int64_t>(checks / 256 + 1, 1024))),
+               dim3(256), 0, stream, a.kv_pages, a.batch, first_page, n_pages, status);
+    tx::check_launch("qkNormRope page-table check");
+  }
   SKV_LAUNCH(qk_norm_rope_kernel, dim3(static_cast<unsigned>(blocks)), dim3(32 * kWarps), 0, stream, a,
-             logf(100.0f));
+             logf(100.0f), paged ? static_cast<const int32_t*>(status) : nullptr);
   tx::check_launch("qkNormRope");
 }
 

@@ -22,9 +22,13 @@ inline std::string kernel_status_message(int32_t code, int32_t detail, const std
       return "selection: budget " + std::to_string(detail) + " must lie in [number of window keys, number of keys]";
     case StatusCode::index_out_of_range: {
       std::string msg;
-      if (has("attention")) msg += "attention: gather indices must lie in [0, hist_len) and window rows in [0, lq); ";
+      if (has("attention"))
+        msg += "attention: gather indices must lie in [0, hist_len), window rows in [0, lq) and pageTable entries "
+               "in [0, pages); ";
       if (has("evictCompact"))
-        msg += "evictCompact: keep indices must lie in [0, hist_len + lc) and n_keep <= hist_cap; ";
+        msg += "evictCompact: keep indices must lie in [0, hist_len + lc), n_keep <= hist_cap and pageTable entries "
+               "in [0, pages); ";
+      if (has("qkNormRope")) msg += "qkNormRope: pageTable entries must lie in [0, pages); ";
       if (has("selection")) msg += "selection: window keys must lie in [0, n_keys); ";
       if (has("crossAttention"))
         msg += "crossAttention: cuSeqlens must be non-decreasing within [0, nText] (flat entry = image); ";

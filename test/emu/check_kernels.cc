@@ -97,6 +97,14 @@ int count_mismatches(const std::vector<float>& a, const std::vector<float>& b, d
   return bad;
 }
 
+// The contiguous K/V layout [rows, heads, cap, head_dim]: one page of cap tokens per row, no table.
+scalekv::KvPages contiguous_pages(int rows, int cap) {
+  scalekv::KvPages p;
+  p.page_tokens = cap;
+  p.pages = rows;
+  return p;
+}
+
 struct AttnCase {
   DType dtype;
   int rows, heads, head_dim, lq, hist_cap, hist_len, n_gather, lc, n_window;
@@ -126,6 +134,7 @@ void check_attention(const AttnCase& c, uint32_t seed) {
     scalekv::AttentionArgs a;
     a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.lq = c.lq;
     a.hist_cap = c.hist_cap; a.hist_len = c.hist_len; a.n_gather = c.n_gather; a.lc = c.lc;
+    a.hist_pages = contiguous_pages(c.rows, c.hist_cap);
     a.dtype = c.dtype; a.scale = c.scale_mul / std::sqrt(static_cast<float>(c.head_dim));
     a.q = d.put(q); a.hist_k = d.put(hk); a.hist_v = d.put(hv);
     a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
@@ -188,6 +197,7 @@ void check_evict(const EvictCase& c, uint32_t seed) {
     Device d(b == 0 ? scalekv::make_emu_backend(2) : scalekv::make_cpu_backend(2));
     scalekv::EvictCompactArgs a;
     a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.hist_cap = c.hist_cap;
+    a.hist_pages = contiguous_pages(c.rows, c.hist_cap);
     a.hist_len = c.hist_len; a.lc = c.lc; a.n_keep = c.n_keep; a.dtype = c.dtype; a.repeats = c.repeats;
     a.hist_k = d.put(hk); a.hist_v = d.put(hv);
     a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
@@ -523,4 +533,426 @@ EMU_TEST(gemm_emu_matches_cpu) {
   };
   uint32_t seed = 40;
   for (const GemmCase& c : cases) check_gemm(c, seed++);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Paged K/V history: the emu backend against itself. Every op runs once on a contiguous history and once on the
+// same history scattered into a pool of pages through a page table; the results must be bit-identical, and pool
+// bytes no (row, token) maps to must keep their poison.
+
+namespace {
+
+constexpr unsigned char kPoison = 0xff;  // NaN as f32 and as bf16
+
+// CHECK, naming the seed and the case when it fails.
+#define CHECK_SEEDED(cond, seed, what)                                                                              \
+  do {                                                                                                              \
+    if (!(cond))                                                                                                    \
+      ::selftest::record_failure(__FILE__, __LINE__, "CHECK(" #cond ") seed " + std::to_string(seed) + ": " + (what)); \
+  } while (0)
+
+// Histories of `rows` rows of cap = table_pages * page_tokens tokens, paged: row r owns its first owned[r] table
+// entries (each a distinct page of the shuffled pool, which has spare pages nobody owns); its other entries are -1.
+struct PageMap {
+  int rows = 0, heads = 0, cap = 0;
+  size_t row_bytes = 0;  // head_dim * dtype size
+  scalekv::KvPages pages;  // table: null, the host table is `table`
+  std::vector<int32_t> table;
+
+  // The pool row of (r, h, t), or -1 where row r owns no page for t.
+  int64_t pool_row(int r, int h, int t) const {
+    if (table[static_cast<size_t>(r) * pages.table_pages + t / pages.page_tokens] < 0) return -1;
+    scalekv::KvPages host = pages;
+    host.table = table.data();
+    return scalekv::kv_page_row(host, heads, r, h, t);
+  }
+  size_t pool_bytes() const {
+    return static_cast<size_t>(pages.pages) * heads * pages.page_tokens * row_bytes;
+  }
+  // The pool holding the contiguous [rows, heads, cap, D] history `flat` where pages are owned, poison elsewhere.
+  std::vector<unsigned char> scatter(const std::vector<unsigned char>& flat) const {
+    std::vector<unsigned char> pool(pool_bytes(), kPoison);
+    for (int r = 0; r < rows; ++r)
+      for (int h = 0; h < heads; ++h)
+        for (int t = 0; t < cap; ++t) {
+          const int64_t row = pool_row(r, h, t);
+          if (row >= 0)
+            std::memcpy(&pool[row * row_bytes], &flat[((static_cast<size_t>(r) * heads + h) * cap + t) * row_bytes],
+                        row_bytes);
+        }
+    return pool;
+  }
+};
+
+// A random map whose rows own at least the pages covering [0, needed_tokens), a random number more (ragged).
+PageMap make_page_map(std::mt19937& rng, int rows, int heads, int cap, size_t row_bytes, int page_tokens,
+                      int needed_tokens) {
+  PageMap m;
+  m.rows = rows;
+  m.heads = heads;
+  m.cap = cap;
+  m.row_bytes = row_bytes;
+  m.pages.page_tokens = page_tokens;
+  m.pages.table_pages = cap / page_tokens;
+  const int needed = (needed_tokens + page_tokens - 1) / page_tokens;
+  std::vector<int> owned(static_cast<size_t>(rows));
+  int total = 0;
+  for (int& o : owned) {
+    o = needed + static_cast<int>(rng() % static_cast<uint32_t>(m.pages.table_pages - needed + 1));
+    total += o;
+  }
+  m.pages.pages = total + 1 + static_cast<int>(rng() % 3);
+  std::vector<int32_t> pool_pages(static_cast<size_t>(m.pages.pages));
+  for (size_t i = 0; i < pool_pages.size(); ++i) pool_pages[i] = static_cast<int32_t>(i);
+  std::shuffle(pool_pages.begin(), pool_pages.end(), rng);
+  m.table.assign(static_cast<size_t>(rows) * m.pages.table_pages, -1);
+  size_t next = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < owned[static_cast<size_t>(r)]; ++i)
+      m.table[static_cast<size_t>(r) * m.pages.table_pages + i] = pool_pages[next++];
+  return m;
+}
+
+// Uploads `map`'s table (if paged) and returns the KvPages to pass; contiguous: one page of cap tokens per row.
+scalekv::KvPages device_pages(Device& d, const PageMap* map, int rows, int cap) {
+  if (!map) return contiguous_pages(rows, cap);
+  scalekv::KvPages p = map->pages;
+  p.table = d.put(map->table);
+  return p;
+}
+
+// Sets the table entry of row `row` covering token `token` out of range: the pool size, or -1.
+void spoil_entry(PageMap& map, int row, int token, bool negative) {
+  map.table[static_cast<size_t>(row) * map.pages.table_pages + token / map.pages.page_tokens] =
+      negative ? -1 : map.pages.pages;
+}
+
+std::string describe(const char* op, DType dtype, std::initializer_list<std::pair<const char*, int>> fields) {
+  std::string s = std::string(op) + " " + scalekv::dtype_name(dtype);
+  for (const auto& f : fields) s += std::string(" ") + f.first + "=" + std::to_string(f.second);
+  return s;
+}
+
+struct PagedAttnCase {
+  DType dtype;
+  int rows, heads, head_dim, lq, hist_len, n_gather, lc, n_window, page_tokens;
+  bool bad_table = false;  // an entry the call reads names a page outside the pool
+};
+
+struct AttnRun {
+  int code = 0;
+  std::vector<unsigned char> out, logits, lse, hist_k, hist_v;
+};
+
+constexpr unsigned char kUnwritten = 0x5a;  // output bytes before the call
+
+// One attention call on the emu backend; `map` null: hist_k / hist_v are contiguous [rows, heads, cap, D].
+AttnRun run_paged_attention(const PagedAttnCase& c, int cap, const PageMap* map, const HostTensor& q,
+                            const std::vector<unsigned char>& hist_k, const std::vector<unsigned char>& hist_v,
+                            const HostTensor& ck, const HostTensor& cv, const std::vector<int32_t>& gather,
+                            const std::vector<int32_t>& window_rows) {
+  const size_t pairs = static_cast<size_t>(c.rows) * c.heads, esize = scalekv::dtype_size(c.dtype);
+  const int n_keys = (c.n_gather ? c.n_gather : c.hist_len) + c.lc;
+  const size_t out_bytes = pairs * c.lq * c.head_dim * esize, wl_bytes = pairs * c.n_window * n_keys * 4,
+               lse_bytes = pairs * c.n_window * 4;
+  Device d(scalekv::make_emu_backend(2));
+  const auto unwritten = [&](size_t bytes) {
+    void* p = d.put(nullptr, bytes);
+    d.be->fill_u8(p, kUnwritten, bytes);
+    return p;
+  };
+  scalekv::AttentionArgs a;
+  a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim; a.lq = c.lq;
+  a.hist_pages = device_pages(d, map, c.rows, cap);
+  a.hist_cap = a.hist_pages.capacity(); a.hist_len = c.hist_len; a.n_gather = c.n_gather; a.lc = c.lc;
+  a.dtype = c.dtype; a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  a.q = d.put(q);
+  a.hist_k = d.put(hist_k.data(), hist_k.size());
+  a.hist_v = d.put(hist_v.data(), hist_v.size());
+  a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
+  a.gather = c.n_gather ? d.put(gather) : nullptr;
+  a.out = unwritten(out_bytes);
+  a.n_window = c.n_window;
+  if (c.n_window) {
+    a.window_rows = d.put(window_rows);
+    a.window_logits = static_cast<float*>(unwritten(wl_bytes));
+    a.window_lse = static_cast<float*>(unwritten(lse_bytes));
+  }
+  AttnRun run;
+  run.code = d.run([&] { d.be->attention(a); });
+  run.out = d.get(a.out, out_bytes);
+  if (c.n_window) {
+    run.logits = d.get(a.window_logits, wl_bytes);
+    run.lse = d.get(a.window_lse, lse_bytes);
+  }
+  run.hist_k = d.get(a.hist_k, hist_k.size());
+  run.hist_v = d.get(a.hist_v, hist_v.size());
+  return run;
+}
+
+void check_paged_attention(const PagedAttnCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const std::string what = describe("attention", c.dtype, {{"rows", c.rows}, {"heads", c.heads}, {"D", c.head_dim},
+      {"Lq", c.lq}, {"histLen", c.hist_len}, {"nGather", c.n_gather}, {"Lc", c.lc}, {"nWindow", c.n_window},
+      {"pageTokens", c.page_tokens}, {"badTable", c.bad_table}});
+  const size_t pairs = static_cast<size_t>(c.rows) * c.heads;
+  // Room past hist_len, rounded up to whole pages.
+  const int slack = static_cast<int>(rng() % static_cast<uint32_t>(2 * c.page_tokens + 1));
+  const int cap = (c.hist_len + slack + c.page_tokens - 1) / c.page_tokens * c.page_tokens;
+  HostTensor q{random_vec(rng, pairs * c.lq * c.head_dim), c.dtype};
+  HostTensor hk{random_vec(rng, pairs * cap * c.head_dim), c.dtype};
+  HostTensor hv{random_vec(rng, pairs * cap * c.head_dim), c.dtype};
+  HostTensor ck{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
+  HostTensor cv{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
+  std::vector<int32_t> gather(pairs * c.n_gather), window_rows(static_cast<size_t>(c.n_window));
+  for (auto& g : gather) g = static_cast<int32_t>(rng() % static_cast<unsigned>(c.hist_len));
+  for (auto& w : window_rows) w = static_cast<int32_t>(rng() % static_cast<unsigned>(c.lq));
+  PageMap map = make_page_map(rng, c.rows, c.heads, cap, c.head_dim * scalekv::dtype_size(c.dtype), c.page_tokens,
+                              c.hist_len);
+  const std::vector<unsigned char> pool_k = map.scatter(hk.bytes()), pool_v = map.scatter(hv.bytes());
+
+  if (c.bad_table) {
+    // The last page the call reads, of the last row; the other entries stay good.
+    spoil_entry(map, c.rows - 1, c.hist_len - 1, seed % 2 == 0);
+    const AttnRun paged = run_paged_attention(c, cap, &map, q, pool_k, pool_v, ck, cv, gather, window_rows);
+    CHECK_SEEDED(paged.code == static_cast<int>(scalekv::StatusCode::index_out_of_range), seed, what);
+    const auto untouched = [](const std::vector<unsigned char>& b) {
+      return std::all_of(b.begin(), b.end(), [](unsigned char x) { return x == kUnwritten; });
+    };
+    CHECK_SEEDED(untouched(paged.out) && untouched(paged.logits) && untouched(paged.lse), seed, what);
+    CHECK_SEEDED(paged.hist_k == pool_k && paged.hist_v == pool_v, seed, what);
+    return;
+  }
+  const AttnRun flat = run_paged_attention(c, cap, nullptr, q, hk.bytes(), hv.bytes(), ck, cv, gather, window_rows);
+  const AttnRun paged = run_paged_attention(c, cap, &map, q, pool_k, pool_v, ck, cv, gather, window_rows);
+  CHECK_SEEDED(flat.code == 0 && paged.code == 0, seed, what);
+  CHECK_SEEDED(paged.out == flat.out, seed, what);
+  CHECK_SEEDED(paged.logits == flat.logits, seed, what);
+  CHECK_SEEDED(paged.lse == flat.lse, seed, what);
+  CHECK_SEEDED(paged.hist_k == pool_k && paged.hist_v == pool_v, seed, what);  // read only
+}
+
+struct PagedEvictCase {
+  DType dtype;
+  int rows, heads, head_dim, hist_len, lc, n_keep, page_tokens;
+  bool repeats = false;
+  bool bad_table = false;
+};
+
+// One evictCompact call on the emu backend; returns the status code, hist_k / hist_v updated in place.
+int run_paged_evict(const PagedEvictCase& c, int cap, const PageMap* map, std::vector<unsigned char>& hist_k,
+                    std::vector<unsigned char>& hist_v, const HostTensor& ck, const HostTensor& cv,
+                    const std::vector<int32_t>& keep) {
+  Device d(scalekv::make_emu_backend(2));
+  scalekv::EvictCompactArgs a;
+  a.rows = c.rows; a.heads = c.heads; a.head_dim = c.head_dim;
+  a.hist_pages = device_pages(d, map, c.rows, cap);
+  a.hist_cap = a.hist_pages.capacity();
+  a.hist_len = c.hist_len; a.lc = c.lc; a.n_keep = c.n_keep; a.dtype = c.dtype; a.repeats = c.repeats;
+  a.hist_k = d.put(hist_k.data(), hist_k.size());
+  a.hist_v = d.put(hist_v.data(), hist_v.size());
+  a.cur_k = c.lc ? d.put(ck) : nullptr; a.cur_v = c.lc ? d.put(cv) : nullptr;
+  a.keep = d.put(keep);
+  const int code = d.run([&] { d.be->evict_compact(a); });
+  hist_k = d.get(a.hist_k, hist_k.size());
+  hist_v = d.get(a.hist_v, hist_v.size());
+  return code;
+}
+
+void check_paged_evict(const PagedEvictCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const std::string what = describe("evictCompact", c.dtype, {{"rows", c.rows}, {"heads", c.heads},
+      {"D", c.head_dim}, {"histLen", c.hist_len}, {"Lc", c.lc}, {"nKeep", c.n_keep}, {"pageTokens", c.page_tokens},
+      {"repeats", c.repeats}, {"badTable", c.bad_table}});
+  const size_t pairs = static_cast<size_t>(c.rows) * c.heads;
+  const int touched = std::max(c.hist_len, c.n_keep);
+  const int slack = static_cast<int>(rng() % static_cast<uint32_t>(2 * c.page_tokens + 1));
+  const int cap = (touched + slack + c.page_tokens - 1) / c.page_tokens * c.page_tokens;
+  HostTensor hk{random_vec(rng, pairs * cap * c.head_dim), c.dtype};
+  HostTensor hv{random_vec(rng, pairs * cap * c.head_dim), c.dtype};
+  HostTensor ck{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
+  HostTensor cv{random_vec(rng, pairs * c.lc * c.head_dim), c.dtype};
+  std::vector<int32_t> keep;
+  const uint32_t n_total = static_cast<uint32_t>(c.hist_len + c.lc);
+  for (size_t p = 0; p < pairs; ++p) {  // a sorted random subset of [0, hist_len + lc), or a sorted sample
+    std::vector<int32_t> list(n_total);
+    for (size_t i = 0; i < list.size(); ++i) list[i] = static_cast<int32_t>(i);
+    if (c.repeats) {
+      list.resize(static_cast<size_t>(c.n_keep));
+      for (auto& x : list) x = static_cast<int32_t>(rng() % n_total);
+    } else {
+      std::shuffle(list.begin(), list.end(), rng);
+      list.resize(static_cast<size_t>(c.n_keep));
+    }
+    std::sort(list.begin(), list.end());
+    keep.insert(keep.end(), list.begin(), list.end());
+  }
+  PageMap map = make_page_map(rng, c.rows, c.heads, cap, c.head_dim * scalekv::dtype_size(c.dtype), c.page_tokens,
+                              touched);
+  std::vector<unsigned char> pool_k = map.scatter(hk.bytes()), pool_v = map.scatter(hv.bytes());
+
+  if (c.bad_table) {
+    // The last page the compaction touches, of the first row; nothing may move anywhere.
+    spoil_entry(map, 0, touched - 1, seed % 2 == 0);
+    const std::vector<unsigned char> before_k = pool_k, before_v = pool_v;
+    const int code = run_paged_evict(c, cap, &map, pool_k, pool_v, ck, cv, keep);
+    CHECK_SEEDED(code == static_cast<int>(scalekv::StatusCode::index_out_of_range), seed, what);
+    CHECK_SEEDED(pool_k == before_k && pool_v == before_v, seed, what);
+    return;
+  }
+  std::vector<unsigned char> flat_k = hk.bytes(), flat_v = hv.bytes();
+  const int flat_code = run_paged_evict(c, cap, nullptr, flat_k, flat_v, ck, cv, keep);
+  const int paged_code = run_paged_evict(c, cap, &map, pool_k, pool_v, ck, cv, keep);
+  CHECK_SEEDED(flat_code == 0 && paged_code == 0, seed, what);
+  // Every owned (row, token) holds what the contiguous run left there; everything else kept its poison.
+  CHECK_SEEDED(pool_k == map.scatter(flat_k), seed, what);
+  CHECK_SEEDED(pool_v == map.scatter(flat_v), seed, what);
+}
+
+struct PagedQkCase {
+  DType qkv_dtype, kv_dtype;
+  int batch, tokens, heads, head_dim, kv_offset, page_tokens;
+  bool bad_table = false;
+};
+
+struct QkRun {
+  int code = 0;
+  std::vector<unsigned char> q, k, v;
+};
+
+// One qkNormRope call on the emu backend; `map` null: k / v are contiguous [batch, heads, cap, c] of poison.
+QkRun run_paged_qk(const PagedQkCase& c, int cap, const PageMap* map, const HostTensor& qkv,
+                   const std::vector<float>& q_bias, const std::vector<float>& v_bias,
+                   const std::vector<float>& scale_mul, const std::vector<int32_t>& positions) {
+  Device d(scalekv::make_emu_backend(2));
+  const size_t kv_esize = scalekv::dtype_size(c.kv_dtype);
+  const size_t q_bytes = static_cast<size_t>(c.batch) * c.heads * c.tokens * c.head_dim * kv_esize;
+  const size_t kv_bytes = map ? map->pool_bytes() : static_cast<size_t>(c.batch) * c.heads * cap * c.head_dim * kv_esize;
+  scalekv::QkNormRopeArgs a;
+  a.batch = c.batch; a.tokens = c.tokens; a.heads = c.heads; a.head_dim = c.head_dim;
+  a.qkv_dtype = c.qkv_dtype; a.q_dtype = c.kv_dtype; a.kv_dtype = c.kv_dtype;
+  a.qkv = d.put(qkv);
+  a.q_bias = d.put(q_bias); a.v_bias = d.put(v_bias); a.scale_mul = d.put(scale_mul);
+  a.positions = d.put(positions);
+  a.q = d.put(nullptr, q_bytes);
+  a.k = d.put(nullptr, kv_bytes);
+  a.v = d.put(nullptr, kv_bytes);
+  for (void* p : {a.q, a.k, a.v}) d.be->fill_u8(p, kPoison, p == a.q ? q_bytes : kv_bytes);
+  a.kv_pages = device_pages(d, map, c.batch, cap);
+  a.kv_cap = a.kv_pages.capacity(); a.kv_offset = c.kv_offset;
+  QkRun run;
+  run.code = d.run([&] { d.be->qk_norm_rope(a); });
+  run.q = d.get(a.q, q_bytes);
+  run.k = d.get(a.k, kv_bytes);
+  run.v = d.get(a.v, kv_bytes);
+  return run;
+}
+
+void check_paged_qk_norm_rope(const PagedQkCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const std::string what = describe("qkNormRope", c.kv_dtype, {{"batch", c.batch}, {"tokens", c.tokens},
+      {"heads", c.heads}, {"c", c.head_dim}, {"kvOffset", c.kv_offset}, {"pageTokens", c.page_tokens},
+      {"badTable", c.bad_table}});
+  const int written = c.kv_offset + c.tokens;
+  const int slack = static_cast<int>(rng() % static_cast<uint32_t>(2 * c.page_tokens + 1));
+  const int cap = (written + slack + c.page_tokens - 1) / c.page_tokens * c.page_tokens;
+  const size_t hc = static_cast<size_t>(c.heads) * c.head_dim;
+  HostTensor qkv{random_vec(rng, static_cast<size_t>(c.batch) * c.tokens * 3 * hc), c.qkv_dtype};
+  const std::vector<float> q_bias = random_vec(rng, hc), v_bias = random_vec(rng, hc);
+  const std::vector<float> scale_mul = random_vec(rng, static_cast<size_t>(c.heads), 0.0f, 3.0f);
+  std::vector<int32_t> positions(2 * static_cast<size_t>(c.tokens));
+  for (auto& p : positions) p = static_cast<int32_t>(rng() % 64);
+  PageMap map = make_page_map(rng, c.batch, c.heads, cap, c.head_dim * scalekv::dtype_size(c.kv_dtype),
+                              c.page_tokens, written);
+  // Rows own pages from token 0 on, but the call reads only those from kv_offset on: the ones before may be -1.
+  for (int b = 0; b < c.batch; ++b)
+    for (int i = 0; i < c.kv_offset / c.page_tokens; ++i)
+      if (rng() % 2) map.table[static_cast<size_t>(b) * map.pages.table_pages + i] = -1;
+
+  if (c.bad_table) {
+    spoil_entry(map, c.batch - 1, c.kv_offset, seed % 2 == 0);  // the first page the last row writes
+    const QkRun paged = run_paged_qk(c, cap, &map, qkv, q_bias, v_bias, scale_mul, positions);
+    CHECK_SEEDED(paged.code == static_cast<int>(scalekv::StatusCode::index_out_of_range), seed, what);
+    const auto poisoned = [](const std::vector<unsigned char>& b) {
+      return std::all_of(b.begin(), b.end(), [](unsigned char x) { return x == kPoison; });
+    };
+    CHECK_SEEDED(poisoned(paged.q) && poisoned(paged.k) && poisoned(paged.v), seed, what);  // q is not written either
+    return;
+  }
+  const QkRun flat = run_paged_qk(c, cap, nullptr, qkv, q_bias, v_bias, scale_mul, positions);
+  const QkRun paged = run_paged_qk(c, cap, &map, qkv, q_bias, v_bias, scale_mul, positions);
+  CHECK_SEEDED(flat.code == 0 && paged.code == 0, seed, what);
+  CHECK_SEEDED(paged.q == flat.q, seed, what);
+  CHECK_SEEDED(paged.k == map.scatter(flat.k), seed, what);
+  CHECK_SEEDED(paged.v == map.scatter(flat.v), seed, what);
+}
+
+}  // namespace
+
+// Page sizes 1, 3, 16, 64 and sizes that divide no key tile (the 32-key SIMT / D = 128 tensor-core tile, the 64-key
+// D = 64 one): f32 and bf16 SIMT, the tensor-core kernel with and without split-KV (shapes from the CPU checks
+// above), gathered and contiguous history, with and without current rows and window outputs.
+EMU_TEST(attention_paged_matches_contiguous) {
+  constexpr DType F = DType::f32, B = DType::bf16;
+  const PagedAttnCase cases[] = {
+      {F, 2, 2, 64, 23, 40, 12, 9, 4, 3},       // SIMT f32, gathered
+      {F, 2, 1, 40, 5, 37, 0, 0, 3, 1},         // SIMT f32, contiguous, no current rows
+      {F, 1, 2, 16, 9, 50, 20, 0, 0, 64},       // one partly used page per row
+      {B, 1, 2, 40, 19, 17, 0, 3, 0, 16},       // SIMT bf16 (head dim not 64/128)
+      {B, 1, 2, 64, 5, 63, 0, 0, 2, 64},        // tensor cores, 63 keys, no current rows
+      {B, 2, 1, 64, 33, 50, 40, 24, 3, 1},      // tensor cores, 64 keys, gathered, one token per page
+      {B, 1, 2, 128, 100, 60, 0, 5, 0, 3},      // D = 128, 128-row block
+      {B, 2, 2, 64, 33, 280, 150, 50, 5, 16},   // split-KV, gathered
+      {B, 1, 2, 128, 1, 300, 0, 0, 1, 24},      // split-KV, contiguous, pages across the 32-key tiles
+      {B, 2, 2, 64, 100, 800, 640, 10, 4, 48},  // split-KV, ScaleKV-like
+      {B, 1, 1, 128, 65, 200, 0, 0, 0, 7},      // split-KV, 128-row block
+  };
+  uint32_t seed = 500;
+  for (const PagedAttnCase& c : cases) check_paged_attention(c, seed++);
+}
+
+EMU_TEST(attention_bad_page_table_writes_nothing) {
+  check_paged_attention({DType::bf16, 2, 2, 64, 9, 70, 0, 3, 2, 16, true}, 520);  // tensor cores
+  check_paged_attention({DType::bf16, 2, 2, 64, 9, 70, 30, 3, 2, 3, true}, 521);  // gathered
+  check_paged_attention({DType::f32, 2, 1, 40, 5, 20, 0, 0, 3, 1, true}, 522);    // SIMT, window
+}
+
+EMU_TEST(evict_compact_paged_matches_contiguous) {
+  constexpr DType F = DType::f32, B = DType::bf16;
+  const PagedEvictCase cases[] = {
+      {B, 2, 2, 64, 33, 7, 25, 3},
+      {F, 1, 3, 3, 10, 4, 9, 1},       // 4-byte vectors, one token per page
+      {B, 1, 1, 5, 9, 2, 9, 16},       // 2-byte vectors
+      {F, 2, 1, 64, 280, 30, 250, 64},
+      {B, 2, 2, 16, 40, 0, 20, 7},     // no current rows
+      {B, 2, 2, 64, 33, 7, 40, 5, true},       // repeats
+      {F, 1, 3, 3, 200, 100, 300, 16, true},   // repeats, writes past hist_len
+      {B, 1, 2, 8, 20, 0, 20, 1, true},        // repeats, one token per page
+  };
+  uint32_t seed = 600;
+  for (const PagedEvictCase& c : cases) check_paged_evict(c, seed++);
+}
+
+EMU_TEST(evict_compact_bad_page_table_moves_nothing) {
+  check_paged_evict({DType::f32, 2, 2, 16, 30, 5, 12, 4, false, true}, 620);
+  check_paged_evict({DType::bf16, 2, 2, 16, 10, 20, 25, 3, false, true}, 621);  // the page only the writes reach
+  check_paged_evict({DType::bf16, 1, 2, 8, 20, 4, 20, 1, true, true}, 622);
+}
+
+EMU_TEST(qk_norm_rope_paged_matches_contiguous) {
+  constexpr DType F = DType::f32, B = DType::bf16;
+  const PagedQkCase cases[] = {
+      {F, F, 2, 5, 2, 8, 3, 2},
+      {F, B, 2, 7, 3, 16, 4, 3},
+      {B, B, 1, 17, 2, 64, 50, 64},  // across a page boundary
+      {F, F, 3, 4, 1, 32, 0, 1},     // one token per page
+      {B, F, 2, 20, 2, 8, 13, 16},
+  };
+  uint32_t seed = 700;
+  for (const PagedQkCase& c : cases) check_paged_qk_norm_rope(c, seed++);
+}
+
+EMU_TEST(qk_norm_rope_bad_page_table_writes_nothing) {
+  check_paged_qk_norm_rope({DType::f32, DType::f32, 2, 5, 2, 8, 3, 2, true}, 720);
+  check_paged_qk_norm_rope({DType::bf16, DType::bf16, 2, 9, 2, 16, 16, 16, true}, 721);
 }
