@@ -832,6 +832,7 @@ Launch bind_cross_attention(const OpCall& c) {
     a.v = c.data("v");
   }
   a.cu_seqlens = c.data_as<const int32_t>("cuSeqlens");
+  a.kv_starts = c.data_as<const int32_t>("kvStarts");
   a.out = c.data("out");
   return [a](Backend& b) { b.cross_attention(a); };
 }
@@ -1137,14 +1138,15 @@ std::vector<OpDecl> declarations() {
        bind_qk_norm_rope,
        "qkv qBias vBias scaleMul positions q k v | batch=2 tokens=3 heads=2 headDim=8 pages=2 pageTokens=5 | kvOffset=2\n"
        "qkv q k v pageTable | batch=2 tokens=3 heads=2 headDim=8 pages=7 pageTokens=2 tablePages=3 | kvOffset=2"},
-      {"crossAttention", "cross_attention", "varlen cross-attention of each image's tokens over its own text segment",
+      {"crossAttention", "cross_attention", "varlen cross-attention of each image's tokens over its own text segment (a shared one through kvStarts)",
        {in("q", F, "[batch, tokens, heads, headDim]"), in_opt("kv", "=q", "[nText, 2, heads, headDim]"),
         in_opt("k", "=q", "[nText, heads, headDim]"), in_opt("v", "=q", "[nText, heads, headDim]"),
-        in("cuSeqlens", "i32", "[batch+1]"), out("out", "=q", "=q")},
+        in("cuSeqlens", "i32", "[batch+1]"), in_opt("kvStarts", "i32", "[batch]"), out("out", "=q", "=q")},
        {num_opt("scale")},
        bind_cross_attention,
        "q kv cuSeqlens out | batch=2 tokens=3 heads=2 headDim=4 nText=4 | scale=0.5\n"
-       "q k v cuSeqlens out | batch=2 tokens=3 heads=2 headDim=4 nText=4 |"},
+       "q k v cuSeqlens out | batch=2 tokens=3 heads=2 headDim=4 nText=4 |\n"
+       "q kv cuSeqlens kvStarts out | batch=2 tokens=3 heads=2 headDim=4 nText=3 |"},
       {"cfgTau", "cfg_tau", "out = cfg * z_cond / tau + (1 - cfg) * z_uncond / tau",
        {in("logits", "f32", "[rowsIn, ...T]"), out("out", "f32", "[batch, ...T]")},
        {num_def("cfg", 1.0), num_def("tau", 1.0)},

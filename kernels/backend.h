@@ -376,7 +376,8 @@ struct QkNormRopeArgs {
 };
 
 // cross_attention (varlen): out[b, l, h, :] = softmax_j(scale * q[b, l, h, :] . k[j, h, :]) . v[j, h, :] over
-// the text tokens j in [cu_seqlens[b], cu_seqlens[b + 1]); a row with no text gets zeros. K/V rows of token j
+// the text tokens j in [cu_seqlens[b], cu_seqlens[b + 1]) (from kv_starts[b] on, when given); a row with no text
+// gets zeros. K/V rows of token j
 // start at k + j * kv_row_stride (elements), so a fused [Ntext, 2, H, c] projection is read in place.
 // q/k/v/out share `dtype` (f32 or bf16); f32 accumulation; c <= 256.
 struct CrossAttentionArgs {
@@ -388,6 +389,9 @@ struct CrossAttentionArgs {
   const void* v = nullptr;
   int64_t kv_row_stride = 0;
   const int32_t* cu_seqlens = nullptr;  // [B + 1], non-decreasing, cu[0] = 0, cu[B] <= n_text
+  // [B] (optional): image b's text is tokens [kv_starts[b], kv_starts[b] + cu[b+1] - cu[b]) instead of
+  // [cu[b], cu[b+1]), so images with the same text (or a prefix of it) read one copy of its K/V.
+  const int32_t* kv_starts = nullptr;
   void* out = nullptr;       // [B, L, H, c]
 };
 

@@ -192,7 +192,7 @@ export interface NativeOpArgs<T> {
     /** integer, in [0, 2147483647], default 0. */
     kvOffset?: number;
   };
-  /** varlen cross-attention of each image's tokens over its own text segment (kernel 'cross_attention'). */
+  /** varlen cross-attention of each image's tokens over its own text segment (a shared one through kvStarts) (kernel 'cross_attention'). */
   crossAttention: {
     /** in: f32|bf16, [batch, tokens, heads, headDim]. */
     q: T;
@@ -204,6 +204,8 @@ export interface NativeOpArgs<T> {
     v?: T;
     /** in: i32, [batch+1]. */
     cuSeqlens: T;
+    /** in: i32, [batch]. */
+    kvStarts?: T;
     /** out: q's dtype, q's shape. */
     out: T;
     /** number. */

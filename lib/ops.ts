@@ -290,6 +290,11 @@ export interface CrossAttentionArgs {
   v?: Tensor;
   /** [B + 1] int32: image b attends to text tokens cuSeqlens[b] .. cuSeqlens[b + 1]. */
   cuSeqlens: IndexInput;
+  /**
+   * [B] int32: image b attends to the cuSeqlens[b + 1] - cuSeqlens[b] text tokens from kvStarts[b] on instead, so
+   * images with the same text, or a prefix of it, share one copy of its K/V.
+   */
+  kvStarts?: IndexInput;
   /** [B, L, H, c], q's dtype. Rows with no text are zeros. */
   out: Tensor;
   /** Softmax scale. Default 1 / sqrt(c). */
@@ -553,13 +558,14 @@ export class Ops {
   /** Varlen cross-attention of each image's tokens over its own text segment (no mask, no RoPE). */
   crossAttention(a: CrossAttentionArgs): void {
     const cu = this.#indices(a?.cuSeqlens, null, 'cuSeqlens');
+    const starts = this.#indices(a?.kvStarts, null, 'kvStarts');
     this.#run(
       'crossAttention',
       {
         q: this.#own(a?.q, 'q'), kv: this.#own(a?.kv, 'kv'), k: this.#own(a?.k, 'k'), v: this.#own(a?.v, 'v'),
-        cuSeqlens: cu.tensor?.native, out: this.#own(a?.out, 'out'), scale: a?.scale,
+        cuSeqlens: cu.tensor?.native, kvStarts: starts.tensor?.native, out: this.#own(a?.out, 'out'), scale: a?.scale,
       },
-      [cu],
+      [cu, starts],
     );
   }
 

@@ -564,16 +564,37 @@ export class Pipeline {
    * the counting twin, for prompt lengths rounded up by plannedTextLength.
    */
   async #planFor(sampling: Omit<GenerateOptions, 'seed' | 'signal' | 'onProgress'>, kv: KvPolicy | string | undefined, vaeBatch: number | undefined): Promise<PlannedShape> {
+    // The dry run's prompts: the real ones' lengths rounded up, and the same ones equal (the engine stores each
+    // distinct text once), which the key records.
+    const channels = this.config.textChannels;
+    const texts: Float32Array[] = [];
     const padded = (t: TextFeatures | undefined) => {
       if (!t) return undefined;
-      const channels = this.config.textChannels;
       const lens = t.lens.map((n) => plannedTextLength(n, this.config.textMaxlen));
-      return { kv: new Float32Array(lens.reduce((a, b) => a + b, 0) * channels), lens };
+      const kv = new Float32Array(lens.reduce((a, b) => a + b, 0) * channels);
+      const ids: number[] = [];
+      let from = 0;
+      let to = 0;
+      t.lens.forEach((n, b) => {
+        const prompt = t.kv.subarray(from * channels, (from + n) * channels);
+        let id = texts.findIndex((x) => x.length === prompt.length && x.every((v, i) => Object.is(v, prompt[i])));
+        if (id < 0) id = texts.push(prompt) - 1;
+        kv[to * channels] = id + 1;
+        ids.push(id);
+        from += n;
+        to += lens[b];
+      });
+      return { features: { kv, lens }, ids };
     };
-    const textFeatures = padded(sampling.textFeatures);
-    const negativeText = padded(sampling.negativeText);
+    const positive = padded(sampling.textFeatures);
+    const negative = padded(sampling.negativeText);
+    const textFeatures = positive?.features;
+    const negativeText = negative?.features;
     const policy = typeof kv === 'string' || kv === undefined ? `spec:${kv ?? 'full'}` : `object:${this.#policyId(kv)}`;
-    const key = JSON.stringify({ schedule: sampling.schedule, cfg: sampling.cfg, text: textFeatures?.lens, negative: negativeText?.lens, policy, topK: sampling.topK, topP: sampling.topP, vaeBatch });
+    const key = JSON.stringify({
+      schedule: sampling.schedule, cfg: sampling.cfg, text: textFeatures?.lens, textIds: positive?.ids, negative: negativeText?.lens, negativeIds: negative?.ids,
+      policy, topK: sampling.topK, topP: sampling.topP, vaeBatch,
+    });
     const cached = this.#plans.get(key);
     if (cached) {
       this.#plans.delete(key);

@@ -317,6 +317,12 @@ for (const backend of testBackends()) {
           e.ops.crossAttention({ q: tq, k: e.tensor(k, [N, H, c], dtype), v: e.tensor(v, [N, H, c], dtype), cuSeqlens: e.tensor(cu, [B + 1], 'i32'), out });
         }
         close(t, await f32(out), crossAttentionRef(q, k, v, cu, B, L, H, c, 1 / Math.sqrt(c)), dtype, `${dtype} c${c} fused=${fused}`);
+        // Shared text through kvStarts: images 0 and 2 read overlapping ranges (a prefix of the same text), image 1 none.
+        const starts = Int32Array.from([rng.int(0, 10), 0, rng.int(0, 10)]);
+        const shared = Int32Array.from([0, 40, 40, 40 + rng.int(30, N - 10 - 40)]);
+        const out2 = e.empty([B, L, H, c], dtype, { fillByte: 0xff });
+        e.ops.crossAttention({ q: tq, k: e.tensor(k, [N, H, c], dtype), v: e.tensor(v, [N, H, c], dtype), cuSeqlens: shared, kvStarts: fused ? starts : e.tensor(starts, [B], 'i32'), out: out2 });
+        close(t, await f32(out2), crossAttentionRef(q, k, v, shared, B, L, H, c, 1 / Math.sqrt(c), starts), dtype, `${dtype} c${c} kvStarts ${starts}`);
       }
     });
   });
@@ -337,6 +343,14 @@ for (const backend of testBackends()) {
       await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_RANGE' });
       e.ops.crossAttention({ q, k, v: k, cuSeqlens: new Int32Array([0, 2, 5]), out });
       await t.notThrowsAsync(e.sync());
+      // With kvStarts the segments give lengths; the ranges they start must lie inside the text.
+      e.ops.crossAttention({ q, k, v: k, cuSeqlens: new Int32Array([0, 4, 8]), kvStarts: new Int32Array([1, 0]), out });
+      await t.notThrowsAsync(e.sync(), 'overlapping ranges of one text');
+      e.ops.crossAttention({ q, k, v: k, cuSeqlens: new Int32Array([0, 4, 8]), kvStarts: new Int32Array([2, 0]), out });
+      await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_RANGE' });
+      e.ops.crossAttention({ q, k, v: k, cuSeqlens: new Int32Array([0, 1, 2]), kvStarts: new Int32Array([-1, 0]), out });
+      await t.throwsAsync(e.sync(), { code: 'ERR_INDEX_RANGE' });
+      t.throws(() => e.ops.crossAttention({ q, k, v: k, cuSeqlens: new Int32Array([0, 1, 2]), kvStarts: new Int32Array([0]), out }), { code: 'ERR_SHAPE' });
     });
   });
 

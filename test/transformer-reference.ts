@@ -78,14 +78,17 @@ export function ropeRef(v: Float64Array, y: number, x: number): Float64Array {
 }
 
 /** Varlen cross-attention, q/out [B, L, H, c], k/v [N, H, c]. */
-export function crossAttentionRef(q: ArrayLike<number>, k: ArrayLike<number>, v: ArrayLike<number>, cu: ArrayLike<number>, B: number, L: number, H: number, c: number, scale: number): Float64Array {
+/** With `starts`, image b reads cu[b + 1] - cu[b] text tokens from starts[b] on. */
+export function crossAttentionRef(q: ArrayLike<number>, k: ArrayLike<number>, v: ArrayLike<number>, cu: ArrayLike<number>, B: number, L: number, H: number, c: number, scale: number, starts?: ArrayLike<number>): Float64Array {
   const out = new Float64Array(B * L * H * c);
   for (let b = 0; b < B; b++) {
+    const first = starts ? starts[b] : cu[b];
+    const n = cu[b + 1] - cu[b];
     for (let l = 0; l < L; l++) {
       for (let h = 0; h < H; h++) {
         const qo = ((b * L + l) * H + h) * c;
         const s: number[] = [];
-        for (let j = cu[b]; j < cu[b + 1]; j++) {
+        for (let j = first; j < first + n; j++) {
           let acc = 0;
           for (let d = 0; d < c; d++) acc += q[qo + d] * k[(j * H + h) * c + d];
           s.push(acc * scale);
@@ -96,7 +99,7 @@ export function crossAttentionRef(q: ArrayLike<number>, k: ArrayLike<number>, v:
         const sum = e.reduce((a, b2) => a + b2, 0);
         for (let d = 0; d < c; d++) {
           let acc = 0;
-          for (let j = 0; j < e.length; j++) acc += e[j] * v[((cu[b] + j) * H + h) * c + d];
+          for (let j = 0; j < e.length; j++) acc += e[j] * v[((first + j) * H + h) * c + d];
           out[qo + d] = acc / sum;
         }
       }

@@ -43,11 +43,18 @@ void block_generic(const CrossRows& rows, int nq, Scratch& w) { flash_attend_row
 
 void cross_attention(ThreadPool& pool, const CrossAttentionArgs& a) {
   for (int b = 0; b < a.batch; ++b) {
-    if (a.cu_seqlens[b] < 0 || a.cu_seqlens[b] > a.cu_seqlens[b + 1] || a.cu_seqlens[b + 1] > a.n_text)
+    // With kvStarts the segments only give lengths: they need not fit the text, the ranges they start must.
+    const bool bad_cu = a.cu_seqlens[b] < 0 || a.cu_seqlens[b] > a.cu_seqlens[b + 1] || (!a.kv_starts && a.cu_seqlens[b + 1] > a.n_text);
+    if (bad_cu)
       throw BackendError(StatusCode::index_out_of_range,
                          "crossAttention: cuSeqlens must be non-decreasing within [0, " + std::to_string(a.n_text) +
                              "]; entries " + std::to_string(b) + ", " + std::to_string(b + 1) + " are " +
                              std::to_string(a.cu_seqlens[b]) + ", " + std::to_string(a.cu_seqlens[b + 1]));
+    if (a.kv_starts && (a.kv_starts[b] < 0 || int64_t(a.kv_starts[b]) + a.cu_seqlens[b + 1] - a.cu_seqlens[b] > a.n_text))
+      throw BackendError(StatusCode::index_out_of_range,
+                         "crossAttention: kvStarts[" + std::to_string(b) + "] = " + std::to_string(a.kv_starts[b]) + " with " +
+                             std::to_string(a.cu_seqlens[b + 1] - a.cu_seqlens[b]) + " tokens leaves the text's " +
+                             std::to_string(a.n_text));
   }
   const int H = a.heads, L = a.tokens;
   const int q_blocks = (L + kQueryBlock - 1) / kQueryBlock;
@@ -58,7 +65,8 @@ void cross_attention(ThreadPool& pool, const CrossAttentionArgs& a) {
       const int b = int(task / (int64_t(H) * q_blocks));
       const int h = int(task / q_blocks % H);
       const int l0 = int(task % q_blocks) * kQueryBlock;
-      const int first = a.cu_seqlens[b], n = a.cu_seqlens[b + 1] - first;
+      const int n = a.cu_seqlens[b + 1] - a.cu_seqlens[b];
+      const int first = a.kv_starts ? a.kv_starts[b] : a.cu_seqlens[b];
       block(CrossRows{a, b, h, l0, first, n}, std::min(kQueryBlock, L - l0), scratch);
     }
   });

@@ -1,10 +1,10 @@
 // cross_attention (varlen): out[b, l, h, :] = softmax_j(scale * q[b, l, h, :] . k_j) . v_j over the text tokens
-// j in [cu[b], cu[b+1]) of image b, head h (K/V rows at k + j * kv_row_stride + h * c). Shapes: q/out
-// [B, L, H, c], cu [B + 1]. Text segments are short (<= 512), so plain SIMT flash attention serves.
+// j in [cu[b], cu[b+1]) of image b (or as many from kv_starts[b] on), head h (K/V rows at k + j * kv_row_stride +
+// h * c). Shapes: q/out [B, L, H, c], cu [B + 1], kv_starts [B]. Text segments are short (<= 512), so plain SIMT flash attention serves.
 // Cost: 4*B*L*H*n*c FLOP for n text tokens per image.
 //
 // Kernels, in launch order:
-//   cu_seqlens_validate_kernel  cu[0] >= 0, non-decreasing, cu[B] <= n_text; else status index_out_of_range
+//   cu_seqlens_validate_kernel  cu[0] >= 0, non-decreasing, each segment inside the text; else status index_out_of_range
 //                               and the attention kernel writes nothing.
 //   cross_attention_kernel<T,DV> grid (ceil(L/16), H, B), 4 warps x 4 query rows. Per 32-token text tile: K and
 //                               V to smem as f32 (K rows padded to c+1: lane j reads row j conflict-free), logits
@@ -19,9 +19,11 @@ namespace {
 
 constexpr int kWarps = 4, kRowsPerWarp = 4, kQT = kWarps * kRowsPerWarp, kKT = 32;  // kKT: one key per lane
 
-__global__ void cu_seqlens_validate_kernel(const int32_t* cu, int batch, int n_text, int32_t* status) {
+__global__ void cu_seqlens_validate_kernel(const int32_t* cu, const int32_t* starts, int batch, int n_text, int32_t* status) {
   for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-    if (cu[b] < 0 || cu[b] > cu[b + 1] || cu[b + 1] > n_text)
+    // With starts the segments only give lengths; the ranges the starts begin must fit the text.
+    if (cu[b] < 0 || cu[b] > cu[b + 1] || (!starts && cu[b + 1] > n_text) ||
+        (starts && (starts[b] < 0 || static_cast<int64_t>(starts[b]) + cu[b + 1] - cu[b] > n_text)))
       report_status(status, StatusCode::index_out_of_range, b);
   }
 }
@@ -39,7 +41,8 @@ __global__ void __launch_bounds__(32 * kWarps) cross_attention_kernel(const Cros
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
-  const int first = a.cu_seqlens[b], n = a.cu_seqlens[b + 1] - first;
+  const int n = a.cu_seqlens[b + 1] - a.cu_seqlens[b];
+  const int first = a.kv_starts ? a.kv_starts[b] : a.cu_seqlens[b];
 
   for (int e = tid; e < kQT * c; e += 32 * kWarps) {
     const int l = l0 + e / c;
@@ -90,7 +93,7 @@ void cross_attention(const CrossAttentionArgs& a, cudaStream_t stream, int32_t* 
     throw BackendError(StatusCode::internal, "crossAttention: headDim " + std::to_string(a.head_dim) + " exceeds 256");
   if (a.heads > 65535 || a.batch > 65535)
     throw BackendError(StatusCode::internal, "crossAttention: batch and heads must each be at most 65535");
-  SKV_LAUNCH(cu_seqlens_validate_kernel, dim3(1), dim3(256), 0, stream, a.cu_seqlens, a.batch, a.n_text, status);
+  SKV_LAUNCH(cu_seqlens_validate_kernel, dim3(1), dim3(256), 0, stream, a.cu_seqlens, a.kv_starts, a.batch, a.n_text, status);
   tx::check_launch("crossAttention validation");
   if (a.tokens == 0) return;
   if (a.dtype == DType::bf16) dispatch<bf16>(a, stream, status);

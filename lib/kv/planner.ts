@@ -133,8 +133,15 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
     }
     // Traced for a plan, the generation sees prompts of the plan's length (as the Pipeline plans them).
     const tokens = plan ? textTokens : planTextTokens;
-    const text = { kv: new Float32Array(o.batch * tokens * c.textChannels), lens: new Array<number>(o.batch).fill(tokens) };
-    const negativeText = o.negativePrompts ? text : undefined;
+    // Every prompt (and negative prompt) distinct: the engine stores each distinct text once, and the plan must hold
+    // as many as a batch can bring.
+    const distinctText = (first: number) => {
+      const kv = new Float32Array(o.batch * tokens * c.textChannels);
+      for (let b = 0; b < o.batch; b++) kv[b * tokens * c.textChannels] = first + b;
+      return { kv, lens: new Array<number>(o.batch).fill(tokens) };
+    };
+    const text = distinctText(1);
+    const negativeText = o.negativePrompts ? distinctText(1 + o.batch) : undefined;
     let kvArena: MemoryPlan['kvArena'] | undefined;
     let vaeBatch = 0;
     const work = async () => {

@@ -4,7 +4,7 @@
  */
 import type { Tensor } from '../engine.js';
 import type { GenerateObserver } from './generate.js';
-import type { InfinityModel } from './infinity.js';
+import { expandTextRows, type InfinityModel } from './infinity.js';
 
 export interface CaptureOptions {
   /** text/normed_kv, text/cond_BD, text/cond_gss, text/ca_kv. */
@@ -38,7 +38,9 @@ export function captureObserver(model: InfinityModel, opts: CaptureOptions): { o
   };
   if (opts.text)
     observer.onText = async (text) => {
-      captured.set('text/normed_kv', text.normedKv);
+      // The official layout: every row's text in turn (the engine stores each distinct text once).
+      const rows = (stored: Float32Array, width: number) => expandTextRows(stored, width, text.rowStarts, text.rowLens);
+      captured.set('text/normed_kv', rows(text.normedKv, model.config.textChannels));
       captured.set('text/cond_BD', await readF32(text.cond));
       const condGss = model.sharedAdaLin(text.cond);
       try {
@@ -46,7 +48,7 @@ export function captureObserver(model: InfinityModel, opts: CaptureOptions): { o
       } finally {
         condGss.dispose();
       }
-      captured.set('text/ca_kv', await readF32(text.projectedText));
+      captured.set('text/ca_kv', rows(await readF32(text.projectedText), model.config.embedDim));
     };
   if (opts.xIn)
     observer.onScaleInput = async (si, x) => {

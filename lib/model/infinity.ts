@@ -82,9 +82,11 @@ export class TextContext {
   /** Images B and transformer rows bs (2B with CFG, conditional rows first). */
   readonly batch: number;
   readonly rows: number;
-  /** [bs + 1] prefix sums of the text rows of each transformer row. */
+  /** [bs + 1] prefix sums of the text tokens of each transformer row (their lengths). */
   readonly cuSeqlens: Int32Array;
   readonly cuTensor: Tensor;
+  /** [bs] int32: where each row's text starts in the stored text (rows with the same text share it). */
+  readonly kvStarts: Tensor;
   /** [bs, 1, D] pooled text (sos = cond_BD). */
   readonly cond: Tensor;
   /** [bs, 6, C] per block: ada_gss + shared_ada_lin(SiLU(cond)), slots gamma1, gamma2, scale1, scale2, shift1, shift2. */
@@ -97,11 +99,12 @@ export class TextContext {
   x0?: Tensor;
   #disposed = false;
 
-  constructor(p: { batch: number; rows: number; cuSeqlens: Int32Array; cuTensor: Tensor; cond: Tensor; ada: Tensor[]; headAda: Tensor; textKv: Tensor[]; x0: Tensor }) {
+  constructor(p: { batch: number; rows: number; cuSeqlens: Int32Array; cuTensor: Tensor; kvStarts: Tensor; cond: Tensor; ada: Tensor[]; headAda: Tensor; textKv: Tensor[]; x0: Tensor }) {
     this.batch = p.batch;
     this.rows = p.rows;
     this.cuSeqlens = p.cuSeqlens;
     this.cuTensor = p.cuTensor;
+    this.kvStarts = p.kvStarts;
     this.cond = p.cond;
     this.ada = p.ada;
     this.headAda = p.headAda;
@@ -112,7 +115,7 @@ export class TextContext {
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
-    for (const t of [this.cuTensor, this.cond, this.headAda, ...this.ada, ...this.textKv, this.x0]) t?.dispose();
+    for (const t of [this.cuTensor, this.kvStarts, this.cond, this.headAda, ...this.ada, ...this.textKv, this.x0]) t?.dispose();
   }
 }
 
@@ -121,12 +124,73 @@ export class TextContext {
  * text/*). The tensors are valid only until the observer's promise settles.
  */
 export interface TextObservation {
-  /** [Ntext, Ct5] the RMS-normed T5 features (conditional rows, then the unconditional ones with CFG). */
+  /** [Ntext, Ct5] the RMS-normed T5 features of the stored text (each distinct text once; see rowStarts). */
   normedKv: Float32Array;
   /** [bs, 1, C] the pooled text after its projection (cond_BD, the sos token). */
   cond: Tensor;
   /** [Ntext, C] text_proj_for_ca of the normed features: the memory every block's cross-attention projects. */
   projectedText: Tensor;
+  /** Per transformer row (conditional rows, then the unconditional ones with CFG): its text in the stored text. */
+  rowStarts: Int32Array;
+  rowLens: Int32Array;
+}
+
+/** Rows of the stored text, gathered back into the per-row layout [sum(rowLens), width] (conformance checks). */
+export function expandTextRows(stored: Float32Array, width: number, rowStarts: Int32Array, rowLens: Int32Array): Float32Array {
+  const out = new Float32Array(rowLens.reduce((a, b) => a + b, 0) * width);
+  let at = 0;
+  for (let r = 0; r < rowStarts.length; r++) {
+    out.set(stored.subarray(rowStarts[r] * width, (rowStarts[r] + rowLens[r]) * width), at * width);
+    at += rowLens[r];
+  }
+  return out;
+}
+
+/**
+ * The text the rows of one generation read, each distinct text stored once. `add` stores a row's text, or finds it
+ * among the texts already stored (same length, same values); `place` points a row at a stored range.
+ */
+class TextRows {
+  readonly #width: number;
+  readonly #blocks: Float32Array[] = [];
+  #tokens = 0;
+  readonly #starts: Int32Array;
+  readonly #lens: Int32Array;
+
+  constructor(width: number, rows: number) {
+    this.#width = width;
+    this.#starts = new Int32Array(rows);
+    this.#lens = new Int32Array(rows);
+  }
+
+  /** Row `row` reads `data` ([len, width]); returns where it is stored. */
+  add(row: number, data: Float32Array): number {
+    let start = 0;
+    for (const block of this.#blocks) {
+      if (block.length === data.length && block.every((x, i) => Object.is(x, data[i]))) return this.place(row, start, data.length / this.#width);
+      start += block.length / this.#width;
+    }
+    this.#blocks.push(data);
+    start = this.#tokens;
+    this.#tokens += data.length / this.#width;
+    return this.place(row, start, data.length / this.#width);
+  }
+
+  place(row: number, start: number, len: number): number {
+    this.#starts[row] = start;
+    this.#lens[row] = len;
+    return start;
+  }
+
+  build(): { raw: Float32Array; starts: Int32Array; rowLens: Int32Array } {
+    const raw = new Float32Array(this.#tokens * this.#width);
+    let at = 0;
+    for (const block of this.#blocks) {
+      raw.set(block, at);
+      at += block.length;
+    }
+    return { raw, starts: this.#starts, rowLens: this.#lens };
+  }
 }
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
@@ -368,29 +432,33 @@ export class InfinityModel {
       const n = lens.reduce((a, b) => a + b, 0);
       if (!(t.kv instanceof Float32Array) || t.kv.length !== n * Ct5)
         fail('ERR_SHAPE', `${what}: kv must be a Float32Array of ${n} x ${Ct5} values (sum(lens) x text_channels), got ${t.kv?.length}`);
-      return { lens, n };
+      return { lens };
     };
-    const { lens, n: N } = checked(text, 'text features');
+    const { lens } = checked(text, 'text features');
     const B = lens.length;
     const neg = cfg && negative ? checked(negative, 'negative text features') : undefined;
     if (neg && neg.lens.length !== B) fail('ERR_INVALID_ARG', `negative text features: ${neg.lens.length} prompts for ${B}`);
-    // Unconditional rows: each negative prompt at its own length, else cfg_uncond[:len_b] (the prompt's length).
-    const unLens = neg ? neg.lens : lens;
     const rows = cfg ? 2 * B : B;
-    const nText = cfg ? N + unLens.reduce((a, b) => a + b, 0) : N;
-    const raw = new Float32Array(nText * Ct5);
-    raw.set(text.kv);
-    const cu = new Int32Array(rows + 1);
-    for (let b = 0; b < B; b++) cu[b + 1] = cu[b] + lens[b];
-    if (cfg) {
-      if (negative && neg) raw.set(negative.kv, N * Ct5);
-      let at = N;
-      for (let b = 0; b < B; b++) {
-        if (!neg) raw.set(this.#host.cfgUncond.subarray(0, lens[b] * Ct5), at * Ct5);
-        at += unLens[b];
-        cu[B + b + 1] = cu[B + b] + unLens[b];
-      }
+    // The text every row reads, stored once: rows with the same prompt share its tokens, and without negative prompts
+    // every unconditional row reads a prefix of one copy of cfg_uncond. Text is per-token up to the cross-attention
+    // K/V (the norm and projections), so a shared prefix is exactly each row's own text.
+    const stored = new TextRows(Ct5, rows);
+    const offsets = (ls: readonly number[]) => ls.reduce<number[]>((acc, l) => (acc.push(acc[acc.length - 1] + l), acc), [0]);
+    const at = offsets(lens);
+    for (let b = 0; b < B; b++) stored.add(b, text.kv.subarray(at[b] * Ct5, at[b + 1] * Ct5));
+    // Unconditional rows: each negative prompt at its own length, else cfg_uncond[:len_b] (the prompt's length).
+    if (cfg && neg && negative) {
+      const nat = offsets(neg.lens);
+      for (let b = 0; b < B; b++) stored.add(B + b, negative.kv.subarray(nat[b] * Ct5, nat[b + 1] * Ct5));
+    } else if (cfg) {
+      const longest = Math.max(...lens);
+      const start = stored.add(B, this.#host.cfgUncond.subarray(0, longest * Ct5));
+      for (let b = 0; b < B; b++) stored.place(B + b, start, lens[b]);
     }
+    const { raw, starts, rowLens } = stored.build();
+    const nText = raw.length / Ct5;
+    const cu = new Int32Array(rows + 1);
+    for (let r = 0; r < rows; r++) cu[r + 1] = cu[r] + rowLens[r];
     // RMSNorm (text_norm, eps norm_eps): x * rsqrt(mean(x^2) + eps) * w, f32 values, mean accumulated in f64.
     const normed = new Float32Array(raw.length);
     const w = this.#host.textNorm;
@@ -411,6 +479,7 @@ export class InfinityModel {
     try {
       const kvT = t(e.tensor(normed, [nText, Ct5], 'f32', { category: 'activations' }));
       const cuTensor = k(e.tensor(cu, [rows + 1], 'i32', { category: 'activations' }));
+      const kvStarts = k(e.tensor(starts, [rows], 'i32', { category: 'activations' }));
       // Text attentive pool: one learned query per row over its own text segment.
       const ph = c.poolHeads;
       const phd = c.poolHeadDim;
@@ -420,7 +489,7 @@ export class InfinityModel {
       for (let r = 0; r < rows; r++) qHost.set(this.#host.poolQ, r * C);
       const poolQ = t(e.tensor(qHost, [rows, 1, ph, phd], 'f32'));
       const pooled4 = t(e.empty([rows, 1, ph, phd], 'f32'));
-      ops.crossAttention({ q: poolQ, kv: poolKv, cuSeqlens: cuTensor, out: pooled4, scale: 1 / Math.sqrt(phd) });
+      ops.crossAttention({ q: poolQ, kv: poolKv, cuSeqlens: cuTensor, kvStarts, out: pooled4, scale: 1 / Math.sqrt(phd) });
       const pooled = t(pooled4.view([rows, 1, C]));
       const cond = k(e.empty([rows, 1, C], 'f32'));
       ops.gemm({ x: pooled, w: this.#dev.poolProjW, bias: this.#dev.poolProjB, y: cond });
@@ -452,8 +521,8 @@ export class InfinityModel {
         ops.gemm({ x: textKv, w: blk.caKvW, bias: blk.caKvB, y: t(kv4.view([nText, 2 * C])) });
         blockKv.push(kv4);
       }
-      if (onText) await onText({ normedKv: normed, cond, projectedText: textKv });
-      return new TextContext({ batch: B, rows, cuSeqlens: cu, cuTensor, cond, ada, headAda, textKv: blockKv, x0 });
+      if (onText) await onText({ normedKv: normed, cond, projectedText: textKv, rowStarts: starts, rowLens });
+      return new TextContext({ batch: B, rows, cuSeqlens: cu, cuTensor, kvStarts, cond, ada, headAda, textKv: blockKv, x0 });
     } catch (err) {
       for (const x of keep) x.dispose();
       throw err;
@@ -523,7 +592,7 @@ export class InfinityModel {
       const cq = t(e.empty([bs, n, H, hd], 'f32'));
       ops.gemm({ x: hn, w: blk.caQW, bias: blk.caQB, y: t(cq.view([bs, n, C])) });
       const co = t(e.empty([bs, n, H, hd], 'f32'));
-      ops.crossAttention({ q: cq, kv: ctx.textKv[layer], cuSeqlens: ctx.cuTensor, out: co, scale: 1 / Math.sqrt(hd) });
+      ops.crossAttention({ q: cq, kv: ctx.textKv[layer], cuSeqlens: ctx.cuTensor, kvStarts: ctx.kvStarts, out: co, scale: 1 / Math.sqrt(hd) });
       const ca = t(e.empty([bs, n, C], 'f32'));
       ops.gemm({ x: t(co.view([bs, n, C])), w: blk.caProjW, bias: blk.caProjB, y: ca });
       ops.gatedResidual({ x, y: ca });
