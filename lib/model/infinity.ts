@@ -553,11 +553,15 @@ export class InfinityModel {
       // The inputs of the block Linears (h, hn, h2, f1) are only ever read by their GEMM, which rounds f32 x to bf16
       // against bf16 weights (autocast's Linear): in bf16 mode they are stored as bf16 outright — the same bits
       // (both round to nearest even), half the bytes written and read, and the GEMM takes its bf16 x path.
+      // Each intermediate is released right after the op that reads it last is queued (the queue runs in order, so
+      // the next allocation may reuse it at once): at the FFN only x, h2, f1 and f2 are live, not the whole block.
+      const drop = (...xs: Tensor[]) => xs.forEach((v) => v.dispose());
       // Self-attention branch.
       const h = t(e.empty([bs, n, C], dt));
       ops.layerNorm({ x, y: h, eps: c.normEps, scale: { table: ada, slot: 2 }, shift: { table: ada, slot: 4 } });
       const qkv = t(e.empty([bs, n, 3 * C], dt));
       ops.gemm({ x: h, w: blk.qkvW, y: qkv });
+      drop(h);
       const q = t(e.empty([bs, H, n, hd], dt));
       if (cache.scaleTokens !== n) fail('ERR_INTERNAL', `the KV cache is at a scale of ${cache.scaleTokens} tokens, the block at ${n}`);
       const step: KvStep = { layer, scaleIndex: scale.index, tokens: n, lastScale: scale.index === scale.schedule.length - 1 };
@@ -576,6 +580,7 @@ export class InfinityModel {
         };
         await kv.afterAttention(hook);
       }
+      drop(qkv, q);
       // Heads-major to tokens-major; with one token (scale 0) or one head the layouts coincide.
       let oTok: Tensor;
       if (n === 1 || H === 1) oTok = t(o.view([bs, n, C]));
@@ -583,26 +588,37 @@ export class InfinityModel {
         oTok = t(e.empty([bs, n, C], dt));
         ops.transpose12({ input: o, out: oTok, dims: [bs, H, n, hd] });
       }
+      drop(o);
       const sa = t(e.empty([bs, n, C], 'f32'));
       ops.gemm({ x: oTok, w: blk.projW, bias: blk.projB, y: sa });
+      drop(oTok);
       ops.gatedResidual({ x, y: sa, gate: { table: ada, slot: 0 } });
+      drop(sa);
       // Cross-attention branch (no gate).
       const hn = t(e.empty([bs, n, C], dt));
       ops.layerNorm({ x, y: hn, eps: c.normEps, weight: blk.caNormW, bias: blk.caNormB });
       const cq = t(e.empty([bs, n, H, hd], 'f32'));
-      ops.gemm({ x: hn, w: blk.caQW, bias: blk.caQB, y: t(cq.view([bs, n, C])) });
+      const cqTok = t(cq.view([bs, n, C]));
+      ops.gemm({ x: hn, w: blk.caQW, bias: blk.caQB, y: cqTok });
+      drop(hn, cqTok);
       const co = t(e.empty([bs, n, H, hd], 'f32'));
       ops.crossAttention({ q: cq, kv: ctx.textKv[layer], cuSeqlens: ctx.cuTensor, kvStarts: ctx.kvStarts, out: co, scale: 1 / Math.sqrt(hd) });
+      drop(cq);
       const ca = t(e.empty([bs, n, C], 'f32'));
-      ops.gemm({ x: t(co.view([bs, n, C])), w: blk.caProjW, bias: blk.caProjB, y: ca });
+      const coTok = t(co.view([bs, n, C]));
+      ops.gemm({ x: coTok, w: blk.caProjW, bias: blk.caProjB, y: ca });
+      drop(co, coTok);
       ops.gatedResidual({ x, y: ca });
+      drop(ca);
       // FFN branch.
       const h2 = t(e.empty([bs, n, C], dt));
       ops.layerNorm({ x, y: h2, eps: c.normEps, scale: { table: ada, slot: 3 }, shift: { table: ada, slot: 5 } });
       const f1 = t(e.empty([bs, n, c.ffnHidden], dt));
       ops.gemm({ x: h2, w: blk.fc1W, bias: blk.fc1B, y: f1, epilogue: 'gelu_tanh' });
+      drop(h2);
       const f2 = t(e.empty([bs, n, C], 'f32'));
       ops.gemm({ x: f1, w: blk.fc2W, bias: blk.fc2B, y: f2 });
+      drop(f1);
       ops.gatedResidual({ x, y: f2, gate: { table: ada, slot: 1 } });
     } finally {
       scope.dispose();
