@@ -96,6 +96,17 @@ function indexData(op: RecordedOp, arg: string, shape: number[]): Int32Array | u
       const n = (a.kv ?? a.k).shape[0];
       return Int32Array.from({ length: last }, (_, i) => Math.floor((i * n) / (last - 1)));
     }
+    case 'crossAttention.kvStarts': {
+      const n = (a.kv ?? a.k).shape[0];
+      return Int32Array.from({ length: last }, (_, i) => Math.floor((i * n) / last));
+    }
+    case 'attention.pageTable':
+    case 'evictCompact.pageTable':
+    case 'qkNormRope.pageTable': {
+      // Rows take the pool's pages in turn (an arena after many compactions is shuffled; the cost is the same).
+      const pages = (a.histK ?? a.k).shape[0];
+      return Int32Array.from({ length: lead * last }, (_, i) => i % pages);
+    }
     case 'qkNormRope.positions':
       return Int32Array.from({ length: shape[0] * 2 }, (_, i) => {
         const token = Math.floor(i / 2);

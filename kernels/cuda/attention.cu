@@ -866,6 +866,7 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
     int32_t* pool_rows = static_cast<int32_t*>(workspace);
     const int64_t total = pairs * p.n_hist;
     const int blocks = static_cast<int>(total / 256 + 1 < 1024 ? total / 256 + 1 : 1024);
+    skv::declare_every_block();  // the kernels below read keys at these rows
     SKV_LAUNCH(attention_pool_rows_kernel, dim3(blocks), dim3(256), 0, stream, a.hist_pages, a.heads, a.gather,
                p.n_hist, total, status, pool_rows);
     check(cudaGetLastError(), "pool rows launch");

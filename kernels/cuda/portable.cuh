@@ -88,6 +88,9 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Host side: the emulator's cost counters take the SIMT FLOPs of the next launch from this; nothing on a GPU.
 inline void declare_simt_flops(double) {}
+// Host side: the next launch writes what later kernels take as addresses, so the emulator's cost counters run all
+// of its blocks even when they sample the others; nothing on a GPU.
+inline void declare_every_block() {}
 
 }  // namespace skv
 #endif

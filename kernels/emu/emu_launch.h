@@ -50,6 +50,10 @@ namespace skv {
 // The FLOPs outside the tensor cores that the next launch from this thread performs, for the cost counters
 // (emu_profile.h), which cannot count arithmetic; launchers of compute-bound SIMT kernels declare them.
 void declare_simt_flops(double flops);
+// The next launch from this thread writes what later kernels take as addresses (a list of rows, say): the cost
+// counters run all of its blocks even when they sample the others' (a sampled producer would leave its consumers
+// wild pointers).
+void declare_every_block();
 }  // namespace skv
 
 #define SKV_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                       \

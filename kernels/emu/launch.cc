@@ -157,6 +157,7 @@ static int default_workers() {
 }
 
 static thread_local double t_declared_simt_flops = 0;
+static thread_local bool t_every_block = false;
 
 double take_declared_simt_flops() {
   const double f = t_declared_simt_flops;
@@ -169,7 +170,8 @@ void launch(const LaunchSpec& spec) {
   if (profile::detail::counting()) {  // counted launches run block after block on this thread
     profile::detail::launch_begin(spec);
     const uint64_t blocks = uint64_t(spec.grid.x) * spec.grid.y * spec.grid.z;
-    const uint64_t sample = profile::detail::sample_blocks();
+    const uint64_t sample = t_every_block ? 0 : profile::detail::sample_blocks();
+    t_every_block = false;
     if (sample == 0 || blocks <= sample) {
       GridJob job(&spec, blocks, scheduling_is_random());
       job.work();
@@ -182,6 +184,7 @@ void launch(const LaunchSpec& spec) {
     return;
   }
   t_declared_simt_flops = 0;
+  t_every_block = false;
   static const bool trace = std::getenv("SKV_EMU_TRACE") != nullptr;
   if (trace)
     std::fprintf(stderr, "skv_emu: launch '%s' [%s] grid (%u,%u,%u) block (%u,%u,%u) smem %zu\n", spec.kernel_name,
@@ -203,3 +206,4 @@ void launch(const LaunchSpec& spec) {
 }  // namespace skv_emu
 
 void skv::declare_simt_flops(double flops) { skv_emu::t_declared_simt_flops = flops; }
+void skv::declare_every_block() { skv_emu::t_every_block = true; }
