@@ -57,23 +57,35 @@ export async function projectKernels(e: Engine, deviceName: string, opts: { samp
   }
   const heads = 16;
   const d = 128;
-  for (const [hist, lc, gathered] of [
-    [6425, 4096, false],
-    [650, 4096, true],
+  // The last scale's attention: the full cache, ScaleKV 10 % gathered from a full history (the reference's way),
+  // and ScaleKV 10 % kept in the KV arena, contiguous and in shuffled 16-token pages (paged / contiguous: the cost of
+  // the page table).
+  for (const [hist, lc, layout] of [
+    [6425, 4096, 'contiguous'],
+    [650, 4096, 'gathered'],
+    [650, 4096, 'contiguous'],
+    [650, 4096, 'paged'],
   ] as const) {
     const rowsR = 2;
+    const P = 16;
     const sh = (l: number) => [rowsR, heads, l, d];
-    const capacity = gathered ? 6425 : hist;
+    const capacity = layout === 'gathered' ? 6425 : hist;
+    const tablePages = Math.ceil(capacity / P);
+    const pages = 2 * rowsR * tablePages;
+    const poolShape = layout === 'paged' ? [pages, heads, P, d] : sh(capacity);
+    const poolElements = poolShape.reduce((a, b) => a * b, 1);
     const q = e.tensor(rand(rowsR * heads * 4096 * d, 3), sh(4096), 'bf16');
-    const hk = e.tensor(rand(rowsR * heads * capacity * d, 4), sh(capacity), 'bf16');
-    const hv = e.tensor(rand(rowsR * heads * capacity * d, 5), sh(capacity), 'bf16');
+    const hk = e.tensor(rand(poolElements, 4), poolShape, 'bf16');
+    const hv = e.tensor(rand(poolElements, 5), poolShape, 'bf16');
     const ck = e.tensor(rand(rowsR * heads * lc * d, 6), sh(lc), 'bf16');
     const cv = e.tensor(rand(rowsR * heads * lc * d, 7), sh(lc), 'bf16');
     const out = e.empty(sh(4096), 'bf16');
-    const gather = gathered ? Int32Array.from({ length: rowsR * heads * hist }, (_, i) => Math.floor(((i % hist) * capacity) / hist)) : undefined;
-    const shape = `rows ${rowsR} x heads ${heads}, Lq 4096, keys ${hist}${gathered ? ' gathered' : ''}+${lc}, D ${d}, bf16`;
+    const gather = layout === 'gathered' ? Int32Array.from({ length: rowsR * heads * hist }, (_, i) => Math.floor(((i % hist) * capacity) / hist)) : undefined;
+    // Every other page of the pool, rows interleaved: no two consecutive history pages are adjacent.
+    const pageTable = layout === 'paged' ? Int32Array.from({ length: rowsR * tablePages }, (_, i) => 2 * ((i % tablePages) * rowsR + Math.floor(i / tablePages))) : undefined;
+    const shape = `rows ${rowsR} x heads ${heads}, Lq 4096, keys ${hist}${layout === 'gathered' ? ' gathered' : layout === 'paged' ? ` in ${P}-token pages` : ''}+${lc}, D ${d}, bf16`;
     rows.push(
-      await projectOp(e, device, resources, 'attention', shape, () => e.ops.attention({ q, history: { k: hk, v: hv, len: capacity, ...(gather ? { gather } : {}) }, current: { k: ck, v: cv }, out, scale: 1 / Math.sqrt(d) }), opts.sampleBlocks),
+      await projectOp(e, device, resources, 'attention', shape, () => e.ops.attention({ q, history: { k: hk, v: hv, len: capacity, gather, pageTable }, current: { k: ck, v: cv }, out, scale: 1 / Math.sqrt(d) }), opts.sampleBlocks),
     );
     for (const t of [q, hk, hv, ck, cv, out]) t.dispose();
   }
