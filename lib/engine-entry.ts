@@ -1,6 +1,7 @@
 /**
  * `scalekv/engine`: the engine tier, for benchmarkers and other TypeScript frameworks — backends, tensors, the
- * kernel ops, memory counters and op profiling, dtype helpers and the coded errors. No model code.
+ * kernel ops, memory counters, static memory plans and op profiling, dtype helpers and the coded errors. No model
+ * code.
  *
  * ```ts
  * import { createEngine } from 'scalekv/engine';
@@ -22,5 +23,7 @@ export type {
 } from './ops.js';
 export { DTYPES, dtypeSize, f32ToBf16Bits, bf16BitsToF32, f16BitsToF32, roundToBf16, bf16ToF32Array, f16ToF32Array } from './dtype.js';
 export type { DType } from './dtype.js';
+export { livePeak, packAllocations, planAllocations, plannedTextLength } from './memory-plan.js';
+export type { AllocationTrace, MemoryPlanReport, StaticMemoryPlan } from './memory-plan.js';
 export { ScaleKVError } from './errors.js';
 export type { ErrorCode } from './errors.js';

@@ -16,6 +16,7 @@ import * as engineMod from '../lib/engine.js';
 import * as opsMod from '../lib/ops.js';
 import * as dtypeMod from '../lib/dtype.js';
 import * as errorsMod from '../lib/errors.js';
+import * as memoryPlanMod from '../lib/memory-plan.js';
 import * as kvCache from '../lib/kv/cache.js';
 import * as kvPolicy from '../lib/kv/policy.js';
 import * as kvSelection from '../lib/kv/selection.js';
@@ -53,7 +54,7 @@ const REQUIRED: Record<string, string[]> = {
   scalekv: ['Pipeline', 'parseAspect', 'readTextFeatures', 'createEngine', 'Engine', 'Tensor', 'ScaleKVError', 'InfinityModel', 'VaeDecoder', 'generate',
     'decodeImage', 'scaleSchedule', 'preset', 'openCheckpoint', 'encodePng', 'kvPolicyFromSpec', 'ScaleKvPolicy', 'verifyFixture', 'kv', 'verify'],
   'scalekv/engine': ['createEngine', 'backendInfo', 'Engine', 'Tensor', 'MEMORY_CATEGORIES', 'bsqCodeValue', 'DTYPES', 'dtypeSize', 'f32ToBf16Bits',
-    'bf16BitsToF32', 'roundToBf16', 'ScaleKVError'],
+    'bf16BitsToF32', 'roundToBf16', 'ScaleKVError', 'planAllocations', 'packAllocations'],
   'scalekv/kv': ['KvCache', 'appendUnlessLast', 'SelectionPolicy', 'FullKvPolicy', 'SlidingWindowPolicy', 'StreamingLlmPolicy', 'SnapKvPolicy',
     'PyramidKvPolicy', 'ScaleKvPolicy', 'kvPolicyFromSpec', 'builtinPlan', 'parseBudgetPlan', 'budgetPlanToJson', 'layerBudget', 'officialRulePlan',
     'linearDecayPlan', 'observationWindow', 'calibrate', 'AsiProfiler', 'planMemory', 'largestBatch', 'psnr', 'ssim', 'fidelity'],
@@ -63,7 +64,7 @@ const REQUIRED: Record<string, string[]> = {
 
 /** The modules that implement each tier: every export of the entry must be one of theirs, the very same object. */
 const IMPLEMENTERS: Record<string, Module[]> = {
-  'scalekv/engine': [engineMod, opsMod, dtypeMod, errorsMod],
+  'scalekv/engine': [engineMod, opsMod, dtypeMod, errorsMod, memoryPlanMod],
   'scalekv/kv': [kvCache, kvPolicy, kvSelection, kvBaselines, kvSpec, kvPlanner, kvResolve, skPolicy, skBudget, skWindow, skAsi, metrics],
   'scalekv/verify': [verifyIndex, verifyCompare, vUnits, vRope, vBsq, vVae, vSampling, vFull, vScalekv, safetensorsMod],
 };
