@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <iterator>
 #include <thread>
 
 namespace scalekv {
@@ -19,13 +20,23 @@ const char* category_name(Category c) {
 void Buffer::release() {
   if (released_.exchange(true)) return;
   if (arena_) {
-    core_->release_planned(bytes_, category_);
+    core_->release_planned(*arena_, ptr_, bytes_, category_);
   } else {
     core_->recycle(ptr_, bytes_, block_bytes_, category_);
   }
 }
 
 PlanArena::~PlanArena() { core_->free_in_queue_order(base_, bytes_); }
+
+bool PlanArena::take(int64_t offset, int64_t bytes) {
+  auto next = live_.lower_bound(offset);
+  if (next != live_.end() && next->first < offset + bytes) return false;
+  if (next != live_.begin() && std::prev(next)->second > offset) return false;
+  live_.emplace(offset, offset + bytes);
+  return true;
+}
+
+void PlanArena::give_back(int64_t offset) { live_.erase(offset); }
 
 std::shared_ptr<EngineCore> EngineCore::create(std::unique_ptr<Backend> backend) {
   auto core = std::make_shared<EngineCore>(std::move(backend));
@@ -78,7 +89,8 @@ std::shared_ptr<Buffer> EngineCore::allocate(size_t bytes, Category category) {
   {
     std::lock_guard<std::mutex> lock(mem_mu_);
     if (plan_arena_ && !plan_diverged_) {
-      if (plan_next_ < plan_.sizes.size() && int64_t(want) <= plan_.sizes[plan_next_]) {
+      if (plan_next_ < plan_.sizes.size() && int64_t(want) <= plan_.sizes[plan_next_] &&
+          plan_arena_->take(plan_.offsets[plan_next_], int64_t(want))) {
         const int64_t offset = plan_.offsets[plan_next_++];
         const int c = static_cast<int>(category);
         mem_.in_use[c] += int64_t(bytes);
@@ -127,8 +139,9 @@ void EngineCore::recycle(void* ptr, size_t bytes, size_t block_bytes, Category c
   mem_.total_in_use -= int64_t(bytes);
 }
 
-void EngineCore::release_planned(size_t bytes, Category category) {
+void EngineCore::release_planned(PlanArena& arena, void* ptr, size_t bytes, Category category) {
   std::lock_guard<std::mutex> lock(mem_mu_);
+  arena.give_back(static_cast<char*>(ptr) - arena.base());
   mem_.in_use[static_cast<int>(category)] -= int64_t(bytes);
   mem_.total_in_use -= int64_t(bytes);
 }

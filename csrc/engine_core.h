@@ -33,7 +33,9 @@ struct QueuedError {
 class EngineCore;
 
 // One device block that a static memory plan carves into tensors (EngineCore::begin_plan). It is freed, in queue
-// order, once the plan has ended and the last tensor placed in it is gone.
+// order, once the plan has ended and the last tensor placed in it is gone. It knows the ranges its live tensors
+// hold (guarded by the engine's mem_mu_), so a placement that would overlap one is refused, whatever other work
+// shares the engine: a plan can be left, never overrun.
 class PlanArena {
  public:
   PlanArena(std::shared_ptr<EngineCore> core, void* base, size_t bytes) : core_(std::move(core)), base_(base), bytes_(bytes) {}
@@ -41,11 +43,15 @@ class PlanArena {
   PlanArena(const PlanArena&) = delete;
   PlanArena& operator=(const PlanArena&) = delete;
   char* base() const { return static_cast<char*>(base_); }
+  // [offset, offset + bytes) is free of live tensors: take it.
+  bool take(int64_t offset, int64_t bytes);
+  void give_back(int64_t offset);
 
  private:
   std::shared_ptr<EngineCore> core_;
   void* base_;
   size_t bytes_;
+  std::map<int64_t, int64_t> live_;  // offset -> end of each live tensor's range
 };
 
 // Device memory of one tensor. Memory is stream-ordered: `release()` (the JS dispose) hands the block back to
@@ -170,8 +176,8 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
 
   MemoryCounters memory() const;
   void recycle(void* ptr, size_t bytes, size_t block_bytes, Category category);
-  // A planned tensor is released: only the counters change.
-  void release_planned(size_t bytes, Category category);
+  // A planned tensor is released: the counters change and its range in the arena is free again.
+  void release_planned(PlanArena& arena, void* ptr, size_t bytes, Category category);
 
  private:
   void run();

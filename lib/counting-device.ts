@@ -28,8 +28,8 @@ class CountedBlock {
     readonly block: number,
     readonly bytes: number,
     readonly category: Category,
-    /** The static memory plan that placed it: released without going to the cache. */
-    readonly plan: PlanState | undefined,
+    /** The static memory plan that placed it, and where: released without going to the cache. */
+    readonly placed: { plan: PlanState; offset: number } | undefined,
     /** The allocation trace recording it, and its index there. */
     readonly traced: { trace: AllocationTrace; index: number } | undefined,
   ) {}
@@ -38,14 +38,34 @@ class CountedBlock {
   }
 }
 
-/** A static memory plan being placed (or ended, while tensors it placed live): its arena goes with the last of them. */
+/**
+ * A static memory plan being placed (or ended, while tensors it placed live): its arena goes with the last of them.
+ * As the native arena, it refuses a placement that would overlap a live tensor's range.
+ */
 interface PlanState {
   sizes: number[];
+  offsets: number[];
   next: number;
   diverged: boolean;
   arena: number;
-  live: number;
+  /** [offset, end) of the live tensors it placed, by offset. */
+  ranges: [number, number][];
   ended: boolean;
+}
+
+/** Takes [offset, offset + bytes) among the sorted live ranges if it overlaps none. */
+function takeRange(ranges: [number, number][], offset: number, bytes: number): boolean {
+  let lo = 0;
+  let hi = ranges.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (ranges[mid][0] < offset) lo = mid + 1;
+    else hi = mid;
+  }
+  if (lo < ranges.length && ranges[lo][0] < offset + bytes) return false;
+  if (lo > 0 && ranges[lo - 1][1] > offset) return false;
+  ranges.splice(lo, 0, [offset, offset + bytes]);
+  return true;
 }
 
 /**
@@ -147,17 +167,18 @@ export class CountingDevice implements NativeEngine {
       throw new ScaleKVError('ERR_SHAPE', `data has ${(data as unknown as { length: number }).length} elements but the shape needs ${numel}`);
     const bytes = numel * dtypeSize(dtype as DType);
     const want = Math.ceil(Math.max(bytes, 1) / BLOCK_ROUNDING) * BLOCK_ROUNDING;
-    let plan = this.#plan;
+    const plan = this.#plan;
+    let placed: { plan: PlanState; offset: number } | undefined;
     if (plan && !plan.diverged) {
-      if (plan.next < plan.sizes.length && want <= plan.sizes[plan.next]) {
+      const offset = plan.offsets[plan.next];
+      if (plan.next < plan.sizes.length && want <= plan.sizes[plan.next] && takeRange(plan.ranges, offset, want)) {
         plan.next++;
-        plan.live++;
+        placed = { plan, offset };
       } else {
         plan.diverged = true;
       }
     }
-    if (plan?.diverged) plan = undefined;
-    const block = plan ? want : this.#allocate(want);
+    const block = placed ? want : this.#allocate(want);
     this.#inUse[cat] += bytes;
     this.#peak[cat] = Math.max(this.#peak[cat], this.#inUse[cat]);
     this.#totalInUse += bytes;
@@ -169,7 +190,7 @@ export class CountingDevice implements NativeEngine {
       this.#trace.start.push(this.#events++);
       this.#trace.end.push(Infinity);
     }
-    return new CountedTensor(new CountedBlock(this, block, bytes, cat, plan, traced), [...shape], dtype);
+    return new CountedTensor(new CountedBlock(this, block, bytes, cat, placed, traced), [...shape], dtype);
   }
 
   /** Starts recording an allocation trace (see AllocationTrace) of everything allocated from now on. */
@@ -196,7 +217,7 @@ export class CountingDevice implements NativeEngine {
     const arena = Math.ceil(total / BLOCK_ROUNDING) * BLOCK_ROUNDING;
     this.#reserved += arena;
     this.#reservedPeak = Math.max(this.#reservedPeak, this.#reserved);
-    this.#plan = { sizes: [...sizes], next: 0, diverged: false, arena, live: 0, ended: false };
+    this.#plan = { sizes: [...sizes], offsets: [...offsets], next: 0, diverged: false, arena, ranges: [], ended: false };
   }
 
   endMemoryPlan(): { placed: number; diverged: boolean } {
@@ -219,9 +240,10 @@ export class CountingDevice implements NativeEngine {
 
   /** @internal */
   recycle(b: CountedBlock): void {
-    if (b.plan) {
-      b.plan.live--;
-      this.#releaseArena(b.plan);
+    if (b.placed) {
+      const { plan, offset } = b.placed;
+      plan.ranges.splice(plan.ranges.findIndex(([o]) => o === offset), 1);
+      this.#releaseArena(plan);
     } else {
       this.#cache.splice(lowerBound(this.#cache, b.block), 0, b.block);
     }
@@ -232,7 +254,7 @@ export class CountingDevice implements NativeEngine {
 
   // An arena goes back to the device once its plan has ended and the last tensor placed in it is gone.
   #releaseArena(plan: PlanState): void {
-    if (plan.ended && plan.live === 0) this.#reserved -= plan.arena;
+    if (plan.ended && plan.ranges.length === 0) this.#reserved -= plan.arena;
   }
 
   memory(): NativeMemory {
