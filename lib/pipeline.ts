@@ -22,7 +22,7 @@ import { encodePng, RawImage } from './image/png.js';
 import { kvPolicyFromSpec } from './kv/spec.js';
 import { decodeImage, generate, vaeBatchWithin, type GenerateOptions } from './model/generate.js';
 import { planAllocations, plannedTextLength, type StaticMemoryPlan } from './memory-plan.js';
-import { InfinityModel, TextFeatures, WeightSource } from './model/infinity.js';
+import { InfinityModel, sameText, TextFeatures, WeightSource } from './model/infinity.js';
 import type { KvPolicy } from './kv/policy.js';
 import { InfinityConfig, preset, PRESET_NAMES, PresetName } from './model/presets.js';
 import { PixelBudget, scaleSchedule } from './model/schedule.js';
@@ -577,7 +577,7 @@ export class Pipeline {
       let to = 0;
       t.lens.forEach((n, b) => {
         const prompt = t.kv.subarray(from * channels, (from + n) * channels);
-        let id = texts.findIndex((x) => x.length === prompt.length && x.every((v, i) => Object.is(v, prompt[i])));
+        let id = texts.findIndex((x) => sameText(x, prompt));
         if (id < 0) id = texts.push(prompt) - 1;
         kv[to * channels] = id + 1;
         ids.push(id);

@@ -146,6 +146,11 @@ export function expandTextRows(stored: Float32Array, width: number, rowStarts: I
   return out;
 }
 
+/** Two texts are the same when every value is (Object.is: the bits decide, NaN equals NaN, -0 is not 0). */
+export function sameText(a: Float32Array, b: Float32Array): boolean {
+  return a.length === b.length && a.every((x, i) => Object.is(x, b[i]));
+}
+
 /**
  * The text the rows of one generation read, each distinct text stored once. `add` stores a row's text, or finds it
  * among the texts already stored (same length, same values); `place` points a row at a stored range.
@@ -167,7 +172,7 @@ class TextRows {
   add(row: number, data: Float32Array): number {
     let start = 0;
     for (const block of this.#blocks) {
-      if (block.length === data.length && block.every((x, i) => Object.is(x, data[i]))) return this.place(row, start, data.length / this.#width);
+      if (sameText(block, data)) return this.place(row, start, data.length / this.#width);
       start += block.length / this.#width;
     }
     this.#blocks.push(data);
