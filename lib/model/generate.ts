@@ -374,14 +374,16 @@ export async function decodeImage(vae: VaeDecoder, summedCodes: Tensor, opts: De
       } finally {
         if (latent !== summedCodes) latent.dispose();
       }
+      // The slice keeps its raw image only for the float output; from then on the finally below releases it.
+      let kept = false;
       try {
         const [, , H, W] = raw.shape;
         const u8 = e.empty([images, H, W, 3], 'u8');
-        slices.push({ u8, images });
+        kept = opts.float === true;
+        slices.push({ u8, raw: kept ? raw : undefined, images });
         e.ops.imageToU8({ image: raw, out: u8, bgr: opts.bgr ?? false });
       } finally {
-        if (opts.float && slices.length && !slices[slices.length - 1].raw) slices[slices.length - 1].raw = raw;
-        else raw.dispose();
+        if (!kept) raw.dispose();
       }
     }
     const [, H, W] = slices[0].u8.shape;
