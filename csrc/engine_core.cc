@@ -26,7 +26,8 @@ void Buffer::release() {
   }
 }
 
-PlanArena::~PlanArena() { core_->free_in_queue_order(base_, bytes_); }
+// Kept as a cached block: the next plan takes it back without a new device allocation (trim_cache frees it).
+PlanArena::~PlanArena() { core_->cache_block(base_, bytes_); }
 
 bool PlanArena::take(int64_t offset, int64_t bytes) {
   auto next = live_.lower_bound(offset);
@@ -153,15 +154,30 @@ void EngineCore::begin_plan(MemoryPlanSpec plan) {
         plan.offsets[i] + plan.sizes[i] > int64_t(total))
       throw BackendError(StatusCode::internal, "memory plan: allocation " + std::to_string(i) + " lies outside its arena");
   end_plan();
-  // The arena takes the cache's place: its blocks go back to the device first, and the wait makes that happen
-  // before the arena is taken (the queue is short here: a plan begins a generation).
+  // A cached block large enough (an earlier plan's arena, as a rule) serves as the arena. Every other cached block
+  // goes back to the device first, and the wait makes that happen before a new arena is taken (the queue is short
+  // here: a plan begins a generation).
+  void* base = nullptr;
+  size_t block = total;
+  {
+    std::lock_guard<std::mutex> lock(mem_mu_);
+    auto it = cache_.lower_bound(total);
+    if (it != cache_.end()) {
+      block = it->first;
+      base = it->second;
+      cache_.erase(it);
+    }
+  }
+  const bool fresh = base == nullptr;
   trim_cache();
   wait_idle();
-  void* base = backend_->alloc(total);
+  if (fresh) base = backend_->alloc(total);
   std::lock_guard<std::mutex> lock(mem_mu_);
-  mem_.reserved += int64_t(total);
-  mem_.reserved_peak = std::max(mem_.reserved_peak, mem_.reserved);
-  plan_arena_ = std::make_shared<PlanArena>(shared_from_this(), base, total);
+  if (fresh) {
+    mem_.reserved += int64_t(total);
+    mem_.reserved_peak = std::max(mem_.reserved_peak, mem_.reserved);
+  }
+  plan_arena_ = std::make_shared<PlanArena>(shared_from_this(), base, block);
   plan_ = std::move(plan);
   plan_next_ = 0;
   plan_diverged_ = false;
@@ -181,8 +197,9 @@ MemoryPlanReport EngineCore::end_plan() {
   return report;  // `arena` goes here, outside the lock: if no tensor holds it, it is freed in queue order now
 }
 
-void EngineCore::free_in_queue_order(void* ptr, size_t block_bytes) {
-  if (!enqueue([this, ptr, block_bytes] { free_block(ptr, block_bytes); })) free_block(ptr, block_bytes);
+void EngineCore::cache_block(void* ptr, size_t block_bytes) {
+  std::lock_guard<std::mutex> lock(mem_mu_);
+  cache_.emplace(block_bytes, ptr);
 }
 
 void EngineCore::free_block(void* ptr, size_t block_bytes) {

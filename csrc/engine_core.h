@@ -32,8 +32,8 @@ struct QueuedError {
 
 class EngineCore;
 
-// One device block that a static memory plan carves into tensors (EngineCore::begin_plan). It is freed, in queue
-// order, once the plan has ended and the last tensor placed in it is gone. It knows the ranges its live tensors
+// One device block that a static memory plan carves into tensors (EngineCore::begin_plan). Once the plan has ended
+// and the last tensor placed in it is gone, it joins the engine's cache, where the next plan finds it. It knows the ranges its live tensors
 // hold (guarded by the engine's mem_mu_), so a placement that would overlap one is refused, whatever other work
 // shares the engine: a plan can be left, never overrun.
 class PlanArena {
@@ -121,16 +121,17 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // Frees every cached block, in queue order.
   void trim_cache();
 
-  // Static memory plan: returns the cache of released blocks to the device (waiting for the queued work), then
-  // allocates the arena (out-of-memory throws at the call); allocation i after this call
+  // Static memory plan: takes a cached block as large as the arena (an earlier plan's) or else allocates it, after
+  // returning every other cached block to the device (waiting for the queued work; out-of-memory throws at the
+  // call); allocation i after this call
   // takes [offsets[i], offsets[i] + sizes[i]) of it when its rounded size is at most sizes[i]. The first that is
   // not (a larger one, or one past the plan) ends the placing: it and every later one go to the caching
   // allocator, so a plan that does not match the work is slower to reserve but never unsafe. end_plan() stops
   // the placing and reports; the arena goes once its last tensor does.
   void begin_plan(MemoryPlanSpec plan);
   MemoryPlanReport end_plan();
-  // Frees a block of backend memory after everything enqueued so far (at once when the queue has stopped).
-  void free_in_queue_order(void* ptr, size_t block_bytes);
+  // Puts a released block of backend memory in the cache (a plan's arena once its last tensor is gone).
+  void cache_block(void* ptr, size_t block_bytes);
 
   // Runs `op` on the queue thread after everything enqueued before it. An exception it throws is kept as
   // the pending error; later ops still run (each validates its own inputs). False once shut down.

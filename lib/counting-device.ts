@@ -39,7 +39,8 @@ class CountedBlock {
 }
 
 /**
- * A static memory plan being placed (or ended, while tensors it placed live): its arena goes with the last of them.
+ * A static memory plan being placed (or ended, while tensors it placed live): its arena joins the cache with the last
+ * of them.
  * As the native arena, it refuses a placement that would overlap a live tensor's range.
  */
 interface PlanState {
@@ -213,10 +214,16 @@ export class CountingDevice implements NativeEngine {
         throw new ScaleKVError('ERR_INVALID_ARG', `beginMemoryPlan: allocation ${i} must be non-empty, 512-byte aligned and inside the arena`);
     });
     this.endMemoryPlan();
+    const want = Math.ceil(total / BLOCK_ROUNDING) * BLOCK_ROUNDING;
+    // A cached block as large (an earlier plan's arena) serves, as in the native engine; the rest goes back.
+    const i = lowerBound(this.#cache, want);
+    const reused = i < this.#cache.length;
+    const arena = reused ? this.#cache.splice(i, 1)[0] : want;
     this.trimCache();
-    const arena = Math.ceil(total / BLOCK_ROUNDING) * BLOCK_ROUNDING;
-    this.#reserved += arena;
-    this.#reservedPeak = Math.max(this.#reservedPeak, this.#reserved);
+    if (!reused) {
+      this.#reserved += arena;
+      this.#reservedPeak = Math.max(this.#reservedPeak, this.#reserved);
+    }
     this.#plan = { sizes: [...sizes], offsets: [...offsets], next: 0, diverged: false, arena, ranges: [], ended: false };
   }
 
@@ -252,9 +259,9 @@ export class CountingDevice implements NativeEngine {
     if (b.traced && b.traced.trace === this.#trace) b.traced.trace.end[b.traced.index] = this.#events++;
   }
 
-  // An arena goes back to the device once its plan has ended and the last tensor placed in it is gone.
+  // An arena joins the cache once its plan has ended and the last tensor placed in it is gone.
   #releaseArena(plan: PlanState): void {
-    if (plan.ended && plan.ranges.length === 0) this.#reserved -= plan.arena;
+    if (plan.ended && plan.ranges.length === 0) this.#cache.splice(lowerBound(this.#cache, plan.arena), 0, plan.arena);
   }
 
   memory(): NativeMemory {

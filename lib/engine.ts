@@ -279,10 +279,11 @@ export class Engine implements TensorOwner {
   /**
    * Places the allocations that follow by a static memory plan (lib/memory-plan.ts) in one arena, allocated now:
    * allocation i takes offset i of the plan when it is no larger than planned. The first that is not ends the
-   * placing (it and the rest come from the caching allocator: slower to reserve, never unsafe). The arena goes back
-   * to the device once `endMemoryPlan()` has been called and the last tensor placed in it is disposed. The arena
-   * takes the place of the cache of released blocks: they are returned to the device first (after the work already
-   * queued, which this call waits for).
+   * placing (it and the rest come from the caching allocator: slower to reserve, never unsafe). Once
+   * `endMemoryPlan()` has been called and the last tensor placed in it is disposed, the arena joins the cache of
+   * released blocks, where the next plan takes it back (`trimCache()` frees it). The arena takes the cache's place:
+   * a cached block as large serves as the arena, the others are returned to the device first (after the work
+   * already queued, which this call waits for).
    */
   beginMemoryPlan(plan: StaticMemoryPlan): void {
     try {
