@@ -26,8 +26,21 @@ void Buffer::release() {
   }
 }
 
-// Kept as a cached block: the next plan takes it back without a new device allocation (trim_cache frees it).
-PlanArena::~PlanArena() { core_->cache_block(base_, bytes_); }
+// An arena whose plan never ended (its engine went first) still goes to the cache, which the engine frees.
+PlanArena::~PlanArena() {
+  if (!returned_) core_->cache_block(base_, bytes_);
+}
+
+bool PlanArena::returnable() {
+  if (!ended_ || !live_.empty() || returned_) return false;
+  returned_ = true;
+  return true;
+}
+
+bool PlanArena::end() {
+  ended_ = true;
+  return returnable();
+}
 
 bool PlanArena::take(int64_t offset, int64_t bytes) {
   auto next = live_.lower_bound(offset);
@@ -37,7 +50,10 @@ bool PlanArena::take(int64_t offset, int64_t bytes) {
   return true;
 }
 
-void PlanArena::give_back(int64_t offset) { live_.erase(offset); }
+bool PlanArena::give_back(int64_t offset) {
+  live_.erase(offset);
+  return returnable();
+}
 
 std::shared_ptr<EngineCore> EngineCore::create(std::unique_ptr<Backend> backend) {
   auto core = std::make_shared<EngineCore>(std::move(backend));
@@ -69,6 +85,7 @@ EngineCore::~EngineCore() {
 }
 
 void EngineCore::shutdown() {
+  end_plan();  // the plan's arena holds the core: a plan left open would keep it alive
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
@@ -142,7 +159,7 @@ void EngineCore::recycle(void* ptr, size_t bytes, size_t block_bytes, Category c
 
 void EngineCore::release_planned(PlanArena& arena, void* ptr, size_t bytes, Category category) {
   std::lock_guard<std::mutex> lock(mem_mu_);
-  arena.give_back(static_cast<char*>(ptr) - arena.base());
+  if (arena.give_back(static_cast<char*>(ptr) - arena.base())) cache_.emplace(arena.bytes(), arena.base());
   mem_.in_use[static_cast<int>(category)] -= int64_t(bytes);
   mem_.total_in_use -= int64_t(bytes);
 }
@@ -189,12 +206,13 @@ MemoryPlanReport EngineCore::end_plan() {
   {
     std::lock_guard<std::mutex> lock(mem_mu_);
     arena.swap(plan_arena_);
+    if (arena && arena->end()) cache_.emplace(arena->bytes(), arena->base());
     report = {int64_t(plan_next_), plan_diverged_};
     plan_ = {};
     plan_next_ = 0;
     plan_diverged_ = false;
   }
-  return report;  // `arena` goes here, outside the lock: if no tensor holds it, it is freed in queue order now
+  return report;
 }
 
 void EngineCore::cache_block(void* ptr, size_t block_bytes) {

@@ -33,7 +33,8 @@ struct QueuedError {
 class EngineCore;
 
 // One device block that a static memory plan carves into tensors (EngineCore::begin_plan). Once the plan has ended
-// and the last tensor placed in it is gone, it joins the engine's cache, where the next plan finds it. It knows the ranges its live tensors
+// and the last tensor placed in it is released, the block joins the engine's cache at once, as a released tensor's
+// block does (the queue orders its reuse), where the next plan finds it. It knows the ranges its live tensors
 // hold (guarded by the engine's mem_mu_), so a placement that would overlap one is refused, whatever other work
 // shares the engine: a plan can be left, never overrun.
 class PlanArena {
@@ -45,13 +46,20 @@ class PlanArena {
   char* base() const { return static_cast<char*>(base_); }
   // [offset, offset + bytes) is free of live tensors: take it.
   bool take(int64_t offset, int64_t bytes);
-  void give_back(int64_t offset);
+  // A placed tensor was released; true when that leaves the ended arena empty (it is then to be cached, once).
+  bool give_back(int64_t offset);
+  // The plan stopped placing; true when the arena is already empty.
+  bool end();
+  size_t bytes() const { return bytes_; }
 
  private:
+  bool returnable();
+
   std::shared_ptr<EngineCore> core_;
   void* base_;
   size_t bytes_;
   std::map<int64_t, int64_t> live_;  // offset -> end of each live tensor's range
+  bool ended_ = false, returned_ = false;
 };
 
 // Device memory of one tensor. Memory is stream-ordered: `release()` (the JS dispose) hands the block back to
