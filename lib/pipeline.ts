@@ -20,7 +20,7 @@ import { BackendChoice, createEngine, Engine, MemoryStats } from './engine.js';
 import { fail, ScaleKVError } from './errors.js';
 import { encodePng, RawImage } from './image/png.js';
 import { kvPolicyFromSpec } from './kv/spec.js';
-import { decodeImage, generate, vaeBatchWithin, type GenerateOptions } from './model/generate.js';
+import { decodeImage, decodeUnderPeak, generate, type GenerateOptions } from './model/generate.js';
 import { planAllocations, plannedTextLength, type StaticMemoryPlan } from './memory-plan.js';
 import { InfinityModel, sameText, TextFeatures, WeightSource } from './model/infinity.js';
 import type { KvPolicy } from './kv/policy.js';
@@ -123,7 +123,7 @@ export interface PipelineGenerateOptions {
   png?: boolean;
   /**
    * Images the VAE decodes at once. Default: with memory plans, the most whose decode stays under the sampling
-   * loop's peak (vaeBatchWithin on the plan's dry run); without, the whole batch.
+   * loop's peak (decodeUnderPeak on the plan's dry run); without, the whole batch.
    */
   vaeBatch?: number;
   onProgress?(p: PipelineProgress): void;
@@ -612,9 +612,7 @@ export class Pipeline {
     const plan = await planAllocations(twin.engine, async () => {
       const r = await generate(twin.model, { ...sampling, textFeatures, negativeText });
       try {
-        const m = twin.engine.memory();
-        images = vaeBatch ?? (await vaeBatchWithin(twin.vae.config, r.summedCodes, m.totalPeak - m.totalInUse));
-        await decodeImage(twin.vae, r.summedCodes, { vaeBatch: images });
+        images = (await decodeUnderPeak(twin.vae, r.summedCodes, vaeBatch)).vaeBatch;
       } finally {
         r.summedCodes.dispose();
       }

@@ -12,7 +12,7 @@
  */
 import { createEngine, MemoryCategory } from '../engine.js';
 import { fail } from '../errors.js';
-import { decodeImage, generate, vaeBatchWithin } from '../model/generate.js';
+import { decodeUnderPeak, generate } from '../model/generate.js';
 import { InfinityModel } from '../model/infinity.js';
 import { InfinityConfig, preset, PresetName } from '../model/presets.js';
 import { scaleSchedule } from '../model/schedule.js';
@@ -146,12 +146,7 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
     let vaeBatch = 0;
     const work = async () => {
       const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
-      if (vae) {
-        // By default as many images at once as the generation's peak leaves room for: decoding never raises it.
-        const m = e.memory();
-        vaeBatch = o.vaeBatch ?? (await vaeBatchWithin(vae.config, r.summedCodes, m.totalPeak - m.totalInUse));
-        await decodeImage(vae, r.summedCodes, { vaeBatch });
-      }
+      if (vae) vaeBatch = (await decodeUnderPeak(vae, r.summedCodes, o.vaeBatch)).vaeBatch;
       r.summedCodes.dispose();
       kvArena = { pageTokens: r.kvArena.pageTokens, poolPages: r.kvArena.poolPages, tableBytes: r.kvArena.tableBytes };
     };

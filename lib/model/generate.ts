@@ -406,6 +406,17 @@ export async function decodeImage(vae: VaeDecoder, summedCodes: Tensor, opts: De
 }
 
 /**
+ * decodeImage with `vaeBatch` images at once, or by default as many as keep the decode under the engine's peak so
+ * far (vaeBatchWithin, budget: that peak less what is live now): decoding after sampling never raises the peak.
+ * Returns the decode and the images it took at once.
+ */
+export async function decodeUnderPeak(vae: VaeDecoder, summedCodes: Tensor, vaeBatch?: number): Promise<{ decoded: DecodedImage; vaeBatch: number }> {
+  const m = vae.engine.memory();
+  const images = vaeBatch ?? (await vaeBatchWithin(vae.config, summedCodes, m.totalPeak - m.totalInUse));
+  return { decoded: await decodeImage(vae, summedCodes, { vaeBatch: images }), vaeBatch: images };
+}
+
+/**
  * The most images `decodeImage` may decode at once (vaeBatch) while its own allocations stay within `budget` bytes:
  * a dry run of the decode on a counting twin of the decoder, from the whole batch down by halves (at least 1).
  */
