@@ -2,11 +2,13 @@
 #include "op_table.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <initializer_list>
 #include <limits>
 
 namespace scalekv {
@@ -484,6 +486,7 @@ OperandDecl out(const char* n, const char* dt, const char* sh, const char* alias
 }
 OperandDecl out_opt(const char* n, const char* dt, const char* sh) { return {n, Io::out, true, dt, sh, ""}; }
 OperandDecl inout(const char* n, const char* dt, const char* sh) { return {n, Io::inout, false, dt, sh, ""}; }
+OperandDecl inout_opt(const char* n, const char* dt, const char* sh) { return {n, Io::inout, true, dt, sh, ""}; }
 
 AttrDecl int_req(const char* n, double min, double max) { return {n, AttrKind::integer, true, false, 0, min, max, "", 0}; }
 AttrDecl int_def(const char* n, double def, double min, double max) {
@@ -553,6 +556,31 @@ KvPages bind_kv_pages(const OpCall& c, const char* pool, int rows) {
   return p;
 }
 
+// The storage of the K/V operands `rows` (pairs of K, V, K scale, V scale): `plain`, in `plain_dtype` without scales,
+// or an 8-bit format (kv_quant.h), u8 with one f32 scale per row in the scale operands, which go with them.
+KvFormat bind_kv_format(const OpCall& c, std::initializer_list<std::array<const char*, 4>> rows, DType plain_dtype) {
+  const KvFormat f = KvFormat(c.choice("kvFormat"));
+  for (const auto& [k, v, k_scale, v_scale] : rows) {
+    (void)v;
+    together(c, k_scale, v_scale);
+    if (!c.has(k)) {
+      if (c.has(k_scale)) c.fail("ERR_INVALID_ARG", std::string(k_scale) + " needs " + k);
+      continue;
+    }
+    if (f == KvFormat::plain) {
+      if (c.has(k_scale)) c.fail("ERR_INVALID_ARG", std::string(k_scale) + " and " + v_scale + " need an 8-bit kvFormat");
+      if (c.dtype(k) != plain_dtype)
+        c.fail("ERR_DTYPE", std::string(k) + " must be " + dtype_name(plain_dtype) + (c.dtype(k) == DType::u8 ? " (u8 needs kvFormat 'int8' or 'fp8')" : "") +
+                                ", got " + dtype_name(c.dtype(k)));
+      continue;
+    }
+    if (c.dtype(k) != DType::u8)
+      c.fail("ERR_DTYPE", std::string(k) + " must be u8 with kvFormat '" + (f == KvFormat::int8 ? "int8" : "fp8") + "', got " +
+                              dtype_name(c.dtype(k)));
+    if (!c.has(k_scale)) c.fail("ERR_INVALID_ARG", std::string("an 8-bit kvFormat needs ") + k_scale + " and " + v_scale);
+  }
+  return f;
+}
 
 Launch bind_attention(const OpCall& c) {
   AttentionArgs a;
@@ -573,14 +601,15 @@ Launch bind_attention(const OpCall& c) {
     a.hist_len = c.given("histLen") ? c.integer("histLen") : a.hist_cap;
     if (a.hist_len > a.hist_cap)
       c.fail("ERR_SHAPE", "histLen " + std::to_string(a.hist_len) + " is outside [0, capacity " + std::to_string(a.hist_cap) + "]");
-  } else if (c.given("histLen") || c.has("pageTable")) {
-    c.fail("ERR_INVALID_ARG", "histLen and pageTable need histK and histV");
+  } else if (c.given("histLen") || c.has("pageTable") || c.has("histKScale") || c.has("histVScale")) {
+    c.fail("ERR_INVALID_ARG", "histLen, pageTable and the scales need histK and histV");
   }
   if (c.has("gather")) {
     if (!c.has("histK")) c.fail("ERR_INVALID_ARG", "gather needs a history");
     a.n_gather = narrow(c, c.dim("nGather"), "nGather");
   }
   if (c.has("curK")) a.lc = narrow(c, c.dim("Lc"), "Lc");
+  a.kv_format = bind_kv_format(c, {{"histK", "histV", "histKScale", "histVScale"}, {"curK", "curV", "curKScale", "curVScale"}}, a.dtype);
   const int64_t n_keys = int64_t(c.has("gather") ? a.n_gather : a.hist_len) + a.lc;
   if (n_keys <= 0) c.fail("ERR_SHAPE", "attention needs at least one key (history or current)");
   if (c.has("windowRows")) {
@@ -596,9 +625,13 @@ Launch bind_attention(const OpCall& c) {
   a.q = c.data("q");
   a.hist_k = c.data("histK");
   a.hist_v = c.data("histV");
+  a.hist_k_scale = c.data_as<const float>("histKScale");
+  a.hist_v_scale = c.data_as<const float>("histVScale");
   a.gather = c.data_as<const int32_t>("gather");
   a.cur_k = c.data("curK");
   a.cur_v = c.data("curV");
+  a.cur_k_scale = c.data_as<const float>("curKScale");
+  a.cur_v_scale = c.data_as<const float>("curVScale");
   a.out = c.data("out");
   a.window_rows = c.data_as<const int32_t>("windowRows");
   a.window_logits = c.data_as<float>("windowLogits");
@@ -611,9 +644,11 @@ Launch bind_evict_compact(const OpCall& c) {
   a.rows = narrow(c, c.dim("rows"), "rows");
   a.heads = narrow(c, c.dim("heads"), "heads");
   a.head_dim = narrow(c, c.dim("headDim"), "headDim");
+  a.dtype = c.dtype("histK");
+  a.kv_format = bind_kv_format(c, {{"histK", "histV", "histKScale", "histVScale"}, {"curK", "curV", "curKScale", "curVScale"}},
+                               a.dtype == DType::u8 && c.choice("kvFormat") == 0 ? DType::f32 : a.dtype);
   a.hist_pages = bind_kv_pages(c, "histK", a.rows);
   a.hist_cap = a.hist_pages.capacity();
-  a.dtype = c.dtype("histK");
   a.hist_len = c.integer("histLen");
   if (a.hist_len > a.hist_cap)
     c.fail("ERR_SHAPE", "histLen " + std::to_string(a.hist_len) + " is outside [0, capacity " + std::to_string(a.hist_cap) + "]");
@@ -626,8 +661,12 @@ Launch bind_evict_compact(const OpCall& c) {
   a.repeats = c.flag("repeats");
   a.hist_k = c.data("histK");
   a.hist_v = c.data("histV");
+  a.hist_k_scale = c.data_as<float>("histKScale");
+  a.hist_v_scale = c.data_as<float>("histVScale");
   a.cur_k = c.data("curK");
   a.cur_v = c.data("curV");
+  a.cur_k_scale = c.data_as<const float>("curKScale");
+  a.cur_v_scale = c.data_as<const float>("curVScale");
   a.keep = c.data_as<const int32_t>("keep");
   return [a](Backend& b) { b.evict_compact(a); };
 }
@@ -759,6 +798,7 @@ Launch bind_qk_norm_rope(const OpCall& c) {
   } else if (c.has("pageTable")) {
     c.fail("ERR_INVALID_ARG", "pageTable needs k and v");
   }
+  a.kv_format = bind_kv_format(c, {{"k", "v", "kScale", "vScale"}}, c.has("k") && c.dtype("k") != DType::u8 ? c.dtype("k") : DType::f32);
   if (c.has("positions") && a.head_dim % 4 != 0)
     c.fail("ERR_SHAPE", "2-D RoPE needs headDim a multiple of 4, got " + std::to_string(a.head_dim));
   a.normalize = c.flag("normalize");
@@ -774,6 +814,8 @@ Launch bind_qk_norm_rope(const OpCall& c) {
   a.q = c.data("q");
   a.k = c.data("k");
   a.v = c.data("v");
+  a.k_scale = c.data_as<float>("kScale");
+  a.v_scale = c.data_as<float>("vScale");
   return [a](Backend& b) { b.qk_norm_rope(a); };
 }
 
@@ -1049,32 +1091,41 @@ std::vector<OpDecl> declarations() {
   return {
       {"attention", "attention",
        "softmax(scale * q . key) . value over [history (or its gathered rows) ‖ current], optionally with the "
-       "observation window's logits and log-sum-exp; the history is paged through pageTable, or contiguous",
-       {in("q", F, "[rows, heads, Lq, headDim]"), in_opt("histK", "=q", "[pages, heads, pageTokens, headDim]"),
-        in_opt("histV", "=q", "[pages, heads, pageTokens, headDim]"), in_opt("pageTable", "i32", "[rows, tablePages]"),
+       "observation window's logits and log-sum-exp; the history is paged through pageTable, or contiguous, in q's "
+       "dtype or 8-bit (kvFormat, history and current alike) with a scale per row",
+       {in("q", F, "[rows, heads, Lq, headDim]"), in_opt("histK", "f32|bf16|u8", "[pages, heads, pageTokens, headDim]"),
+        in_opt("histV", "=histK", "[pages, heads, pageTokens, headDim]"), in_opt("pageTable", "i32", "[rows, tablePages]"),
+        in_opt("histKScale", "f32", "[pages, heads, pageTokens]"), in_opt("histVScale", "f32", "[pages, heads, pageTokens]"),
         in_opt("gather", "i32", "[rows, heads, nGather]"),
-        in_opt("curK", "=q", "[rows, heads, Lc, headDim]"), in_opt("curV", "=q", "[rows, heads, Lc, headDim]"),
+        in_opt("curK", "=histK", "[rows, heads, Lc, headDim]"), in_opt("curV", "=curK", "[rows, heads, Lc, headDim]"),
+        in_opt("curKScale", "f32", "[rows, heads, Lc]"), in_opt("curVScale", "f32", "[rows, heads, Lc]"),
         out_opt("out", "=q", "=q"), in_opt("windowRows", "i32", "[nWindow]"),
         out_opt("windowLogits", "f32", "[rows, heads, nWindow, nKeys]"), out_opt("windowLse", "f32", "[rows, heads, nWindow]")},
-       {int_opt("histLen", 0, kI32Max), num_req("scale")},
+       {int_opt("histLen", 0, kI32Max), num_req("scale"), choice_def("kvFormat", "plain|int8|fp8", 0)},
        bind_attention,
        "q histK histV gather curK curV out windowRows windowLogits windowLse | rows=2 heads=2 Lq=3 headDim=8 pages=2 "
        "pageTokens=6 nGather=3 Lc=3 nWindow=2 nKeys=6 | histLen=4 scale=0.35\n"
        "q histK histV pageTable curK curV out | rows=2 heads=2 Lq=2 headDim=16 pages=5 pageTokens=2 tablePages=3 Lc=2 | "
        "histLen=5 scale=0.25\n"
-       "q histK histV out | rows=1 heads=2 Lq=2 headDim=16 pages=1 pageTokens=5 | scale=0.25"},
+       "q histK histV out | rows=1 heads=2 Lq=2 headDim=16 pages=1 pageTokens=5 | scale=0.25\n"
+       "q histK:u8 histV:u8 pageTable histKScale histVScale curK:u8 curV:u8 curKScale curVScale out | rows=2 heads=2 Lq=2 headDim=16 pages=5 "
+       "pageTokens=2 tablePages=3 Lc=2 | histLen=5 scale=0.25 kvFormat=int8"},
       {"evictCompact", "evict_compact",
        "moves the kept rows of [history ‖ current] to the front of the history, in place, per (row, head); the "
-       "history is paged through pageTable, or contiguous",
-       {inout("histK", F, "[pages, heads, pageTokens, headDim]"), inout("histV", "=histK", "[pages, heads, pageTokens, headDim]"),
+       "history is paged through pageTable, or contiguous; 8-bit rows (kvFormat) move with their scales",
+       {inout("histK", "f32|bf16|u8", "[pages, heads, pageTokens, headDim]"), inout("histV", "=histK", "[pages, heads, pageTokens, headDim]"),
         in_opt("pageTable", "i32", "[rows, tablePages]"),
-        in_opt("curK", "=histK", "[rows, heads, Lc, headDim]"), in_opt("curV", "=histK", "[rows, heads, Lc, headDim]"),
+        inout_opt("histKScale", "f32", "[pages, heads, pageTokens]"), inout_opt("histVScale", "f32", "[pages, heads, pageTokens]"),
+        in_opt("curK", "=histK", "[rows, heads, Lc, headDim]"), in_opt("curV", "=curK", "[rows, heads, Lc, headDim]"),
+        in_opt("curKScale", "f32", "[rows, heads, Lc]"), in_opt("curVScale", "f32", "[rows, heads, Lc]"),
         in("keep", "i32", "[rows, heads, nKeep]")},
-       {int_req("histLen", 0, kI32Max), flag_def("repeats", false)},
+       {int_req("histLen", 0, kI32Max), flag_def("repeats", false), choice_def("kvFormat", "plain|int8|fp8", 0)},
        bind_evict_compact,
        "histK histV curK curV keep | rows=2 heads=2 pages=2 pageTokens=6 headDim=4 Lc=3 nKeep=5 | histLen=4\n"
        "histK histV pageTable curK curV keep | rows=2 heads=2 pages=6 pageTokens=2 tablePages=3 headDim=4 Lc=3 nKeep=5 | "
-       "histLen=4"},
+       "histLen=4\n"
+       "histK:u8 histV:u8 pageTable histKScale histVScale curK:u8 curV:u8 curKScale curVScale keep | rows=2 heads=2 pages=6 pageTokens=2 tablePages=3 "
+       "headDim=4 Lc=3 nKeep=5 | histLen=4 kvFormat=fp8"},
       {"selection", "selection",
        "window scoring, pooling, top-k (ties to the lowest index) and union with the window, sorted",
        {in("logits", "f32", "[rows, heads, nWindow, nKeys]"), in_opt("lse", "f32", "[rows, heads, nWindow]"),
@@ -1129,15 +1180,18 @@ std::vector<OpDecl> declarations() {
        "x out | S=2,3 | fn=gelu_tanh"},
       {"qkNormRope", "qk_norm_rope",
        "q/k/v from the fused projection: bias, L2-normalise and scale, 2-D RoPE; k and v written at kvOffset of a "
-       "paged (pageTable) or contiguous history",
+       "paged (pageTable) or contiguous history, in their dtype or quantised to 8 bits (kvFormat) with a scale per row",
        {in("qkv", F, "[batch, tokens, 3*heads*headDim]"), in_opt("qBias", "f32", "[heads*headDim]"),
         in_opt("vBias", "f32", "[heads*headDim]"), in_opt("scaleMul", "f32", "[heads]"), in_opt("positions", "i32", "[tokens, 2]"),
-        out("q", F, "[batch, heads, tokens, headDim]"), out_opt("k", F, "[pages, heads, pageTokens, headDim]"),
-        out_opt("v", "=k", "=k"), in_opt("pageTable", "i32", "[batch, tablePages]")},
-       {flag_def("normalize", true), int_def("kvOffset", 0, 0, kI32Max)},
+        out("q", F, "[batch, heads, tokens, headDim]"), out_opt("k", "f32|bf16|u8", "[pages, heads, pageTokens, headDim]"),
+        out_opt("v", "=k", "=k"), in_opt("pageTable", "i32", "[batch, tablePages]"),
+        out_opt("kScale", "f32", "[pages, heads, pageTokens]"), out_opt("vScale", "f32", "[pages, heads, pageTokens]")},
+       {flag_def("normalize", true), int_def("kvOffset", 0, 0, kI32Max), choice_def("kvFormat", "plain|int8|fp8", 0)},
        bind_qk_norm_rope,
        "qkv qBias vBias scaleMul positions q k v | batch=2 tokens=3 heads=2 headDim=8 pages=2 pageTokens=5 | kvOffset=2\n"
-       "qkv q k v pageTable | batch=2 tokens=3 heads=2 headDim=8 pages=7 pageTokens=2 tablePages=3 | kvOffset=2"},
+       "qkv q k v pageTable | batch=2 tokens=3 heads=2 headDim=8 pages=7 pageTokens=2 tablePages=3 | kvOffset=2\n"
+       "qkv q k:u8 v:u8 pageTable kScale vScale | batch=2 tokens=3 heads=2 headDim=8 pages=7 pageTokens=2 tablePages=3 | "
+       "kvOffset=2 kvFormat=int8"},
       {"crossAttention", "cross_attention", "varlen cross-attention of each image's tokens over its own text segment (a shared one through kvStarts)",
        {in("q", F, "[batch, tokens, heads, headDim]"), in_opt("kv", "=q", "[nText, 2, heads, headDim]"),
         in_opt("k", "=q", "[nText, heads, headDim]"), in_opt("v", "=q", "[nText, heads, headDim]"),

@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "kv_quant.h"
+
 namespace scalekv {
 
 enum class DType : int32_t { f32 = 0, bf16 = 1, f16 = 2, i32 = 3, u8 = 4 };
@@ -94,6 +96,11 @@ inline int64_t kv_page_row(const KvPages& p, int heads, int r, int h, int t) {
   return (int64_t(page) * heads + h) * p.page_tokens + t % p.page_tokens;
 }
 
+// 8-bit K/V (KvFormat int8 or fp8_e4m3, kv_quant.h): u8 rows of the same layouts plus one f32 scale per row
+// ([pages, heads, page_tokens] for a pool, [rows, heads, lc] for current rows): element d of row i reads
+// kv_decode(format, k[i * head_dim + d]) * k_scale[i]. qkNormRope quantises each row as it writes it (with
+// kv_row_scale / kv_encode); attention dequantises as it reads; evictCompact moves bytes and scales.
+
 // ---------------------------------------------------------------------------------------------------------
 // attention: out[r,h,i,:] = softmax_j(scale * q[r,h,i,:] . key_j) . value_j over the keys
 //   key_j, j <  n_hist : history row  hist[r,h, g(j), :]   with g(j) = gather ? gather[r,h,j] : j, read through
@@ -112,13 +119,18 @@ struct AttentionArgs {
   int n_gather = 0;            // number of gathered history entries per (row, head); used when gather != null
   int lc = 0;
   DType dtype = DType::f32;    // f32 or bf16
+  KvFormat kv_format = KvFormat::plain;  // plain: history and current rows have `dtype`; else u8 with scales
   float scale = 1.0f;
   const void* q = nullptr;     // [rows, heads, lq, head_dim]
   const void* hist_k = nullptr;
   const void* hist_v = nullptr;   // [pages, heads, page_tokens, head_dim]
+  const float* hist_k_scale = nullptr;
+  const float* hist_v_scale = nullptr;  // [pages, heads, page_tokens], 8-bit formats only
   const int32_t* gather = nullptr;  // [rows, heads, n_gather], values in [0, hist_len)
   const void* cur_k = nullptr;
   const void* cur_v = nullptr;    // [rows, heads, lc, head_dim]
+  const float* cur_k_scale = nullptr;
+  const float* cur_v_scale = nullptr;  // [rows, heads, lc], 8-bit formats only
   void* out = nullptr;            // [rows, heads, lq, head_dim]
   int n_window = 0;
   const int32_t* window_rows = nullptr;  // [n_window], values in [0, lq)
@@ -139,11 +151,16 @@ struct EvictCompactArgs {
   int hist_cap = 0, hist_len = 0, lc = 0, n_keep = 0;   // hist_cap = hist_pages.capacity()
   KvPages hist_pages;
   bool repeats = false;
-  DType dtype = DType::f32;    // f32 or bf16 (K and V share it)
+  DType dtype = DType::f32;    // f32 or bf16 (K and V share it); u8 with an 8-bit kv_format
+  KvFormat kv_format = KvFormat::plain;  // 8-bit: history and current rows are u8 with the scales below
   void* hist_k = nullptr;
   void* hist_v = nullptr;      // [pages, heads, page_tokens, head_dim]
+  float* hist_k_scale = nullptr;
+  float* hist_v_scale = nullptr;  // [pages, heads, page_tokens], 8-bit formats only
   const void* cur_k = nullptr;
   const void* cur_v = nullptr; // [rows, heads, lc, head_dim]; may be null when lc == 0
+  const float* cur_k_scale = nullptr;
+  const float* cur_v_scale = nullptr;  // [rows, heads, lc], 8-bit formats only
   const int32_t* keep = nullptr;  // [rows, heads, n_keep]
 };
 
@@ -371,6 +388,9 @@ struct QkNormRopeArgs {
   void* q = nullptr;                // [B, H, L, c]
   void* k = nullptr;                // [pages, H, page_tokens, c] through kv_pages; k and v both null: q only
   void* v = nullptr;                // token l of batch row b at kv_page_row(kv_pages, H, b, h, kv_offset + l)
+  KvFormat kv_format = KvFormat::plain;  // 8-bit: k and v are u8, each row quantised with its scale written below
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;         // [pages, H, page_tokens], 8-bit formats only
   KvPages kv_pages;
   int kv_cap = 0, kv_offset = 0;    // kv_cap = kv_pages.capacity(); kv_offset + L <= kv_cap
 };

@@ -22,7 +22,17 @@ export type IndexInput = Int32Array | Tensor;
 export interface KVPair {
   k: Tensor;
   v: Tensor;
+  /** 8-bit K/V only: one f32 scale per row of k and v (the tensors' shape without headDim). */
+  kScale?: Tensor;
+  vScale?: Tensor;
 }
+
+/**
+ * How K/V rows are stored: 'plain' in the op's float dtype, or 8-bit — 'int8' (code x scale, codes in [-127, 127])
+ * or 'fp8' (OCP e4m3 x scale) — as u8 tensors with a scale per (token, head) row, the row's largest magnitude over
+ * the largest code. Every K/V operand of one op shares the format.
+ */
+export type KvFormat = 'plain' | 'int8' | 'fp8';
 
 export interface AttentionArgs {
   /** [rows, heads, Lq, headDim], f32 or bf16. */
@@ -44,6 +54,8 @@ export interface AttentionArgs {
   out?: Tensor;
   /** Softmax scale applied to q.k. */
   scale: number;
+  /** Storage of history and current K/V (default 'plain': q's dtype). */
+  kvFormat?: KvFormat;
   /** Observation-window output: scaled logits of the given query rows against every key (both sources). */
   window?: {
     /** Query rows, each in [0, Lq). */
@@ -66,6 +78,8 @@ export interface EvictCompactArgs {
    * official gather does with the duplicates average pooling can select. Default false (a repeat is ERR_INDEX_ORDER).
    */
   repeats?: boolean;
+  /** Storage of history and current K/V (default 'plain'); 8-bit rows move with their scales. */
+  kvFormat?: KvFormat;
 }
 
 export type ScoreMode = SelectionMode;
@@ -278,6 +292,11 @@ export interface QkNormRopeArgs {
   pageTable?: IndexInput;
   /** Default 0. */
   kvOffset?: number;
+  /** 'int8' or 'fp8': k and v are u8 and each row is quantised, its scale written to kScale / vScale. Default 'plain'. */
+  kvFormat?: KvFormat;
+  /** [pages, H, pageTokens] (or [B, H, capacity]) f32 row scales of k and v, with an 8-bit kvFormat. */
+  kScale?: Tensor;
+  vScale?: Tensor;
 }
 
 export interface CrossAttentionArgs {
@@ -401,6 +420,11 @@ export class Ops {
         gather: gather.tensor?.native,
         curK: this.#own(a.current?.k, 'current.k'),
         curV: this.#own(a.current?.v, 'current.v'),
+        histKScale: this.#own(a.history?.kScale, 'history.kScale'),
+        histVScale: this.#own(a.history?.vScale, 'history.vScale'),
+        curKScale: this.#own(a.current?.kScale, 'current.kScale'),
+        curVScale: this.#own(a.current?.vScale, 'current.vScale'),
+        kvFormat: a.kvFormat,
         out: this.#own(a.out, 'out'),
         scale: a.scale,
         windowRows: windowRows.tensor?.native,
@@ -433,6 +457,11 @@ export class Ops {
         pageTable: pageTable.tensor?.native,
         curK: this.#own(a.current?.k, 'current.k'),
         curV: this.#own(a.current?.v, 'current.v'),
+        histKScale: this.#own(a.history.kScale, 'history.kScale'),
+        histVScale: this.#own(a.history.vScale, 'history.vScale'),
+        curKScale: this.#own(a.current?.kScale, 'current.kScale'),
+        curVScale: this.#own(a.current?.vScale, 'current.vScale'),
+        kvFormat: a.kvFormat,
         keep: keep.tensor?.native,
         repeats: a.repeats ?? false,
       },
@@ -549,7 +578,8 @@ export class Ops {
         qkv: this.#own(a?.qkv, 'qkv'), qBias: this.#own(a?.qBias, 'qBias'), vBias: this.#own(a?.vBias, 'vBias'),
         scaleMul: this.#own(a?.scaleMul, 'scaleMul'), normalize: a?.normalize ?? true, positions: positions.tensor?.native,
         q: this.#own(a?.q, 'q'), k: this.#own(a?.k, 'k'), v: this.#own(a?.v, 'v'), kvOffset: a?.kvOffset ?? 0,
-        pageTable: pageTable.tensor?.native,
+        pageTable: pageTable.tensor?.native, kScale: this.#own(a?.kScale, 'kScale'), vScale: this.#own(a?.vScale, 'vScale'),
+        kvFormat: a?.kvFormat,
       },
       [positions, pageTable],
     );

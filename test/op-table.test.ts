@@ -20,6 +20,8 @@ interface Dim {
 }
 interface Example {
   present: string[];
+  /** Operands written `name:dtype` in the example take that dtype instead of their declaration's first. */
+  dtypes: Map<string, DType>;
   symbols: Map<string, number[]>;
   attrs: Record<string, unknown>;
 }
@@ -58,7 +60,8 @@ function parseExamples(op: OpDeclaration): Example[] {
       if (!decl) throw new Error(`${op.name}: example names an unknown attribute ${k}`);
       values[k] = decl.kind === 'boolean' ? v === 'true' : decl.kind === 'choice' ? v : decl.kind === 'intList' ? v.split(',').map(Number) : Number(v);
     }
-    return { present: ops.split(/\s+/), symbols, attrs: values };
+    const named = ops.split(/\s+/).map((o) => o.split(':'));
+    return { present: named.map(([n]) => n), dtypes: new Map(named.filter((o) => o[1]).map(([n, d]) => [n, d as DType])), symbols, attrs: values };
   });
 }
 
@@ -79,6 +82,8 @@ function resolveExample(op: OpDeclaration, ex: Example) {
   }
   for (const o of operands) if (o.shape.startsWith('=')) shapes.set(o.name, { shape: [...shapes.get(o.shape.slice(1))!.shape] });
   const dtypeOf = (o: Operand): DType => {
+    const given = ex.dtypes.get(o.name);
+    if (given) return given;
     if (o.dtypes.startsWith('=')) return dtypeOf(op.operands.find((x) => x.name === o.dtypes.slice(1))!);
     return (o.dtypes === 'any' ? 'f32' : o.dtypes.split('|')[0]) as DType;
   };

@@ -27,8 +27,12 @@ struct KeySource {
   const int32_t* table_row;
   int64_t head_rows;  // rows before this head's slot in a page (h * page_tokens), or this (row, head)'s first row
   int page_shift;
+  KvRows hist_k, hist_v, cur_k, cur_v;
 
-  KeySource(const AttentionArgs& args, int64_t pair, int hist) : a(args), rh(pair), n_hist(hist) {
+  KeySource(const AttentionArgs& args, int64_t pair, int hist)
+      : a(args), rh(pair), n_hist(hist), hist_k{a.hist_k, a.hist_k_scale, a.dtype, a.kv_format},
+        hist_v{a.hist_v, a.hist_v_scale, a.dtype, a.kv_format}, cur_k{a.cur_k, a.cur_k_scale, a.dtype, a.kv_format},
+        cur_v{a.cur_v, a.cur_v_scale, a.dtype, a.kv_format} {
     const KvPages& p = a.hist_pages;
     const int r = int(rh / a.heads);
     table_row = p.table ? p.table + int64_t(r) * p.table_pages : nullptr;
@@ -47,7 +51,7 @@ struct KeySource {
   void prefetch_key(int j) const {
     if ((!a.gather && !table_row) || j >= n_hist) return;
     const int64_t row = history_row(a.gather ? a.gather[rh * a.n_gather + j] : j);
-    const size_t bytes = size_t(a.head_dim) * dtype_size(a.dtype);
+    const size_t bytes = hist_k.row_bytes(a.head_dim);
     const char* k = static_cast<const char*>(a.hist_k) + row * int64_t(bytes);
     const char* v = static_cast<const char*>(a.hist_v) + row * int64_t(bytes);
     for (size_t line = 0; line < bytes; line += 64) {
@@ -70,12 +74,12 @@ struct KeySource {
     const int D = a.head_dim;
     if (j < n_hist) {
       const int64_t row = history_row(a.gather ? a.gather[rh * a.n_gather + j] : j);
-      load_row_f32(a.hist_k, a.dtype, row, D, k);
-      if (v) load_row_f32(a.hist_v, a.dtype, row, D, v);
+      hist_k.load(row, D, k);
+      if (v) hist_v.load(row, D, v);
     } else {
       const int64_t row = rh * a.lc + (j - n_hist);
-      load_row_f32(a.cur_k, a.dtype, row, D, k);
-      if (v) load_row_f32(a.cur_v, a.dtype, row, D, v);
+      cur_k.load(row, D, k);
+      if (v) cur_v.load(row, D, v);
     }
   }
 };

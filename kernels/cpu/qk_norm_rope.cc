@@ -100,8 +100,13 @@ void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
         if (a.normalize) normalize(k.data(), c, 1.0f);
         if (a.positions) rotate(k.data(), cos_t, sin_t, quarter);
         const int64_t kv_row = kv_page_row(a.kv_pages, H, int(b), h, a.kv_offset + l);
-        store_row_f32(a.k, a.kv_dtype, kv_row, c, k.data());
-        store_row_f32(a.v, a.kv_dtype, kv_row, c, v.data());
+        if (a.kv_format == KvFormat::plain) {
+          store_row_f32(a.k, a.kv_dtype, kv_row, c, k.data());
+          store_row_f32(a.v, a.kv_dtype, kv_row, c, v.data());
+        } else {
+          store_quant_row(a.k, a.k_scale, a.kv_format, kv_row, c, k.data());
+          store_quant_row(a.v, a.v_scale, a.kv_format, kv_row, c, v.data());
+        }
       }
     }
   });

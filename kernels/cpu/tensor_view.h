@@ -1,6 +1,8 @@
 // Row loads for the CPU kernels: every kernel computes in f32 whatever the storage dtype.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -33,6 +35,50 @@ inline void store_row_f32(void* base, DType dtype, int64_t row, int dim, const f
       for (int d = 0; d < dim; ++d) dst[d] = f32_to_f16(src[d]);
     }
   }
+}
+
+// The 256 values of an 8-bit code, decoded once per format (fp8's bit decoding costs more than a table lookup).
+inline const float* kv_code_table(KvFormat f) {
+  static const auto tables = [] {
+    struct Tables {
+      float int8[256], fp8[256];
+    } t;
+    for (int b = 0; b < 256; ++b) {
+      t.int8[b] = kv_decode(KvFormat::int8, uint8_t(b));
+      t.fp8[b] = kv_decode(KvFormat::fp8_e4m3, uint8_t(b));
+    }
+    return t;
+  }();
+  return f == KvFormat::int8 ? tables.int8 : tables.fp8;
+}
+
+// A K or V history as the CPU kernels read it: rows of `dtype`, or 8-bit rows with one scale each (kv_quant.h).
+struct KvRows {
+  const void* data;
+  const float* scales;
+  DType dtype;
+  KvFormat format;
+
+  size_t row_bytes(int dim) const { return size_t(dim) * (format == KvFormat::plain ? dtype_size(dtype) : 1); }
+
+  void load(int64_t row, int dim, float* dst) const {
+    if (format == KvFormat::plain) return load_row_f32(data, dtype, row, dim, dst);
+    const uint8_t* src = static_cast<const uint8_t*>(data) + row * dim;
+    const float* table = kv_code_table(format);
+    const float scale = scales[row];
+    for (int d = 0; d < dim; ++d) dst[d] = table[src[d]] * scale;
+  }
+};
+
+// Quantises an f32 row into row `row` of an 8-bit pool and its scale.
+inline void store_quant_row(void* base, float* scales, KvFormat format, int64_t row, int dim, const float* src) {
+  float amax = 0.0f;
+  for (int d = 0; d < dim; ++d)  // a NaN makes the row non-finite (kv_row_scale)
+    if (!(std::fabs(src[d]) <= amax)) amax = std::isnan(src[d]) ? INFINITY : std::fabs(src[d]);
+  const KvRowScale s = kv_row_scale(format, amax);
+  uint8_t* dst = static_cast<uint8_t*>(base) + row * dim;
+  for (int d = 0; d < dim; ++d) dst[d] = kv_encode(format, src[d], s.inv_scale);
+  scales[row] = s.scale;
 }
 
 }  // namespace scalekv::cpu

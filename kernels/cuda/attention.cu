@@ -44,15 +44,25 @@
 //                              min(ceil(SMs / blocks), tiles / 2, 16) takes a contiguous run of key tiles and
 //                              writes its unnormalised O and (max, sum) per row to the workspace, f32:
 //                              O [splits][R*H*Lq][D], (m, l) [splits][R*H*Lq][2].
+//                              8-bit K/V (kv_format int8/fp8, <D, NW, true>): history and current rows are u8
+//                              with one f32 scale per row. A tile's rows arrive by cp.async 16 B into a u8 staging
+//                              tile, double buffered ([2][BK][D] for K and for V); each thread then decodes
+//                              exactly the 16-byte units it copied (its own copies need no barrier to be
+//                              read) times the row's scale, loaded from global memory before the wait, into a
+//                              single bf16 K and V tile, which the barrier that follows publishes to the
+//                              ldmatrix reads as before. Smem as the bf16 kernel's (one bf16 tile instead of two,
+//                              plus the u8 staging): D=64: 40.5 / 48.5 KiB, D=128: 48.25 / 64.25 KiB. No spills
+//                              but D=128 with 2 warps on sm_80 (44 bytes; sm_90 none), whether the 2 x 4 scales a
+//                              thread holds are loaded before or after the wait.
 //   attention_combine_kernel<D> split-KV only: one warp per (r, h, query row), D/32 floats per lane;
 //                              out = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s with M = max_s m_s.
-//   attention_simt_kernel<T,DV> f32 (exact path), and bf16 when D is not 64/128 or a tensor is not 16-byte
+//   attention_simt_kernel<T,KV,DV> f32 (exact path), and bf16 when D is not 64/128 or a tensor is not 16-byte
 //                              aligned (cp.async needs it; allocations are 256-aligned), any D <= 256; bf16
 //                              here calls note_slow_path with the reason. Grid
 //                              (ceil(Lq/16), H, R), 4 warps x 4 query rows, key tile 32 (one key per lane for
 //                              the logits, then p_j broadcast by shuffle for P V with lane = d). Smem f32:
 //                              Q [16][D] + K [32][D+1] (padded: lane j reads row j conflict-free) + V [32][D].
-//   window_logits_kernel<T>    grid (ceil(N/32), ceil(W/16), R*H), 8 warps: 16 window queries x 32 keys per
+//   window_logits_kernel<T,KV> grid (ceil(N/32), ceil(W/16), R*H), 8 warps: 16 window queries x 32 keys per
 //                              block, f32 FMA. Smem Q [16][D] + K [32][D+1] f32.
 //   window_lse_kernel          one block per (r,h,w): max, then sum of exp, in f32.
 //
@@ -71,6 +81,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "device_common.cuh"
 #include "ops.cuh"
@@ -95,6 +106,13 @@ struct AttnParams {
   float* window_logits;
   float* window_lse;
   const int32_t* status;
+  // 8-bit K/V only: the scale of every row, indexed as the rows (history rows from hist_stride * (r*H + h), or pool
+  // rows; current rows from lc * (r*H + h)).
+  KvFormat kv_format;
+  const float* hist_k_scale;
+  const float* hist_v_scale;
+  const float* cur_k_scale;
+  const float* cur_v_scale;
   int heads, lq, head_dim, hist_stride, n_hist, lc, n_keys, n_window;
   float scale;
   // Tensor-core path only.
@@ -105,17 +123,34 @@ struct AttnParams {
   float* part_o;                  // [n_splits][R*H*Lq][D] unnormalised O (workspace)
   float* part_ml;                 // [n_splits][R*H*Lq][2] (running max in the log2 domain, sum)
 };
-// Pointer to key/value row j of the virtual sequence [history (gathered) ‖ current] of one (r, h); null
-// past the end. `hist`/`cur` and `rows_bh` already point at this (r, h)'s slice.
-template <typename T>
-__device__ __forceinline__ const T* key_row(const AttnParams& p, const int32_t* rows_bh, const T* hist,
-                                            const T* cur, int j) {
+// Key/value row j of the virtual sequence [history (gathered) ‖ current] of one (r, h), with its scale (8-bit rows;
+// 1 otherwise); a null row past the end. `hist`/`cur`, their scales and `rows_bh` already point at this (r, h).
+template <typename KV>
+struct KvRowRef {
+  const KV* row;
+  float scale;
+};
+template <typename KV>
+__device__ __forceinline__ KvRowRef<KV> kv_row(const AttnParams& p, const int32_t* rows_bh, const KV* hist,
+                                               const float* hist_scale, const KV* cur, const float* cur_scale, int j) {
   if (j < p.n_hist) {
     const int hr = rows_bh ? __ldg(rows_bh + j) : j;
-    return hist + static_cast<size_t>(hr) * p.head_dim;
+    return {hist + static_cast<size_t>(hr) * p.head_dim, hist_scale ? __ldg(hist_scale + hr) : 1.0f};
   }
-  if (j < p.n_keys) return cur + static_cast<size_t>(j - p.n_hist) * p.head_dim;
-  return nullptr;
+  if (j < p.n_keys) {
+    const int c = j - p.n_hist;
+    return {cur + static_cast<size_t>(c) * p.head_dim, cur_scale ? __ldg(cur_scale + c) : 1.0f};
+  }
+  return {nullptr, 0.0f};
+}
+
+// Element d of a K/V row as f32: its dtype's value, or its 8-bit code decoded times the row's scale.
+template <typename T>
+__device__ __forceinline__ float kv_value(const KvRowRef<T>& r, int d, KvFormat) {
+  return to_f32(r.row[d]);
+}
+__device__ __forceinline__ float kv_value(const KvRowRef<uint8_t>& r, int d, KvFormat f) {
+  return kv_decode(f, r.row[d]) * r.scale;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -168,11 +203,17 @@ constexpr int kNoRow = INT32_MIN;     // key code of a key past the end: its K/V
 constexpr int kMinTilesPerSplit = 2;  // a split-KV block runs at least two key tiles (one overlaps the other's load)
 constexpr int kMaxSplits = 16;
 
-template <int D, int NW>
+template <int D, int NW, bool Q8 = false>
 struct MmaTile {
   static constexpr int BQ = 32 * NW, BK = mma_bk(D), CH = D / 8, NT = 32 * NW;
+  // bf16 K/V tiles: double buffered, or (8-bit K/V) one, decoded from the double-buffered u8 staging each tile.
+  static constexpr int KB = Q8 ? 1 : 2;
+  static constexpr int U8 = D / 16;               // 16-byte units of an 8-bit row
+  static constexpr int UPT = BK * U8 / NT;        // units per thread and tile, for K and for V
+  static constexpr size_t kStage = Q8 ? 2 * 2 * static_cast<size_t>(BK) * D : 0;  // [2 buffers][K, V][BK][D] u8
   static constexpr size_t kSmem =
-      static_cast<size_t>(BQ + 4 * BK) * D * sizeof(bf16) + 2 * BK * sizeof(int32_t);
+      static_cast<size_t>(BQ + 2 * KB * BK) * D * sizeof(bf16) + 2 * BK * sizeof(int32_t) + kStage;
+  static_assert(!Q8 || BK * U8 % NT == 0, "8-bit units per tile must share out evenly");
   // __launch_bounds__ register target: 255 per thread (2 blocks of 4 warps per SM). O (2 x D/2 floats), S
   // (2 x BK/2 floats) and the addresses need it: ptxas spills at a 168 cap (3 blocks). Q fragments are
   // therefore reloaded from smem per tile (2 ldmatrix per 16 d beside 2-4 for K) rather than kept.
@@ -192,6 +233,21 @@ __device__ __forceinline__ int key_code(const AttnParams& p, const int32_t* rows
   return j < p.n_keys ? -1 - (j - p.n_hist) : kNoRow;
 }
 
+// The K and V rows of key code `code`: a history row, a current row, or (past the end) `dummy`, any valid address
+// for the zero-fill copies, which read nothing.
+template <int D, typename T>
+__device__ __forceinline__ void code_rows(int code, const T* hk, const T* hv, const T* ck, const T* cv, const T* dummy,
+                                          const T*& kr, const T*& vr) {
+  kr = vr = dummy;
+  if (code >= 0) {
+    kr = hk + static_cast<size_t>(code) * D;
+    vr = hv + static_cast<size_t>(code) * D;
+  } else if (code != kNoRow) {
+    kr = ck + static_cast<size_t>(-1 - code) * D;
+    vr = cv + static_cast<size_t>(-1 - code) * D;
+  }
+}
+
 // Issues the cp.async copies of one K/V tile whose 64 key codes are in smem `codes`.
 template <int D, int NW>
 __device__ __forceinline__ void load_kv_tile(const int32_t* codes, const bf16* hk, const bf16* hv,
@@ -201,41 +257,108 @@ __device__ __forceinline__ void load_kv_tile(const int32_t* codes, const bf16* h
 #pragma unroll
   for (int i = 0; i < C::BK * C::CH / C::NT; ++i) {
     const int e = threadIdx.x + i * C::NT, row = e / C::CH, c = e % C::CH, code = codes[row];
-    const bf16* kr = dummy;  // any valid address for zero-fill copies
-    const bf16* vr = dummy;
-    if (code >= 0) {
-      kr = hk + static_cast<size_t>(code) * D;
-      vr = hv + static_cast<size_t>(code) * D;
-    } else if (code != kNoRow) {
-      kr = ck + static_cast<size_t>(-1 - code) * D;
-      vr = cv + static_cast<size_t>(-1 - code) * D;
-    }
+    const bf16 *kr, *vr;
+    code_rows<D>(code, hk, hv, ck, cv, dummy, kr, vr);
     const int bytes = code != kNoRow ? 16 : 0;
     skv::cp_async_16(sk + swz<D>(row, c), kr + (bytes ? c * 8 : 0), bytes);
     skv::cp_async_16(sv + swz<D>(row, c), vr + (bytes ? c * 8 : 0), bytes);
   }
 }
 
+// 8-bit K/V: issues the cp.async copies of one tile's u8 rows (key codes in smem `codes`) into the staging tile
+// st = [K, V][BK][D], unit e of the tile (row e / U8, 16 bytes u8 of it) by thread e % NT.
 template <int D, int NW>
-__global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention_mma_kernel(const AttnParams p) {
-  using C = MmaTile<D, NW>;
-  constexpr int BQ = C::BQ, BK = C::BK, CH = C::CH, NT = C::NT;
+__device__ __forceinline__ void load_kv_tile_u8(const int32_t* codes, const uint8_t* hk, const uint8_t* hv,
+                                                const uint8_t* ck, const uint8_t* cv, const uint8_t* dummy,
+                                                uint8_t* st) {
+  using C = MmaTile<D, NW, true>;
+#pragma unroll
+  for (int i = 0; i < C::UPT; ++i) {
+    const int e = threadIdx.x + i * C::NT, row = e / C::U8, u = e % C::U8, code = codes[row];
+    const uint8_t *kr, *vr;
+    code_rows<D>(code, hk, hv, ck, cv, dummy, kr, vr);
+    const int bytes = code != kNoRow ? 16 : 0;
+    skv::cp_async_16(st + row * D + u * 16, kr + (bytes ? u * 16 : 0), bytes);
+    skv::cp_async_16(st + (C::BK + row) * D + u * 16, vr + (bytes ? u * 16 : 0), bytes);
+  }
+}
+
+// The scales of this thread's units of a tile (read before the copies are waited for, so their latency overlaps).
+template <int D, int NW>
+__device__ __forceinline__ void kv_tile_scales(const int32_t* codes, const float* hks, const float* hvs,
+                                               const float* cks, const float* cvs, float* ks, float* vs) {
+  using C = MmaTile<D, NW, true>;
+#pragma unroll
+  for (int i = 0; i < C::UPT; ++i) {
+    const int code = codes[(threadIdx.x + i * C::NT) / C::U8];
+    ks[i] = code >= 0 ? __ldg(hks + code) : code != kNoRow ? __ldg(cks + (-1 - code)) : 0.0f;
+    vs[i] = code >= 0 ? __ldg(hvs + code) : code != kNoRow ? __ldg(cvs + (-1 - code)) : 0.0f;
+  }
+}
+
+// 16 codes (one staging unit) times `scale`, as 16 bf16 in two swizzled chunks of row `row` of a [BK][D] tile, one
+// 8-code half at a time (fewer live registers beside the O accumulators).
+template <int D>
+__device__ __forceinline__ void decode_unit(const uint8_t* src, float scale, KvFormat f, bf16* tile, int row, int u) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(src + 8 * half);
+    uint32_t packed[4];
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const uint32_t word = w ? raw.y : raw.x;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        packed[2 * w + h] = skv::pack_bf16x2(kv_decode(f, (word >> (16 * h)) & 0xFFu) * scale,
+                                             kv_decode(f, (word >> (16 * h + 8)) & 0xFFu) * scale);
+    }
+    *reinterpret_cast<uint4*>(tile + swz<D>(row, 2 * u + half)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+  }
+}
+
+// Decodes this thread's own units of the staging tile st (its own cp.async copies: visible to it after the wait)
+// into the bf16 K and V tiles.
+template <int D, int NW>
+__device__ __forceinline__ void decode_kv_tile(const uint8_t* st, const float* ks, const float* vs, KvFormat f,
+                                               bf16* sK, bf16* sV) {
+  using C = MmaTile<D, NW, true>;
+#pragma unroll
+  for (int i = 0; i < C::UPT; ++i) {
+    const int e = threadIdx.x + i * C::NT, row = e / C::U8, u = e % C::U8;
+    decode_unit<D>(st + row * D + u * 16, ks[i], f, sK, row, u);
+    decode_unit<D>(st + (C::BK + row) * D + u * 16, vs[i], f, sV, row, u);
+  }
+}
+
+template <int D, int NW, bool Q8>
+__global__ void __launch_bounds__(32 * NW, MmaTile<D, NW, Q8>::kMinBlocks) attention_mma_kernel(const AttnParams p) {
+  using C = MmaTile<D, NW, Q8>;
+  using KV = std::conditional_t<Q8, uint8_t, bf16>;
+  constexpr int BQ = C::BQ, BK = C::BK, CH = C::CH, NT = C::NT, KB = C::KB;
   if (p.status[0] != 0) return;  // a bad index list: write nothing
   SKV_DYNAMIC_SMEM(smem_raw);
-  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);                 // [BQ][D]; output staging at the end
-  bf16* sK = sQ + BQ * D;                                        // [2][BK][D]
-  bf16* sV = sK + 2 * BK * D;                                    // [2][BK][D]
-  int32_t* sRow = reinterpret_cast<int32_t*>(sV + 2 * BK * D);  // [2][BK] key codes
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);                  // [BQ][D]; output staging at the end
+  bf16* sK = sQ + BQ * D;                                         // [KB][BK][D]
+  bf16* sV = sK + KB * BK * D;                                    // [KB][BK][D]
+  int32_t* sRow = reinterpret_cast<int32_t*>(sV + KB * BK * D);  // [2][BK] key codes
+  uint8_t* sStage = reinterpret_cast<uint8_t*>(sRow + 2 * BK);    // 8-bit: [2][K, V][BK][D]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int split = blockIdx.x % p.n_splits, q0 = static_cast<int>(blockIdx.x / p.n_splits) * BQ;
   const size_t bh = static_cast<size_t>(blockIdx.z) * p.heads + blockIdx.y;
   const bf16* q = static_cast<const bf16*>(p.q) + bh * p.lq * D;
-  const bf16* hk = static_cast<const bf16*>(p.hist_k) + bh * p.hist_stride * D;
-  const bf16* hv = static_cast<const bf16*>(p.hist_v) + bh * p.hist_stride * D;
-  const bf16* ck = static_cast<const bf16*>(p.cur_k) + bh * p.lc * D;
-  const bf16* cv = static_cast<const bf16*>(p.cur_v) + bh * p.lc * D;
+  const KV* hk = static_cast<const KV*>(p.hist_k) + bh * p.hist_stride * D;
+  const KV* hv = static_cast<const KV*>(p.hist_v) + bh * p.hist_stride * D;
+  const KV* ck = static_cast<const KV*>(p.cur_k) + bh * p.lc * D;
+  const KV* cv = static_cast<const KV*>(p.cur_v) + bh * p.lc * D;
   const int32_t* rows_bh = p.hist_rows ? p.hist_rows + bh * p.n_hist : nullptr;
+  // Issues the copies of the tile whose codes are in `codes` into buffer b.
+  auto load_tile = [&](const int32_t* codes, int b) {
+    if constexpr (Q8)
+      load_kv_tile_u8<D, NW>(codes, hk, hv, ck, cv, reinterpret_cast<const uint8_t*>(q), sStage + b * 2 * BK * D);
+    else
+      load_kv_tile<D, NW>(codes, hk, hv, ck, cv, q, sK + b * BK * D, sV + b * BK * D);
+  };
   const int n_tiles = (p.n_keys + BK - 1) / BK;
   const int t_begin = split * p.tiles_per_split;
   const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
@@ -269,7 +392,7 @@ __global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention
                        qi < p.lq ? 16 : 0);
     }
     __syncthreads();  // publish the key codes of the first two tiles
-    load_kv_tile<D, NW>(sRow, hk, hv, ck, cv, q, sK, sV);
+    load_tile(sRow, 0);
     skv::cp_async_commit();
   }
 
@@ -287,17 +410,22 @@ __global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention
     const int buf = (kt - t_begin) & 1;
     if (kt + 1 < t_end) {
       // The buffer buf^1 was last read in the previous iteration, which ended with __syncthreads.
-      load_kv_tile<D, NW>(sRow + (buf ^ 1) * BK, hk, hv, ck, cv, q, sK + (buf ^ 1) * BK * D,
-                          sV + (buf ^ 1) * BK * D);
+      load_tile(sRow + (buf ^ 1) * BK, buf ^ 1);
       skv::cp_async_commit();
     }
     // The key codes of tile kt+2 are read now and stored at the end of this iteration, so the row list load's
     // latency hides behind this tile's math and the cp.async of tile kt+2 never waits on it.
     const bool fetch = tid < BK && kt + 2 < t_end;
     const int next_code = fetch ? key_code(p, rows_bh, (kt + 2) * BK + tid) : 0;
+    float k_scales[Q8 ? C::UPT : 1], v_scales[Q8 ? C::UPT : 1];
+    if constexpr (Q8)
+      kv_tile_scales<D, NW>(sRow + buf * BK, p.hist_k_scale + bh * p.hist_stride, p.hist_v_scale + bh * p.hist_stride,
+                            p.cur_k_scale + bh * p.lc, p.cur_v_scale + bh * p.lc, k_scales, v_scales);
     if (kt + 1 < t_end) skv::cp_async_wait<1>();  // everything but the newest group (tile kt+1) has landed
     else skv::cp_async_wait<0>();
-    __syncthreads();  // publish every thread's cp.async writes of tile kt (and Q)
+    // 8-bit: the single bf16 tile was last read in the previous iteration, which ended with __syncthreads.
+    if constexpr (Q8) decode_kv_tile<D, NW>(sStage + buf * 2 * BK * D, k_scales, v_scales, p.kv_format, sK, sV);
+    __syncthreads();  // publish every thread's cp.async writes of tile kt (and Q), or the decoded tile
 
     if (kt == t_begin) {
       if (p.negate_q) {  // scale < 0: softmax(scale s) = softmax(|scale| (-s)); Q is negated once, in smem
@@ -308,7 +436,7 @@ __global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention
     }
 
     // S = Q K^T for this warp's 32 rows x 64 keys: every K fragment serves both m-tiles.
-    const bf16* ks = sK + buf * BK * D;
+    const bf16* ks = sK + (Q8 ? 0 : buf) * BK * D;
     float s[2][BK / 8][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m)
@@ -383,7 +511,7 @@ __global__ void __launch_bounds__(32 * NW, MmaTile<D, NW>::kMinBlocks) attention
     // 16x16 P block over keys 16kk2..16kk2+15: a0 = (g, 2t..), a1 = (g+8, 2t..), a2 = (g, 2t+8..),
     // a3 = (g+8, 2t+8..). V rows are [key][d] but B wants (k = key, n = d) per lane, hence .trans; every
     // V fragment serves both m-tiles.
-    const bf16* vs = sV + buf * BK * D;
+    const bf16* vs = sV + (Q8 ? 0 : buf) * BK * D;
 #pragma unroll
     for (int kk2 = 0; kk2 < BK / 16; ++kk2) {
       uint32_t a[2][4];
@@ -503,21 +631,43 @@ __global__ void attention_combine_kernel(const AttnParams p) {
 
 constexpr int kSimtWarps = 4, kSimtRowsPerWarp = 4, kSimtQT = kSimtWarps * kSimtRowsPerWarp, kSimtKT = 32;
 
-// Loads key/value rows [tile*32, tile*32+32) as f32 into sK [32][D+1] and sV [32][D]; zeros past the end.
-template <typename T>
-__device__ __forceinline__ void load_kv_f32(const AttnParams& p, const int32_t* rows_bh, const T* hk, const T* hv,
-                                            const T* ck, const T* cv, int tile, float* sK, float* sV, int nt) {
+// The K and V rows of one (r, h) as the SIMT kernels read them: KV = T, or u8 codes with per-row scales.
+template <typename KV>
+struct KvSlices {
+  const KV *hk, *hv, *ck, *cv;
+  const float *hks, *hvs, *cks, *cvs;  // null for plain rows
+  __device__ KvSlices(const AttnParams& p, size_t bh) {
+    const int D = p.head_dim;
+    hk = static_cast<const KV*>(p.hist_k) + bh * p.hist_stride * D;
+    hv = static_cast<const KV*>(p.hist_v) + bh * p.hist_stride * D;
+    ck = static_cast<const KV*>(p.cur_k) + bh * p.lc * D;
+    cv = static_cast<const KV*>(p.cur_v) + bh * p.lc * D;
+    const bool q8 = p.kv_format != KvFormat::plain;
+    hks = q8 ? p.hist_k_scale + bh * p.hist_stride : nullptr;
+    hvs = q8 ? p.hist_v_scale + bh * p.hist_stride : nullptr;
+    cks = q8 ? p.cur_k_scale + bh * p.lc : nullptr;
+    cvs = q8 ? p.cur_v_scale + bh * p.lc : nullptr;
+  }
+};
+
+// Loads key (and, with sV, value) rows [tile*32, tile*32+32) as f32 into sK [32][D+1] and sV [32][D]; zeros past
+// the end.
+template <typename KV>
+__device__ __forceinline__ void load_kv_f32(const AttnParams& p, const int32_t* rows_bh, const KvSlices<KV>& kv,
+                                            int tile, float* sK, float* sV, int nt) {
   const int D = p.head_dim;
   for (int e = threadIdx.x; e < kSimtKT * D; e += nt) {
     const int row = e / D, d = e % D, j = tile * kSimtKT + row;
-    const T* kr = key_row<T>(p, rows_bh, hk, ck, j);
-    const T* vr = key_row<T>(p, rows_bh, hv, cv, j);
-    sK[row * (D + 1) + d] = kr ? to_f32(kr[d]) : 0.0f;
-    if (sV) sV[e] = vr ? to_f32(vr[d]) : 0.0f;
+    const KvRowRef<KV> kr = kv_row(p, rows_bh, kv.hk, kv.hks, kv.ck, kv.cks, j);
+    sK[row * (D + 1) + d] = kr.row ? kv_value(kr, d, p.kv_format) : 0.0f;
+    if (sV) {
+      const KvRowRef<KV> vr = kv_row(p, rows_bh, kv.hv, kv.hvs, kv.cv, kv.cvs, j);
+      sV[e] = vr.row ? kv_value(vr, d, p.kv_format) : 0.0f;
+    }
   }
 }
 
-template <typename T, int DV>  // DV: 32-wide slices of the head dim per lane, D <= 32 * DV
+template <typename T, typename KV, int DV>  // DV: 32-wide slices of the head dim per lane, D <= 32 * DV
 __global__ void attention_simt_kernel(const AttnParams p) {
   constexpr int RPW = kSimtRowsPerWarp, NT = 32 * kSimtWarps;
   if (p.status[0] != 0) return;
@@ -532,10 +682,7 @@ __global__ void attention_simt_kernel(const AttnParams p) {
   const size_t bh = static_cast<size_t>(blockIdx.z) * p.heads + blockIdx.y;
   const T* q = static_cast<const T*>(p.q) + bh * p.lq * D;
   T* out = static_cast<T*>(p.out) + bh * p.lq * D;
-  const T* hk = static_cast<const T*>(p.hist_k) + bh * p.hist_stride * D;
-  const T* hv = static_cast<const T*>(p.hist_v) + bh * p.hist_stride * D;
-  const T* ck = static_cast<const T*>(p.cur_k) + bh * p.lc * D;
-  const T* cv = static_cast<const T*>(p.cur_v) + bh * p.lc * D;
+  const KvSlices<KV> kv(p, bh);
   const int32_t* rows_bh = p.hist_rows ? p.hist_rows + bh * p.n_hist : nullptr;
 
   for (int e = tid; e < kSimtQT * D; e += NT) {
@@ -555,7 +702,7 @@ __global__ void attention_simt_kernel(const AttnParams p) {
 
   const int n_tiles = (p.n_keys + kSimtKT - 1) / kSimtKT;
   for (int kt = 0; kt < n_tiles; ++kt) {
-    load_kv_f32<T>(p, rows_bh, hk, hv, ck, cv, kt, sK, sV, NT);
+    load_kv_f32(p, rows_bh, kv, kt, sK, sV, NT);
     __syncthreads();
 
     // Logits: lane = key. sQ reads are broadcasts; sK rows are padded to D+1 (D+1 odd: distinct banks).
@@ -619,7 +766,7 @@ __global__ void attention_simt_kernel(const AttnParams p) {
 
 constexpr int kWinQ = 16, kWinK = 32, kWinWarps = 8;
 
-template <typename T>
+template <typename T, typename KV>
 __global__ void window_logits_kernel(const AttnParams p) {
   if (p.status[0] != 0) return;
   SKV_DYNAMIC_SMEM(smem_raw);
@@ -630,15 +777,14 @@ __global__ void window_logits_kernel(const AttnParams p) {
   const int j0 = blockIdx.x * kWinK, w0 = blockIdx.y * kWinQ;
   const size_t bh = blockIdx.z;
   const T* q = static_cast<const T*>(p.q) + bh * p.lq * D;
-  const T* hk = static_cast<const T*>(p.hist_k) + bh * p.hist_stride * D;
-  const T* ck = static_cast<const T*>(p.cur_k) + bh * p.lc * D;
+  const KvSlices<KV> kv(p, bh);
   const int32_t* rows_bh = p.hist_rows ? p.hist_rows + bh * p.n_hist : nullptr;
 
   for (int e = tid; e < kWinQ * D; e += kWinWarps * 32) {
     const int w = w0 + e / D;
     sQ[e] = w < p.n_window ? to_f32(q[static_cast<size_t>(p.window_rows[w]) * D + e % D]) : 0.0f;
   }
-  load_kv_f32<T>(p, rows_bh, hk, hk, ck, ck, blockIdx.x, sK, nullptr, kWinWarps * 32);
+  load_kv_f32(p, rows_bh, kv, blockIdx.x, sK, nullptr, kWinWarps * 32);
   __syncthreads();
 
   // Warp `warp` computes windows warp and warp+8 against key lane.
@@ -731,10 +877,10 @@ MmaPlan plan_mma(const AttentionArgs& a) {
   return pl;
 }
 
-template <int D, int NW>
+template <int D, int NW, bool Q8>
 void launch_mma(const AttnParams& p, const MmaPlan& pl, int rows, cudaStream_t stream) {
-  using C = MmaTile<D, NW>;
-  auto kernel = attention_mma_kernel<D, NW>;
+  using C = MmaTile<D, NW, Q8>;
+  auto kernel = attention_mma_kernel<D, NW, Q8>;
   static SmemOptIn smem_set;
   opt_in_smem(kernel, C::kSmem, smem_set, "attention");
   const dim3 grid(static_cast<unsigned>(pl.q_blocks * pl.splits), p.heads, rows);
@@ -748,18 +894,24 @@ void launch_mma(const AttnParams& p, const MmaPlan& pl, int rows, cudaStream_t s
 }
 
 template <int D>
-void launch_mma_dispatch(const AttnParams& p, const MmaPlan& pl, int rows, cudaStream_t stream) {
-  if (pl.nw == 4) launch_mma<D, 4>(p, pl, rows, stream);
-  else launch_mma<D, 2>(p, pl, rows, stream);
+void launch_mma_dispatch(const AttnParams& p, const MmaPlan& pl, int rows, bool q8, cudaStream_t stream) {
+  if (q8) {
+    if (pl.nw == 4) launch_mma<D, 4, true>(p, pl, rows, stream);
+    else launch_mma<D, 2, true>(p, pl, rows, stream);
+  } else if (pl.nw == 4) {
+    launch_mma<D, 4, false>(p, pl, rows, stream);
+  } else {
+    launch_mma<D, 2, false>(p, pl, rows, stream);
+  }
 }
 
 size_t simt_smem(int D) {
   return static_cast<size_t>(kSimtQT * D + kSimtKT * (D + 1) + kSimtKT * D) * sizeof(float);
 }
 
-template <typename T, int DV>
+template <typename T, typename KV, int DV>
 void launch_simt(const AttnParams& p, int rows, cudaStream_t stream) {
-  auto kernel = attention_simt_kernel<T, DV>;
+  auto kernel = attention_simt_kernel<T, KV, DV>;
   static SmemOptIn smem_set;
   opt_in_smem(kernel, simt_smem(32 * DV), smem_set, "attention");
   const dim3 grid((p.lq + kSimtQT - 1) / kSimtQT, p.heads, rows);
@@ -767,18 +919,18 @@ void launch_simt(const AttnParams& p, int rows, cudaStream_t stream) {
   SKV_LAUNCH(kernel, grid, dim3(32 * kSimtWarps), simt_smem(p.head_dim), stream, p);
 }
 
-template <typename T>
+template <typename T, typename KV>
 void launch_simt_dispatch(const AttnParams& p, int rows, cudaStream_t stream) {
-  if (p.head_dim <= 64) launch_simt<T, 2>(p, rows, stream);
-  else if (p.head_dim <= 128) launch_simt<T, 4>(p, rows, stream);
-  else launch_simt<T, 8>(p, rows, stream);
+  if (p.head_dim <= 64) launch_simt<T, KV, 2>(p, rows, stream);
+  else if (p.head_dim <= 128) launch_simt<T, KV, 4>(p, rows, stream);
+  else launch_simt<T, KV, 8>(p, rows, stream);
 }
 
 size_t window_smem(int D) { return static_cast<size_t>(kWinQ * D + kWinK * (D + 1)) * sizeof(float); }
 
-template <typename T>
+template <typename T, typename KV>
 void launch_window(const AttnParams& p, int rows, cudaStream_t stream) {
-  auto kernel = window_logits_kernel<T>;
+  auto kernel = window_logits_kernel<T, KV>;
   static SmemOptIn smem_set;
   opt_in_smem(kernel, window_smem(256), smem_set, "attention");
   const dim3 grid((p.n_keys + kWinK - 1) / kWinK, (p.n_window + kWinQ - 1) / kWinQ, rows * p.heads);
@@ -817,6 +969,9 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
     throw BackendError(StatusCode::internal, "attention: rows and heads must each be at most 65535");
   const int64_t pairs = static_cast<int64_t>(a.rows) * a.heads;
   if (pairs == 0) return;
+  const bool q8 = a.kv_format != KvFormat::plain;
+  if (q8 && ((a.hist_k && (!a.hist_k_scale || !a.hist_v_scale)) || (a.lc > 0 && (!a.cur_k_scale || !a.cur_v_scale))))
+    throw BackendError(StatusCode::internal, "attention: 8-bit K/V needs their scales");
 
   AttnParams p{};
   p.q = a.q;
@@ -825,6 +980,11 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
   p.hist_rows = a.gather;
   p.cur_k = a.cur_k;
   p.cur_v = a.cur_v;
+  p.kv_format = a.kv_format;
+  p.hist_k_scale = a.hist_k_scale;
+  p.hist_v_scale = a.hist_v_scale;
+  p.cur_k_scale = a.cur_k_scale;
+  p.cur_v_scale = a.cur_v_scale;
   p.out = a.out;
   p.window_rows = a.window_rows;
   p.window_logits = a.window_logits;
@@ -886,13 +1046,16 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
         p.part_o = static_cast<float*>(partials);
         p.part_ml = reinterpret_cast<float*>(static_cast<unsigned char*>(partials) + part_o_bytes(a, pl));
       }
-      if (a.head_dim == 64) launch_mma_dispatch<64>(p, pl, a.rows, stream);
-      else launch_mma_dispatch<128>(p, pl, a.rows, stream);
+      if (a.head_dim == 64) launch_mma_dispatch<64>(p, pl, a.rows, q8, stream);
+      else launch_mma_dispatch<128>(p, pl, a.rows, q8, stream);
     } else if (a.dtype == DType::bf16) {
       note_slow_path("attention", mma_obstacle(a));
-      launch_simt_dispatch<bf16>(p, a.rows, stream);
+      if (q8) launch_simt_dispatch<bf16, uint8_t>(p, a.rows, stream);
+      else launch_simt_dispatch<bf16, bf16>(p, a.rows, stream);
+    } else if (q8) {
+      launch_simt_dispatch<float, uint8_t>(p, a.rows, stream);
     } else {
-      launch_simt_dispatch<float>(p, a.rows, stream);
+      launch_simt_dispatch<float, float>(p, a.rows, stream);
     }
     check(cudaGetLastError(), "attention kernel launch");
   }
@@ -901,8 +1064,14 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
   if (p.n_window > 0 && p.n_keys > 0) {
     if ((p.n_window + kWinQ - 1) / kWinQ > 65535 || pairs > 65535)
       throw BackendError(StatusCode::internal, "attention: too many window rows or (row, head) pairs");
-    if (a.dtype == DType::bf16) launch_window<bf16>(p, a.rows, stream);
-    else launch_window<float>(p, a.rows, stream);
+    if (q8) {
+      if (a.dtype == DType::bf16) launch_window<bf16, uint8_t>(p, a.rows, stream);
+      else launch_window<float, uint8_t>(p, a.rows, stream);
+    } else if (a.dtype == DType::bf16) {
+      launch_window<bf16, bf16>(p, a.rows, stream);
+    } else {
+      launch_window<float, float>(p, a.rows, stream);
+    }
     check(cudaGetLastError(), "window logits launch");
   }
   if (p.n_window > 0 && a.window_lse) {

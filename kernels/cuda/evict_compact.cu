@@ -26,6 +26,10 @@
 // the history are no-op moves and are skipped. All of this is about logical history positions: the pages only
 // relocate them, and distinct positions of one (r, h) are distinct pool rows (a row's table names distinct pages).
 //
+// 8-bit K/V (kv_format int8/fp8): the rows are u8 and move as any other bytes; their scales ([pages, H, T] and
+// [R, H, Lc], one f32 per row) move by a second launch of the same kernel with rows of one 4-byte vector (the
+// pool row index is the scale's index), after the rows in stream order.
+//
 // Repeats (a non-decreasing list: the official gather of the duplicates average pooling can select) break
 // keep[i] >= i, so the same block works in three steps. (1) rank[i] = distinct values among keep[0..i] - 1,
 // by a block scan, into the workspace. (2) The first occurrence of each value moves to row rank[i]: these
@@ -209,7 +213,8 @@ size_t evict_compact_workspace_bytes(const EvictCompactArgs& a) {
 }
 
 void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* status, void* workspace) {
-  if (a.dtype != DType::f32 && a.dtype != DType::bf16)
+  const bool quantised = a.kv_format != KvFormat::plain;
+  if (quantised ? a.dtype != DType::u8 : a.dtype != DType::f32 && a.dtype != DType::bf16)
     throw BackendError(StatusCode::internal, std::string("evictCompact: unsupported dtype ") + dtype_name(a.dtype));
   const int64_t pairs = static_cast<int64_t>(a.rows) * a.heads;
   if (pairs == 0 || a.n_keep == 0) return;
@@ -226,15 +231,15 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
              a.hist_len + a.lc, a.hist_cap, a.repeats, a.hist_pages, a.heads, pages_read, status);
 
   // Widest vector that divides the row and every base pointer (all allocations are 256-aligned, so this is
-  // 16 bytes except for odd head dims or offset views).
+  // 16 bytes except for odd head dims or offset views; 8-bit rows of an odd head dim move byte by byte).
   const size_t row_bytes = static_cast<size_t>(a.head_dim) * dtype_size(a.dtype);
   auto fits = [&](size_t n) {
     return row_bytes % n == 0 && aligned(a.hist_k, n) && aligned(a.hist_v, n) && aligned(a.cur_k, n) &&
            aligned(a.cur_v, n);
   };
-  const size_t vec = fits(16) ? 16 : fits(4) ? 4 : 2;
-  if (!fits(vec))
-    throw BackendError(StatusCode::internal, "evictCompact: tensors must be at least 2-byte aligned");
+  const size_t vec = fits(16) ? 16 : fits(4) ? 4 : fits(2) ? 2 : 1;
+  if (quantised && (!a.hist_k_scale || !a.hist_v_scale || (a.lc > 0 && (!a.cur_k_scale || !a.cur_v_scale))))
+    throw BackendError(StatusCode::internal, "evictCompact: 8-bit K/V needs their scales");
 
   CompactParams p{};
   p.hist_k = a.hist_k;
@@ -253,7 +258,16 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
   const unsigned blocks = static_cast<unsigned>(pairs);
   if (vec == 16) launch_compact<uint4>(p, blocks, stream);
   else if (vec == 4) launch_compact<uint32_t>(p, blocks, stream);
-  else launch_compact<uint16_t>(p, blocks, stream);
+  else if (vec == 2) launch_compact<uint16_t>(p, blocks, stream);
+  else launch_compact<uint8_t>(p, blocks, stream);
+  if (quantised) {
+    p.hist_k = a.hist_k_scale;
+    p.hist_v = a.hist_v_scale;
+    p.cur_k = a.cur_k_scale;
+    p.cur_v = a.cur_v_scale;
+    p.row_vecs = 1;
+    launch_compact<uint32_t>(p, blocks, stream);
+  }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw BackendError(StatusCode::device, "evictCompact: launch failed: CUDA error " + std::to_string(static_cast<int>(err)));
