@@ -29,8 +29,8 @@ export { configFromManifest } from './model/config.js';
 export { InfinityModel, TextContext } from './model/infinity.js';
 export type { InfinityLoadOptions, TextFeatures, TextObservation, WeightSource as InfinityWeightSource } from './model/infinity.js';
 export { expandTextRows } from './model/infinity.js';
-export { generate, decodeImage, decodeUnderPeak, vaeBatchWithin } from './model/generate.js';
-export type { DecodedImage, DecodeOptions, GenerateObserver, GenerateOptions, GenerateResult, ScaleTiming } from './model/generate.js';
+export { generate, decodeImage, decodeUnderPeak, kvFormatFor, vaeBatchWithin } from './model/generate.js';
+export type { DecodedImage, DecodeOptions, GenerateObserver, GenerateOptions, GenerateResult, KvDtype, ScaleTiming } from './model/generate.js';
 export { captureObserver, composeObservers } from './model/capture.js';
 export type { CaptureOptions } from './model/capture.js';
 

@@ -20,7 +20,7 @@ import { BackendChoice, createEngine, Engine, MemoryStats } from './engine.js';
 import { fail, ScaleKVError } from './errors.js';
 import { encodePng, RawImage } from './image/png.js';
 import { kvPolicyFromSpec } from './kv/spec.js';
-import { decodeImage, decodeUnderPeak, generate, type GenerateOptions } from './model/generate.js';
+import { decodeImage, decodeUnderPeak, generate, type GenerateOptions, type KvDtype } from './model/generate.js';
 import { planAllocations, plannedTextLength, type StaticMemoryPlan } from './memory-plan.js';
 import { InfinityModel, sameText, TextFeatures, WeightSource } from './model/infinity.js';
 import type { KvPolicy } from './kv/policy.js';
@@ -119,6 +119,8 @@ export interface PipelineGenerateOptions {
   pn?: PixelBudget;
   /** KV policy: a policy object (one may serve many generations: each gets its own session), or a spec such as 'full', 'scalekv:10%', 'window:650'. Default 'full'. */
   kv?: KvPolicy | string;
+  /** K/V storage: the model's dtype (default), or 'int8' / 'fp8' with a scale per (token, head): about half the bytes. */
+  kvDtype?: KvDtype;
   /** Also encode every image as PNG (`PipelineImage.png`). Default false. */
   png?: boolean;
   /**
@@ -501,7 +503,7 @@ export class Pipeline {
     const negativeText = conditioning.negative && repeatTextFeatures(conditioning.negative, batch);
     const textMs = performance.now() - started;
     const seed = o.seed ?? 0;
-    const sampling = { textFeatures: text, negativeText, schedule, cfg, tau: o.tau ?? 1, topK: o.topK, topP: o.topP, kvPolicy };
+    const sampling = { textFeatures: text, negativeText, schedule, cfg, tau: o.tau ?? 1, topK: o.topK, topP: o.topP, kvPolicy, kvDtype: o.kvDtype };
     const shape = this.#memoryPlans ? await this.#planFor(sampling, o.kv, o.vaeBatch) : undefined;
     const plan = shape?.plan;
     const vaeBatch = o.vaeBatch ?? shape?.vaeBatch;
@@ -593,7 +595,7 @@ export class Pipeline {
     const policy = typeof kv === 'string' || kv === undefined ? `spec:${kv ?? 'full'}` : `object:${this.#policyId(kv)}`;
     const key = JSON.stringify({
       schedule: sampling.schedule, cfg: sampling.cfg, text: textFeatures?.lens, textIds: positive?.ids, negative: negativeText?.lens, negativeIds: negative?.ids,
-      policy, topK: sampling.topK, topP: sampling.topP, vaeBatch,
+      policy, topK: sampling.topK, topP: sampling.topP, vaeBatch, kvDtype: sampling.kvDtype,
     });
     const cached = this.#plans.get(key);
     if (cached) {

@@ -24,6 +24,7 @@ import * as kvBaselines from '../lib/kv/baselines.js';
 import * as kvSpec from '../lib/kv/spec.js';
 import * as kvPlanner from '../lib/kv/planner.js';
 import * as kvResolve from '../lib/kv/resolve.js';
+import * as kvQuant from '../lib/kv/quant.js';
 import * as skPolicy from '../lib/scalekv/policy.js';
 import * as skBudget from '../lib/scalekv/budget.js';
 import * as skWindow from '../lib/scalekv/window.js';
@@ -65,7 +66,7 @@ const REQUIRED: Record<string, string[]> = {
 /** The modules that implement each tier: every export of the entry must be one of theirs, the very same object. */
 const IMPLEMENTERS: Record<string, Module[]> = {
   'scalekv/engine': [engineMod, opsMod, dtypeMod, errorsMod, memoryPlanMod],
-  'scalekv/kv': [kvCache, kvPolicy, kvSelection, kvBaselines, kvSpec, kvPlanner, kvResolve, skPolicy, skBudget, skWindow, skAsi, metrics],
+  'scalekv/kv': [kvCache, kvQuant, kvPolicy, kvSelection, kvBaselines, kvSpec, kvPlanner, kvResolve, skPolicy, skBudget, skWindow, skAsi, metrics],
   'scalekv/verify': [verifyIndex, verifyCompare, vUnits, vRope, vBsq, vVae, vSampling, vFull, vScalekv, safetensorsMod],
 };
 

@@ -97,6 +97,16 @@ test('the dry run agrees with closed forms at the real presets (weights, full-ca
       t.true(plan.reservedPeak >= plan.bytes.total);
     }
   }
+  // 8-bit K/V: a byte per element and an f32 scale per (token, head), the same pages and tables.
+  for (const kvDtype of ['int8', 'fp8'] as const) {
+    const c = preset('infinity-2b');
+    const plan = await planMemory({ preset: 'infinity-2b', batch: 8, kvDtype });
+    const perToken = 16 * c.numHeads * (c.headDim + 4) * 2;
+    t.is(plan.kvDtype, kvDtype);
+    t.is(plan.bytes.kv, c.depth * 402 * 16 * perToken + c.depth * 16 * 402 * 4, `${kvDtype} kv`);
+    t.is(plan.bytes.scratch, 4096 * perToken + 4096 * 2 * 4, `${kvDtype} scratch`);
+  }
+  await t.throwsAsync(() => planMemory({ preset: 'infinity-2b', batch: 1, kvDtype: 'f32' }), { code: 'ERR_INVALID_ARG', message: /model's dtype/ });
   // A window policy: every layer holds 650 tokens.
   const c2 = preset('infinity-2b');
   const w = await planMemory({ preset: 'infinity-2b', batch: 2, policy: resolvePolicy('window:650', { depth: 32 }) });
@@ -142,26 +152,33 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
   const textTokens = syntheticText().lens[0];
   t.true(syntheticText().lens.every((n) => n === textTokens), 'the planner gives every prompt the same length');
   const fullKv = new Map<string, number>();
+  const fullPool = new Map<string, number>();
   for (const spec of ['full', 'window:40', 'streamingllm:4+36', 'snapkv:40', 'pyramidkv:40', `scalekv-paper:plan=${planPath},base=53`, 'scalekv:20%']) {
-    for (const dtype of ['f32', 'bf16'] as const) {
+    // 8-bit K/V on two of the policies (the whole suite's time allows no more).
+    const storage = spec === 'full' || spec === 'scalekv:20%' ? (['f32', 'bf16', 'bf16/int8', 'f32/fp8'] as const) : (['f32', 'bf16'] as const);
+    for (const kind of storage) {
+      const [dtype, kvDtype] = kind.split('/') as ['f32' | 'bf16', 'int8' | 'fp8' | undefined];
       const policy = spec === 'full' ? new FullKvPolicy() : resolvePolicy(spec, { depth: tiny.config.depth });
-      const plan = await planMemory({ config: tiny.config, batch: B, schedule: schedule.scales, dtype, textTokens, policy });
+      const plan = await planMemory({ config: tiny.config, batch: B, schedule: schedule.scales, dtype, kvDtype, textTokens, policy });
       const e = await createEngine({ backend: 'cpu', threads: 2 });
       try {
         const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype });
         const vae = await VaeDecoder.load(e, vaeWeights, { ...tiny.vaeConfig, weightDtype: dtype, dtype });  // as the Pipeline does
-        const r = await generate(m, { text: syntheticText(), schedule: schedule.scales, cfg: 3, seed: 1, kvPolicy: policy });
+        const r = await generate(m, { text: syntheticText(), schedule: schedule.scales, cfg: 3, seed: 1, kvPolicy: policy, kvDtype });
         await decodeImage(vae, r.summedCodes, { vaeBatch: plan.vaeBatch });
         r.summedCodes.dispose();
         const mem = e.memory();
-        const what = `${spec} ${dtype}`;
+        const what = `${spec} ${kind}`;
         t.deepEqual({ ...mem.peak, total: mem.totalPeak }, plan.bytes, what);
         t.is(mem.reservedPeak, plan.reservedPeak, what);
         t.is(r.kvBytes + r.kvArena.tableBytes, plan.bytes.kv, what);
         t.deepEqual(plan.kvArena, { pageTokens: r.kvArena.pageTokens, poolPages: r.kvArena.poolPages, tableBytes: r.kvArena.tableBytes }, what);
+        const { headDim } = tiny.config;
+        if (!kvDtype) fullPool.set(`${spec} ${dtype}`, r.kvBytes);
+        else t.is(r.kvBytes, (fullPool.get(`${spec} ${dtype}`) as number) * (headDim + 4) / (headDim * (dtype === 'bf16' ? 2 : 4)), `${what}: a byte an element and a scale a row`);
         // (The official-mode 20 % plan keeps every token of this 7-scale schedule at its largest history.)
-        if (spec === 'full') fullKv.set(dtype, plan.bytes.kv);
-        else if (!spec.startsWith('scalekv:')) t.true(plan.bytes.kv < (fullKv.get(dtype) as number), `${what}: the policy shrinks the cache`);
+        if (spec === 'full' && !kvDtype) fullKv.set(dtype, plan.bytes.kv);
+        else if (!spec.startsWith('scalekv:') && !kvDtype) t.true(plan.bytes.kv < (fullKv.get(dtype) as number), `${what}: the policy shrinks the cache`);
         vae.dispose();
         m.dispose();
         const after = e.memory();
@@ -236,6 +253,16 @@ test('scalekv plan CLI: table and JSON', (t) => {
   const bad = cli('plan', '--policy', 'nonsense:1');
   t.is(bad.status, 1);
   t.regex(bad.stderr, /ERR_INVALID_ARG/);
+  // 8-bit K/V: a byte per element and an f32 scale per (token, head) row: 128 + 4 bytes a row instead of 256.
+  const q = cli('plan', '--preset', 'infinity-2b', '--batch', '8', '--kv-dtype', 'int8', '--json');
+  t.is(q.status, 0, q.stderr);
+  const plan8 = JSON.parse(q.stdout);
+  t.is(plan8.kvDtype, 'int8');
+  t.is(plan8.bytes.kv, 32 * 16 * 402 * 16 * 16 * 132 * 2 + 32 * 16 * 402 * 4);
+  t.regex(cli('plan', '--preset', 'tiny', '--kv-dtype', 'fp8').stdout, /K and V fp8 \+ an f32 scale per \(token, head\)/);
+  const wrong = cli('plan', '--kv-dtype', 'int4');
+  t.is(wrong.status, 1);
+  t.regex(wrong.stderr, /ERR_INVALID_ARG.*kvDtype/);
 });
 
 test('the planner counts the T5 encoder as the Pipeline runs it (freed before sampling, or kept; negative prompts): peaks equal the CPU engine\'s', async (t) => {

@@ -6,6 +6,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { fail } from '../errors.js';
 import type { MemoryStats } from '../engine.js';
+import type { KvDtype } from '../model/generate.js';
 import type { PixelBudget } from '../model/schedule.js';
 import { Pipeline } from '../pipeline.js';
 import { encodeSafetensors } from '../safetensors.js';
@@ -15,7 +16,7 @@ import { loadFromFlags, ModelFlags, parseNumber, progressLine } from './common.j
 
 export const GENERATION_USAGE: Record<string, string> = {
   demo: `  demo [--prompt P]... [--negative-prompt N]... [--batch N] [--seed N] [--pn 0.06M|0.25M] [--aspect H/W]
-       [--cfg X] [--tau X] [--policy SPEC] [--out DIR] [--backend B] [--json]
+       [--cfg X] [--tau X] [--policy SPEC] [--kv-dtype int8|fp8] [--out DIR] [--backend B] [--json]
       The whole pipeline (tokenizer -> T5 encoder -> sampling loop -> VAE -> PNG) on a built-in tiny random-weight
       model, its tiny T5 and the package's own small tokenizer, all created deterministically: no download. N images
       per --prompt (default 1).
@@ -26,14 +27,15 @@ export const GENERATION_USAGE: Record<string, string> = {
   generate: `  generate --weights CKPT --vae CKPT (--t5 DIR --prompt P... [--negative-prompt N]... | --text FEATURES.safetensors
        [--negative-text FEATURES.safetensors]) [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--seed N]
        [--cfg X] [--tau X] [--top-k K] [--top-p P] [--aspect H/W] [--pn 1M] [--policy SPEC] [--dtype bf16|f32]
-       [--out DIR] [--backend B] [--json]
+       [--kv-dtype int8|fp8] [--out DIR] [--backend B] [--json]
       Generates N images (default 1) per prompt. Prompts as text need --t5, a Hugging Face T5 directory
       (google/flan-t5-xl: config.json, the weights, tokenizer.json; only its encoder is read): the tokenizer and
       encoder run on the same engine, which frees the encoder before sampling. --negative-prompt: one for every
       prompt, or one per --prompt. Or give precomputed T5 features (encode-text writes them: 'kv' [tokens, 2048]
       f32, the prompts' tokens concatenated, and 'lens' [prompts] int). CKPT: .pth, .safetensors or a sharded
       directory; the VAE under 'vae.' in a .pth is found by itself. --policy: the KV cache policy ('full' by
-      default, 'scalekv:10%', 'window:650', ...: see plan).
+      default, 'scalekv:10%', 'window:650', ...: see plan); --kv-dtype: K/V stored as 8-bit codes with a scale per
+      (token, head), about half the bytes of bf16 (default: the model's dtype).
       examples:
         scalekv generate --weights infinity_2b_reg.pth --vae infinity_vae_d32_reg.pth --t5 flan-t5-xl \\
           --prompt "a lighthouse on a cliff at dawn" --policy scalekv:10% --out out
@@ -88,6 +90,7 @@ interface RunFlags extends ModelFlags {
   aspect?: string;
   pn?: string;
   policy?: string;
+  'kv-dtype'?: string;
   out: string;
   json: boolean;
 }
@@ -113,6 +116,7 @@ async function run(values: RunFlags, prefix: string, defaultPrompts: readonly st
       aspect: values.aspect,
       pn: values.pn as PixelBudget,
       kv: policy,
+      kvDtype: values['kv-dtype'] as KvDtype | undefined,
       png: true,
       onProgress: progressLine(),
     });
@@ -153,6 +157,7 @@ const runOptions = {
   tau: { type: 'string' },
   aspect: { type: 'string' },
   policy: { type: 'string' },
+  'kv-dtype': { type: 'string' },
   backend: { type: 'string', default: 'auto' },
   json: { type: 'boolean', default: false },
   prompt: { type: 'string', multiple: true },

@@ -22,12 +22,17 @@
  * `compact` (or none), which moves them to the front of the layer's pages and frees the pages past them. These are
  * the only ways the cache changes, and each checks lengths against capacities and the pool.
  * RoPE stays correct under compaction because K is stored rotated and positions come from the schedule.
+ *
+ * **8-bit K/V** (`kvFormat` 'int8' or 'fp8', lib/kv/quant.ts): the pools and the scratch are u8, and each has a pair
+ * of f32 scale tensors of the same layout without headDim ([pages, heads, pageTokens], [rows, heads, n_si]) in its
+ * category; qkNormRope quantises as it writes, attention dequantises as it reads, evictCompact moves codes and scales.
  */
 import type { DType } from '../dtype.js';
 import type { Engine, Tensor } from '../engine.js';
 import { fail } from '../errors.js';
-import type { KVPair } from '../ops.js';
+import type { KVPair, KvFormat } from '../ops.js';
 import type { KvPlacement } from './policy.js';
+import { dequantiseKvRows } from './quant.js';
 
 /** Tokens per page unless a cache says otherwise (see `KvCacheOptions.pageTokens`). */
 export const DEFAULT_PAGE_TOKENS = 16;
@@ -40,8 +45,10 @@ export interface KvCacheOptions {
   headDim: number;
   /** History capacity (tokens) of every layer, or one per layer; 0 is allowed (the layer never keeps anything). */
   capacity: number | readonly number[];
-  /** 'f32' or 'bf16'. */
+  /** 'f32' or 'bf16': the model's activations (and the K/V with kvFormat 'plain'). */
   dtype: DType;
+  /** How K/V are stored: 'plain' (default, in `dtype`), or 8-bit 'int8' / 'fp8' with a scale per (token, head). */
+  kvFormat?: KvFormat;
   /**
    * Tokens per page. Default 16: a (layer, row) wastes under one page (< 16 tokens, e.g. 2B bf16: < 128 KiB of K
    * and V), and a page is still 16 whole 128-byte K rows per head for the attention's tile loads.
@@ -58,6 +65,9 @@ export interface KvCacheOptions {
 export interface KvTarget {
   k: Tensor;
   v: Tensor;
+  /** 8-bit K/V: where the row scales go. */
+  kScale?: Tensor;
+  vScale?: Tensor;
   offset: number;
   /** [rows, tablePages] int32 page table of k and v (absent for the contiguous scratch). */
   pageTable?: Tensor;
@@ -102,10 +112,13 @@ export class KvCache {
   readonly heads: number;
   readonly headDim: number;
   readonly dtype: DType;
+  readonly kvFormat: KvFormat;
   readonly pageTokens: number;
   readonly poolPages: number;
   readonly #poolK: Tensor | undefined;
   readonly #poolV: Tensor | undefined;
+  readonly #scaleK: Tensor | undefined;
+  readonly #scaleV: Tensor | undefined;
   /** Free pages, taken from the end (the most recently freed first: their lines may still be in cache). */
   readonly #free: number[];
   readonly #tables: Int32Array[];
@@ -126,6 +139,8 @@ export class KvCache {
     this.heads = o.heads;
     this.headDim = o.headDim;
     this.dtype = o.dtype;
+    this.kvFormat = o.kvFormat ?? 'plain';
+    if (!['plain', 'int8', 'fp8'].includes(this.kvFormat)) fail('ERR_INVALID_ARG', `KvCache: kvFormat must be 'plain', 'int8' or 'fp8', got ${String(o.kvFormat)}`);
     this.pageTokens = o.pageTokens ?? DEFAULT_PAGE_TOKENS;
     if (!Number.isSafeInteger(this.pageTokens) || this.pageTokens < 1) fail('ERR_INVALID_ARG', `KvCache: pageTokens ${o.pageTokens} must be a positive integer`);
     if (typeof o.capacity !== 'number' && o.capacity.length !== o.layers)
@@ -142,8 +157,12 @@ export class KvCache {
     this.#state = new Array(o.layers).fill('idle');
     try {
       const shape = [this.poolPages, o.heads, this.pageTokens, o.headDim];
-      this.#poolK = this.poolPages > 0 ? engine.empty(shape, o.dtype, { category: 'kv' }) : undefined;
-      this.#poolV = this.poolPages > 0 ? engine.empty(shape, o.dtype, { category: 'kv' }) : undefined;
+      const pools = this.poolPages > 0;
+      this.#poolK = pools ? engine.empty(shape, this.#kvDtype, { category: 'kv' }) : undefined;
+      this.#poolV = pools ? engine.empty(shape, this.#kvDtype, { category: 'kv' }) : undefined;
+      const quantised = pools && this.kvFormat !== 'plain';
+      this.#scaleK = quantised ? engine.empty(shape.slice(0, 3), 'f32', { category: 'kv' }) : undefined;
+      this.#scaleV = quantised ? engine.empty(shape.slice(0, 3), 'f32', { category: 'kv' }) : undefined;
       for (let l = 0; l < o.layers; l++)
         this.#deviceTables.push(tablePages[l] > 0 ? engine.tensor(this.#tables[l], [o.rows, tablePages[l]], 'i32', { category: 'kv' }) : undefined);
     } catch (e) {
@@ -180,15 +199,24 @@ export class KvCache {
   history(layer: number): KvHistory | undefined {
     const l = this.#layer(layer);
     if (this.#len[l] === 0) return undefined;
-    return { k: this.#poolK as Tensor, v: this.#poolV as Tensor, len: this.#len[l], pageTable: this.#table(l) };
+    return { ...this.#pools(), len: this.#len[l], pageTable: this.#table(l) };
   }
 
-  /** Reads a layer's history back as contiguous [rows, heads, len, headDim] K and V (f32, or raw bf16 bits). */
+  /**
+   * Reads a layer's history back as contiguous [rows, heads, len, headDim] K and V: f32, raw bf16 bits, or (8-bit)
+   * the codes times their scales as f32.
+   */
   async readHistory(layer: number): Promise<{ k: Float32Array | Uint16Array; v: Float32Array | Uint16Array; len: number }> {
     const l = this.#layer(layer);
     const len = this.#len[l];
     const table = this.#tables[l];
-    const [poolK, poolV] = this.#poolK && this.#poolV ? await Promise.all([this.#poolK.read(), this.#poolV.read()]) : [new Float32Array(0), new Float32Array(0)];
+    const read = async (pool: Tensor | undefined, scales: Tensor | undefined) => {
+      if (!pool) return new Float32Array(0);
+      const data = await pool.read();
+      if (this.kvFormat === 'plain' || !scales) return data;
+      return dequantiseKvRows(this.kvFormat, data as Uint8Array, (await scales.read()) as Float32Array, this.headDim);
+    };
+    const [poolK, poolV] = await Promise.all([read(this.#poolK, this.#scaleK), read(this.#poolV, this.#scaleV)]);
     const { rows, heads, headDim: d, pageTokens: P } = this;
     const gather = (pool: Float32Array | Int32Array | Uint8Array) => {
       const out = pool instanceof Float32Array ? new Float32Array(rows * heads * len * d) : new Uint16Array(rows * heads * len * d);
@@ -234,7 +262,7 @@ export class KvCache {
       this.#resize(l, len + n);
       this.#len[l] = len + n;
       this.#state[l] = 'appended';
-      return { k: this.#poolK as Tensor, v: this.#poolV as Tensor, offset: len, pageTable: this.#table(l) };
+      return { ...this.#pools(), offset: len, pageTable: this.#table(l) };
     }
     if (placement !== 'decide') fail('ERR_INVALID_ARG', `KvCache: placement must be 'append' or 'decide', got ${String(placement)}`);
     this.#state[l] = 'scratch';
@@ -242,10 +270,10 @@ export class KvCache {
   }
 
   /** The keys/values layer `layer` attends over at this scale: its history, and the scratch when placed there. */
-  attentionOperands(layer: number): { history?: KvHistory; current?: KVPair } {
+  attentionOperands(layer: number): { history?: KvHistory; current?: KVPair; kvFormat: KvFormat } {
     const l = this.#layer(layer);
     if (this.#state[l] === 'idle' || this.#state[l] === 'compacted') fail('ERR_INTERNAL', `KV cache layer ${l}: no scale placed to attend over`);
-    return { history: this.history(l), current: this.#state[l] === 'scratch' ? this.#scratch : undefined };
+    return { history: this.history(l), current: this.#state[l] === 'scratch' ? this.#scratch : undefined, kvFormat: this.kvFormat };
   }
 
   /**
@@ -266,8 +294,8 @@ export class KvCache {
     this.#state[l] = 'compacted';
     if (count > len) this.#resize(l, count);
     if (count > 0) {
-      const history = { k: this.#poolK as Tensor, v: this.#poolV as Tensor, len, pageTable: this.#table(l) };
-      this.engine.ops.evictCompact({ history, current: this.#scratch, keep, repeats });
+      const history = { ...this.#pools(), len, pageTable: this.#table(l) };
+      this.engine.ops.evictCompact({ history, current: this.#scratch, keep, repeats, kvFormat: this.kvFormat });
     }
     // Pages past the kept entries go back to the pool at once: the queue runs this compaction before any later
     // write to them.
@@ -277,25 +305,22 @@ export class KvCache {
 
   /** Releases the scale's scratch. */
   endScale(): void {
-    this.#scratch?.k.dispose();
-    this.#scratch?.v.dispose();
+    for (const t of [this.#scratch?.k, this.#scratch?.v, this.#scratch?.kScale, this.#scratch?.vScale]) t?.dispose();
     this.#scratch = undefined;
     this.#tokens = 0;
     this.#state.fill('idle');
   }
 
-  /** Bytes of the K and V pools (the page tables are not counted). */
+  /** Bytes of the K and V pools and their scales (the page tables are not counted). */
   get bytes(): number {
-    return (this.#poolK?.bytes ?? 0) + (this.#poolV?.bytes ?? 0);
+    return [this.#poolK, this.#poolV, this.#scaleK, this.#scaleV].reduce((a, t) => a + (t?.bytes ?? 0), 0);
   }
 
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
     this.endScale();
-    this.#poolK?.dispose();
-    this.#poolV?.dispose();
-    for (const t of this.#deviceTables) t?.dispose();
+    for (const t of [this.#poolK, this.#poolV, this.#scaleK, this.#scaleV, ...this.#deviceTables]) t?.dispose();
   }
 
   #layer(layer: number): number {
@@ -335,14 +360,31 @@ export class KvCache {
     this.#peakPages = Math.max(this.#peakPages, this.poolPages - this.#free.length);
   }
 
+  get #kvDtype(): DType {
+    return this.kvFormat === 'plain' ? this.dtype : 'u8';
+  }
+
+  #pools(): KVPair {
+    return { k: this.#poolK as Tensor, v: this.#poolV as Tensor, kScale: this.#scaleK, vScale: this.#scaleV };
+  }
+
   #scratchPair(): KVPair {
     if (!this.#scratch) {
       const shape = [this.rows, this.heads, this.#tokens, this.headDim];
-      const k = this.engine.empty(shape, this.dtype, { category: 'scratch' });
+      const made: Tensor[] = [];
+      const make = (dims: number[], dtype: DType) => {
+        made.push(this.engine.empty(dims, dtype, { category: 'scratch' }));
+        return made[made.length - 1];
+      };
       try {
-        this.#scratch = { k, v: this.engine.empty(shape, this.dtype, { category: 'scratch' }) };
+        const pair: KVPair = { k: make(shape, this.#kvDtype), v: make(shape, this.#kvDtype) };
+        if (this.kvFormat !== 'plain') {
+          pair.kScale = make(shape.slice(0, 3), 'f32');
+          pair.vScale = make(shape.slice(0, 3), 'f32');
+        }
+        this.#scratch = pair;
       } catch (e) {
-        k.dispose();
+        for (const t of made) t.dispose();
         throw e;
       }
     }

@@ -1,6 +1,8 @@
 /** The KV cache, the policy hook, the baselines, policy specs and the memory planner. */
 export { DEFAULT_PAGE_TOKENS, KvCache, kvPoolPages } from './cache.js';
 export type { KvCacheOptions, KvHistory, KvTarget } from './cache.js';
+export { decodeKvCode, dequantiseKvRows, fp8E4m3ToNumber, kvCodeMax, numberToFp8E4m3, quantiseKvRow } from './quant.js';
+export type { QuantisedKvFormat } from './quant.js';
 export { appendUnlessLast, cumulativeLengths, policyHistoryLengths } from './policy.js';
 export type { AfterAttentionContext, KvGeneration, KvPlacement, KvPolicy, KvPolicySession, KvStep } from './policy.js';
 export { SelectionPolicy, SelectionSession, scoreAndSelect, gridWindow, gridScoring, avgPoolSafeBudget } from './selection.js';

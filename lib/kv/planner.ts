@@ -12,7 +12,7 @@
  */
 import { createEngine, MemoryCategory } from '../engine.js';
 import { fail } from '../errors.js';
-import { decodeUnderPeak, generate } from '../model/generate.js';
+import { decodeUnderPeak, generate, kvFormatFor, type KvDtype } from '../model/generate.js';
 import { InfinityModel } from '../model/infinity.js';
 import { InfinityConfig, preset, PresetName } from '../model/presets.js';
 import { scaleSchedule } from '../model/schedule.js';
@@ -38,6 +38,8 @@ export interface PlanMemoryOptions {
   policy?: KvPolicy;
   /** The model dtype: block Linear weights and the K/V cache (the rest is f32, as the loader uploads it). Default 'bf16'. */
   dtype?: PlanDtype;
+  /** K/V storage (GenerateOptions.kvDtype): the model dtype, or 'int8' / 'fp8' with a scale per (token, head). */
+  kvDtype?: KvDtype;
   /** Include the VAE decoder: its weights stay resident and the batch is decoded after the loop. Default true. */
   decode?: boolean;
   /** Images decoded at once (decodeImage's vaeBatch). Default: the most whose decode stays under the sampling peak. */
@@ -72,6 +74,8 @@ export interface MemoryPlan {
   rows: number;
   scaleTokens: number[];
   dtype: PlanDtype;
+  /** K/V storage: the model dtype, or 'int8' / 'fp8' (with a f32 scale per (token, head), counted in bytes.kv). */
+  kvDtype: KvDtype;
   textTokens: number;
   decode: boolean;
   /** Images the VAE decodes at once (0 without decode): as asked, or the most that leave the peak where sampling put it. */
@@ -145,7 +149,7 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
     let kvArena: MemoryPlan['kvArena'] | undefined;
     let vaeBatch = 0;
     const work = async () => {
-      const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy });
+      const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy, kvDtype: o.kvDtype });
       if (vae) vaeBatch = (await decodeUnderPeak(vae, r.summedCodes, o.vaeBatch)).vaeBatch;
       r.summedCodes.dispose();
       kvArena = { pageTokens: r.kvArena.pageTokens, poolPages: r.kvArena.poolPages, tableBytes: r.kvArena.tableBytes };
@@ -173,6 +177,7 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
   const policy = o.policy ?? new FullKvPolicy();
   const dtype = o.dtype ?? 'bf16';
   if (dtype !== 'bf16' && dtype !== 'f32') fail('ERR_DTYPE', `planMemory: dtype must be bf16 or f32, got ${dtype}`);
+  kvFormatFor(o.kvDtype, dtype);
   const textTokens = o.textTokens ?? c.textMaxlen;
   if (!Number.isSafeInteger(textTokens) || textTokens < 1 || textTokens > c.textMaxlen) fail('ERR_INVALID_ARG', `text tokens must be in [1, ${c.textMaxlen}], got ${textTokens}`);
   const decode = o.decode ?? true;
@@ -202,6 +207,7 @@ export async function planMemory(o: PlanMemoryOptions): Promise<MemoryPlan> {
     rows,
     scaleTokens: tokens,
     dtype,
+    kvDtype: o.kvDtype ?? dtype,
     textTokens,
     decode,
     vaeBatch,

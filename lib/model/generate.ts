@@ -14,6 +14,7 @@ import { policyHistoryLengths, type KvPolicy, type KvPolicySession } from '../kv
 import { VaeDecoder, type VaeDecoderConfig } from './vae.js';
 import { planAllocations } from '../memory-plan.js';
 import type { DType } from '../dtype.js';
+import type { KvFormat } from '../ops.js';
 
 /**
  * Hooks into the sampling loop, for conformance checks and tracing: the loop awaits each hook it has, and runs
@@ -63,6 +64,11 @@ export interface GenerateOptions {
   /** KV policy; default FullKvPolicy (keep everything). */
   kvPolicy?: KvPolicy;
   /**
+   * How the KV cache stores K and V: the model's dtype (default; 'bf16' or 'f32' must be that dtype), or 8-bit —
+   * 'int8' or 'fp8' (e4m3) — with one f32 scale per (token, head), about half the bytes of bf16 (lib/kv/quant.ts).
+   */
+  kvDtype?: KvDtype;
+  /**
    * Called once per scale, in order, when the device has finished the scale (an engine marker, not a sync: the
    * loop keeps queuing the next scales meanwhile). Not called once the generation has been aborted or has failed.
    */
@@ -73,6 +79,17 @@ export interface GenerateOptions {
   observer?: GenerateObserver;
   /** Shorthand for an observer that reads intermediates back by fixture name into `GenerateResult.captured`. */
   capture?: CaptureOptions;
+}
+
+export type KvDtype = 'bf16' | 'f32' | 'int8' | 'fp8';
+
+/** The KV cache format of `kvDtype` for a model of `dtype` (ERR_INVALID_ARG for a float KV dtype other than it). */
+export function kvFormatFor(kvDtype: KvDtype | undefined, dtype: DType): KvFormat {
+  if (kvDtype === undefined || kvDtype === dtype) return 'plain';
+  if (kvDtype === 'int8' || kvDtype === 'fp8') return kvDtype;
+  if (kvDtype === 'bf16' || kvDtype === 'f32')
+    fail('ERR_INVALID_ARG', `kvDtype '${kvDtype}': a float KV cache has the model's dtype (${dtype}); 'int8' and 'fp8' halve it`);
+  return fail('ERR_INVALID_ARG', `kvDtype must be 'bf16', 'f32', 'int8' or 'fp8', got ${String(kvDtype)}`);
 }
 
 export interface ScaleTiming {
@@ -199,6 +216,7 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
   const { grids, S, B, tokens, vaeGrids } = run;
   const [Hf, Wf] = vaeGrids[S - 1];
   const policy: KvPolicy = opts.kvPolicy ?? new FullKvPolicy();
+  const kvFormat = kvFormatFor(opts.kvDtype, model.dtype);
   const capture = opts.capture ? captureObserver(model, opts.capture) : undefined;
   const observer = composeObservers([opts.observer, capture?.observer]);
   const timings: ScaleTiming[] = [];
@@ -231,7 +249,7 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
     if (observer?.onStart) await observer.onStart({ batch: B, rows, schedule: grids });
     ctx = await model.prepareText(run.textFeatures, run.useCfg, observer?.onText?.bind(observer), run.negativeText);
     cache = new KvCache(e, {
-      layers: cfgM.depth, rows, heads: cfgM.numHeads, headDim: cfgM.headDim, dtype: model.dtype,
+      layers: cfgM.depth, rows, heads: cfgM.numHeads, headDim: cfgM.headDim, dtype: model.dtype, kvFormat,
       capacity: Array.from({ length: cfgM.depth }, (_, l) => policy.capacity(l, tokens)),
       poolPages: kvPoolPages(policyHistoryLengths(policy, cfgM.depth, tokens), rows, DEFAULT_PAGE_TOKENS),
     });

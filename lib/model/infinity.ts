@@ -575,7 +575,7 @@ export class InfinityModel {
       const dst = cache.place(layer, placement);
       ops.qkNormRope({
         qkv, qBias: blk.qBias, vBias: blk.vBias, scaleMul: blk.scaleMul, normalize: true, positions: scale.positions,
-        q, k: dst.k, v: dst.v, kvOffset: dst.offset, pageTable: dst.pageTable,
+        q, k: dst.k, v: dst.v, kvOffset: dst.offset, pageTable: dst.pageTable, kvFormat: cache.kvFormat, kScale: dst.kScale, vScale: dst.vScale,
       });
       const o = t(e.empty([bs, H, n, hd], dt));
       ops.attention({ q, ...cache.attentionOperands(layer), out: o, scale: 1 });
