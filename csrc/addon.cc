@@ -91,9 +91,17 @@ struct TensorState {
   }
 };
 
+// The classes of one Node environment: the main thread and every worker thread that loads the addon get their own
+// (napi instance data, freed with the environment), so an environment never constructs through another one's
+// references, which die with it.
+struct AddonClasses {
+  Napi::FunctionReference engine, tensor;
+};
+
+Napi::Object new_tensor_object(Napi::Env env) { return env.GetInstanceData<AddonClasses>()->tensor.New({}); }
+
 class JsTensor : public Napi::ObjectWrap<JsTensor> {
  public:
-  static Napi::FunctionReference* constructor;
   static Napi::Function Init(Napi::Env env);
   explicit JsTensor(const Napi::CallbackInfo& info);
 
@@ -116,7 +124,6 @@ class JsTensor : public Napi::ObjectWrap<JsTensor> {
   Napi::Value GetBytes(const Napi::CallbackInfo& info);
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
 };
-Napi::FunctionReference* JsTensor::constructor = nullptr;
 
 struct Completion {
   uint64_t id;
@@ -127,7 +134,6 @@ struct Completion {
 
 class JsEngine : public Napi::ObjectWrap<JsEngine> {
  public:
-  static Napi::FunctionReference* constructor;
   static Napi::Function Init(Napi::Env env);
   explicit JsEngine(const Napi::CallbackInfo& info);
   ~JsEngine() override;
@@ -182,7 +188,6 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
 
   void shutdown();
 };
-Napi::FunctionReference* JsEngine::constructor = nullptr;
 
 // ------------------------------------------------------------------------------------------------ Engine
 
@@ -205,9 +210,7 @@ Napi::Function JsEngine::Init(Napi::Env env) {
   };
   for (const OpDecl& op : op_table())
     members.push_back(InstanceMethod(op.name, &JsEngine::RunOp, napi_default, const_cast<OpDecl*>(&op)));
-  Napi::Function f = DefineClass(env, "NativeEngine", members);
-  constructor = new Napi::FunctionReference(Napi::Persistent(f));
-  return f;
+  return DefineClass(env, "NativeEngine", members);
 }
 
 // new NativeEngine(backend: 'cpu' | 'cuda' | 'emu', threads: number)
@@ -485,15 +488,19 @@ size_t copy_typed_array(Napi::Env env, Napi::Value v, DType dtype, int64_t numel
                                       (dtype == DType::bf16 || dtype == DType::f16 ? " or Uint16Array (raw bits)" : "") +
                                       ", not this TypedArray");
   };
+  // An empty TypedArray may have no data pointer, and memcpy's arguments must never be null, even for 0 bytes.
+  const auto copy = [&] {
+    if (bytes) std::memcpy(out.data(), src, bytes);
+  };
   switch (dtype) {
     case DType::f32:
       if (t != napi_float32_array) mismatch();
-      std::memcpy(out.data(), src, bytes);
+      copy();
       break;
     case DType::bf16:
     case DType::f16:
       if (t == napi_uint16_array) {
-        std::memcpy(out.data(), src, bytes);
+        copy();
       } else if (t == napi_float32_array) {
         const float* f = reinterpret_cast<const float*>(src);
         uint16_t* o = reinterpret_cast<uint16_t*>(out.data());
@@ -504,12 +511,12 @@ size_t copy_typed_array(Napi::Env env, Napi::Value v, DType dtype, int64_t numel
       break;
     case DType::i32:
       if (t != napi_int32_array) throw_coded(env, "ERR_DTYPE", "an i32 tensor takes an Int32Array");
-      std::memcpy(out.data(), src, bytes);
+      copy();
       break;
     case DType::u8:
       if (t != napi_uint8_array && t != napi_uint8_clamped_array)
         throw_coded(env, "ERR_DTYPE", "a u8 tensor takes a Uint8Array");
-      std::memcpy(out.data(), src, bytes);
+      copy();
       break;
   }
   return bytes;
@@ -565,7 +572,7 @@ Napi::Value JsEngine::Tensor(const Napi::CallbackInfo& info) {
     const uint8_t byte = uint8_t(info[4].As<Napi::Number>().Uint32Value());
     c.enqueue([backend, buffer, bytes, byte] { backend->fill_u8(buffer->data(), byte, bytes); }, "fill");
   }
-  Napi::Object obj = JsTensor::constructor->New({});
+  Napi::Object obj = new_tensor_object(env);
   obj.TypeTag(&kTensorTag);
   JsTensor* t = JsTensor::Unwrap(obj);
   t->state = std::make_shared<TensorState>(TensorState{buffer, *dtype, shape, std::make_shared<Lease>(buffer)});
@@ -682,7 +689,6 @@ Napi::Function JsTensor::Init(Napi::Env env) {
                                      InstanceAccessor("bytes", &JsTensor::GetBytes, nullptr),
                                      InstanceAccessor("disposed", &JsTensor::GetDisposed, nullptr),
                                  });
-  constructor = new Napi::FunctionReference(Napi::Persistent(f));
   return f;
 }
 
@@ -733,7 +739,7 @@ Napi::Value JsTensor::View(const Napi::CallbackInfo& info) {
   if (numel != s.numel())
     throw_coded(env, "ERR_SHAPE", "view " + shape_string(shape) + " has " + std::to_string(numel) + " elements, the tensor " +
                                       shape_string(s.shape) + " has " + std::to_string(s.numel()));
-  Napi::Object obj = constructor->New({});
+  Napi::Object obj = new_tensor_object(env);
   obj.TypeTag(&kTensorTag);
   JsTensor* t = Unwrap(obj);
   t->state = std::make_shared<TensorState>(TensorState{s.buffer, s.dtype, std::move(shape), s.lease});
@@ -818,8 +824,13 @@ Napi::Value OpTable(const Napi::CallbackInfo& info) {
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
-  exports.Set("NativeEngine", JsEngine::Init(env));
-  exports.Set("NativeTensor", JsTensor::Init(env));
+  auto* classes = new AddonClasses;
+  const Napi::Function engine = JsEngine::Init(env), tensor = JsTensor::Init(env);
+  classes->engine = Napi::Persistent(engine);
+  classes->tensor = Napi::Persistent(tensor);
+  env.SetInstanceData(classes);
+  exports.Set("NativeEngine", engine);
+  exports.Set("NativeTensor", tensor);
   exports.Set("backends", Napi::Function::New(env, Backends));
   exports.Set("cpuLibrary", Napi::Function::New(env, CpuLibrary));
   exports.Set("cpuIsa", Napi::Function::New(env, CpuIsa));

@@ -34,10 +34,11 @@ class CpuBackend final : public Backend {
     return p;
   }
   void free(void* ptr) override { std::free(ptr); }
-  void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
-  void fill_u8(void* dst, uint8_t value, size_t bytes) override { std::memset(dst, value, bytes); }
+  // Empty tensors may have null buffers: the C library's copies must not see them, even for 0 bytes.
+  void upload(void* dst, const void* src, size_t bytes) override { if (bytes) std::memcpy(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { if (bytes) std::memcpy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { if (bytes) std::memmove(dst, src, bytes); }
+  void fill_u8(void* dst, uint8_t value, size_t bytes) override { if (bytes) std::memset(dst, value, bytes); }
 
   void attention(const AttentionArgs& a) override { cpu::attention(pool_, a); }
   void evict_compact(const EvictCompactArgs& a) override { cpu::evict_compact(pool_, a); }
