@@ -158,6 +158,7 @@ class JsEngine : public Napi::ObjectWrap<JsEngine> {
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value SetProfiling(const Napi::CallbackInfo& info);
   Napi::Value TrimCache(const Napi::CallbackInfo& info);
+  Napi::Value SetMemoryLimit(const Napi::CallbackInfo& info);
   Napi::Value BeginMemoryPlan(const Napi::CallbackInfo& info);
   Napi::Value EndMemoryPlan(const Napi::CallbackInfo& info);
   Napi::Value Profile(const Napi::CallbackInfo& info);
@@ -200,6 +201,7 @@ Napi::Function JsEngine::Init(Napi::Env env) {
       InstanceMethod("dispose", &JsEngine::Dispose),
       InstanceMethod("setProfiling", &JsEngine::SetProfiling),
       InstanceMethod("trimCache", &JsEngine::TrimCache),
+      InstanceMethod("setMemoryLimit", &JsEngine::SetMemoryLimit),
       InstanceMethod("beginMemoryPlan", &JsEngine::BeginMemoryPlan),
       InstanceMethod("endMemoryPlan", &JsEngine::EndMemoryPlan),
       InstanceMethod("profile", &JsEngine::Profile),
@@ -213,7 +215,7 @@ Napi::Function JsEngine::Init(Napi::Env env) {
   return DefineClass(env, "NativeEngine", members);
 }
 
-// new NativeEngine(backend: 'cpu' | 'cuda' | 'emu', threads: number)
+// new NativeEngine(backend: 'cpu' | 'cuda' | 'emu', threads: number, memoryLimit?: number)
 JsEngine::JsEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsEngine>(info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
@@ -247,6 +249,7 @@ JsEngine::JsEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsEngine>(
   }
   device_ = backend->device_description();
   core = EngineCore::create(std::move(backend));
+  if (info.Length() > 2 && info[2].IsNumber()) core->set_memory_limit(int64_t(info[2].As<Napi::Number>().DoubleValue()));
   tsfn_ = Tsfn::New(env, "scalekv-completions", 0, 1, this);
   tsfn_.Unref(env);
   tsfn_live_ = true;
@@ -351,6 +354,14 @@ Napi::Value JsEngine::Dispose(const Napi::CallbackInfo& info) {
     tsfn_live_ = false;
   }
   return info.Env().Undefined();
+}
+
+// setMemoryLimit(bytes): caps the bytes the backend holds (0: none), EngineCore::set_memory_limit.
+Napi::Value JsEngine::SetMemoryLimit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) throw_coded(env, "ERR_INVALID_ARG", "setMemoryLimit(bytes: number)");
+  live(env).set_memory_limit(int64_t(info[0].As<Napi::Number>().DoubleValue()));
+  return env.Undefined();
 }
 
 // trimCache(): frees the cached blocks of released tensors (in queue order).

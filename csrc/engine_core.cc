@@ -128,12 +128,12 @@ std::shared_ptr<Buffer> EngineCore::allocate(size_t bytes, Category category) {
   }
   if (!ptr) {
     try {
-      ptr = backend_->alloc(want);
+      ptr = device_alloc(want);
     } catch (const BackendError& e) {
       if (e.code != StatusCode::out_of_memory) throw;
       trim_cache();
       wait_idle();
-      ptr = backend_->alloc(want);
+      ptr = device_alloc(want);
     }
     std::lock_guard<std::mutex> lock(mem_mu_);
     mem_.reserved += int64_t(want);
@@ -148,6 +148,17 @@ std::shared_ptr<Buffer> EngineCore::allocate(size_t bytes, Category category) {
     mem_.total_peak = std::max(mem_.total_peak, mem_.total_in_use);
   }
   return std::make_shared<Buffer>(shared_from_this(), ptr, bytes, block, category);
+}
+
+void* EngineCore::device_alloc(size_t bytes) {
+  if (const int64_t limit = memory_limit_.load(); limit > 0) {
+    std::lock_guard<std::mutex> lock(mem_mu_);
+    if (mem_.reserved + int64_t(bytes) > limit)
+      throw BackendError(StatusCode::out_of_memory, "cannot allocate " + std::to_string(bytes) + " bytes: " +
+                                                        std::to_string(mem_.reserved) + " of the engine's memoryLimit " +
+                                                        std::to_string(limit) + " bytes are taken");
+  }
+  return backend_->alloc(bytes);
 }
 
 void EngineCore::recycle(void* ptr, size_t bytes, size_t block_bytes, Category category) {
@@ -188,7 +199,7 @@ void EngineCore::begin_plan(MemoryPlanSpec plan) {
   const bool fresh = base == nullptr;
   trim_cache();
   wait_idle();
-  if (fresh) base = backend_->alloc(total);
+  if (fresh) base = device_alloc(total);
   std::lock_guard<std::mutex> lock(mem_mu_);
   if (fresh) {
     mem_.reserved += int64_t(total);

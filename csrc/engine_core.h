@@ -128,6 +128,9 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   std::shared_ptr<Buffer> allocate(size_t bytes, Category category);
   // Frees every cached block, in queue order.
   void trim_cache();
+  // Caps the bytes the backend holds (live blocks, the cache and plan arenas), 0 for none: an allocation that would
+  // pass it fails exactly as a full device does (the cache is emptied and the allocation retried first).
+  void set_memory_limit(int64_t bytes) { memory_limit_.store(bytes); }
 
   // Static memory plan: takes a cached block as large as the arena (an earlier plan's) or else allocates it, after
   // returning every other cached block to the device (waiting for the queued work; out-of-memory throws at the
@@ -192,6 +195,8 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   void run();
   void await_work();
   void record_error(const QueuedError& e);
+  // New backend memory, within the memory limit.
+  void* device_alloc(size_t bytes);
 
   std::unique_ptr<Backend> backend_;
   std::thread worker_;
@@ -206,6 +211,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   std::deque<QueuedOp> queue_;
   std::atomic<bool> profiling_{false};
   std::atomic<uint64_t> enqueued_{0};
+  std::atomic<int64_t> memory_limit_{0};
   std::atomic<size_t> queued_{0};  // queue_.size(), readable without mu_ (the worker's look before it sleeps)
   struct TimedOp {
     const char* name;

@@ -136,6 +136,7 @@ export class CountingDevice implements NativeEngine {
   #totalPeak = 0;
   #reserved = 0;
   #reservedPeak = 0;
+  #memoryLimit = 0;
   /** Sizes of the cached (released) blocks, ascending. */
   #cache: number[] = [];
   #plan: PlanState | undefined;
@@ -220,10 +221,7 @@ export class CountingDevice implements NativeEngine {
     const reused = i < this.#cache.length;
     const arena = reused ? this.#cache.splice(i, 1)[0] : want;
     this.trimCache();
-    if (!reused) {
-      this.#reserved += arena;
-      this.#reservedPeak = Math.max(this.#reservedPeak, this.#reserved);
-    }
+    if (!reused) this.#reserve(arena);
     this.#plan = { sizes: [...sizes], offsets: [...offsets], next: 0, diverged: false, arena, ranges: [], ended: false };
   }
 
@@ -240,9 +238,21 @@ export class CountingDevice implements NativeEngine {
   #allocate(want: number): number {
     const i = lowerBound(this.#cache, want);
     if (i < this.#cache.length && closeEnough(this.#cache[i], want)) return this.#cache.splice(i, 1)[0];
-    this.#reserved += want;
-    this.#reservedPeak = Math.max(this.#reservedPeak, this.#reserved);
+    if (this.#memoryLimit > 0 && this.#reserved + want > this.#memoryLimit) this.trimCache();  // the native retry
+    this.#reserve(want);
     return want;
+  }
+
+  // New device bytes, within the memory limit (EngineCore::device_alloc).
+  #reserve(bytes: number): void {
+    if (this.#memoryLimit > 0 && this.#reserved + bytes > this.#memoryLimit)
+      throw new ScaleKVError('ERR_OUT_OF_MEMORY', `cannot allocate ${bytes} bytes: ${this.#reserved} of the engine's memoryLimit ${this.#memoryLimit} bytes are taken`);
+    this.#reserved += bytes;
+    this.#reservedPeak = Math.max(this.#reservedPeak, this.#reserved);
+  }
+
+  setMemoryLimit(bytes: number): void {
+    this.#memoryLimit = bytes;
   }
 
   /** @internal */

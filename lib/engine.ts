@@ -23,6 +23,12 @@ export interface EngineOptions {
   backend?: BackendChoice;
   /** CPU backend: intra-op threads (default: all cores). */
   threads?: number;
+  /**
+   * Bytes the engine may hold on its device (live tensors, cached blocks and memory-plan arenas): an allocation past
+   * it fails with ERR_OUT_OF_MEMORY exactly as a full device does, after the engine has given its cache back. Default
+   * none (the device's own size). For tests and for sharing a device between processes.
+   */
+  memoryLimit?: number;
 }
 
 export interface MemoryStats {
@@ -109,7 +115,12 @@ export function backendInfo(): BackendInfo {
  */
 export async function createEngine(opts: EngineOptions = {}): Promise<Engine> {
   const choice = resolveChoice(opts);
-  if (choice === 'count') return new Engine(new CountingDevice(), 'count');
+  const memoryLimit = checkedMemoryLimit(opts.memoryLimit);
+  if (choice === 'count') {
+    const device = new CountingDevice();
+    device.setMemoryLimit(memoryLimit);
+    return new Engine(device, 'count');
+  }
   const addon = loadNative();
   let backend: BackendName;
   let fallbackReason: string | undefined;
@@ -124,11 +135,17 @@ export async function createEngine(opts: EngineOptions = {}): Promise<Engine> {
   if (!Number.isInteger(threads) || threads < 1) fail('ERR_INVALID_ARG', `threads must be a positive integer, got ${threads}`);
   let native: NativeEngine;
   try {
-    native = new addon.NativeEngine(backend, threads);
+    native = new addon.NativeEngine(backend, threads, memoryLimit);
   } catch (e) {
     rethrowNative(e);
   }
   return new Engine(native, backend, fallbackReason);
+}
+
+function checkedMemoryLimit(bytes: number | undefined): number {
+  if (bytes === undefined) return 0;
+  if (!Number.isSafeInteger(bytes) || bytes < 1) fail('ERR_INVALID_ARG', `memoryLimit must be a positive integer number of bytes, got ${bytes}`);
+  return bytes;
 }
 
 export class Engine implements TensorOwner {
@@ -265,6 +282,19 @@ export class Engine implements TensorOwner {
       reserved: m.reserved,
       reservedPeak: m.reservedPeak,
     };
+  }
+
+  /**
+   * Caps the bytes the engine holds on its device from now on (undefined: no cap), as EngineOptions.memoryLimit; a
+   * cap below what it holds already fails the next allocation that needs new device memory, not the held tensors.
+   */
+  setMemoryLimit(bytes: number | undefined): void {
+    const limit = checkedMemoryLimit(bytes);
+    try {
+      this.native.setMemoryLimit(limit);
+    } catch (e) {
+      rethrowNative(e);
+    }
   }
 
   /** Frees the cached memory of disposed tensors (after the work already queued). */

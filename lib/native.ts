@@ -40,6 +40,8 @@ export interface NativeEngine extends NativeOps {
   dispose(): void;
   setProfiling(on: boolean, kernelCounters?: boolean, sampleBlocks?: number): void;
   trimCache(): void;
+  /** Caps the bytes the backend holds (0: none); an allocation past it fails with ERR_OUT_OF_MEMORY. */
+  setMemoryLimit(bytes: number): void;
   /** Static memory plan (csrc/engine_core.h begin_plan): the arena is allocated now; later allocations are placed. */
   beginMemoryPlan(sizes: number[], offsets: number[], total: number): void;
   endMemoryPlan(): { placed: number; diverged: boolean };
@@ -85,7 +87,7 @@ export interface OpDeclaration {
 }
 
 export interface NativeAddon {
-  NativeEngine: new (backend: string, threads: number) => NativeEngine;
+  NativeEngine: new (backend: string, threads: number, memoryLimit?: number) => NativeEngine;
   NativeTensor: new () => NativeTensor;
   backends(): string[];
   /** The library the CPU backend's GEMM and convolution run on, e.g. 'oneDNN 2.6.3 (...)'; '' for the builtin kernels. */
