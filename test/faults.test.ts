@@ -145,3 +145,31 @@ test('count: memoryLimit fails the same allocation as on the CPU engine', async 
   t.deepEqual(await outcome('count'), cpu);
   t.true(cpu.includes('ERR_OUT_OF_MEMORY') && cpu.includes('ok'));
 });
+
+test('cpu: generations started from several async contexts at once on one engine each equal their run alone; disposing the engine mid-run rejects them with ERR_DISPOSED', async (t) => {
+  const e = await createEngine({ backend: 'cpu', threads: 2 });
+  const model = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype: 'bf16' });
+  const one = async (seed: number) => {
+    const r = await generate(model, { text: syntheticText(`prompt ${seed}`), schedule, cfg: 3, seed, kvPolicy: resolvePolicy('scalekv:30%', { depth: tiny.config.depth }) });
+    try {
+      return { bits: r.bits, codes: (await r.summedCodes.read()) as Float32Array };
+    } finally {
+      r.summedCodes.dispose();
+    }
+  };
+  const alone = [];
+  for (const seed of [1, 2, 3]) alone.push(await one(seed));
+  const together = await Promise.all([1, 2, 3].map((seed) => one(seed)));
+  t.deepEqual(together, alone, 'interleaved on one queue, each generation is its own');
+
+  // Disposed while three generations have work queued: each rejects with a code, nothing hangs or crashes.
+  const running = [4, 5, 6].map((seed) => one(seed).then(() => 'finished', (err: { code?: string }) => err.code));
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  e.dispose();
+  const outcomes = await Promise.all(running);
+  t.true(outcomes.every((o) => o === 'ERR_DISPOSED' || o === 'finished'), outcomes.join(', '));
+  t.true(outcomes.includes('ERR_DISPOSED'), `at least one was cut short: ${outcomes.join(', ')}`);
+  const next = await createEngine({ backend: 'cpu', threads: 2 });
+  t.is(next.memory().totalInUse, 0);
+  next.dispose();
+});
