@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// The native half of `npm test`: the op table's C++ harness (test/native/op_table_check.cc), the SIMT emulator's own tests (planted bugs: missing barriers, divergent
+// The native half of `npm test`: the op table's C++ harness (test/native/op_table_check.cc), the thread pool and engine
+// queue under concurrency (test/native/concurrency_check.cc), the SIMT emulator's own tests (planted bugs: missing barriers, divergent
 // barriers, wrong fragment indices, out-of-bounds shared writes, bad shuffle masks — built with
 // AddressSanitizer), the real kernels/cuda sources on the emulator against the CPU kernels, and the emulator's cost
 // counters on planted kernels (coalescing, bank conflicts, ldmatrix swizzles, sampling). Skipped, with
@@ -11,16 +12,16 @@ import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const buildDir = join(root, 'build-cmake');
-// op_table_check comes with every cmake-js build; the emulator's programs only with Boost.Context.
-const programs = ['op_table_check', 'emu_selftest', 'emu_kernel_check', 'emu_profile_check'];
+// op_table_check and concurrency_check come with every cmake-js build; the emulator's programs only with Boost.Context.
+const programs = ['op_table_check', 'concurrency_check', 'emu_selftest', 'emu_kernel_check', 'emu_profile_check'];
 const found = programs.map((p) => [p, [join(buildDir, p), join(buildDir, 'Release', p)].find(existsSync)]);
 if (!existsSync(buildDir)) {
   console.log('NOTICE: no cmake-js build (build-cmake/); native suites skipped');
   process.exit(0);
 }
-if (found.slice(1).every(([, path]) => !path)) {
+if (found.slice(2).every(([, path]) => !path)) {
   console.log('NOTICE: emulator test programs not built (install libboost-context-dev and rerun npm install); emu native suite skipped');
-  found.splice(1);
+  found.splice(2);
 }
 let failed = 0;
 for (const [name, path] of found) {

@@ -264,8 +264,10 @@ for (const backend of testBackends()) {
         const cv = lc ? e.tensor(curCodes.map((x) => x ^ 0x3c), [rows, heads, lc, d], 'u8') : undefined;
         const cks = lc ? e.tensor(curScales, [rows, heads, lc], 'f32') : undefined;
         const cvs = lc ? e.tensor(curScales.map((x) => -x), [rows, heads, lc], 'f32') : undefined;
+        // The table on the device: with no current rows, nothing else says how many rows a host table has.
+        const table = layout && e.tensor(layout.table, [rows, layout.tablePages], 'i32');
         e.ops.evictCompact({
-          history: { k: hk, v: hv, kScale: ks, vScale: vs, len, pageTable: layout?.table },
+          history: { k: hk, v: hv, kScale: ks, vScale: vs, len, pageTable: table },
           current: ck && cv ? { k: ck, v: cv, kScale: cks, vScale: cvs } : undefined,
           keep, repeats, kvFormat: 'int8',
         });
@@ -297,7 +299,7 @@ for (const backend of testBackends()) {
         t.deepEqual(view(gks, 1), Array.from(wantKs), `${label}: K scales`);
         t.deepEqual(view(gv, d), Array.from(wantK, (x) => x ^ 0x3c), `${label}: V codes`);
         t.deepEqual(view(gvs, 1), Array.from(wantKs, (x) => -x), `${label}: V scales`);
-        for (const x of [hk, hv, ks, vs, ck, cv, cks, cvs]) x?.dispose();
+        for (const x of [hk, hv, ks, vs, ck, cv, cks, cvs, table]) x?.dispose();
       }
     });
   });

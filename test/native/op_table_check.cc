@@ -9,21 +9,16 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "../../csrc/op_table.h"
 
 using namespace scalekv;
 
 namespace {
 
-int failures = 0, checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::fprintf(stderr, "op_table_check: FAILED: %s\n", what.c_str());
-  }
-}
+using skv_check::checks;
+using skv_check::expect;
+using skv_check::failures;
 
 const OpDecl& find(const char* name) {
   for (const OpDecl& op : op_table())
@@ -73,6 +68,7 @@ void rejects(const OpDecl& op, const OpInputs& in, const char* code, const char*
 }  // namespace
 
 int main() {
+  skv_check::program = "op_table_check";
   const unsigned seed = std::random_device{}();
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
