@@ -120,7 +120,8 @@ export class Batcher<Req, Res> {
       options.signal?.addEventListener('abort', onAbort, { once: true });
       this.#waiting.push(entry);
       this.#positionsChanged();
-      this.#schedule();
+      // Not at once: the caller records the request as queued before its batch may start.
+      queueMicrotask(() => this.#schedule());
     });
   }
 

@@ -3,7 +3,7 @@
  * onto it, or, with `redis`, puts them on a BullMQ queue for `scalekv worker` processes. `close()` drains: it stops
  * taking requests, lets the running batch finish (and answers what it was waiting for), then stops listening.
  */
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { pino, type Logger } from 'pino';
 import { fail } from '../errors.js';
 import { Pipeline, type PipelineLoadOptions } from '../pipeline.js';
@@ -96,7 +96,10 @@ export async function createServer(o: ServerOptions = {}): Promise<ScaleKVServer
   }
   const running = executor;
   let draining = false;
-  const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, disableRequestLogging: true, bodyLimit: 1 << 20 });
+  // Probes and scrapes come every few seconds: their request lines would drown the rest.
+  const quiet = new Set(['/healthz', '/readyz', '/metrics']);
+  const logController = new LogController({ disableRequestLogging: (req) => quiet.has(req.url) });
+  const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, logController, bodyLimit: 1 << 20 });
   registerRoutes(app, { jobs, executor: running, metrics, limits, accepting: () => !draining });
   let url: string;
   try {
