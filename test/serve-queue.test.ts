@@ -17,8 +17,9 @@ const name = 'two workers on one queue: a worker killed mid-job (SIGKILL) hands 
   const redis = await startRedis();
   t.teardown(() => redis.stop());
   const queue = 'scalekv-test';
-  // A short lock, so the dead worker's jobs go back to the queue within a couple of seconds.
-  const workerArgs = ['worker', '--redis', redis.url, '--queue', queue, '--demo', '--backend', 'cpu', '--lock-ms', '1500', '--max-batch', '4'];
+  // A short lock, so the dead worker's jobs go back to the queue within seconds; not shorter: a live worker renews
+  // it from its event loop, which PNG encoding on two busy cores can hold for over a second.
+  const workerArgs = ['worker', '--redis', redis.url, '--queue', queue, '--demo', '--backend', 'cpu', '--lock-ms', '5000', '--max-batch', '4'];
   const workers: ChildProcess[] = [spawnCli(workerArgs), spawnCli(workerArgs)];
   for (const w of workers) t.teardown(() => void stopChild(w, 'SIGKILL'));
   await Promise.all(workers.map((w) => waitForLine(w, /worker ready/, 60_000)));
@@ -64,6 +65,16 @@ const name = 'two workers on one queue: a worker killed mid-job (SIGKILL) hands 
   // BullMQ's own record: each job completed once.
   await new Promise((res) => setTimeout(res, 200));
   for (const id of ids) t.is(completions.get(id), 1, `job ${id} completed ${completions.get(id) ?? 0} times`);
+  // Cancelled while the surviving worker runs it: the client sees 'cancelled', never the images that worker makes.
+  const res = await fetch(`${server.url}/v1/jobs`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'a lake', n: 2, size: '512x512' }) });
+  const cancelled = ((await res.json()) as { id: string }).id;
+  const seen = await readEvents(`${server.url}/v1/jobs/${cancelled}/events`, (e) => {
+    if (e.event === 'progress' && e.data.done === 2) void fetch(`${server.url}/v1/jobs/${cancelled}`, { method: 'DELETE' });
+  });
+  t.like(seen[seen.length - 1].data, { state: 'cancelled', result: null });
+  await new Promise((r) => setTimeout(r, 500));
+  t.like(await (await fetch(`${server.url}/v1/jobs/${cancelled}`)).json(), { state: 'cancelled', result: null });
+  t.is(completions.get(cancelled), undefined, 'the worker completed a cancelled job');
   const survivor = workers.find((w) => w.pid !== killed) as ChildProcess;
   t.is(await stopChild(survivor, 'SIGTERM'), 0);
 });

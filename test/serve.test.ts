@@ -96,6 +96,18 @@ test.serial('bad input is a 400 naming the field; an unknown job is a 404; a ful
   t.is((await fetch(`${server.url}/readyz`)).status, 200);
 });
 
+test.serial('a request still unanswered after the timeout is a 504 and stops costing work', async (t) => {
+  const server = await withServer(t, { batchWindowMs: 0, timeoutMs: 300 });
+  const r = await post(server, '/v1/images/generations', { prompt: 'a castle', n: 4, size: '512x512' });
+  t.is(r.status, 504);
+  t.is(((await r.json()) as { error: { type: string } }).error.type, 'timeout');
+  const m = await metrics(server);
+  t.is(metricValue(m, 'scalekv_requests_total{outcome="failed"}'), 1);
+  // Its batch was aborted (it had no other request): nothing of it reached the images counter.
+  while (metricValue(await metrics(server), 'scalekv_batch_seconds_count') === 0) await new Promise((res) => setTimeout(res, 20));
+  t.is(metricValue(await metrics(server), 'scalekv_images_total'), 0);
+});
+
 test.serial('SSE: queued, running, per-scale progress in order, done; DELETE mid-run cancels and the engine is back at its idle baseline', async (t) => {
   const server = await withServer(t, { batchWindowMs: 0 });
   const submit = async (body: unknown) => ((await (await post(server, '/v1/jobs', body)).json()) as { id: string }).id;

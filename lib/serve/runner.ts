@@ -76,7 +76,7 @@ export function imageBatcher(pipeline: Pipeline, o: BatchingOptions, metrics?: S
 }
 
 /** The largest batch on a CPU: compute, not memory, bounds it, and a bigger batch only delays its first image. */
-export const CPU_MAX_BATCH = 8;
+const CPU_MAX_BATCH = 8;
 /** Past this, a batch is throughput the device no longer gives back, only latency. */
 const MAX_PLANNED_BATCH = 64;
 /** Device memory left to the CUDA context, kernels' workspaces and fragmentation (the planner counts tensors only). */

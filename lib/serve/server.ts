@@ -13,7 +13,7 @@ import { JobStore } from './jobs.js';
 import { ServerMetrics } from './metrics.js';
 import { queueExecutor } from './queue.js';
 import { OPENAI_MAX_IMAGES, pixelBudgetsFor, type RequestLimits } from './request.js';
-import { CPU_MAX_BATCH, defaultMaxBatch } from './runner.js';
+import { defaultMaxBatch } from './runner.js';
 
 export interface ServerOptions {
   /** Default 127.0.0.1. */
@@ -52,8 +52,8 @@ export interface ScaleKVServer {
   readonly metrics: ServerMetrics;
   /** The local model, when the server runs one. */
   readonly pipeline?: Pipeline;
-  /** Images per batch in effect (local runs). */
-  readonly maxBatch: number;
+  /** Images per batch in effect; undefined with `redis` (each worker has its own). */
+  readonly maxBatch?: number;
   /** Drains (see createServer) and frees what the server loaded. Idempotent. */
   close(): Promise<void>;
 }
@@ -72,7 +72,7 @@ export async function createServer(o: ServerOptions = {}): Promise<ScaleKVServer
   let pipeline: Pipeline | undefined;
   const ownsPipeline = !(o.model instanceof Pipeline);
   let executor: Executor | undefined;
-  let maxBatch = o.maxBatch ?? CPU_MAX_BATCH;
+  let maxBatch: number | undefined;
   let limits: RequestLimits;
   const jobs = new JobStore({ ttlMs: jobTtlMs, timeoutMs });
   let metrics: ServerMetrics;
@@ -81,10 +81,11 @@ export async function createServer(o: ServerOptions = {}): Promise<ScaleKVServer
       pipeline = o.model instanceof Pipeline ? o.model : await Pipeline.load({ ...o.model, keepTextEncoder: true });
       const served = pipeline;
       const pixelBudgets = pixelBudgetsFor(served.config.name === 'tiny');
-      maxBatch = o.maxBatch ?? (await defaultMaxBatch(served));
-      limits = { maxImages: Math.min(OPENAI_MAX_IMAGES, maxBatch), pixelBudgets, checkKvPolicy: (spec) => void served.kvPolicy(spec) };
+      const batch = o.maxBatch ?? (await defaultMaxBatch(served));
+      maxBatch = batch;
+      limits = { maxImages: Math.min(OPENAI_MAX_IMAGES, batch), pixelBudgets, checkKvPolicy: (spec) => void served.kvPolicy(spec) };
       metrics = new ServerMetrics({ depth: () => executor?.depth() ?? 0, engine: served.engine });
-      executor = localExecutor(served, { maxBatch, windowMs, maxQueue }, metrics);
+      executor = localExecutor(served, { maxBatch: batch, windowMs, maxQueue }, metrics);
     } else {
       limits = { maxImages: OPENAI_MAX_IMAGES, pixelBudgets: pixelBudgetsFor(o.tinyWorkers ?? false) };
       metrics = new ServerMetrics({ depth: () => executor?.depth() ?? 0 });
