@@ -112,24 +112,28 @@ export async function serveCommand(argv: string[]): Promise<number> {
   });
   const logger = pino({ level: values['log-level'] }, pino.destination(2));
   const stopped = shutdownSignal();
-  const server = await createServer({
-    host: values.host,
-    port: positiveInt(values.port, '--port'),
-    model: values.redis ? undefined : await loadModel(values),
-    redis: values.redis,
-    queue: values.queue,
-    tinyWorkers: values.redis ? values.demo : undefined,
-    maxBatch: positiveInt(values['max-batch'], '--max-batch'),
-    batchWindowMs: positiveInt(values['batch-window-ms'], '--batch-window-ms'),
-    maxQueue: positiveInt(values['max-queue'], '--max-queue'),
-    timeoutMs: positiveInt(values['timeout-ms'], '--timeout-ms'),
-    jobTtlMs: positiveInt(values['job-ttl-ms'], '--job-ttl-ms'),
-    logger,
-  });
-  const signal = await stopped;
-  logger.info({ signal }, 'draining');
-  await server.close();
-  await server.pipeline?.dispose();
+  const model = values.redis ? undefined : await loadModel(values);
+  try {
+    const server = await createServer({
+      host: values.host,
+      port: positiveInt(values.port, '--port'),
+      model,
+      redis: values.redis,
+      queue: values.queue,
+      tinyWorkers: values.redis ? values.demo : undefined,
+      maxBatch: positiveInt(values['max-batch'], '--max-batch'),
+      batchWindowMs: positiveInt(values['batch-window-ms'], '--batch-window-ms'),
+      maxQueue: positiveInt(values['max-queue'], '--max-queue'),
+      timeoutMs: positiveInt(values['timeout-ms'], '--timeout-ms'),
+      jobTtlMs: positiveInt(values['job-ttl-ms'], '--job-ttl-ms'),
+      logger,
+    });
+    const signal = await stopped;
+    logger.info({ signal }, 'draining');
+    await server.close();
+  } finally {
+    await model?.dispose();
+  }
   return 0;
 }
 

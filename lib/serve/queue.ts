@@ -20,7 +20,7 @@ import type { Pipeline } from '../pipeline.js';
 import { ApiError } from './api-error.js';
 import type { Executor } from './executor.js';
 import { Job, toApiError, type JobBatch, type JobResult } from './jobs.js';
-import type { ImageRequest } from './request.js';
+import { OPENAI_MAX_IMAGES, type ImageRequest } from './request.js';
 import { defaultMaxBatch, imageBatcher, type BatchingOptions } from './runner.js';
 
 export const DEFAULT_QUEUE = 'scalekv';
@@ -66,10 +66,22 @@ export async function queueExecutor(o: QueueExecutorOptions): Promise<Executor> 
     else job.progressed(p);
   });
   events.on('completed', ({ jobId, returnvalue }) => {
-    const result = (typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue) as JobResult;
-    jobs.get(jobId)?.succeed(result);
+    const job = jobs.get(jobId);
+    if (!job) return;
+    try {
+      job.succeed((typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue) as JobResult);
+    } catch (e) {
+      job.fail(new ApiError(500, 'server_error', `a worker returned an unreadable result: ${(e as Error).message}`));
+    }
   });
-  events.on('failed', ({ jobId, failedReason }) => jobs.get(jobId)?.fail(parseFailure(failedReason)));
+  events.on('failed', ({ jobId, failedReason }) => {
+    const job = jobs.get(jobId);
+    if (!job) return;
+    // Already over on the queue: nothing there to cancel.
+    jobs.delete(jobId);
+    job.fail(parseFailure(failedReason));
+  });
+  events.on('error', (e) => o.logger.warn({ err: e }, 'queue events'));
   const cancel = async (id: string) => {
     await publisher.set(cancelKey(name, id), '1', 'EX', CANCEL_KEY_SECONDS);
     await publisher.publish(cancelChannel(name), id);
@@ -82,8 +94,13 @@ export async function queueExecutor(o: QueueExecutorOptions): Promise<Executor> 
       const waiting = await queue.getWaitingCount();
       if (waiting >= o.maxQueue) throw new ApiError(429, 'rate_limit_exceeded', `the queue is full (${waiting} jobs waiting)`, { retryAfter: 5 });
       jobs.set(job.id, job);
+      // After the abort listener below has run (it needs the job's entry).
       void job.settled.then(() => jobs.delete(job.id));
-      job.signal.addEventListener('abort', () => void cancel(job.id).catch((e: unknown) => o.logger.warn({ err: e, job: job.id }, 'cancelling a queued job failed')), { once: true });
+      // Cancelled, disconnected or timed out here: the job must stop on the queue too.
+      job.signal.addEventListener('abort', () => {
+        if (!jobs.has(job.id)) return;
+        void cancel(job.id).catch((e: unknown) => o.logger.warn({ err: e, job: job.id }, 'cancelling a queued job failed'));
+      }, { once: true });
       try {
         await queue.add('generate', job.request, {
           jobId: job.id, removeOnComplete: { age: o.keepSeconds }, removeOnFail: { age: o.keepSeconds },
@@ -114,6 +131,14 @@ function parseFailure(reason: string): ApiError {
   } catch {
     return new ApiError(500, 'server_error', reason);
   }
+}
+
+/**
+ * What a worker checks of a job from Redis before it sizes anything by it (serve checked the request in full; the
+ * pipeline checks the rest): a prompt, and a count of images that stays within the API's limit.
+ */
+function queuedRequestIsSane(r: ImageRequest): boolean {
+  return typeof r === 'object' && r !== null && typeof r.prompt === 'string' && Number.isSafeInteger(r.n) && r.n >= 1 && r.n <= OPENAI_MAX_IMAGES;
 }
 
 export interface WorkerOptions extends Partial<BatchingOptions> {
@@ -147,6 +172,7 @@ export async function startWorker(pipeline: Pipeline, o: WorkerOptions): Promise
     async (job, _token, signal) => {
       const jobId = job.id as string;
       try {
+        if (!queuedRequestIsSane(job.data)) throw new ApiError(400, 'invalid_request_error', 'the queued request is malformed (not put there by scalekv serve?)');
         if (await commands.exists(cancelKey(name, jobId))) throw new ApiError(409, 'cancelled', 'the job was cancelled');
         const { result } = await batcher.add(job.data, {
           signal,
