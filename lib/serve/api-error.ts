@@ -23,3 +23,8 @@ export class ApiError extends Error {
     return { error: { message: this.message, type: this.type, param: this.param, code: this.type } };
   }
 }
+
+/** The answer to a request that arrives, or still waits, while the server or worker drains. */
+export function shuttingDown(): ApiError {
+  return new ApiError(503, 'server_unavailable', 'the server is shutting down', { retryAfter: 1 });
+}

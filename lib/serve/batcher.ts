@@ -10,7 +10,7 @@
  */
 import { ScaleKVError } from '../errors.js';
 import type { PipelineProgress } from '../pipeline.js';
-import { ApiError } from './api-error.js';
+import { ApiError, shuttingDown } from './api-error.js';
 
 export interface BatchContext {
   /** Aborted when every request of the batch has been cancelled. */
@@ -66,7 +66,7 @@ interface Entry<Req, Res> {
 /** Until a batch has been timed: the tiny model's batch on two CPU cores is about this long. */
 const FIRST_BATCH_MS_GUESS = 1000;
 
-export function abortedError(signal: AbortSignal): ScaleKVError {
+function abortedError(signal: AbortSignal): ScaleKVError {
   return new ScaleKVError('ERR_ABORTED', 'request cancelled', { cause: signal.reason });
 }
 
@@ -95,16 +95,12 @@ export class Batcher<Req, Res> {
     return this.#waiting.length;
   }
 
-  get busy(): boolean {
-    return this.#running !== undefined;
-  }
-
   /**
    * Queues a request; resolves with its result and the batch it ran in. Throws ApiError at once when the queue is
    * full (429) or closed (503), so a refused request never becomes a job.
    */
   add(request: Req, options: AddOptions = {}): Promise<{ result: Res; batch: BatchInfo }> {
-    if (this.#closed) throw new ApiError(503, 'server_unavailable', 'the server is shutting down', { retryAfter: 1 });
+    if (this.#closed) throw shuttingDown();
     if (this.#waiting.length >= this.#o.maxQueue) {
       const batchesAhead = Math.ceil(this.#waiting.reduce((n, e) => n + e.size, 0) / this.#o.maxBatch) + 1;
       const retryAfter = Math.max(1, Math.ceil((batchesAhead * this.#batchMs) / 1000));
@@ -129,7 +125,7 @@ export class Batcher<Req, Res> {
   async close(): Promise<void> {
     this.#closed = true;
     clearTimeout(this.#timer);
-    for (const e of this.#waiting.splice(0)) this.#settle(e, () => e.reject(new ApiError(503, 'server_unavailable', 'the server is shutting down', { retryAfter: 1 })));
+    for (const e of this.#waiting.splice(0)) this.#settle(e, () => e.reject(shuttingDown()));
     await this.#running;
   }
 

@@ -17,7 +17,7 @@ import { Job as QueueJob, Queue, QueueEvents, UnrecoverableError, Worker } from 
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import type { Pipeline } from '../pipeline.js';
-import { ApiError } from './api-error.js';
+import { ApiError, shuttingDown } from './api-error.js';
 import type { Executor } from './executor.js';
 import { Job, toApiError, type JobBatch, type JobResult } from './jobs.js';
 import { OPENAI_MAX_IMAGES, type ImageRequest } from './request.js';
@@ -90,7 +90,7 @@ export async function queueExecutor(o: QueueExecutorOptions): Promise<Executor> 
   };
   return {
     async submit(job) {
-      if (closed) throw new ApiError(503, 'server_unavailable', 'the server is shutting down', { retryAfter: 1 });
+      if (closed) throw shuttingDown();
       const waiting = await queue.getWaitingCount();
       if (waiting >= o.maxQueue) throw new ApiError(429, 'rate_limit_exceeded', `the queue is full (${waiting} jobs waiting)`, { retryAfter: 5 });
       jobs.set(job.id, job);
