@@ -8,6 +8,7 @@ import { backendInfo, BackendChoice } from './engine.js';
 import { ScaleKVError } from './errors.js';
 import { demoCommand, encodeTextCommand, generateCommand, GENERATION_USAGE } from './cli/generation.js';
 import { calibrateCommand, evalCommand, KV_USAGE, planCommand } from './cli/kv-commands.js';
+import { serveCommand, SERVE_USAGE, workerCommand } from './cli/serve-commands.js';
 import { verifyFixture, VERIFY_KINDS } from './verify/index.js';
 import { formatElements } from './verify/compare.js';
 
@@ -37,7 +38,7 @@ const OTHER_USAGE: Record<string, string> = {
 };
 
 /** Every command's usage and examples, in the order `scalekv --help` lists them. */
-const COMMAND_USAGE: Record<string, string> = { ...GENERATION_USAGE, ...KV_USAGE, ...OTHER_USAGE };
+const COMMAND_USAGE: Record<string, string> = { ...GENERATION_USAGE, ...SERVE_USAGE, ...KV_USAGE, ...OTHER_USAGE };
 
 const USAGE = `usage: scalekv <command> [options]     (scalekv <command> --help: that command alone; scalekv --version)
 
@@ -171,6 +172,10 @@ async function main(argv: string[]): Promise<number> {
       return demoCommand(rest);
     case 'generate':
       return generateCommand(rest);
+    case 'serve':
+      return serveCommand(rest);
+    case 'worker':
+      return workerCommand(rest);
     case 'plan':
       return planCommand(rest);
     case 'calibrate':

@@ -67,6 +67,10 @@ export type { ScaleKvLayerState, ScaleKvOptions } from './scalekv/index.js';
 export { verifyFixture, VERIFY_KINDS } from './verify/index.js';
 export type { Check, VerifyReport } from './verify/index.js';
 
+// The server: `scalekv serve` / `scalekv worker` as an API.
+export { createServer, startWorker, ApiError } from './serve/index.js';
+export type { ScaleKVServer, ServerOptions, RunningWorker, WorkerOptions } from './serve/index.js';
+
 // The tiers as namespaces.
 export * as kv from './kv-entry.js';
 export * as verify from './verify-entry.js';

@@ -139,7 +139,7 @@ test('every command answers --help with its own usage and examples; --version pr
   const v = cli('--version');
   t.is(v.status, 0);
   t.is(v.stdout.trim(), version);
-  for (const command of ['demo', 'generate', 'encode-text', 'plan', 'calibrate', 'eval', 'verify', 'inspect', 'info']) {
+  for (const command of ['demo', 'generate', 'encode-text', 'serve', 'worker', 'plan', 'calibrate', 'eval', 'verify', 'inspect', 'info']) {
     const r = cli(command, '--help');
     t.is(r.status, 0, `${command}: ${r.stderr}`);
     t.true(r.stdout.startsWith(`usage: scalekv ${command}`), `${command}: ${r.stdout.slice(0, 80)}`);
