@@ -46,6 +46,12 @@ test.serial('the official openai client gets valid PNGs for n = 1 and n = 3; con
   t.not(w.size, '256x256');
   t.is(s.batch.requests, 1);
   t.is(w.batch.requests, 1);
+  // An 8-bit KV cache is another batch too, and its image comes back.
+  const [plain, eight] = await Promise.all([post(server, '/v1/images/generations', { prompt: 'u' }), post(server, '/v1/images/generations', { prompt: 'v', kv_dtype: 'int8' })]);
+  const [p8, q8] = (await Promise.all([plain.json(), eight.json()])) as { data: { b64_json: string }[]; batch: { requests: number } }[];
+  t.is(q8.batch.requests, 1);
+  t.is(p8.batch.requests, 1);
+  t.is(Buffer.from(q8.data[0].b64_json, 'base64').subarray(1, 4).toString(), 'PNG');
 });
 
 test.serial('bad input is a 400 naming the field; an unknown job is a 404; a full queue is a 429 with Retry-After', async (t) => {
@@ -63,6 +69,7 @@ test.serial('bad input is a 400 naming the field; an unknown job is a 404; a ful
     [{ prompt: 'a fox', size: 'big' }, 'size'],
     [{ prompt: 'a fox', kv_policy: 'nonsense:3' }, 'kv_policy'],
     [{ prompt: 'a fox', kv_policy: 'scalekv:plan=/etc/passwd' }, 'kv_policy'],
+    [{ prompt: 'a fox', kv_dtype: 'int4' }, 'kv_dtype'],
     [{ prompt: 'a fox', cfg: 'high' }, 'cfg'],
     [{ prompt: 'a fox', seed: -1 }, 'seed'],
     [{ prompt: 'a fox', response_format: 'url' }, 'response_format'],

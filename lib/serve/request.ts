@@ -1,7 +1,7 @@
 /**
  * The body of `POST /v1/images/generations` and `POST /v1/jobs`: the OpenAI Images API fields (`prompt`, `n`,
  * `size`, `response_format`; `model`, `quality`, `style`, `user` are accepted and ignored) plus scalekv's extensions
- * (`seed`, `cfg`, `tau`, `negative_prompt`, `kv_policy`), checked field by field so that a 400 names the field.
+ * (`seed`, `cfg`, `tau`, `negative_prompt`, `kv_policy`, `kv_dtype`), checked field by field so that a 400 names the field.
  * Fields this server does not know are ignored, as the OpenAI API's newer fields must not break a client.
  */
 import { listAspectRatios, PN_SCALE_COUNTS, scaleSchedule, type PixelBudget } from '../model/schedule.js';
@@ -23,6 +23,8 @@ export interface ImageRequest {
   cfg: number;
   tau: number;
   kvPolicy: string;
+  /** 'int8' or 'fp8': the KV cache in 8 bits (PipelineGenerateOptions.kvDtype); absent: the model's dtype. */
+  kvDtype?: 'int8' | 'fp8';
 }
 
 export interface RequestLimits {
@@ -124,16 +126,18 @@ export function parseImageRequest(body: unknown, limits: RequestLimits): ImageRe
       invalid('kv_policy', (e as Error).message);
     }
   }
-  return { prompt, negativePrompt, n, aspect, pn, size, seed, cfg, tau, kvPolicy };
+  const kvDtype = optionalString(b, 'kv_dtype');
+  if (kvDtype !== undefined && kvDtype !== 'int8' && kvDtype !== 'fp8') invalid('kv_dtype', `must be "int8" or "fp8" (absent: the model's dtype), got ${JSON.stringify(kvDtype)}`);
+  return { prompt, negativePrompt, n, aspect, pn, size, seed, cfg, tau, kvPolicy, kvDtype };
 }
 
 /**
- * Requests with the same key run in one batch: one schedule, one guidance and temperature, one KV policy, negative
+ * Requests with the same key run in one batch: one schedule, one guidance and temperature, one KV policy and KV dtype, negative
  * prompts for every row or none (the unconditional rows attend to them, or to the learned embedding). The sampler
  * draws each image's bits from (seed, row), so a request that gives a seed has no key and runs alone: it gets the
  * images `scalekv demo --seed` gives, whatever else is queued.
  */
 export function batchKey(r: ImageRequest): string | undefined {
   if (r.seed !== undefined) return undefined;
-  return JSON.stringify([r.aspect, r.pn, r.cfg, r.tau, r.kvPolicy, r.negativePrompt !== undefined]);
+  return JSON.stringify([r.aspect, r.pn, r.cfg, r.tau, r.kvPolicy, r.kvDtype, r.negativePrompt !== undefined]);
 }

@@ -37,6 +37,7 @@ export function pipelineRunner(pipeline: Pipeline, onReport?: (r: BatchReport) =
       aspect: first.aspect,
       pn: first.pn,
       kv: first.kvPolicy,
+      kvDtype: first.kvDtype,
       png: true,
       signal: ctx.signal,
       onProgress: ctx.onProgress,
