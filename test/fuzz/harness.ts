@@ -56,6 +56,9 @@ export class FuzzViolation extends Error {
   }
 }
 
+/** External (ArrayBuffer) memory one input may leave behind beyond its allocation bound. */
+const EXTERNAL_SLACK = 16 << 20;
+
 /** Wall time one input may take; generous for a shared 2-core CI machine, far below any real hang. */
 export const TIME_BOUND_MS = 2000;
 
@@ -88,6 +91,7 @@ function guardAllocations<T>(bound: number, run: () => T): T {
 /** Runs one input through a target and classifies it; throws a FuzzViolation (or the unexpected error) on a bug. */
 export async function runInput(target: FuzzTarget, { bytes: input, expect }: FuzzCase): Promise<Outcome> {
   const start = performance.now();
+  const external = process.memoryUsage().arrayBuffers;
   let outcome: Outcome;
   try {
     const loaded = await guardAllocations(target.allocationBound(input), () => target.check(input));
@@ -102,6 +106,9 @@ export async function runInput(target: FuzzTarget, { bytes: input, expect }: Fuz
     if (expect?.kind === 'error' && expect.code && e.code !== expect.code) throw new FuzzViolation(`failed with ${e.code}, not ${expect.code}: ${e.message}`);
     outcome = { ok: false, code: e.code, message: e.message };
   }
+  // Memory taken outside Buffer.alloc (zlib output, typed arrays) shows here, as garbage not yet collected.
+  const grown = process.memoryUsage().arrayBuffers - external;
+  if (grown > target.allocationBound(input) + EXTERNAL_SLACK) throw new FuzzViolation(`external memory grew by ${grown} bytes for an input of ${input.length}`);
   const ms = performance.now() - start;
   if (ms > TIME_BOUND_MS) throw new FuzzViolation(`took ${ms.toFixed(0)} ms (bound ${TIME_BOUND_MS} ms)`);
   return outcome;

@@ -61,11 +61,14 @@ function apply(data: Buffer, m: Mutation): Buffer {
   }
 }
 
-/** 1 to 6 byte-level mutations of one of `seeds` (copied; the seeds stay intact). */
-export function byteMutations(seeds: fc.Arbitrary<Uint8Array>): fc.Arbitrary<Uint8Array> {
+/**
+ * 1 to 6 byte-level mutations of one of `seeds` (copied; the seeds stay intact), after its first `keep` bytes: a
+ * magic number the parser checks first is kept so that most mutations reach the code behind it.
+ */
+export function byteMutations(seeds: fc.Arbitrary<Uint8Array>, keep = 0): fc.Arbitrary<Uint8Array> {
   return fc
     .tuple(seeds, fc.array(mutation, { minLength: 1, maxLength: 6 }))
-    .map(([seed, ms]) => new Uint8Array(ms.reduce(apply, Buffer.from(seed))));
+    .map(([seed, ms]) => new Uint8Array(Buffer.concat([seed.subarray(0, keep), ms.reduce(apply, Buffer.from(seed.subarray(keep)))])));
 }
 
 /** Numbers that stress a parser's integer checks: negatives, fractions, huge, unsafe, special. */
