@@ -35,6 +35,8 @@ export interface Checkpoint {
   readonly format: CheckpointFormat;
   /** Tensor names, flattened with '.' through nested dicts (a `.pth` of `{"vae": sd}` gives `vae.decoder...`). */
   readonly names: string[];
+  /** A single safetensors file's `__metadata__` (a string → string map); undefined for the other formats. */
+  readonly metadata?: Readonly<Record<string, string>>;
   has(name: string): boolean;
   entry(name: string): TensorInfo;
   read(name: string): Promise<TensorData>;
@@ -130,6 +132,9 @@ class SafetensorsCheckpoint implements Checkpoint {
   }
   get names(): string[] {
     return this.#file.names;
+  }
+  get metadata(): Readonly<Record<string, string>> {
+    return this.#file.metadata;
   }
   has(name: string): boolean {
     return this.#file.has(name);
@@ -336,6 +341,9 @@ class Prefixed implements Checkpoint {
   }
   get format(): CheckpointFormat {
     return this.#inner.format;
+  }
+  get metadata(): Readonly<Record<string, string>> | undefined {
+    return this.#inner.metadata;
   }
   has(name: string): boolean {
     return this.#inner.has(this.#prefix + name);
