@@ -200,7 +200,9 @@ main(process.argv.slice(2)).then(
     process.exitCode = code;
   },
   (e: unknown) => {
-    const code = e instanceof ScaleKVError ? ` [${e.code}]` : '';
+    // node:util parseArgs rejects unknown or malformed options with its own codes; to a user they are bad arguments.
+    const parseError = typeof (e as { code?: unknown })?.code === 'string' && (e as { code: string }).code.startsWith('ERR_PARSE_ARGS_');
+    const code = e instanceof ScaleKVError ? ` [${e.code}]` : parseError ? ' [ERR_INVALID_ARG]' : '';
     process.stderr.write(`scalekv: ${printable((e as Error).message, 'message')}${code}\n`);
     process.exitCode = 1;
   },
