@@ -10,8 +10,8 @@ import { TARGETS } from './fuzz/targets/index.js';
 import { seedFor } from './helpers.js';
 
 // Serial: the allocation guard instruments Buffer for the whole process while one input runs.
-/** Inputs per parser in CI: about 30 s for all parsers on a loaded 2-core machine. */
-const CI_RUNS = Number(process.env.SCALEKV_FUZZ_RUNS ?? 1000);
+/** Inputs per parser in CI: about 30 s for all ten parsers on a loaded 2-core machine (SCALEKV_FUZZ_RUNS overrides). */
+const CI_RUNS = Number(process.env.SCALEKV_FUZZ_RUNS ?? 2500);
 const REGRESSIONS = join(import.meta.dirname, 'fuzz', 'regressions');
 
 for (const target of TARGETS) {
