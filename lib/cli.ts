@@ -9,6 +9,7 @@ import { ScaleKVError } from './errors.js';
 import { demoCommand, encodeTextCommand, generateCommand, GENERATION_USAGE } from './cli/generation.js';
 import { calibrateCommand, evalCommand, KV_USAGE, planCommand } from './cli/kv-commands.js';
 import { serveCommand, SERVE_USAGE, workerCommand } from './cli/serve-commands.js';
+import { printable } from './cli/common.js';
 import { verifyFixture, VERIFY_KINDS } from './verify/index.js';
 import { formatElements } from './verify/compare.js';
 
@@ -110,15 +111,18 @@ function inspect(argv: string[]): number {
       d.bytes += t.bytes;
     }
     if (values.json) {
-      process.stdout.write(JSON.stringify({ path: ckpt.path, format: ckpt.format, tensors, total: { count: tensors.length, bytes, byDtype } }, null, 2) + '\n');
+      process.stdout.write(JSON.stringify({ path: ckpt.path, format: ckpt.format, metadata: ckpt.metadata, tensors, total: { count: tensors.length, bytes, byDtype } }, null, 2) + '\n');
       return 0;
     }
+    // Names and metadata come from the file: printed escaped, so control characters cannot rewrite the terminal.
+    const names = tensors.map((t) => printable(t.name));
     const shapes = tensors.map((t) => `[${t.shape.join(', ')}]`);
-    const wName = Math.max(4, ...tensors.map((t) => t.name.length));
+    const wName = Math.max(4, ...names.map((n) => n.length));
     const wShape = Math.max(5, ...shapes.map((s) => s.length));
-    process.stdout.write(`${ckpt.path} (${ckpt.format})\n`);
+    process.stdout.write(`${printable(ckpt.path)} (${ckpt.format})\n`);
+    for (const [k, v] of Object.entries(ckpt.metadata ?? {})) process.stdout.write(`  metadata ${printable(k)}: ${printable(v)}\n`);
     process.stdout.write(`  ${'name'.padEnd(wName)}  dtype  ${'shape'.padEnd(wShape)}  bytes\n`);
-    tensors.forEach((t, i) => process.stdout.write(`  ${t.name.padEnd(wName)}  ${t.dtype.padEnd(5)}  ${shapes[i].padEnd(wShape)}  ${t.bytes}\n`));
+    tensors.forEach((t, i) => process.stdout.write(`  ${names[i].padEnd(wName)}  ${t.dtype.padEnd(5)}  ${shapes[i].padEnd(wShape)}  ${t.bytes}\n`));
     const parts = Object.entries(byDtype).map(([d, v]) => `${d}: ${v.count} (${formatBytes(v.bytes)})`);
     process.stdout.write(`${tensors.length} tensors, ${bytes} bytes (${formatBytes(bytes)})${parts.length ? `; ${parts.join(', ')}` : ''}\n`);
     return 0;
@@ -201,8 +205,10 @@ main(process.argv.slice(2)).then(
     process.exitCode = code;
   },
   (e: unknown) => {
-    const code = e instanceof ScaleKVError ? ` [${e.code}]` : '';
-    process.stderr.write(`scalekv: ${(e as Error).message}${code}\n`);
+    // node:util parseArgs rejects unknown or malformed options with its own codes; to a user they are bad arguments.
+    const parseError = typeof (e as { code?: unknown })?.code === 'string' && (e as { code: string }).code.startsWith('ERR_PARSE_ARGS_');
+    const code = e instanceof ScaleKVError ? ` [${e.code}]` : parseError ? ' [ERR_INVALID_ARG]' : '';
+    process.stderr.write(`scalekv: ${printable((e as Error).message, 'message')}${code}\n`);
     process.exitCode = 1;
   },
 );

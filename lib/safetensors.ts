@@ -49,7 +49,7 @@ export class SafetensorsFile {
       if (header === null || typeof header !== 'object' || Array.isArray(header)) fail('ERR_FORMAT', `${path}: header is not a JSON object`);
       this.#dataStart = 8 + Number(n);
       const dataBytes = size - this.#dataStart;
-      this.metadata = (header.__metadata__ ?? {}) as Record<string, string>;
+      this.metadata = stringMap(header.__metadata__ ?? {}, path);
       for (const [name, raw] of Object.entries(header)) {
         if (name === '__metadata__') continue;
         if (raw === null || typeof raw !== 'object') fail('ERR_FORMAT', `${path}: tensor ${name} has a malformed header entry`);
@@ -57,10 +57,10 @@ export class SafetensorsFile {
         const dtype = info.dtype as SafetensorsDType;
         if (typeof dtype !== 'string' || !Object.hasOwn(SIZES, dtype)) fail('ERR_FORMAT', `${path}: tensor ${name} has unsupported dtype ${info.dtype}`);
         const shape = info.shape;
-        if (!Array.isArray(shape) || !shape.every((d) => Number.isInteger(d) && d >= 0))
+        if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0))
           fail('ERR_FORMAT', `${path}: tensor ${name} has a malformed shape`);
         const off = info.data_offsets;
-        if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isInteger(d) && d >= 0))
+        if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isSafeInteger(d) && d >= 0))
           fail('ERR_FORMAT', `${path}: tensor ${name} has malformed data_offsets`);
         const [begin, end] = off as [number, number];
         const numel = (shape as number[]).reduce((a, b) => a * b, 1);
@@ -162,6 +162,17 @@ export class SafetensorsFile {
       this.#fd = null;
     }
   }
+}
+
+/**
+ * The `__metadata__` of a header: the format allows only a string → string map. Anything else (arrays nested
+ * 200,000 deep, numbers, objects) is refused rather than handed on to code that prints or trusts it.
+ */
+function stringMap(v: unknown, path: string): Record<string, string> {
+  if (v === null || typeof v !== 'object' || Array.isArray(v)) fail('ERR_FORMAT', `${path}: __metadata__ is not a JSON object`);
+  for (const [k, x] of Object.entries(v))
+    if (typeof x !== 'string') fail('ERR_FORMAT', `${path}: __metadata__ entry ${JSON.stringify(k)} is ${Array.isArray(x) ? 'an array' : typeof x === 'object' ? (x === null ? 'null' : 'an object') : `a ${typeof x}`}, not a string`);
+  return v as Record<string, string>;
 }
 
 /** A tensor to write: f32 or int32 data in row-major order. */

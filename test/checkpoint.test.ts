@@ -1,6 +1,6 @@
 import test, { ExecutionContext } from 'ava';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Checkpoint, infinityBlockKey, normalizeVaeKey, openCheckpoint } from '../lib/checkpoint/index.js';
@@ -358,6 +358,64 @@ test('truncated, compressed and foreign zips are rejected with ERR_FORMAT', (t) 
   t.throws(() => openCheckpoint(write(dir, 'empty.bin', new Uint8Array(0))), { code: 'ERR_FORMAT' });
 });
 
+test('sharded index paths: ../ escapes, absolute paths and symlinks out of the directory are refused; links inside load', async (t) => {
+  const rng = new Rng(seedFor(t));
+  const root = tmp(t);
+  const dir = join(root, 'ckpt');
+  const outside = join(root, 'elsewhere');
+  mkdirSync(join(dir, 'sub'), { recursive: true });
+  mkdirSync(outside);
+  const data = randomBytes(rng, 'f32', 4);
+  const shard = safetensors([{ name: 'x', dtype: 'F32', shape: [4], data }]);
+  write(dir, 'a.safetensors', shard);
+  write(outside, 'secret.safetensors', shard);
+  symlinkSync(join(outside, 'secret.safetensors'), join(dir, 'link.safetensors'));
+  symlinkSync(outside, join(dir, 'sublink'));
+  symlinkSync('a.safetensors', join(dir, 'inner.safetensors'));
+  symlinkSync(join(dir, 'a.safetensors'), join(dir, 'sub', 'inner-abs.safetensors'));
+  const idx = (shardName: string) => write(dir, 'model.safetensors.index.json', Buffer.from(JSON.stringify({ weight_map: { x: shardName } })));
+  const refused: [string, RegExp][] = [
+    ['../../etc/passwd', /invalid shard/],
+    ['../elsewhere/secret.safetensors', /invalid shard/],
+    ['sub/../../elsewhere/secret.safetensors', /invalid shard/],
+    ['/etc/passwd', /invalid shard/],
+    [join(dir, 'a.safetensors'), /invalid shard/],
+    ['link.safetensors', /outside the checkpoint directory/],
+    ['sublink/secret.safetensors', /outside the checkpoint directory/],
+  ];
+  for (const [name, message] of refused) t.throws(() => openCheckpoint(idx(name)), { code: 'ERR_FORMAT', message }, name);
+  for (const name of ['inner.safetensors', 'sub/inner-abs.safetensors', './a.safetensors']) {
+    const c = openCheckpoint(idx(name));
+    t.true((await c.read('x')).data.equals(Buffer.from(data)), name);
+    c.close();
+  }
+});
+
+test('safetensors __metadata__ must be a string → string map: nesting 200,000 deep, numbers and objects are refused', (t) => {
+  const dir = tmp(t);
+  const withMetadata = (json: string) => {
+    const text = `{"__metadata__":${json},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}`;
+    const n = Buffer.alloc(8);
+    n.writeBigUInt64LE(BigInt(Buffer.byteLength(text)));
+    return Buffer.concat([n, Buffer.from(text), Buffer.alloc(4)]);
+  };
+  const cases: [string, string, RegExp][] = [
+    ['deep', '['.repeat(200_000) + ']'.repeat(200_000), /__metadata__ is not a JSON object/],
+    ['deep-value', `{"a":${'['.repeat(200_000)}${']'.repeat(200_000)}}`, /entry "a" is an array/],
+    ['number', '{"format":1}', /entry "format" is a number/],
+    ['object', '{"format":{"pt":"x"}}', /is an object/],
+    ['string', '"pt"', /not a JSON object/],
+  ];
+  for (const [name, json, message] of cases)
+    t.throws(() => new SafetensorsFile(write(dir, `${name}.safetensors`, withMetadata(json))), { code: 'ERR_FORMAT', message }, name);
+  const ok = new SafetensorsFile(write(dir, 'ok.safetensors', withMetadata('{"format":"pt","note":"a\\u001b[2Jb"}')));
+  t.deepEqual(ok.metadata, { format: 'pt', note: 'a\u001b[2Jb' });
+  ok.close();
+  const none = new SafetensorsFile(write(dir, 'null.safetensors', withMetadata('null')));
+  t.deepEqual(none.metadata, {});
+  none.close();
+});
+
 test('hostile safetensors: overlapping and overrunning offsets, bad headers', (t) => {
   const rng = new Rng(seedFor(t));
   const dir = tmp(t);
@@ -494,4 +552,24 @@ test('cli inspect lists tensors, dtypes, shapes, bytes and totals; hostile files
   t.regex(bad.stderr, /refused global os\.system.*\[ERR_UNSAFE_PICKLE\]/);
   mkdirSync(join(dir, 'empty'));
   t.is(cli(join(dir, 'empty')).status, 1);
+});
+
+test('cli inspect prints tensor names and metadata with control characters escaped; --json keeps them exact', (t) => {
+  const dir = tmp(t);
+  const names = ['plain.weight', 'evil\u001b[2J\u001b[31mred', 'new\nline', 'bidi\u202eexe.txt', 'back\\slash', 'c1\u009bx'];
+  const path = write(dir, 'names.safetensors', safetensors(names.map((name) => ({ name, dtype: 'F32', shape: [1], data: new Uint8Array(4) })), { format: 'pt', 'note\u0007': 'ring\u0007\r' }));
+  const cli = (...args: string[]) => spawnSync(process.execPath, ['--import=tsx', 'lib/cli.ts', 'inspect', ...args], { encoding: 'utf8', timeout: 60_000 });
+  const text = cli(path);
+  t.is(text.status, 0, text.stderr);
+  t.false(/[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u202e]/.test(text.stdout), 'no raw control character reaches the terminal');
+  for (const escaped of ['evil\\x1b[2J\\x1b[31mred', 'new\\x0aline', 'bidi\\u202eexe.txt', 'back\\\\slash', 'c1\\x9bx', 'metadata note\\x07: ring\\x07\\x0d'])
+    t.true(text.stdout.includes(escaped), escaped);
+  const json = cli(path, '--json');
+  t.is(json.status, 0, json.stderr);
+  const report = JSON.parse(json.stdout);
+  t.deepEqual(report.tensors.map((x: { name: string }) => x.name).sort(), [...names].sort());
+  t.deepEqual(report.metadata, { format: 'pt', 'note\u0007': 'ring\u0007\r' });
+  const missing = cli(join(dir, 'nope\u001b[2J.safetensors'));
+  t.is(missing.status, 1);
+  t.true(missing.stderr.includes('nope\\x1b[2J.safetensors') && !missing.stderr.includes('\u001b'), missing.stderr);
 });

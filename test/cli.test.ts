@@ -148,4 +148,7 @@ test('every command answers --help with its own usage and examples; --version pr
   }
   const unknown = cli('generate', '--bogus');
   t.is(unknown.status, 1);
+  t.regex(unknown.stderr, /^scalekv: Unknown option '--bogus'.*\[ERR_INVALID_ARG\]\n$/s);
+  const missingValue = cli('inspect', 'x', '--prefix');
+  t.regex(missingValue.stderr, /--prefix.*\[ERR_INVALID_ARG\]\n$/s);
 });

@@ -1,5 +1,5 @@
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, statSync } from 'node:fs';
-import { dirname, isAbsolute, join, normalize } from 'node:path';
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, realpathSync, statSync } from 'node:fs';
+import { dirname, isAbsolute, join, normalize, relative, sep } from 'node:path';
 import { fail } from '../errors.js';
 import { SafetensorsDType, SafetensorsFile } from '../safetensors.js';
 import { DTYPE_BYTES, PyDict, TensorDType, TensorRef, unpickle } from './unpickle.js';
@@ -35,6 +35,8 @@ export interface Checkpoint {
   readonly format: CheckpointFormat;
   /** Tensor names, flattened with '.' through nested dicts (a `.pth` of `{"vae": sd}` gives `vae.decoder...`). */
   readonly names: string[];
+  /** A single safetensors file's `__metadata__` (a string → string map); undefined for the other formats. */
+  readonly metadata?: Readonly<Record<string, string>>;
   has(name: string): boolean;
   entry(name: string): TensorInfo;
   read(name: string): Promise<TensorData>;
@@ -131,6 +133,9 @@ class SafetensorsCheckpoint implements Checkpoint {
   get names(): string[] {
     return this.#file.names;
   }
+  get metadata(): Readonly<Record<string, string>> {
+    return this.#file.metadata;
+  }
   has(name: string): boolean {
     return this.#file.has(name);
   }
@@ -154,6 +159,8 @@ class ShardedCheckpoint implements Checkpoint {
   readonly format: 'safetensors-sharded' | 'pth-sharded';
   readonly #map = new Map<string, string>();
   readonly #open = new Map<string, Checkpoint>();
+  /** Each shard's real path, checked to lie inside the directory; opened by it, not by the name in the index. */
+  readonly #resolved = new Map<string, string>();
   readonly #dir: string;
 
   constructor(readonly path: string) {
@@ -171,15 +178,23 @@ class ShardedCheckpoint implements Checkpoint {
     const examples = new Map<string, string>();
     for (const [name, shard] of Object.entries(wm as Record<string, unknown>)) {
       if (typeof shard !== 'string' || shard === '' || isAbsolute(shard) || normalize(shard).split(/[\\/]/).includes('..'))
-        fail('ERR_FORMAT', `${path}: weight_map entry ${name} names an invalid shard ${JSON.stringify(shard)}`);
+        fail('ERR_FORMAT', `${path}: weight_map entry ${JSON.stringify(name)} names an invalid shard ${JSON.stringify(shard)?.slice(0, 200)}`);
       this.#map.set(name, shard);
       if (!examples.has(shard)) examples.set(shard, name);
     }
-    // Existence is checked up front (cheap) so a broken set fails at open, not midway through loading a model.
+    // Existence is checked up front (cheap) so a broken set fails at open, not midway through loading a model. A
+    // shard is read only where it really lies inside the index's directory: a symlink (of the shard or of a folder
+    // on its way) pointing elsewhere would hand an attacker's index any file the user can read.
+    const root = realpathSync(this.#dir);
     for (const [shard, example] of examples) {
       const full = join(this.#dir, shard);
       if (!existsSync(full) || !statSync(full).isFile())
-        fail('ERR_FORMAT', `${path}: shard ${shard} (holding e.g. ${example}) is missing from ${this.#dir}`);
+        fail('ERR_FORMAT', `${path}: shard ${JSON.stringify(shard)} (holding e.g. ${JSON.stringify(example)}) is missing from ${this.#dir}`);
+      const real = realpathSync(full);
+      const rel = relative(root, real);
+      if (rel === '..' || rel.startsWith('..' + sep) || isAbsolute(rel))
+        fail('ERR_FORMAT', `${path}: shard ${JSON.stringify(shard)} resolves to ${real}, outside the checkpoint directory ${root} (a symlink out of it is refused)`);
+      this.#resolved.set(shard, real);
     }
     // `metadata.total_size` is not checked: the official 8B index disagrees with its own shards by 1,728 bytes.
     this.format = [...examples.keys()].every((shard) => shard.endsWith('.safetensors')) ? 'safetensors-sharded' : 'pth-sharded';
@@ -196,14 +211,14 @@ class ShardedCheckpoint implements Checkpoint {
     if (shard === undefined) fail('ERR_FORMAT', `${this.path}: no tensor named ${name}`);
     let f = this.#open.get(shard);
     if (!f) {
-      f = openRaw(join(this.#dir, shard));
+      f = openRaw(this.#resolved.get(shard)!);
       if (f.format !== 'safetensors' && f.format !== 'pth') {
         f.close();
         fail('ERR_FORMAT', `${this.path}: shard ${shard} is itself an index or a directory`);
       }
       this.#open.set(shard, f);
     }
-    if (!f.has(name)) fail('ERR_FORMAT', `${this.path}: the index puts ${name} in ${shard}, which has no such tensor`);
+    if (!f.has(name)) fail('ERR_FORMAT', `${this.path}: the index puts ${JSON.stringify(name)} in ${JSON.stringify(shard)}, which has no such tensor`);
     return f;
   }
   entry(name: string): TensorInfo {
@@ -326,6 +341,9 @@ class Prefixed implements Checkpoint {
   }
   get format(): CheckpointFormat {
     return this.#inner.format;
+  }
+  get metadata(): Readonly<Record<string, string>> | undefined {
+    return this.#inner.metadata;
   }
   has(name: string): boolean {
     return this.#inner.has(this.#prefix + name);

@@ -496,13 +496,22 @@ function size64(n: bigint, bad: (m: string) => never): number {
   return Number(n);
 }
 
-function describe(v: unknown): string {
+/** Tuples deeper than this or longer than DESCRIBE_ITEMS are elided: a forged pickle nests them 10^5 deep. */
+const DESCRIBE_DEPTH = 3;
+const DESCRIBE_ITEMS = 8;
+
+function describe(v: unknown, depth = 0): string {
   if (v instanceof PyGlobal) return v.qualified;
   if (v instanceof PyDict) return 'a dict';
   if (v instanceof PyList) return 'a list';
   if (v instanceof StorageRef) return `storage ${v.key}`;
   if (v instanceof TensorRef) return 'a tensor';
-  if (Array.isArray(v)) return `(${v.map(describe).join(', ')}${v.length === 1 ? ',' : ''})`;
+  if (Array.isArray(v)) {
+    if (depth >= DESCRIBE_DEPTH) return '(…)';
+    const items = v.slice(0, DESCRIBE_ITEMS).map((x) => describe(x, depth + 1));
+    if (v.length > DESCRIBE_ITEMS) items.push(`… ${v.length - DESCRIBE_ITEMS} more`);
+    return `(${items.join(', ')}${v.length === 1 ? ',' : ''})`;
+  }
   if (typeof v === 'string') return JSON.stringify(v.length > 60 ? v.slice(0, 60) + '…' : v);
   if (v instanceof Uint8Array) return `bytes[${v.length}]`;
   return String(v);

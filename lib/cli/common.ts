@@ -6,6 +6,21 @@ import type { TextFeatures } from '../model/infinity.js';
 import type { PresetName } from '../model/presets.js';
 import { Pipeline, PipelineGenerateOptions, PipelineProgress, presetConfig, readTextFeatures } from '../pipeline.js';
 
+/**
+ * `s` safe to print on a terminal: control characters (C0, DEL, C1), line and paragraph separators and the
+ * bidirectional overrides, which a file could use to forge or hide output, become \xNN / \uNNNN escapes. A 'field'
+ * (a tensor name, a metadata value) also has its backslashes doubled so an escape is never ambiguous; a 'message'
+ * (an error, whose names are already JSON-quoted) keeps backslashes and its line breaks.
+ */
+export function printable(s: string, kind: 'field' | 'message' = 'field'): string {
+  return s.replace(/[\\\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (c) => {
+    if (kind === 'message' && (c === '\\' || c === '\n')) return c;
+    if (c === '\\') return '\\\\';
+    const code = c.charCodeAt(0);
+    return code < 0x100 ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
+  });
+}
+
 export function parseNumber(s: string | undefined, what: string, dflt: number): number {
   if (s === undefined) return dflt;
   const v = Number(s);

@@ -3,7 +3,7 @@
  * node:zlib) and IEND; the decoder reads what the encoder writes plus any filter type, for tests and tools.
  */
 import { deflateSync, inflateSync } from 'node:zlib';
-import { fail } from '../errors.js';
+import { fail, ScaleKVError } from '../errors.js';
 
 export interface RawImage {
   width: number;
@@ -20,6 +20,9 @@ export interface EncodeOptions {
   /** zlib level 0-9. Default 6. */
   level?: number;
 }
+
+/** Largest decoded (filtered) image accepted: 2 GiB, beyond any image this package writes or reads. */
+const MAX_DECODED_BYTES = 2 ** 31;
 
 export const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
 
@@ -157,9 +160,18 @@ export function decodePng(file: Uint8Array): RawImage {
   if (depth !== 8 || (colour !== 2 && colour !== 6) || compression !== 0 || filterMethod !== 0 || interlace !== 0)
     fail('ERR_FORMAT', `PNG: only 8-bit non-interlaced RGB/RGBA is supported (depth ${depth}, colour type ${colour}, interlace ${interlace})`);
   const channels = colour === 6 ? 4 : 3;
-  const raw = inflateSync(Buffer.concat(chunks.filter((c) => c.type === 'IDAT').map((c) => c.data)));
   const stride = width * channels;
-  if (raw.length !== height * (stride + 1)) fail('ERR_FORMAT', `PNG: image data holds ${raw.length} bytes, expected ${height * (stride + 1)}`);
+  const expected = height * (stride + 1);
+  if (width < 1 || height < 1 || expected > MAX_DECODED_BYTES)
+    fail('ERR_FORMAT', `PNG: ${width} x ${height} is empty or larger than the decoder's ${MAX_DECODED_BYTES}-byte limit`);
+  let raw: Buffer;
+  try {
+    // Inflating stops one byte past what IHDR promises: a small file that inflates to gigabytes is refused, not held.
+    raw = inflateSync(Buffer.concat(chunks.filter((c) => c.type === 'IDAT').map((c) => c.data)), { maxOutputLength: expected + 1 });
+  } catch (e) {
+    throw new ScaleKVError('ERR_FORMAT', `PNG: image data is not a valid zlib stream of ${expected} bytes (${(e as Error).message})`, { cause: e });
+  }
+  if (raw.length !== expected) fail('ERR_FORMAT', `PNG: image data holds ${raw.length} bytes, expected ${expected}`);
   const data = new Uint8Array(height * stride);
   for (let y = 0; y < height; y++) {
     const f = raw[y * (stride + 1)];

@@ -45,29 +45,52 @@ export function layerBudget(plan: BudgetPlan, layer: number, scaleIndex: number)
   return s.drafters.includes(layer) ? s.max : s.min;
 }
 
-/** Parses the official JSON (`{"Scale N": {"Block b": 0|1, ..., "High", "Max", "Min", "Limit"}}`). */
+const PLAN_FIELDS = ['High', 'Max', 'Min', 'Limit'];
+
+/**
+ * Parses the official JSON (`{"Scale N": {"Block b": 0|1, ..., "High", "Max", "Min", "Limit"}}`). Everything a
+ * plan file could forge fails with ERR_FORMAT: text that is not JSON, a scale named twice ("Scale 1" and
+ * "Scale 01"), blocks missing, out of range or flagged other than 0/1, unknown fields, counts that are not safe
+ * non-negative integers.
+ */
 export function parseBudgetPlan(json: string | Record<string, unknown>): BudgetPlan {
-  const raw = typeof json === 'string' ? (JSON.parse(json) as Record<string, unknown>) : json;
+  let raw: unknown = json;
+  if (typeof json === 'string') {
+    try {
+      raw = JSON.parse(json);
+    } catch (e) {
+      fail('ERR_FORMAT', `budget plan: not JSON (${(e as Error).message})`);
+    }
+  }
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) fail('ERR_FORMAT', 'budget plan: not a JSON object');
   const scales: ScaleBudget[] = [];
   let depth = -1;
   for (const [key, value] of Object.entries(raw)) {
-    const m = /^Scale (\d+)$/.exec(key);
-    if (!m || typeof value !== 'object' || value === null) fail('ERR_FORMAT', `budget plan: unexpected entry '${key}'`);
+    const m = /^Scale ([1-9]\d{0,8})$/.exec(key);
+    if (!m || typeof value !== 'object' || value === null || Array.isArray(value)) fail('ERR_FORMAT', `budget plan: unexpected entry ${JSON.stringify(key)}`);
+    const scale = Number(m[1]);
+    if (scales.some((s) => s.scale === scale)) fail('ERR_FORMAT', `budget plan: Scale ${scale} is given twice`);
     const entry = value as Record<string, unknown>;
-    const blocks = Object.keys(entry).filter((k) => /^Block \d+$/.test(k));
-    const layers = blocks.length;
+    const layers = Object.keys(entry).filter((k) => k.startsWith('Block ')).length;
+    if (layers === 0) fail('ERR_FORMAT', `budget plan: ${key} lists no blocks`);
     if (depth >= 0 && layers !== depth) fail('ERR_FORMAT', `budget plan: ${key} lists ${layers} blocks, earlier scales ${depth}`);
     depth = layers;
-    for (let b = 0; b < layers; b++) if (!(`Block ${b}` in entry)) fail('ERR_FORMAT', `budget plan: ${key} lacks Block ${b}`);
+    for (const k of Object.keys(entry)) {
+      if (PLAN_FIELDS.includes(k)) continue;
+      const b = /^Block (0|[1-9]\d*)$/.exec(k);
+      if (!b) fail('ERR_FORMAT', `budget plan: ${key} has an unknown field ${JSON.stringify(k)}`);
+      if (Number(b[1]) >= layers) fail('ERR_FORMAT', `budget plan: ${key} has ${k} but only ${layers} blocks (Block 0 to Block ${layers - 1})`);
+      if (entry[k] !== 0 && entry[k] !== 1) fail('ERR_FORMAT', `budget plan: ${key}.${k} must be 0 (refiner) or 1 (drafter)`);
+    }
     const num = (f: string) => {
       const v = entry[f];
-      if (!Number.isInteger(v) || (v as number) < 0) fail('ERR_FORMAT', `budget plan: ${key}.${f} must be a non-negative integer`);
+      if (!Number.isSafeInteger(v) || (v as number) < 0) fail('ERR_FORMAT', `budget plan: ${key}.${f} must be a non-negative integer`);
       return v as number;
     };
     const drafters = Array.from({ length: layers }, (_, b) => b).filter((b) => entry[`Block ${b}`] === 1);
     const high = num('High');
     if (high !== drafters.length) fail('ERR_FORMAT', `budget plan: ${key}.High = ${high} but ${drafters.length} blocks are drafters`);
-    scales.push({ scale: Number(m[1]), drafters, max: num('Max'), min: num('Min'), limit: num('Limit') });
+    scales.push({ scale, drafters, max: num('Max'), min: num('Min'), limit: num('Limit') });
   }
   if (!scales.length) fail('ERR_FORMAT', 'budget plan: no "Scale N" entries');
   scales.sort((a, b) => a.scale - b.scale);

@@ -36,26 +36,35 @@ const FLOAT_DTYPES = new Set(['f32', 'bf16', 'f16']);
 /** google/flan-t5-xl's encoder (Infinity 2B and 8B's text encoder, spec sec. 4.1). */
 export const FLAN_T5_XL: Readonly<T5Config> = Object.freeze({ dModel: 2048, dKv: 64, heads: 32, layers: 24, dFf: 5120, buckets: 32, maxDistance: 128, eps: 1e-6, vocab: 32128 });
 
+/**
+ * Bounds far above any released T5 (flan-t5-xxl: d_model 4096, d_ff 10240, 24 layers; umT5: vocab 256,384) that
+ * keep a forged config.json from making the encoder's tensor list (layers × 9 names) or its shapes absurd: a
+ * num_layers of 2^53 was a hang before any weight was read.
+ */
+const MAX_T5_WIDTH = 1 << 20;
+const MAX_T5_LAYERS = 1024;
+
 /** The T5 encoder configuration of a parsed config.json; only the gated-GELU feed-forward of flan-t5 is supported. */
 export function parseT5Config(json: unknown, source = 'config.json'): T5Config {
   const c = json as Record<string, unknown> | null;
   if (!c || typeof c !== 'object' || Array.isArray(c)) fail('ERR_FORMAT', `${source}: not a JSON object`);
-  if (c.model_type !== undefined && c.model_type !== 't5') fail('ERR_FORMAT', `${source}: model_type '${String(c.model_type)}' is not a T5 model`);
-  const int = (key: string, fallback?: number): number => {
+  if (c.model_type !== undefined && c.model_type !== 't5') fail('ERR_FORMAT', `${source}: model_type ${JSON.stringify(c.model_type)?.slice(0, 40)} is not a T5 model`);
+  const int = (key: string, fallback?: number, max = MAX_T5_WIDTH): number => {
     const v = c[key] ?? fallback;
-    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) fail('ERR_FORMAT', `${source}: ${key} must be a positive integer, got ${JSON.stringify(c[key])}`);
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1 || v > max)
+      fail('ERR_FORMAT', `${source}: ${key} must be an integer in [1, ${max}], got ${JSON.stringify(c[key])?.slice(0, 40)}`);
     return v;
   };
   const proj = c.feed_forward_proj ?? 'relu';
   if (proj !== 'gated-gelu')
-    fail('ERR_FORMAT', `${source}: feed_forward_proj '${String(proj)}' is not supported (Infinity's flan-t5 encoders use 'gated-gelu')`);
+    fail('ERR_FORMAT', `${source}: feed_forward_proj ${JSON.stringify(proj)?.slice(0, 40)} is not supported (Infinity's flan-t5 encoders use 'gated-gelu')`);
   const eps = c.layer_norm_epsilon ?? 1e-6;
   if (typeof eps !== 'number' || !(eps > 0) || !Number.isFinite(eps)) fail('ERR_FORMAT', `${source}: layer_norm_epsilon must be a positive number`);
   return {
     dModel: int('d_model'),
     dKv: int('d_kv'),
     heads: int('num_heads'),
-    layers: int('num_layers'),
+    layers: int('num_layers', undefined, MAX_T5_LAYERS),
     dFf: int('d_ff'),
     buckets: int('relative_attention_num_buckets', 32),
     maxDistance: int('relative_attention_max_distance', 128),

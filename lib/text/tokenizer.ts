@@ -33,7 +33,7 @@ export class T5Tokenizer {
     const model = (json as { model?: { type?: unknown; vocab?: unknown } } | null)?.model;
     if (!model || typeof model !== 'object') fail('ERR_FORMAT', 'tokenizer.json has no model section');
     if (model.type !== 'Unigram')
-      fail('ERR_FORMAT', `tokenizer.json holds a ${String(model.type)} model; the T5 tokenizer is a Unigram (SentencePiece) model`);
+      fail('ERR_FORMAT', `tokenizer.json holds a ${JSON.stringify(model.type)?.slice(0, 40)} model; the T5 tokenizer is a Unigram (SentencePiece) model`);
     this.maxLength = opts.maxLength ?? T5_MAX_LENGTH;
     if (!Number.isSafeInteger(this.maxLength) || this.maxLength < 2) fail('ERR_INVALID_ARG', `maxLength must be an integer >= 2, got ${this.maxLength}`);
     try {

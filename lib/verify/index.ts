@@ -51,14 +51,29 @@ const VERIFIERS: Record<string, (engine: Engine, manifest: any, dir: string) => 
   text_encoder: (engine, manifest: TextEncoderManifest, dir) => verifyTextEncoder(engine, manifest, dir),
 };
 
-/** Runs one fixture directory (manifest.json + io.safetensors, the ../shared/golden format) on an engine. */
-export async function verifyFixture(dir: string, opts: { backend?: BackendChoice } = {}): Promise<VerifyReport> {
+/**
+ * The manifest.json of a fixture directory and its kind: ERR_FIXTURE when it is missing, not a JSON object or of a
+ * kind this build cannot verify.
+ */
+export function readFixtureManifest(dir: string): { kind: (typeof VERIFY_KINDS)[number]; manifest: Record<string, unknown> } {
   const manifestPath = join(dir, 'manifest.json');
   if (!existsSync(manifestPath)) fail('ERR_FIXTURE', `${dir}: no manifest.json`);
-  const manifest = JSON.parse(readFileSync(manifestPath, 'utf8')) as { case?: string };
-  const kind = manifest.case ?? '';
-  if (!(VERIFY_KINDS as readonly string[]).includes(kind))
-    fail('ERR_FIXTURE', `${dir}: fixture kind '${kind}' is not supported yet (supported: ${VERIFY_KINDS.join(', ')})`);
+  let manifest: unknown;
+  try {
+    manifest = JSON.parse(readFileSync(manifestPath, 'utf8'));
+  } catch (e) {
+    fail('ERR_FIXTURE', `${manifestPath}: not JSON (${(e as Error).message})`);
+  }
+  if (manifest === null || typeof manifest !== 'object' || Array.isArray(manifest)) fail('ERR_FIXTURE', `${manifestPath}: not a JSON object`);
+  const kind = (manifest as { case?: unknown }).case ?? '';
+  if (typeof kind !== 'string' || !(VERIFY_KINDS as readonly string[]).includes(kind))
+    fail('ERR_FIXTURE', `${dir}: fixture kind ${JSON.stringify(kind).slice(0, 60)} is not supported yet (supported: ${VERIFY_KINDS.join(', ')})`);
+  return { kind: kind as (typeof VERIFY_KINDS)[number], manifest: manifest as Record<string, unknown> };
+}
+
+/** Runs one fixture directory (manifest.json + io.safetensors, the ../shared/golden format) on an engine. */
+export async function verifyFixture(dir: string, opts: { backend?: BackendChoice } = {}): Promise<VerifyReport> {
+  const { kind, manifest } = readFixtureManifest(dir);
   const verifier = VERIFIERS[kind];
   if (!verifier) fail('ERR_FIXTURE', `${dir}: no verifier registered for kind '${kind}'`);
   const engine = await createEngine({ backend: opts.backend ?? 'auto' });
