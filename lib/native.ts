@@ -130,7 +130,7 @@ export function addonCandidates(): AddonCandidate[] {
 /** What a consumer without an addon is told to do. */
 function missingAddonAdvice(): string {
   const platform = currentPlatform();
-  const prebuilt = platform.unsupported ?? `no prebuilt package (${prebuiltPackageNames().join(', ')}) is installed (npm skips optional dependencies with --omit=optional or --no-optional)`;
+  const prebuilt = platform.unsupported ?? `no prebuilt package (${prebuiltPackageNames().join(', ')}) is installed (npm leaves optional dependencies out with --omit=optional, or when one fails to download)`;
   return `${prebuilt}; build it from source with \`npx scalekv build\` (needs CMake and a C++17 compiler; nvcc for CUDA)`;
 }
 

@@ -110,61 +110,76 @@ test('the tarballs: the library lists each platform package as an optional depen
   }
 });
 
+/** A fresh project (removed after the test) with `npm install flags... files...` done in it. */
+async function freshProject(t: ExecutionContext, flags: string[], files: string[]): Promise<{ project: string; stdout: string }> {
+  const project = mkdtempSync(join(tmpdir(), 'scalekv-consumer-'));
+  t.teardown(() => rmSync(project, { recursive: true, force: true }));
+  writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'consumer', version: '1.0.0', private: true, type: 'module' }));
+  const install = await exec('npm', ['install', '--no-audit', '--no-fund', '--foreground-scripts', ...flags, ...files], project);
+  t.is(install.code, 0, `npm install failed:\n${install.stdout}\n${install.stderr}`);
+  t.log(`npm install${flags.map((f) => ` ${f}`).join('')}: ${(install.ms / 1000).toFixed(1)} s`);
+  return { project, stdout: install.stdout };
+}
+
+test('the library alone, no platform package: the first use is ERR_NATIVE_MISSING, naming the command that builds from source', async (t) => {
+  if (skipUnlessPackages(t)) return;
+  const main = tarballs().find((f) => readTarball(f).manifest.name === 'scalekv')!;
+  // npm asks the registry for the optional platform packages, finds none of this unpublished version, goes on.
+  const { project } = await freshProject(t, ['--ignore-scripts'], [main]);
+  const script = "import { backendInfo } from 'scalekv'; try { backendInfo(); } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })); }";
+  const r = await exec(process.execPath, ['--input-type=module', '-e', script], project);
+  const err = JSON.parse(r.stdout) as { code: string; message: string };
+  t.is(err.code, 'ERR_NATIVE_MISSING');
+  t.regex(err.message, /no prebuilt package \(@scalekv\/linux-x64-cuda, @scalekv\/linux-x64\) is installed .*`npx scalekv build`/);
+});
+
 for (const scripts of [false, true]) {
   test(`a fresh project: npm install of the tarballs ${scripts ? 'with the install script' : '--ignore-scripts'}, the README example, scalekv info`, async (t) => {
     if (skipUnlessPackages(t)) return;
     if (!example) return t.fail('README: no <!-- consumer-example --> ```js block');
     t.timeout(10 * 60_000);
-    const project = mkdtempSync(join(tmpdir(), 'scalekv-consumer-'));
-    try {
-      writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'consumer', version: '1.0.0', private: true, type: 'module' }));
-      const install = await exec('npm', ['install', '--no-audit', '--no-fund', '--foreground-scripts', ...(scripts ? [] : ['--ignore-scripts']), ...tarballs()], project);
-      t.is(install.code, 0, `npm install failed:\n${install.stdout}\n${install.stderr}`);
-      t.log(`npm install: ${(install.ms / 1000).toFixed(1)} s`);
-      const pkg = join(project, 'node_modules', 'scalekv');
-      if (scripts) t.regex(install.stdout, /scalekv: using the prebuilt addon of @scalekv\/linux-x64-cuda \(backends: cpu, cuda, emu\); nothing to build/);
-      t.false(existsSync(join(pkg, 'build-cmake')) || existsSync(join(pkg, 'build')), 'no source build: the prebuilt addon is the one loaded');
+    const { project, stdout } = await freshProject(t, scripts ? [] : ['--ignore-scripts'], tarballs());
+    const pkg = join(project, 'node_modules', 'scalekv');
+    if (scripts) t.regex(stdout, /scalekv: using the prebuilt addon of @scalekv\/linux-x64-cuda \(backends: cpu, cuda, emu\); nothing to build/);
+    t.false(existsSync(join(pkg, 'build-cmake')) || existsSync(join(pkg, 'build')), 'no source build: the prebuilt addon is the one loaded');
 
-      // The bundled libraries are the ones the loader takes, not the system's (this machine has them too).
-      const cudaPackage = join(project, 'node_modules', '@scalekv', 'linux-x64-cuda');
-      const bundled = (JSON.parse(readFileSync(join(cudaPackage, 'package.json'), 'utf8')) as Manifest).scalekv!.bundledLibraries;
-      const ldd = spawnSync('ldd', [join(cudaPackage, 'scalekv.node')], { encoding: 'utf8' }).stdout;
-      for (const lib of bundled) t.true(ldd.includes(`${lib} => ${join(cudaPackage, lib)}`), `${lib} resolves beside the addon:\n${ldd}`);
+    // The bundled libraries are the ones the loader takes, not the system's (this machine has them too).
+    const cudaPackage = join(project, 'node_modules', '@scalekv', 'linux-x64-cuda');
+    const bundled = (JSON.parse(readFileSync(join(cudaPackage, 'package.json'), 'utf8')) as Manifest).scalekv!.bundledLibraries;
+    const ldd = spawnSync('ldd', [join(cudaPackage, 'scalekv.node')], { encoding: 'utf8' }).stdout;
+    for (const lib of bundled) t.true(ldd.includes(`${lib} => ${join(cudaPackage, lib)}`), `${lib} resolves beside the addon:\n${ldd}`);
 
-      writeFileSync(join(project, 'example.mjs'), example + '\n');
-      const run = await exec(process.execPath, ['example.mjs'], project);
-      t.is(run.code, 0, `the README example failed:\n${run.stdout}\n${run.stderr}`);
-      t.is(run.stderr, '', 'the library writes nothing to stderr');
-      const png = decodePng(readFileSync(join(project, 'fox.png')));
-      t.true(png.width > 0 && png.height > 0 && png.channels === 3, `fox.png ${png.width}x${png.height}`);
+    writeFileSync(join(project, 'example.mjs'), example + '\n');
+    const run = await exec(process.execPath, ['example.mjs'], project);
+    t.is(run.code, 0, `the README example failed:\n${run.stdout}\n${run.stderr}`);
+    t.is(run.stderr, '', 'the library writes nothing to stderr');
+    const png = decodePng(readFileSync(join(project, 'fox.png')));
+    t.true(png.width > 0 && png.height > 0 && png.channels === 3, `fox.png ${png.width}x${png.height}`);
 
-      // Each platform package on a machine without the system's copies of what it bundles (no libdnnl-dev etc.).
-      if (!scripts) {
-        for (const name of prebuiltPackageNames()) {
-          const dir = join(project, 'node_modules', name);
-          const manifest = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as Manifest;
-          const hide = systemCopies(manifest.scalekv!.bundledLibraries);
-          rmSync(join(project, 'fox.png'), { force: true });
-          const bare = await withoutSystemCopies(hide, ['example.mjs'], project, { SCALEKV_ADDON: join(dir, 'scalekv.node') });
-          if (!bare) {
-            t.log('NOTICE: no private mount namespace here (unshare -m needs root): the platform packages were not run with the system libraries hidden');
-            break;
-          }
-          t.is(bare.code, 0, `${name} with ${hide.join(', ')} hidden:\n${bare.stdout}\n${bare.stderr}`);
-          t.regex(bare.stdout, new RegExp(`built: \\[ ${manifest.scalekv!.backends.map((b) => `'${b}'`).join(', ')} \\]`), name);
-          t.true(existsSync(join(project, 'fox.png')), `${name}: fox.png written`);
-          t.log(`${name}: ran with ${hide.length} system libraries hidden (${hide.map((f) => basename(f)).join(', ')})`);
+    // Each platform package on a machine without the system's copies of what it bundles (no libdnnl-dev etc.).
+    if (!scripts) {
+      for (const name of prebuiltPackageNames()) {
+        const dir = join(project, 'node_modules', name);
+        const manifest = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as Manifest;
+        const hide = systemCopies(manifest.scalekv!.bundledLibraries);
+        rmSync(join(project, 'fox.png'), { force: true });
+        const bare = await withoutSystemCopies(hide, ['example.mjs'], project, { SCALEKV_ADDON: join(dir, 'scalekv.node') });
+        if (!bare) {
+          t.log('NOTICE: no private mount namespace here (unshare -m needs root): the platform packages were not run with the system libraries hidden');
+          break;
         }
+        t.is(bare.code, 0, `${name} with ${hide.join(', ')} hidden:\n${bare.stdout}\n${bare.stderr}`);
+        t.regex(bare.stdout, new RegExp(`built: \\[ ${manifest.scalekv!.backends.map((b) => `'${b}'`).join(', ')} \\]`), name);
+        t.true(existsSync(join(project, 'fox.png')), `${name}: fox.png written`);
+        t.log(`${name}: ran with ${hide.length} system libraries hidden (${hide.map((f) => basename(f)).join(', ')})`);
       }
-
-      const info = await exec(join(project, 'node_modules', '.bin', 'scalekv'), ['info', '--json'], project);
-      t.is(info.code, 0, info.stderr);
-      const backends = JSON.parse(info.stdout) as { built: string[]; cuda: { available: boolean; reason: string } };
-      t.deepEqual(backends.built, ['cpu', 'cuda', 'emu']);
-      if (!backends.cuda.available) t.truthy(backends.cuda.reason, 'without a usable GPU the addon says why');
-      t.log(`backends ${backends.built.join(', ')}; cuda ${backends.cuda.available ? 'available' : `unavailable: ${backends.cuda.reason}`}`);
-    } finally {
-      rmSync(project, { recursive: true, force: true });
     }
+
+    const info = await exec(join(project, 'node_modules', '.bin', 'scalekv'), ['info', '--json'], project);
+    t.is(info.code, 0, info.stderr);
+    const backends = JSON.parse(info.stdout) as { built: string[]; cuda: { available: boolean; reason: string } };
+    t.deepEqual(backends.built, ['cpu', 'cuda', 'emu']);
+    if (!backends.cuda.available) t.truthy(backends.cuda.reason, 'without a usable GPU the addon says why');
+    t.log(`backends ${backends.built.join(', ')}; cuda ${backends.cuda.available ? 'available' : `unavailable: ${backends.cuda.reason}`}`);
   });
 }
