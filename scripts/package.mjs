@@ -42,7 +42,7 @@ const { values } = parseArgs({ options: { out: { type: 'string' } } });
 if (!values.out) die('usage: npm run package -- --out DIR');
 const out = resolve(values.out);
 const platform = currentPlatform();
-if (platform.unsupported || !Object.hasOwn(PREBUILT_PLATFORMS, platform.key)) die(platform.unsupported ?? `no platform packages for ${platform.key}`);
+if (platform.unsupported) die(platform.unsupported);
 const pre = buildablePrerequisites();
 // A release without a backend would be a quieter package, not a smaller one: every prerequisite is required.
 const missing = Object.entries(pre.why).filter(([, why]) => why).map(([b, why]) => `${b}: ${why}`);
