@@ -1,11 +1,13 @@
 // The package as another project gets it: the tarballs of `npm run package -- --out DIR` (every package of a release,
-// SCALEKV_PACKAGES=DIR; .ci/run makes them) installed into a fresh project, once with --ignore-scripts (npm's
-// allowScripts world: the prebuilt platform package alone must do) and once with the install script allowed (it must
-// find the prebuilt and build nothing). In each: the README's "Use it from your project" example runs with plain
-// Node and writes its PNG, `scalekv info --json` lists every backend of the CUDA package (cuda built, no device
-// needed), and the addon resolves its bundled libraries beside itself; each platform package runs the example with the
-// system's copies of the libraries it bundles hidden, as on a machine without them. Nothing is published; npm fetches only the
-// registry's packages (the dependencies).
+// SCALEKV_PACKAGES=DIR; .ci/run makes them) installed into fresh projects:
+// - all of them with --ignore-scripts (npm's allowScripts world: the prebuilt platform package alone must do) and
+//   with the install script allowed (it must find the prebuilt and build nothing). In each, the README's "Use it from
+//   your project" example runs with plain Node and writes its PNG, `scalekv info --json` lists every backend of the
+//   CUDA package (cuda built, no device needed), the addon resolves its bundled libraries beside itself, and each
+//   platform package runs the example with the system's copies of those libraries hidden, as on a machine without them;
+// - the library alone: its first use says how to build the addon, and `scalekv build` then does, from the shipped
+//   sources, with every backend this machine can build.
+// Nothing is published; npm fetches only the registry's packages (the dependencies).
 import test, { ExecutionContext } from 'ava';
 import { execFile, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
@@ -121,8 +123,9 @@ async function freshProject(t: ExecutionContext, flags: string[], files: string[
   return { project, stdout: install.stdout };
 }
 
-test('the library alone, no platform package: the first use is ERR_NATIVE_MISSING, naming the command that builds from source', async (t) => {
+test('the library alone, no platform package: ERR_NATIVE_MISSING naming `npx scalekv build`, which then builds every backend this machine can from the shipped sources', async (t) => {
   if (skipUnlessPackages(t)) return;
+  t.timeout(30 * 60_000);
   const main = tarballs().find((f) => readTarball(f).manifest.name === 'scalekv')!;
   // npm asks the registry for the optional platform packages, finds none of this unpublished version, goes on.
   const { project } = await freshProject(t, ['--ignore-scripts'], [main]);
@@ -131,6 +134,17 @@ test('the library alone, no platform package: the first use is ERR_NATIVE_MISSIN
   const err = JSON.parse(r.stdout) as { code: string; message: string };
   t.is(err.code, 'ERR_NATIVE_MISSING');
   t.regex(err.message, /no prebuilt package \(@scalekv\/linux-x64-cuda, @scalekv\/linux-x64\) is installed .*`npx scalekv build`/);
+
+  // The source build from what the tarball ships (cmake-js its real dependency; node-api-headers, no download).
+  const expected = ['cpu', ...(spawnSync('nvcc', ['--version']).status === 0 ? ['cuda'] : []),
+    ...(existsSync('/usr/include/boost/context/detail/fcontext.hpp') ? ['emu'] : [])];
+  const cli = join(project, 'node_modules', '.bin', 'scalekv');
+  const build = await exec(cli, ['build'], project);
+  t.is(build.code, 0, `scalekv build failed:\n${build.stdout}\n${build.stderr}`);
+  t.regex(build.stdout, new RegExp(`^built with cmake-js: backends ${expected.join(', ')}$`, 'm'));
+  t.log(`scalekv build: ${(build.ms / 1000).toFixed(0)} s, ${build.stdout.trim().split('\n').slice(1).join('; ')}`);
+  const info = await exec(cli, ['info', '--json'], project);
+  t.deepEqual((JSON.parse(info.stdout) as { built: string[] }).built, expected);
 });
 
 for (const scripts of [false, true]) {
