@@ -67,7 +67,7 @@ if (build.status !== 0) die(`the native build failed (build-package/native.log):
 const addons = { '-cuda': join(work, 'native', 'Release', 'scalekv.node'), '': join(work, 'native', 'Release', 'scalekv-cpu.node') };
 const stageRoot = join(work, 'stage');
 rmSync(stageRoot, { recursive: true, force: true });
-rmSync(out, { recursive: true, force: true });
+// DIR may hold other files (or be the user's own folder): only the tarballs of this release are written there.
 mkdirSync(out, { recursive: true });
 console.log(`package ${stamp()}: the platform packages`);
 const optionalDependencies = {};
