@@ -37,8 +37,9 @@ function readTarball(file: string): { files: string[]; manifest: Manifest } {
   return { files: list.stdout.trim().split('\n').map((f) => f.replace(/^package\//, '')), manifest: JSON.parse(pkg.stdout) as Manifest };
 }
 
+/** This version's tarballs in SCALEKV_PACKAGES (npm pack names them <name without @ and />-<version>.tgz). */
 function tarballs(): string[] {
-  return readdirSync(packagesDir!).filter((f) => f.endsWith('.tgz')).map((f) => join(packagesDir!, f));
+  return readdirSync(packagesDir!).filter((f) => f.endsWith(`-${version}.tgz`)).map((f) => join(packagesDir!, f));
 }
 
 /** An environment for the consumer's npm and node: none of this run's npm settings, no tsx. */
