@@ -6,6 +6,7 @@ import { parseArgs } from 'node:util';
 import { openCheckpoint } from './checkpoint/index.js';
 import { backendInfo, BackendChoice } from './engine.js';
 import { ScaleKVError } from './errors.js';
+import { BUILD_USAGE, buildCommand } from './cli/build.js';
 import { demoCommand, encodeTextCommand, generateCommand, GENERATION_USAGE } from './cli/generation.js';
 import { calibrateCommand, evalCommand, KV_USAGE, planCommand } from './cli/kv-commands.js';
 import { serveCommand, SERVE_USAGE, workerCommand } from './cli/serve-commands.js';
@@ -39,7 +40,7 @@ const OTHER_USAGE: Record<string, string> = {
 };
 
 /** Every command's usage and examples, in the order `scalekv --help` lists them. */
-const COMMAND_USAGE: Record<string, string> = { ...GENERATION_USAGE, ...SERVE_USAGE, ...KV_USAGE, ...OTHER_USAGE };
+const COMMAND_USAGE: Record<string, string> = { ...GENERATION_USAGE, ...SERVE_USAGE, ...KV_USAGE, ...OTHER_USAGE, ...BUILD_USAGE };
 
 const USAGE = `usage: scalekv <command> [options]     (scalekv <command> --help: that command alone; scalekv --version)
 
@@ -149,7 +150,7 @@ function info(argv: string[]): number {
   else
     process.stdout.write(
       `backends built: ${i.built.join(', ')}\ncuda device: ${i.cuda.available ? 'available' : `unavailable (${i.cuda.reason})`}\n` +
-        `cpu gemm and conv2d: ${i.cpu.library ?? 'builtin kernels (oneDNN was not found at build: apt-get install libdnnl-dev, then npm install)'}\n` +
+        `cpu gemm and conv2d: ${i.cpu.library ?? 'builtin kernels (oneDNN was not found at build: apt-get install libdnnl-dev, then scalekv build)'}\n` +
         `cpu kernels' instruction set: ${i.cpu.isa}\n`,
     );
   return 0;
@@ -188,6 +189,8 @@ async function main(argv: string[]): Promise<number> {
       return evalCommand(rest);
     case 'inspect':
       return inspect(rest);
+    case 'build':
+      return buildCommand(rest);
     case undefined:
     case '-h':
     case '--help':

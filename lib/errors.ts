@@ -5,7 +5,10 @@ export type ErrorCode =
   | 'ERR_DTYPE'
   | 'ERR_DISPOSED'
   | 'ERR_BACKEND_UNAVAILABLE'
+  /** No native addon: no source build and no prebuilt platform package for this machine (or one that does not load). */
   | 'ERR_NATIVE_MISSING'
+  /** `scalekv build` could not build a backend it was asked for (or one this machine should build). */
+  | 'ERR_NATIVE_BUILD'
   | 'ERR_INDEX_RANGE'
   | 'ERR_INDEX_ORDER'
   | 'ERR_BUDGET'

@@ -2,6 +2,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { currentPlatform, prebuiltAddonPath, prebuiltPackageNames } from '../scripts/prebuilt.mjs';
 import { ScaleKVError } from './errors.js';
 import type { NativeOpArgs, NativeOpName } from './native-ops.generated.js';
 
@@ -103,13 +104,34 @@ export interface NativeAddon {
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
 
-/** Where the addon may be, in order: SCALEKV_ADDON, the cmake-js build, the node-gyp build. */
-export function addonCandidates(): string[] {
-  const list: string[] = [];
-  if (process.env.SCALEKV_ADDON) list.push(process.env.SCALEKV_ADDON);
-  list.push(join(packageRoot, 'build-cmake', 'Release', 'scalekv.node'));
-  list.push(join(packageRoot, 'build', 'Release', 'scalekv.node'));
+/** One place the addon may be, and what put it there. */
+export interface AddonCandidate {
+  path: string;
+  /** 'SCALEKV_ADDON', 'source build' or the prebuilt package's name. */
+  origin: string;
+}
+
+/**
+ * Where the addon may be, in order: SCALEKV_ADDON, a source build of this package (cmake-js, then node-gyp: what
+ * `npm install` without a fitting prebuilt, or `scalekv build`, wrote), then the installed prebuilt platform packages,
+ * the CUDA one first. A prebuilt package that is not installed has no candidate.
+ */
+export function addonCandidates(): AddonCandidate[] {
+  const list: AddonCandidate[] = [];
+  if (process.env.SCALEKV_ADDON) list.push({ path: process.env.SCALEKV_ADDON, origin: 'SCALEKV_ADDON' });
+  for (const dir of ['build-cmake', 'build']) list.push({ path: join(packageRoot, dir, 'Release', 'scalekv.node'), origin: 'source build' });
+  for (const name of prebuiltPackageNames()) {
+    const path = prebuiltAddonPath(name, packageRoot);
+    if (path) list.push({ path, origin: name });
+  }
   return list;
+}
+
+/** What a consumer without an addon is told to do. */
+function missingAddonAdvice(): string {
+  const platform = currentPlatform();
+  const prebuilt = platform.unsupported ?? `no prebuilt package (${prebuiltPackageNames().join(', ')}) is installed (npm leaves optional dependencies out with --omit=optional, or when one fails to download)`;
+  return `${prebuilt}; build it from source with \`npx scalekv build\` (needs CMake and a C++17 compiler; nvcc for CUDA)`;
 }
 
 let cached: NativeAddon | undefined;
@@ -122,7 +144,7 @@ export function loadNative(): NativeAddon {
   if (process.env.OMP_WAIT_POLICY === undefined && process.env.GOMP_SPINCOUNT === undefined) process.env.GOMP_SPINCOUNT = '10000';
   const require = createRequire(import.meta.url);
   const tried: string[] = [];
-  for (const path of addonCandidates()) {
+  for (const { path, origin } of addonCandidates()) {
     if (!existsSync(path)) {
       tried.push(`${path} (absent)`);
       continue;
@@ -134,8 +156,8 @@ export function loadNative(): NativeAddon {
       cached = { ...addon, path };
       return cached;
     } catch (e) {
-      throw new ScaleKVError('ERR_NATIVE_MISSING', `scalekv native addon ${path} failed to load: ${(e as Error).message}`, { cause: e });
+      throw new ScaleKVError('ERR_NATIVE_MISSING', `scalekv native addon ${path} (${origin}) failed to load: ${(e as Error).message}`, { cause: e });
     }
   }
-  throw new ScaleKVError('ERR_NATIVE_MISSING', `scalekv native addon not found; run \`npm install\` (or \`npm run build:native\`). Tried: ${tried.join('; ')}`);
+  throw new ScaleKVError('ERR_NATIVE_MISSING', `scalekv native addon not found: ${missingAddonAdvice()}. Tried: ${tried.join('; ')}`);
 }

@@ -1,17 +1,21 @@
 #!/usr/bin/env node
-// Builds the native addon: cmake-js first (CPU + CUDA when nvcc is found, + the SIMT emulator backend when
-// its Boost.Context dependency is present), node-gyp CPU-only as the fallback. Prints one line saying
-// which backends were built; the full build log goes to <build dir>/build.log.
+// Builds the native addon from this package's sources: `buildFromSource` is what `scalekv build` runs, and this file
+// run as a script is the package's install script. The install script does nothing when a prebuilt platform package
+// that fits this machine is installed and loads (scripts/prebuilt.mjs); otherwise it builds every backend this machine
+// can: cmake-js for CPU, CUDA when nvcc is found and the SIMT emulator when Boost.Context is installed; node-gyp
+// CPU-only only where CMake is absent and nothing else could be built. A backend that could be built but was not is
+// a failure, never a quieter addon. The full build log goes to <build dir>/build.log.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
+import { delimiter, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { prebuiltAddonPath, prebuiltPackageNames } from './prebuilt.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-if (process.env.SCALEKV_SKIP_NATIVE === '1') {
-  console.log('scalekv: SCALEKV_SKIP_NATIVE=1, native addon not built');
-  process.exit(0);
-}
+export const BACKENDS = ['cpu', 'cuda', 'emu'];
+
+/** A build that cannot do what was asked: the message says why and what to do. */
+export class NativeBuildError extends Error {}
 
 function run(cmd, args, logFile) {
   const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', maxBuffer: 256 << 20, env: process.env });
@@ -21,66 +25,136 @@ function run(cmd, args, logFile) {
   return { ok: r.status === 0, log };
 }
 
-function has(cmd) {
-  return spawnSync(cmd, ['--version'], { encoding: 'utf8' }).status === 0;
+/** The first `name` on PATH, or undefined. */
+function onPath(name) {
+  for (const dir of (process.env.PATH ?? '').split(delimiter)) if (dir && existsSync(join(dir, name))) return join(dir, name);
+  return undefined;
 }
 
+/** A tool of this package's own dependencies (node_modules/.bin, here or hoisted beside it), else from PATH. */
 function bin(name) {
-  const local = join(root, 'node_modules', '.bin', name);
-  return existsSync(local) ? local : name;
+  for (const dir of [join(root, 'node_modules', '.bin'), join(root, '..', '.bin'), join(root, '..', '..', '.bin')])
+    if (existsSync(join(dir, name))) return join(dir, name);
+  return name;
 }
 
-const emuWanted = process.env.SCALEKV_EMU !== '0' && existsSync(join(root, 'kernels/emu/emu.cmake'));
-const boostContext = existsSync('/usr/include/boost/context/detail/fcontext.hpp');
-const emu = emuWanted && boostContext;
-let failure = '';
+/** What this machine can build, and why not where it cannot. */
+export function buildablePrerequisites() {
+  const nvcc = process.env.CUDACXX || onPath('nvcc');
+  const cmake = onPath('cmake');
+  const boostContext = existsSync('/usr/include/boost/context/detail/fcontext.hpp');
+  return {
+    cmake,
+    nvcc,
+    why: {
+      cpu: cmake || onPath('g++') || onPath('c++') ? undefined : 'no C++ compiler found',
+      cuda: !cmake ? 'CMake not found (it drives the CUDA build)' : !nvcc ? 'nvcc not found (install the CUDA toolkit, or set CUDACXX)' : undefined,
+      emu: !cmake ? 'CMake not found (it drives the emulator build)' : !boostContext ? 'Boost.Context not found (apt-get install libboost-context-dev)' : undefined,
+    },
+  };
+}
 
-if (has('cmake')) {
-  const logFile = join(root, 'build-cmake', 'build.log');
-  mkdirSync(join(root, 'build-cmake'), { recursive: true });
+/**
+ * Builds the addon into build-cmake/ (or build/ for node-gyp). `backends`: the ones required (each must build, or
+ * this throws saying why it cannot); undefined: every backend this machine can build, and a skipped one is reported
+ * with its reason. Returns the backends built and one line per skipped backend or slower path.
+ */
+export function buildFromSource({ backends, jobs = process.env.SCALEKV_BUILD_JOBS } = {}) {
+  const pre = buildablePrerequisites();
+  const wanted = backends ?? BACKENDS.filter((b) => !pre.why[b] && !(b === 'cuda' && process.env.SCALEKV_CUDA === '0') && !(b === 'emu' && process.env.SCALEKV_EMU === '0'));
+  const notes = BACKENDS.filter((b) => !wanted.includes(b) && !backends).map((b) =>
+    `${b} skipped: ${pre.why[b] ?? (b === 'cuda' ? 'SCALEKV_CUDA=0' : 'SCALEKV_EMU=0')}`);
+  const impossible = wanted.filter((b) => pre.why[b]).map((b) => `${b}: ${pre.why[b]}`);
+  if (impossible.length) throw new NativeBuildError(`cannot build ${impossible.join('; ')}`);
+  if (!wanted.includes('cpu')) throw new NativeBuildError('every addon has the cpu backend: add it to --backend');
+
+  if (!pre.cmake) {
+    // Only the CPU backend was asked for or possible: node-gyp builds it without CMake (npm ships node-gyp).
+    const r = buildWithGyp();
+    if (!r.ok) throw new NativeBuildError(`CMake not found and node-gyp failed (see build/build.log):\n${tail(r.log)}`);
+    return { tool: 'node-gyp', backends: ['cpu'], notes: [...notes, 'CMake not found: built with node-gyp', ...cpuLibraryNotes(join(root, 'build'))] };
+  }
+
+  const buildDir = join(root, 'build-cmake');
+  const logFile = join(buildDir, 'build.log');
+  mkdirSync(buildDir, { recursive: true });
   writeFileSync(logFile, '');
-  const args = ['rebuild', '--out', 'build-cmake', `--CDSCALEKV_EMU=${emu ? 'ON' : 'OFF'}`];
-  if (process.env.SCALEKV_CUDA === '0') args.push('--CDSCALEKV_CUDA=OFF');
+  const args = ['rebuild', '--out', 'build-cmake', `--CDSCALEKV_EMU=${wanted.includes('emu') ? 'ON' : 'OFF'}`,
+    `--CDSCALEKV_CUDA=${wanted.includes('cuda') ? 'ON' : 'OFF'}`];
   if (process.env.SCALEKV_ONEDNN === '0') args.push('--CDSCALEKV_ONEDNN=OFF');
-  const jobs = process.env.SCALEKV_BUILD_JOBS;
-  if (jobs) args.push('--parallel', jobs);
+  if (jobs) args.push('--parallel', String(jobs));
   const r = run(bin('cmake-js'), args, logFile);
+  if (!r.ok) throw new NativeBuildError(`cmake-js failed (full log: ${logFile}):\n${tail(r.log)}`);
+  const addon = join(buildDir, 'Release', 'scalekv.node');
   // A build that links but cannot be loaded (e.g. static TLS exhausted) must fail here, not at first use.
-  const loads = r.ok && run(process.execPath, ['-e', "require('./build-cmake/Release/scalekv.node')"], logFile).ok;
-  if (r.ok && !loads) {
-    failure = 'the cmake-js addon does not load (see build-cmake/build.log)';
-    rmSync(join(root, 'build-cmake', 'Release', 'scalekv.node'), { force: true });
+  const loads = run(process.execPath, ['-e', `require(${JSON.stringify(addon)})`], logFile);
+  if (!loads.ok) {
+    rmSync(addon, { force: true });
+    throw new NativeBuildError(`the built addon does not load (full log: ${logFile}):\n${tail(loads.log)}`);
   }
-  if (loads) {
-    const backends = readFileSync(join(root, 'build-cmake', 'backends.txt'), 'utf8').trim().split('+');
-    const notes = [];
-    if (!backends.includes('cuda')) notes.push('nvcc not found: CPU-only build');
-    if (emuWanted && !boostContext) notes.push('emu backend skipped: install libboost-context-dev');
-    const cpuLibrary = readFileSync(join(root, 'build-cmake', 'cpu-library.txt'), 'utf8').trim();
-    if (cpuLibrary !== 'onednn')
-      notes.push(process.env.SCALEKV_ONEDNN === '0' ? 'oneDNN disabled (SCALEKV_ONEDNN=0): builtin CPU GEMM and convolution'
-        : 'oneDNN not found (apt-get install libdnnl-dev): builtin CPU GEMM and convolution, several times slower');
-    console.log(`scalekv: built the native addon with cmake-js, backends: ${backends.join(', ')}` +
-      (notes.length ? ` (${notes.join('; ')})` : ''));
-    process.exit(0);
+  const built = readFileSync(join(buildDir, 'backends.txt'), 'utf8').trim().split('+');
+  const missing = wanted.filter((b) => !built.includes(b));
+  if (missing.length) {
+    rmSync(addon, { force: true });
+    throw new NativeBuildError(`the build has no ${missing.join(', ')} backend although this machine should build it` +
+      `${missing.includes('cuda') ? ` (nvcc: ${pre.nvcc}; CMake did not accept it)` : ''}: see ${logFile}, ` +
+      `or leave it out with --backend ${built.join(',')}`);
   }
-  failure ||= `cmake-js failed (see build-cmake/build.log)`;
-  process.stderr.write(r.log.split('\n').slice(-40).join('\n') + '\n');
-} else {
-  failure = 'cmake not found';
+  return { tool: 'cmake-js', backends: built, notes: [...notes, ...cpuLibraryNotes(buildDir)] };
 }
 
-// Build against the running Node's own headers when they are installed, rather than downloading them.
-const gyp = process.env.npm_config_node_gyp || bin('node-gyp');
-const gypArgs = gyp.endsWith('.js') ? [gyp, 'rebuild'] : ['rebuild'];
-const nodePrefix = dirname(dirname(process.execPath));
-if (!process.env.npm_config_nodedir && existsSync(join(nodePrefix, 'include/node/node_api.h')))
-  gypArgs.push(`--nodedir=${nodePrefix}`);
-const r = run(gyp.endsWith('.js') ? process.execPath : gyp, gypArgs, join(root, 'build', 'build.log'));
-if (r.ok) {
-  console.log(`scalekv: ${failure}; built the CPU-only addon with node-gyp, backends: cpu`);
-  process.exit(0);
+function tail(log) {
+  return log.split('\n').slice(-40).join('\n');
 }
-process.stderr.write(r.log.split('\n').slice(-40).join('\n') + '\n');
-console.error(`scalekv: native build failed (${failure}; node-gyp failed too, see build/build.log)`);
-process.exit(1);
+
+function cpuLibraryNotes(buildDir) {
+  const file = join(buildDir, 'cpu-library.txt');
+  const library = existsSync(file) ? readFileSync(file, 'utf8').trim() : 'builtin';
+  if (library === 'onednn') return [];
+  return [process.env.SCALEKV_ONEDNN === '0' ? 'oneDNN disabled (SCALEKV_ONEDNN=0): builtin CPU GEMM and convolution'
+    : 'oneDNN not found (apt-get install libdnnl-dev): builtin CPU GEMM and convolution, several times slower'];
+}
+
+/** The CPU-only node-gyp build, against the running Node's own headers when they are installed (nothing downloaded). */
+export function buildWithGyp() {
+  const gyp = process.env.npm_config_node_gyp || bin('node-gyp');
+  const args = ['rebuild'];
+  const nodePrefix = dirname(dirname(process.execPath));
+  if (!process.env.npm_config_nodedir && existsSync(join(nodePrefix, 'include/node/node_api.h'))) args.push(`--nodedir=${nodePrefix}`);
+  const logFile = join(root, 'build', 'build.log');
+  return gyp.endsWith('.js') ? run(process.execPath, [gyp, ...args], logFile) : run(gyp, args, logFile);
+}
+
+/** The installed prebuilt package that fits this machine and loads, with its backends; undefined if none. */
+export function loadablePrebuilt() {
+  for (const name of prebuiltPackageNames()) {
+    const path = prebuiltAddonPath(name, root);
+    if (!path || !existsSync(path)) continue;
+    const r = spawnSync(process.execPath, ['-p', `require(${JSON.stringify(path)}).backends().join(', ')`], { encoding: 'utf8' });
+    if (r.status === 0) return { name, path, backends: r.stdout.trim() };
+  }
+  return undefined;
+}
+
+function installScript() {
+  if (process.env.SCALEKV_SKIP_NATIVE === '1') {
+    console.log('scalekv: SCALEKV_SKIP_NATIVE=1, native addon not built');
+    return 0;
+  }
+  const prebuilt = loadablePrebuilt();
+  if (prebuilt) {
+    console.log(`scalekv: using the prebuilt addon of ${prebuilt.name} (backends: ${prebuilt.backends}); nothing to build`);
+    return 0;
+  }
+  try {
+    const r = buildFromSource();
+    console.log(`scalekv: built the native addon with ${r.tool}, backends: ${r.backends.join(', ')}${r.notes.length ? ` (${r.notes.join('; ')})` : ''}`);
+    return 0;
+  } catch (e) {
+    if (!(e instanceof NativeBuildError)) throw e;
+    console.error(`scalekv: native build failed: ${e.message}`);
+    return 1;
+  }
+}
+
+if (process.argv[1] && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url)) process.exitCode = installScript();

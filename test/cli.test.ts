@@ -139,7 +139,7 @@ test('every command answers --help with its own usage and examples; --version pr
   const v = cli('--version');
   t.is(v.status, 0);
   t.is(v.stdout.trim(), version);
-  for (const command of ['demo', 'generate', 'encode-text', 'serve', 'worker', 'plan', 'calibrate', 'eval', 'verify', 'inspect', 'info']) {
+  for (const command of ['demo', 'generate', 'encode-text', 'serve', 'worker', 'plan', 'calibrate', 'eval', 'verify', 'inspect', 'info', 'build']) {
     const r = cli(command, '--help');
     t.is(r.status, 0, `${command}: ${r.stderr}`);
     t.true(r.stdout.startsWith(`usage: scalekv ${command}`), `${command}: ${r.stdout.slice(0, 80)}`);
@@ -151,4 +151,11 @@ test('every command answers --help with its own usage and examples; --version pr
   t.regex(unknown.stderr, /^scalekv: Unknown option '--bogus'.*\[ERR_INVALID_ARG\]\n$/s);
   const missingValue = cli('inspect', 'x', '--prefix');
   t.regex(missingValue.stderr, /--prefix.*\[ERR_INVALID_ARG\]\n$/s);
+});
+
+test('build: an unknown --backend is a coded argument error, before anything is built', (t) => {
+  const r = cli('build', '--backend', 'cpu,tpu');
+  t.is(r.status, 1);
+  t.regex(r.stderr, /unknown backend 'tpu' \(choose from cpu, cuda, emu\) \[ERR_INVALID_ARG\]/);
+  t.is(r.stdout, '');
 });

@@ -1,6 +1,6 @@
 // The package as a consumer installs it: a fresh `tsc` build of lib/ in a temporary node_modules/scalekv next to
 // this checkout's package.json (so its "exports" map is the one under test) and the native addon's build folders
-// (symlinks: dist/native.js looks for the addon next to dist/). Code in `root` imports 'scalekv', 'scalekv/kv', ...
+// (symlinks: dist/native.js looks for the addon next to dist/) and scripts/. Code in `root` imports 'scalekv', 'scalekv/kv', ...
 // through Node's package resolution, never through a path into lib/ or dist/.
 import { execFile } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
@@ -43,6 +43,8 @@ export function packageBuild(): Promise<PackageBuild> {
     mkdirSync(pkg, { recursive: true });
     copyFileSync(join(repoRoot, 'package.json'), join(pkg, 'package.json'));
     for (const dir of ['build-cmake', 'build']) if (existsSync(join(repoRoot, dir))) symlinkSync(join(repoRoot, dir), join(pkg, dir), 'dir');
+    // dist/ imports the shipped scripts (the prebuilt packages' names, the source build of `scalekv build`).
+    symlinkSync(join(repoRoot, 'scripts'), join(pkg, 'scripts'), 'dir');
     // The package's run-time dependencies sit beside it, as npm installs them for a consumer.
     const manifest = JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { dependencies?: Record<string, string> };
     for (const dep of Object.keys(manifest.dependencies ?? {})) {
