@@ -5,11 +5,13 @@
 import test from 'ava';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { campaign, runInput } from './fuzz/harness.js';
+import fc from 'fast-check';
+import { ScaleKVError } from '../lib/errors.js';
+import { campaign, type FuzzTarget, runInput } from './fuzz/harness.js';
 import { TARGETS } from './fuzz/targets/index.js';
 import { seedFor } from './helpers.js';
 
-// Serial: the allocation guard instruments Buffer for the whole process while one input runs.
+// Serial: each campaign's time and external-memory bounds measure the whole process.
 /** Inputs per parser in CI: about 30 s for all ten parsers on a loaded 2-core machine (SCALEKV_FUZZ_RUNS overrides). */
 const CI_RUNS = Number(process.env.SCALEKV_FUZZ_RUNS ?? 2500);
 const REGRESSIONS = join(import.meta.dirname, 'fuzz', 'regressions');
@@ -35,3 +37,37 @@ for (const target of TARGETS) {
       }
     });
 }
+
+/** A planted target: each check allocates `checkBytes` (bound: `bound`) after `delayMs`; inputs allocate `inputBytes`. */
+function plantedTarget(opts: { delayMs: number; checkBytes: number; inputBytes: number; bound: number }): FuzzTarget {
+  return {
+    name: 'planted',
+    codes: ['ERR_FORMAT'],
+    inputs: fc.constant(null).map(() => ({ bytes: new Uint8Array(Buffer.alloc(opts.inputBytes, 7)) })),
+    async check() {
+      await new Promise((r) => setTimeout(r, opts.delayMs));
+      Buffer.alloc(opts.checkBytes);
+      throw new ScaleKVError('ERR_FORMAT', 'planted');
+    },
+    allocationBound: () => opts.bound,
+  };
+}
+
+test.serial('fuzz harness: a forged allocation is a violation, inside the check and only there', async (t) => {
+  const forged = await campaign(plantedTarget({ delayMs: 0, checkBytes: 1 << 20, inputBytes: 16, bound: 1024 }), { seed: 1, runs: 5 });
+  t.regex(forged.failure?.error ?? '', /allocation of 1048576 bytes exceeds the bound of 1024/);
+  // Input generation (here 1 MiB per input) is not the parser's doing and is never bounded.
+  const generous = await campaign(plantedTarget({ delayMs: 0, checkBytes: 16, inputBytes: 1 << 20, bound: 1024 }), { seed: 1, runs: 5 });
+  t.is(generous.failure, undefined);
+  t.is(generous.executions, 5);
+});
+
+test.serial('fuzz harness: a check the time limit abandons is awaited, and its bound does not leak into the next campaign', async (t) => {
+  // fast-check races an async run against its time limit; the slow check is still running when campaign() would
+  // return, and then allocates past its bound.
+  const slow = await campaign(plantedTarget({ delayMs: 300, checkBytes: 1 << 20, inputBytes: 16, bound: 1024 }), { seed: 2, ms: 100 });
+  t.regex(slow.failure?.error ?? '', /time limit came.*exceeds the bound/);
+  const next = await campaign(plantedTarget({ delayMs: 0, checkBytes: 16, inputBytes: 1 << 20, bound: 1024 }), { seed: 2, runs: 20 });
+  t.is(next.failure, undefined, next.failure?.error);
+  t.is(next.executions, 20);
+});

@@ -7,6 +7,7 @@
  * is a violation that fast-check shrinks to a small failing input.
  */
 import fc from 'fast-check';
+import { AsyncLocalStorage } from 'node:async_hooks';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -62,31 +63,27 @@ const EXTERNAL_SLACK = 16 << 20;
 /** Wall time one input may take; generous for a shared 2-core CI machine, far below any real hang. */
 export const TIME_BOUND_MS = 2000;
 
+/** The allocation bound of the check running in this async context; code outside a check is not bounded. */
+const allocationBound = new AsyncLocalStorage<number>();
+
 /**
- * Buffer.alloc / allocUnsafe / allocUnsafeSlow, instrumented while a check runs: a request over the bound throws a
- * FuzzViolation before the memory is taken, so a forged 4 GB length is reported, not allocated.
+ * Buffer.alloc / allocUnsafe / allocUnsafeSlow, patched once: a request over the bound of the check that makes it
+ * throws a FuzzViolation before the memory is taken, so a forged 4 GB length is reported, not allocated. The bound
+ * follows the check's async context, not a global window: fast-check's time limit abandons an async check mid-way
+ * (it races the run against a timer), and the next campaign's input generation must not inherit that check's bound.
  */
-function guardAllocations<T>(bound: number, run: () => T): T {
-  const originals = { alloc: Buffer.alloc, allocUnsafe: Buffer.allocUnsafe, allocUnsafeSlow: Buffer.allocUnsafeSlow };
+function installAllocationGuard(): void {
   const guard = <F extends (size: number, ...rest: never[]) => Buffer>(f: F): F =>
     ((size: number, ...rest: never[]) => {
-      if (size > bound) throw new FuzzViolation(`allocation of ${size} bytes exceeds the bound of ${bound} bytes for this input`);
+      const bound = allocationBound.getStore();
+      if (bound !== undefined && size > bound) throw new FuzzViolation(`allocation of ${size} bytes exceeds the bound of ${bound} bytes for this input`);
       return f.call(Buffer, size, ...rest);
     }) as F;
-  Buffer.alloc = guard(originals.alloc);
-  Buffer.allocUnsafe = guard(originals.allocUnsafe);
-  Buffer.allocUnsafeSlow = guard(originals.allocUnsafeSlow);
-  const restore = () => Object.assign(Buffer, originals);
-  try {
-    const r = run();
-    if (r instanceof Promise) return r.finally(restore) as T;
-    restore();
-    return r;
-  } catch (e) {
-    restore();
-    throw e;
-  }
+  Buffer.alloc = guard(Buffer.alloc);
+  Buffer.allocUnsafe = guard(Buffer.allocUnsafe);
+  Buffer.allocUnsafeSlow = guard(Buffer.allocUnsafeSlow);
 }
+installAllocationGuard();
 
 /** Runs one input through a target and classifies it; throws a FuzzViolation (or the unexpected error) on a bug. */
 export async function runInput(target: FuzzTarget, { bytes: input, expect }: FuzzCase): Promise<Outcome> {
@@ -94,7 +91,7 @@ export async function runInput(target: FuzzTarget, { bytes: input, expect }: Fuz
   const external = process.memoryUsage().arrayBuffers;
   let outcome: Outcome;
   try {
-    const loaded = await guardAllocations(target.allocationBound(input), () => target.check(input));
+    const loaded = await allocationBound.run(target.allocationBound(input), () => target.check(input));
     if (expect?.kind === 'error') throw new FuzzViolation(`loaded an input that must fail${expect.code ? ` with ${expect.code}` : ''}`);
     if (expect?.kind === 'same') sameTensors(loaded, expect.tensors);
     outcome = { ok: true };
@@ -160,9 +157,18 @@ export interface CampaignOptions {
 export async function campaign(target: FuzzTarget, opts: CampaignOptions): Promise<CampaignStats> {
   const stats: CampaignStats = { target: target.name, executions: 0, rejected: 0, ms: 0, kinds: new Map() };
   const start = performance.now();
+  // The input fast-check's time limit may abandon mid-run: awaited before the campaign returns, so no check of
+  // this target overlaps the next campaign's (its time and external-memory bounds would measure both).
+  // A violation it finds after the limit is still a failure.
+  let inFlight: Promise<{ input: Uint8Array; error: unknown } | undefined> = Promise.resolve(undefined);
   const details = await fc.check(
     fc.asyncProperty(target.inputs, async (input) => {
-      const o = await runInput(target, input);
+      const run = runInput(target, input);
+      inFlight = run.then(
+        () => undefined,
+        (error: unknown) => ({ input: input.bytes, error }),
+      );
+      const o = await run;
       const bytes = input.bytes;
       stats.executions++;
       if (!o.ok) stats.rejected++;
@@ -178,10 +184,14 @@ export async function campaign(target: FuzzTarget, opts: CampaignOptions): Promi
       markInterruptAsFailure: false,
     },
   );
+  const abandoned = await inFlight;
   stats.ms = performance.now() - start;
   if (details.failed && details.counterexample) {
     const err = details.errorInstance as Error | undefined;
     stats.failure = { input: details.counterexample[0].bytes, error: err?.message ?? String(err), seed: details.seed, path: details.counterexamplePath ?? undefined };
+  } else if (abandoned) {
+    const err = abandoned.error as Error | undefined;
+    stats.failure = { input: abandoned.input, error: `(the input running when the time limit came) ${err?.message ?? String(err)}`, seed: details.seed };
   }
   return stats;
 }
