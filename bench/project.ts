@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import type { Engine, KernelLaunch } from '../lib/engine.js';
 import { rand } from './random.js';
 import { DEVICES, loadKernelResources, projectLaunch, type DeviceModel, type KernelResources, type ProjectedLaunch } from './projection.js';
+import { kvPageTokensFor } from '../lib/kv/cache.js';
 
 export interface ProjectedRow {
   op: string;
@@ -58,8 +59,8 @@ export async function projectKernels(e: Engine, deviceName: string, opts: { samp
   const heads = 16;
   const d = 128;
   // The last scale's attention: the full cache, ScaleKV 10 % gathered from a full history (the reference's way),
-  // and ScaleKV 10 % kept in the KV arena, contiguous and in shuffled 16-token pages (paged / contiguous: the cost of
-  // the page table).
+  // and ScaleKV 10 % kept in the KV arena, contiguous and in shuffled pages of the GPU's size (paged / contiguous: the
+  // cost of the page table).
   for (const [hist, lc, layout] of [
     [6425, 4096, 'contiguous'],
     [650, 4096, 'gathered'],
@@ -67,7 +68,7 @@ export async function projectKernels(e: Engine, deviceName: string, opts: { samp
     [650, 4096, 'paged'],
   ] as const) {
     const rowsR = 2;
-    const P = 16;
+    const P = kvPageTokensFor('cuda');
     const sh = (l: number) => [rowsR, heads, l, d];
     const capacity = layout === 'gathered' ? 6425 : hist;
     const tablePages = Math.ceil(capacity / P);

@@ -20,6 +20,7 @@ import { BackendChoice, createEngine, Engine, MemoryStats } from './engine.js';
 import { fail, ScaleKVError } from './errors.js';
 import { encodePng, RawImage } from './image/png.js';
 import { kvPolicyFromSpec } from './kv/spec.js';
+import { kvPageTokensFor } from './kv/cache.js';
 import { decodeImage, decodeUnderPeak, generate, type GenerateOptions, type KvDtype } from './model/generate.js';
 import { planAllocations, plannedTextLength, type StaticMemoryPlan } from './memory-plan.js';
 import { InfinityModel, sameText, TextFeatures, WeightSource } from './model/infinity.js';
@@ -503,7 +504,8 @@ export class Pipeline {
     const negativeText = conditioning.negative && repeatTextFeatures(conditioning.negative, batch);
     const textMs = performance.now() - started;
     const seed = o.seed ?? 0;
-    const sampling = { textFeatures: text, negativeText, schedule, cfg, tau: o.tau ?? 1, topK: o.topK, topP: o.topP, kvPolicy, kvDtype: o.kvDtype };
+    // The page size is this engine's: the plan's dry run is on a 'count' twin, and it must make the same arena.
+    const sampling = { textFeatures: text, negativeText, schedule, cfg, tau: o.tau ?? 1, topK: o.topK, topP: o.topP, kvPolicy, kvDtype: o.kvDtype, kvPageTokens: kvPageTokensFor(this.engine.backend) };
     const shape = this.#memoryPlans ? await this.#planFor(sampling, o.kv, o.vaeBatch) : undefined;
     const plan = shape?.plan;
     const vaeBatch = o.vaeBatch ?? shape?.vaeBatch;

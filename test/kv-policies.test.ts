@@ -7,8 +7,8 @@ import {
   FullKvPolicy, KvCache, kvPolicyFromSpec, KvPolicy, KvTraceRecord, PyramidKvPolicy, SelectionPolicyOptions, SlidingWindowPolicy,
   SnapKvPolicy, StreamingLlmPolicy, builtinPlan, gridWindow, pyramidBudgets,
 } from '../lib/kv/index.js';
-import type { AfterAttentionContext, KvStep } from '../lib/kv/policy.js';
-import type { KvTarget } from '../lib/kv/cache.js';
+import { policyHistoryLengths, type AfterAttentionContext, type KvStep } from '../lib/kv/policy.js';
+import { kvBoundaryPages, type KvTarget } from '../lib/kv/cache.js';
 import type { SelectionPolicy } from '../lib/kv/selection.js';
 import { generate, GenerateOptions } from '../lib/model/generate.js';
 import { InfinityModel } from '../lib/model/infinity.js';
@@ -78,7 +78,8 @@ for (const backend of testBackends()) {
         const len = new Array<number>(depth).fill(0);
         const pagesNow = () => len.reduce((a, n) => a + Math.ceil(n / P), 0);
         let peak = 0;
-        for (let si = 0; si < sched.length - 1; si++)
+        let boundary = 0;
+        for (let si = 0; si < sched.length - 1; si++) {
           for (let l = 0; l < depth; l++) {
             const after = name === 'full' ? len[l] + tok[si] : (records.find((x) => x.layer === l && x.scaleIndex === si)?.lenAfter ?? NaN);
             const before = len[l];
@@ -86,9 +87,14 @@ for (const backend of testBackends()) {
             peak = Math.max(peak, pagesNow());
             len[l] = after;
           }
+          boundary = Math.max(boundary, pagesNow());
+        }
         const rows = 2;
         t.is(r.kvArena.poolPages, rows * peak, `${name}: pool pages`);
         t.is(r.kvArena.peakPages, r.kvArena.poolPages, `${name}: every page of the pool was used`);
+        // Between scales: what the policy keeps, in whole pages; the closed form from the policy's lengths agrees.
+        t.is(r.kvArena.boundaryPages, rows * boundary, `${name}: pages held between scales`);
+        t.is(kvBoundaryPages(policyHistoryLengths(policy, depth, tok), rows, P), rows * boundary, `${name}: kvBoundaryPages`);
         // ScaleKV's layers change roles between scales: they are never all at their most at once.
         if (name.startsWith('scalekv')) t.true(peak < caps.reduce((a, c) => a + Math.ceil(c / P), 0), `${name}: the pool is smaller than every layer at its most`);
         // The engine's own counter: the K and V pools (f32) and the page tables are the only 'kv' allocations.

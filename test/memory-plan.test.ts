@@ -10,6 +10,7 @@ import { InfinityModel } from '../lib/model/infinity.js';
 import { scaleSchedule } from '../lib/model/schedule.js';
 import { createTinyModel } from '../lib/model/tiny.js';
 import { VaeDecoder } from '../lib/model/vae.js';
+import { kvPageTokensFor } from '../lib/kv/cache.js';
 import { Rng, seedFor, syntheticText, testBackends, withEngine } from './helpers.js';
 
 /** A random trace: allocations of 512-byte blocks made and released in a random interleaving, some never released. */
@@ -57,14 +58,14 @@ test('packAllocations: no two allocations alive at once overlap, every offset is
   t.true(worst < 1.5, `arena ${worst.toFixed(3)}x the live peak`);
 });
 
-/** The tiny model's generation and decode on `e` (the given twin, or loaded weights). */
-async function tinyWork(e: Engine, o: { allocate: boolean; schedule: [number, number][] }) {
+/** The tiny model's generation and decode on `e` (the given twin, or loaded weights), with the KV pages of `pagesOf`. */
+async function tinyWork(e: Engine, o: { allocate: boolean; schedule: [number, number][]; pagesOf: string }) {
   const tiny = createTinyModel(4);
   const model = o.allocate ? await InfinityModel.allocate(e, tiny.config, { dtype: 'f32' }) : await InfinityModel.load(e, tiny.weights, tiny.config, { dtype: 'f32' });
   const decoder = new Map(tiny.vae.names.filter((n) => n.startsWith('decoder.')).map((x) => [x, tiny.vae.f32(x)]));
   const vae = o.allocate ? await VaeDecoder.allocate(e, tiny.vaeConfig) : await VaeDecoder.load(e, decoder, tiny.vaeConfig);
   const run = async () => {
-    const r = await generate(model, { text: syntheticText(), schedule: o.schedule, cfg: 3, seed: 7 });
+    const r = await generate(model, { text: syntheticText(), schedule: o.schedule, cfg: 3, seed: 7, kvPageTokens: kvPageTokensFor(o.pagesOf) });
     try {
       return { pixels: (await decodeImage(vae, r.summedCodes)).pixels, bits: r.bits };
     } finally {
@@ -74,10 +75,11 @@ async function tinyWork(e: Engine, o: { allocate: boolean; schedule: [number, nu
   return { run, dispose: () => (model.dispose(), vae.dispose()) };
 }
 
-async function tinyPlan(schedule: [number, number][]) {
+/** The static plan of tinyWork on a 'count' twin of a `backend` engine (its page size: the plan must match its arena). */
+async function tinyPlan(schedule: [number, number][], backend: string) {
   const count = await createEngine({ backend: 'count' });
   try {
-    const twin = await tinyWork(count, { allocate: true, schedule });
+    const twin = await tinyWork(count, { allocate: true, schedule, pagesOf: backend });
     return await planAllocations(count, async () => void (await twin.run()));
   } finally {
     count.dispose();
@@ -88,10 +90,10 @@ const grids = scaleSchedule({ aspect: 1, pn: '0.06M' }).scales.map(([h, w]) => [
 
 for (const backend of testBackends()) {
   test(`${backend}: the tiny model's generation placed by its static plan gives the same images, reserving exactly the weights and the arena`, async (t) => {
-    const plan = await tinyPlan(grids);
+    const plan = await tinyPlan(grids, backend);
     t.is(plan.total, plan.livePeak);
     await withEngine(backend, async (e) => {
-      const work = await tinyWork(e, { allocate: false, schedule: grids });
+      const work = await tinyWork(e, { allocate: false, schedule: grids, pagesOf: backend });
       try {
         const plain = await work.run();
         e.trimCache();
@@ -117,7 +119,7 @@ for (const backend of testBackends()) {
         await e.sync();
         t.is(e.memory().reserved, before.reserved);
         // A plan made for a shorter schedule: the work leaves it, the caching allocator serves the rest, all correct.
-        const short = await tinyPlan(grids.slice(0, 4));
+        const short = await tinyPlan(grids.slice(0, 4), backend);
         const diverged = await e.withMemoryPlan(short, work.run);
         t.true(diverged.plan.diverged);
         t.true(diverged.plan.placed >= 1);

@@ -10,6 +10,7 @@ import { toHostArray } from '../lib/checkpoint/load.js';
 import { decodeImage, generate } from '../lib/model/generate.js';
 import { InfinityModel } from '../lib/model/infinity.js';
 import { FullKvPolicy } from '../lib/kv/baselines.js';
+import { kvPageTokensFor } from '../lib/kv/cache.js';
 import { expectedVaeShapes, expectedWeightShapes, InfinityConfig, preset } from '../lib/model/presets.js';
 import { scaleSchedule } from '../lib/model/schedule.js';
 import { createTinyModel } from '../lib/model/tiny.js';
@@ -82,11 +83,14 @@ test('the dry run agrees with closed forms at the real presets (weights, full-ca
       t.is(plan.weightDetail.textEncoder, t5Linears + (24 * 2 + 1) * 2048 * 4 + 32 * 257 * 4, `${p} ${dtype} T5`);
       // The encoder is loaded on top of the model and freed before sampling: the weights peak while it runs.
       t.is(plan.bytes.weights, plan.weightDetail.transformer + plan.weightDetail.vae + plan.weightDetail.textEncoder);
-      // Every layer holds every scale but the last (6425 tokens: 402 pages of 16 per row, each with its page table);
+      // Every layer holds every scale but the last (6425 tokens, in whole pages per row, each with its page table);
       // the current scale's K/V (the largest, 4096 tokens) and its RoPE positions are shared.
+      const P = kvPageTokensFor('cuda');
+      const pages = Math.ceil(6425 / P);
       t.deepEqual(plan.capacities, new Array(c.depth).fill(6425));
-      t.is(plan.bytes.kv, c.depth * 402 * 16 * perToken + c.depth * rows * 402 * 4, `${p} kv`);
-      t.deepEqual(plan.kvArena, { pageTokens: 16, poolPages: c.depth * rows * 402, tableBytes: c.depth * rows * 402 * 4 });
+      t.is(plan.bytes.kv, c.depth * pages * P * perToken + c.depth * rows * pages * 4, `${p} kv`);
+      // The full cache is at its largest at the last boundary: it holds there all it ever holds.
+      t.deepEqual(plan.kvArena, { pageTokens: P, poolPages: c.depth * rows * pages, tableBytes: c.depth * rows * pages * 4, boundaryPages: c.depth * rows * pages, boundaryBytes: plan.bytes.kv });
       t.is(plan.bytes.scratch, 4096 * perToken + 4096 * 2 * 4, `${p} scratch`);
       t.is(c.depth * 6425 * perToken, paperKvBytes(c, rows, 6425, dtype, dtype));
       // The categories peak at different times; the total is the peak of their sum, at least the weights with the
@@ -103,14 +107,19 @@ test('the dry run agrees with closed forms at the real presets (weights, full-ca
     const plan = await planMemory({ preset: 'infinity-2b', batch: 8, kvDtype });
     const perToken = 16 * c.numHeads * (c.headDim + 4) * 2;
     t.is(plan.kvDtype, kvDtype);
-    t.is(plan.bytes.kv, c.depth * 402 * 16 * perToken + c.depth * 16 * 402 * 4, `${kvDtype} kv`);
+    const pages = Math.ceil(6425 / kvPageTokensFor('cuda'));
+    t.is(plan.bytes.kv, c.depth * pages * kvPageTokensFor('cuda') * perToken + c.depth * 16 * pages * 4, `${kvDtype} kv`);
     t.is(plan.bytes.scratch, 4096 * perToken + 4096 * 2 * 4, `${kvDtype} scratch`);
   }
   await t.throwsAsync(() => planMemory({ preset: 'infinity-2b', batch: 1, kvDtype: 'f32' }), { code: 'ERR_INVALID_ARG', message: /model's dtype/ });
   // A window policy: every layer holds 650 tokens.
   const c2 = preset('infinity-2b');
   const w = await planMemory({ preset: 'infinity-2b', batch: 2, policy: resolvePolicy('window:650', { depth: 32 }) });
-  t.is(w.bytes.kv, 32 * 656 * 4 * c2.numHeads * c2.headDim * 2 * 2 + 32 * 4 * 41 * 4); // 650 tokens: 41 pages of 16
+  t.is(w.bytes.kv, 32 * 650 * 4 * c2.numHeads * c2.headDim * 2 * 2 + 32 * 4 * 650 * 4); // 650 pages of one token
+  t.is(w.kvArena.boundaryBytes, w.bytes.kv, 'a window holds its 650 tokens between scales too');
+  // With the CPU's 16-token pages: 41 pages, 656 tokens.
+  const w16 = await planMemory({ preset: 'infinity-2b', batch: 2, policy: resolvePolicy('window:650', { depth: 32 }), kvPageTokens: 16 });
+  t.is(w16.bytes.kv, 32 * 656 * 4 * c2.numHeads * c2.headDim * 2 * 2 + 32 * 4 * 41 * 4);
 });
 
 test('largestBatch: the largest batch whose planned peak fits', async (t) => {
@@ -159,12 +168,14 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
     for (const kind of storage) {
       const [dtype, kvDtype] = kind.split('/') as ['f32' | 'bf16', 'int8' | 'fp8' | undefined];
       const policy = spec === 'full' ? new FullKvPolicy() : resolvePolicy(spec, { depth: tiny.config.depth });
-      const plan = await planMemory({ config: tiny.config, batch: B, schedule: schedule.scales, dtype, kvDtype, textTokens, policy });
+      // The GPU's page size on the bf16 kinds, the CPU's own (its default) on the f32 ones: the planner follows either.
+      const kvPageTokens = dtype === 'bf16' ? kvPageTokensFor('cuda') : undefined;
+      const plan = await planMemory({ config: tiny.config, batch: B, schedule: schedule.scales, dtype, kvDtype, textTokens, policy, kvPageTokens: kvPageTokens ?? kvPageTokensFor('cpu') });
       const e = await createEngine({ backend: 'cpu', threads: 2 });
       try {
         const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype });
         const vae = await VaeDecoder.load(e, vaeWeights, { ...tiny.vaeConfig, weightDtype: dtype, dtype });  // as the Pipeline does
-        const r = await generate(m, { text: syntheticText(), schedule: schedule.scales, cfg: 3, seed: 1, kvPolicy: policy, kvDtype });
+        const r = await generate(m, { text: syntheticText(), schedule: schedule.scales, cfg: 3, seed: 1, kvPolicy: policy, kvDtype, kvPageTokens });
         await decodeImage(vae, r.summedCodes, { vaeBatch: plan.vaeBatch });
         r.summedCodes.dispose();
         const mem = e.memory();
@@ -172,7 +183,9 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
         t.deepEqual({ ...mem.peak, total: mem.totalPeak }, plan.bytes, what);
         t.is(mem.reservedPeak, plan.reservedPeak, what);
         t.is(r.kvBytes + r.kvArena.tableBytes, plan.bytes.kv, what);
-        t.deepEqual(plan.kvArena, { pageTokens: r.kvArena.pageTokens, poolPages: r.kvArena.poolPages, tableBytes: r.kvArena.tableBytes }, what);
+        const { pageTokens, poolPages, tableBytes, boundaryPages } = r.kvArena;
+        t.deepEqual(plan.kvArena, { pageTokens, poolPages, tableBytes, boundaryPages, boundaryBytes: (r.kvBytes / poolPages) * boundaryPages + tableBytes }, what);
+        t.true(boundaryPages > 0 && boundaryPages <= poolPages, what);
         const { headDim } = tiny.config;
         if (!kvDtype) fullPool.set(`${spec} ${dtype}`, r.kvBytes);
         else t.is(r.kvBytes, (fullPool.get(`${spec} ${dtype}`) as number) * (headDim + 4) / (headDim * (dtype === 'bf16' ? 2 : 4)), `${what}: a byte an element and a scale a row`);
@@ -246,8 +259,10 @@ test('scalekv plan CLI: table and JSON', (t) => {
   const j = cli('plan', '--preset', 'infinity-2b', '--batch', '8', '--k-dtype', 'f32', '--json');
   t.is(j.status, 0, j.stderr);
   const plan = JSON.parse(j.stdout);
-  // 32 layers x 16 rows x 6425 tokens in 402 pages of 16 x 8 KiB (K and V, bf16), and the page tables.
-  t.is(plan.bytes.kv, 32 * 16 * 402 * 16 * 8192 + 32 * 16 * 402 * 4);
+  // 32 layers x 16 rows x 6425 tokens (in pages of one token, the GPU's) x 8 KiB (K and V, bf16), and the page tables.
+  t.is(plan.bytes.kv, 32 * 16 * 6425 * 8192 + 32 * 16 * 6425 * 4);
+  t.is(plan.kvArena.boundaryBytes, plan.bytes.kv, 'the full cache holds everything at the last boundary');
+  t.regex(cli('plan', '--preset', 'infinity-2b', '--batch', '8', '--policy', 'scalekv:10%').stdout, /kv held between scales \(what the policy keeps\), at most: 2601\.8 MiB = 20800 tokens a row/);
   t.is(plan.paperAccounting.mib, 38550);
   t.true(plan.bytes.total <= plan.bytes.weights + plan.bytes.kv + plan.bytes.scratch + plan.bytes.activations);
   const bad = cli('plan', '--policy', 'nonsense:1');
@@ -258,7 +273,7 @@ test('scalekv plan CLI: table and JSON', (t) => {
   t.is(q.status, 0, q.stderr);
   const plan8 = JSON.parse(q.stdout);
   t.is(plan8.kvDtype, 'int8');
-  t.is(plan8.bytes.kv, 32 * 16 * 402 * 16 * 16 * 132 * 2 + 32 * 16 * 402 * 4);
+  t.is(plan8.bytes.kv, 32 * 16 * 6425 * 16 * 132 * 2 + 32 * 16 * 6425 * 4);
   t.regex(cli('plan', '--preset', 'tiny', '--kv-dtype', 'fp8').stdout, /K and V fp8 \+ an f32 scale per \(token, head\)/);
   const wrong = cli('plan', '--kv-dtype', 'int4');
   t.is(wrong.status, 1);
@@ -277,6 +292,7 @@ test('the planner counts the T5 encoder as the Pipeline runs it (freed before sa
     const what = `keep ${keep}, negative prompts ${negative}`;
     const plan = await planMemory({
       config: tiny.config, batch: 2, schedule: schedule.scales, dtype: 'f32', textTokens, textEncoder: tiny.t5.config, keepTextEncoder: keep, negativePrompts: negative,
+      kvPageTokens: kvPageTokensFor('cpu'),
     });
     t.deepEqual(plan.textEncoder, { dModel: 128, layers: 2, kept: keep, dtype: 'f32' });
     const e = await createEngine({ backend: 'cpu', threads: 2 });

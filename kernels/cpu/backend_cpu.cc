@@ -6,6 +6,8 @@
 #include <string>
 #include <thread>
 
+#include <sys/mman.h>
+
 #include "../backend.h"
 #include "../host_clock.h"
 #include "onednn.h"
@@ -17,6 +19,7 @@ namespace scalekv {
 namespace {
 
 constexpr size_t kAlignment = 256;
+constexpr size_t kHugePage = size_t(2) << 20;
 
 class CpuBackend final : public Backend {
  public:
@@ -28,9 +31,17 @@ class CpuBackend final : public Backend {
   }
 
   void* alloc(size_t bytes) override {
-    const size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-    void* p = std::aligned_alloc(kAlignment, rounded == 0 ? kAlignment : rounded);
+    // Tensors of a huge page or more sit on huge pages where the kernel allows it (transparent huge pages, 'madvise'
+    // mode included): the KV arena's small pages and gathered rows are read in an order no TLB of 4 KiB pages
+    // covers (a 2B batch's pool is hundreds of MiB).
+    const bool huge = bytes >= kHugePage;
+    const size_t align = huge ? kHugePage : kAlignment;
+    const size_t rounded = (bytes + align - 1) / align * align;
+    void* p = std::aligned_alloc(align, rounded == 0 ? align : rounded);
     if (!p) throw BackendError(StatusCode::out_of_memory, "cpu: cannot allocate " + std::to_string(bytes) + " bytes");
+#ifdef MADV_HUGEPAGE
+    if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without THP the pages stay small
+#endif
     return p;
   }
   void free(void* ptr) override { std::free(ptr); }

@@ -95,8 +95,12 @@ SKV_ALWAYS_INLINE void flash_attend_rows(const Rows& src, int nq, Scratch& w) {
   std::fill(w.v.begin(), w.v.end(), 0.0f);
   for (int j0 = 0; j0 < n_keys; j0 += kKeyTile) {
     const int nk = std::min(kKeyTile, n_keys - j0);
-    for (int t = 0; t < nk; ++t) src.load_key(j0 + t, kb + size_t(t) * Dp, vb + size_t(t) * Dp);
-    for (int j = j0 + kKeyTile; j < std::min(n_keys, j0 + 2 * kKeyTile); ++j) src.prefetch_key(j);
+    // The next tile's rows are hinted one per row loaded here, not in a burst: a burst of hundreds of prefetches
+    // fills the core's miss buffers and stalls it.
+    for (int t = 0; t < nk; ++t) {
+      if (j0 + kKeyTile + t < n_keys) src.prefetch_key(j0 + kKeyTile + t);
+      src.load_key(j0 + t, kb + size_t(t) * Dp, vb + size_t(t) * Dp);
+    }
     if (nk < kKeyTile) {  // the last tile: rows past nk are zeroed (their scores are masked below)
       std::fill(kb + size_t(nk) * Dp, kb + size_t(kKeyTile) * Dp, 0.0f);
       std::fill(vb + size_t(nk) * Dp, vb + size_t(kKeyTile) * Dp, 0.0f);

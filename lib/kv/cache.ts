@@ -34,8 +34,16 @@ import type { KVPair, KvFormat } from '../ops.js';
 import type { KvPlacement } from './policy.js';
 import { dequantiseKvRows } from './quant.js';
 
-/** Tokens per page unless a cache says otherwise (see `KvCacheOptions.pageTokens`). */
-export const DEFAULT_PAGE_TOKENS = 16;
+/**
+ * Tokens per page on an engine of `backend` unless a cache says otherwise (`KvCacheOptions.pageTokens`). On cuda
+ * (and on emu and count, which stand for it) 1: the arena holds exactly the tokens the policy keeps, and the
+ * attention's row pre-pass resolves every key's pool row once per call, so the tensor-core kernel's tiles cost the
+ * same for any page size. On cpu 16: the flash body reads each key row of the history where the page table says,
+ * and below 16 tokens a page the reads of long histories cost up to a tenth of the attention (bench/RESULTS.md).
+ */
+export function kvPageTokensFor(backend: string): number {
+  return backend === 'cpu' ? 16 : 1;
+}
 
 export interface KvCacheOptions {
   layers: number;
@@ -49,10 +57,7 @@ export interface KvCacheOptions {
   dtype: DType;
   /** How K/V are stored: 'plain' (default, in `dtype`), or 8-bit 'int8' / 'fp8' with a scale per (token, head). */
   kvFormat?: KvFormat;
-  /**
-   * Tokens per page. Default 16: a (layer, row) wastes under one page (< 16 tokens, e.g. 2B bf16: < 128 KiB of K
-   * and V), and a page is still 16 whole 128-byte K rows per head for the attention's tile loads.
-   */
+  /** Tokens per page; default `kvPageTokensFor(engine.backend)`. A (layer, row) holds under one page more than it keeps. */
   pageTokens?: number;
   /**
    * Pages in the pool (per K and V). Default: every layer at its capacity at once, rows x sum of ceil(capacity /
@@ -105,6 +110,14 @@ export function kvPoolPages(lengths: readonly (readonly number[])[], rows: numbe
   return rows * most;
 }
 
+/**
+ * Pages per K (and V) pool held at the scale boundaries of the same lengths: the most, over the scales, of what every
+ * layer keeps once the scale is done (what a policy's budgets describe; `kvPoolPages` adds the in-scale transitions).
+ */
+export function kvBoundaryPages(lengths: readonly (readonly number[])[], rows: number, pageTokens: number): number {
+  return rows * Math.max(0, ...lengths.map((after) => after.reduce((s, len) => s + pagesFor(len, pageTokens), 0)));
+}
+
 export class KvCache {
   readonly engine: Engine;
   readonly layers: number;
@@ -131,6 +144,7 @@ export class KvCache {
   #scratch: KVPair | undefined;
   #disposed = false;
   #peakPages = 0;
+  #boundaryPages = 0;
 
   constructor(engine: Engine, o: KvCacheOptions) {
     this.engine = engine;
@@ -141,7 +155,7 @@ export class KvCache {
     this.dtype = o.dtype;
     this.kvFormat = o.kvFormat ?? 'plain';
     if (!['plain', 'int8', 'fp8'].includes(this.kvFormat)) fail('ERR_INVALID_ARG', `KvCache: kvFormat must be 'plain', 'int8' or 'fp8', got ${String(o.kvFormat)}`);
-    this.pageTokens = o.pageTokens ?? DEFAULT_PAGE_TOKENS;
+    this.pageTokens = o.pageTokens ?? kvPageTokensFor(engine.backend);
     if (!Number.isSafeInteger(this.pageTokens) || this.pageTokens < 1) fail('ERR_INVALID_ARG', `KvCache: pageTokens ${o.pageTokens} must be a positive integer`);
     if (typeof o.capacity !== 'number' && o.capacity.length !== o.layers)
       fail('ERR_INVALID_ARG', `KvCache: ${o.capacity.length} capacities for ${o.layers} layers`);
@@ -185,6 +199,10 @@ export class KvCache {
   /** The most pages the layers held at once so far. */
   get peakPages(): number {
     return this.#peakPages;
+  }
+  /** The most pages the layers held at the end of a scale so far. */
+  get boundaryPages(): number {
+    return this.#boundaryPages;
   }
   /** Bytes of the device page tables. */
   get tableBytes(): number {
@@ -305,6 +323,7 @@ export class KvCache {
 
   /** Releases the scale's scratch. */
   endScale(): void {
+    if (this.#tokens > 0) this.#boundaryPages = Math.max(this.#boundaryPages, this.poolPages - this.#free.length);
     for (const t of [this.#scratch?.k, this.#scratch?.v, this.#scratch?.kScale, this.#scratch?.vScale]) t?.dispose();
     this.#scratch = undefined;
     this.#tokens = 0;

@@ -1,5 +1,5 @@
 /** The KV cache, the policy hook, the baselines, policy specs and the memory planner. */
-export { DEFAULT_PAGE_TOKENS, KvCache, kvPoolPages } from './cache.js';
+export { KvCache, kvBoundaryPages, kvPageTokensFor, kvPoolPages } from './cache.js';
 export type { KvCacheOptions, KvHistory, KvTarget } from './cache.js';
 export { decodeKvCode, dequantiseKvRows, fp8E4m3ToNumber, kvCodeMax, numberToFp8E4m3, quantiseKvRow } from './quant.js';
 export type { QuantisedKvFormat } from './quant.js';

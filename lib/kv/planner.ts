@@ -40,6 +40,8 @@ export interface PlanMemoryOptions {
   dtype?: PlanDtype;
   /** K/V storage (GenerateOptions.kvDtype): the model dtype, or 'int8' / 'fp8' with a scale per (token, head). */
   kvDtype?: KvDtype;
+  /** Tokens per page of the KV arena (GenerateOptions.kvPageTokens); default the GPU's, 1. */
+  kvPageTokens?: number;
   /** Include the VAE decoder: its weights stay resident and the batch is decoded after the loop. Default true. */
   decode?: boolean;
   /** Images decoded at once (decodeImage's vaeBatch). Default: the most whose decode stays under the sampling peak. */
@@ -87,8 +89,13 @@ export interface MemoryPlan {
    * peaks because they peak at different times (the KV cache is freed before the VAE decode).
    */
   bytes: Record<MemoryCategory, number> & { total: number };
-  /** The KV arena (lib/kv/cache.ts): tokens per page, pages per K/V pool (all of them used at the peak), page-table bytes. */
-  kvArena: { pageTokens: number; poolPages: number; tableBytes: number };
+  /**
+   * The KV arena (lib/kv/cache.ts): tokens per page, pages per K/V pool (all of them used at the peak), page-table
+   * bytes, and what it holds at the end of a scale at most (`boundaryPages` per pool; `boundaryBytes` with K, V,
+   * their scales and the page tables: what the policy keeps between scales, where the peak adds the layers changing
+   * roles inside a scale).
+   */
+  kvArena: { pageTokens: number; poolPages: number; tableBytes: number; boundaryPages: number; boundaryBytes: number };
   /** The engine's caching allocator at its fullest (live tensors + cached blocks, in 512-byte blocks), without a plan. */
   reservedPeak: number;
   /**
@@ -149,10 +156,12 @@ async function dryRun(o: PlanMemoryOptions, c: InfinityConfig, grids: [number, n
     let kvArena: MemoryPlan['kvArena'] | undefined;
     let vaeBatch = 0;
     const work = async () => {
-      const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy, kvDtype: o.kvDtype });
+      const r = await generate(model, { textFeatures: text, negativeText, schedule: grids, cfg: (o.cfg ?? true) ? 3 : 1, kvPolicy: policy, kvDtype: o.kvDtype, kvPageTokens: o.kvPageTokens });
       if (vae) vaeBatch = (await decodeUnderPeak(vae, r.summedCodes, o.vaeBatch)).vaeBatch;
       r.summedCodes.dispose();
-      kvArena = { pageTokens: r.kvArena.pageTokens, poolPages: r.kvArena.poolPages, tableBytes: r.kvArena.tableBytes };
+      const { pageTokens, poolPages, tableBytes, boundaryPages } = r.kvArena;
+      const pageBytes = poolPages > 0 ? (r.kvBytes / poolPages) : 0; // K and V (and their scales) of one page
+      kvArena = { pageTokens, poolPages, tableBytes, boundaryPages, boundaryBytes: boundaryPages * pageBytes + tableBytes };
     };
     let staticPlan = plan;
     if (plan) {

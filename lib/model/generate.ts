@@ -9,7 +9,7 @@ import { CaptureOptions, captureObserver, composeObservers } from './capture.js'
 import type { InfinityModel, TextContext, TextFeatures, TextObservation } from './infinity.js';
 import { final1MGrid, rope2dPositions, ScaleGrid } from './rope2d.js';
 import { FullKvPolicy } from '../kv/baselines.js';
-import { DEFAULT_PAGE_TOKENS, KvCache, kvPoolPages } from '../kv/cache.js';
+import { KvCache, kvPageTokensFor, kvPoolPages } from '../kv/cache.js';
 import { policyHistoryLengths, type KvPolicy, type KvPolicySession } from '../kv/policy.js';
 import { VaeDecoder, type VaeDecoderConfig } from './vae.js';
 import { planAllocations } from '../memory-plan.js';
@@ -68,6 +68,8 @@ export interface GenerateOptions {
    * 'int8' or 'fp8' (e4m3) — with one f32 scale per (token, head), about half the bytes of bf16 (lib/kv/quant.ts).
    */
   kvDtype?: KvDtype;
+  /** Tokens per page of the KV arena; default `kvPageTokensFor(engine.backend)` (1 on cuda, 16 on cpu). */
+  kvPageTokens?: number;
   /**
    * Called once per scale, in order, when the device has finished the scale (an engine marker, not a sync: the
    * loop keeps queuing the next scales meanwhile). Not called once the generation has been aborted or has failed.
@@ -114,8 +116,11 @@ export interface GenerateResult {
   /** Engine memory after the loop (peaks included) and the KV cache bytes it held. */
   memory: MemoryStats;
   kvBytes: number;
-  /** The KV arena: tokens per page, pages per K/V pool, the most pages held at once, and the page tables' bytes. */
-  kvArena: { pageTokens: number; poolPages: number; peakPages: number; tableBytes: number };
+  /**
+   * The KV arena: tokens per page, pages per K/V pool, the most pages held at once and at the end of a scale (what
+   * the policy keeps), and the page tables' bytes.
+   */
+  kvArena: { pageTokens: number; poolPages: number; peakPages: number; boundaryPages: number; tableBytes: number };
 }
 
 function perScale(v: number | readonly number[] | undefined, n: number, what: string, dflt: number): number[] {
@@ -217,6 +222,8 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
   const [Hf, Wf] = vaeGrids[S - 1];
   const policy: KvPolicy = opts.kvPolicy ?? new FullKvPolicy();
   const kvFormat = kvFormatFor(opts.kvDtype, model.dtype);
+  const pageTokens = opts.kvPageTokens ?? kvPageTokensFor(e.backend);
+  if (!Number.isSafeInteger(pageTokens) || pageTokens < 1) fail('ERR_INVALID_ARG', `kvPageTokens must be a positive integer, got ${String(opts.kvPageTokens)}`);
   const capture = opts.capture ? captureObserver(model, opts.capture) : undefined;
   const observer = composeObservers([opts.observer, capture?.observer]);
   const timings: ScaleTiming[] = [];
@@ -251,7 +258,8 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
     cache = new KvCache(e, {
       layers: cfgM.depth, rows, heads: cfgM.numHeads, headDim: cfgM.headDim, dtype: model.dtype, kvFormat,
       capacity: Array.from({ length: cfgM.depth }, (_, l) => policy.capacity(l, tokens)),
-      poolPages: kvPoolPages(policyHistoryLengths(policy, cfgM.depth, tokens), rows, DEFAULT_PAGE_TOKENS),
+      pageTokens,
+      poolPages: kvPoolPages(policyHistoryLengths(policy, cfgM.depth, tokens), rows, pageTokens),
     });
     kv = policy.begin(cache, { schedule: grids, batch: B });
     summed = e.empty([B, cfgM.codebookDim, Hf, Wf], 'f32', { fillByte: 0 });
@@ -329,7 +337,7 @@ export async function generate(model: InfinityModel, opts: GenerateOptions): Pro
     for (const b of bitsOnDevice.splice(0)) b.dispose();
     aborted(opts.signal);
     const kvBytes = cache.bytes;
-    const kvArena = { pageTokens: cache.pageTokens, poolPages: cache.poolPages, peakPages: cache.peakPages, tableBytes: cache.tableBytes };
+    const kvArena = { pageTokens: cache.pageTokens, poolPages: cache.poolPages, peakPages: cache.peakPages, boundaryPages: cache.boundaryPages, tableBytes: cache.tableBytes };
     const result = summed as Tensor;
     summed = undefined;
     const memory = e.memory();
