@@ -1045,6 +1045,16 @@ Launch bind_add(const OpCall& c) {
   return [a](Backend& b) { b.add(a); };
 }
 
+Launch bind_cast(const OpCall& c) {
+  CastArgs a;
+  a.count = c.numel("input");
+  a.in_dtype = c.dtype("input");
+  a.out_dtype = c.dtype("out");
+  a.in = c.data("input");
+  a.out = c.data("out");
+  return [a](Backend& b) { b.cast(a); };
+}
+
 Launch bind_transpose12(const OpCall& c) {
   Transpose12Args a;
   const auto& dims = c.list("dims");
@@ -1259,6 +1269,11 @@ std::vector<OpDecl> declarations() {
        {},
        bind_add,
        "a b out | S=2,3 |"},
+      {"cast", "cast", "out = input converted between f32 and bf16 (round to nearest even); equal dtypes copy",
+       {in("input", F, "[...S]"), out("out", F, "=input")},
+       {},
+       bind_cast,
+       "input out | S=2,3 |"},
       {"transpose12", "transpose12",
        "input from element inOffset on, viewed as [A, B, C, D], written to out viewed as [A, C, B, D] from element "
        "outOffset on",

@@ -283,6 +283,15 @@ struct AddArgs {
   void* out = nullptr;
 };
 
+// cast: out[i] = in[i] converted between f32 and bf16 (round to nearest even; NaN stays NaN, +-Inf and +-0 keep
+// their sign); equal dtypes copy. in and out do not overlap. Bytes: count * (in dsize + out dsize).
+struct CastArgs {
+  int64_t count = 0;
+  DType in_dtype = DType::f32, out_dtype = DType::f32;  // f32 or bf16 each
+  const void* in = nullptr;
+  void* out = nullptr;
+};
+
 // transpose12: the input from element in_offset on, viewed as contiguous [A, B, C, D], is written to the output
 // viewed as [A, C, B, D] from element out_offset on:
 //   out[out_offset + ((a*C + c)*B + b)*D + d] = in[in_offset + ((a*B + b)*C + c)*D + d].
@@ -578,6 +587,7 @@ class Backend {
   virtual void pixel_shuffle2x(const PixelShuffle2xArgs&) { unavailable("pixelShuffle2x"); }
   virtual void pixel_unshuffle2x(const PixelUnshuffle2xArgs&) { unavailable("pixelUnshuffle2x"); }
   virtual void add(const AddArgs&) { unavailable("add"); }
+  virtual void cast(const CastArgs&) { unavailable("cast"); }
   virtual void transpose12(const Transpose12Args&) { unavailable("transpose12"); }
   virtual void image_to_u8(const ImageToU8Args&) { unavailable("imageToU8"); }
 

@@ -353,6 +353,13 @@ export interface NativeOpArgs<T> {
     /** out: a's dtype, a's shape, may be a or b. */
     out: T;
   };
+  /** out = input converted between f32 and bf16 (round to nearest even); equal dtypes copy (kernel 'cast'). */
+  cast: {
+    /** in: f32|bf16, [...S]. */
+    input: T;
+    /** out: f32|bf16, input's shape. */
+    out: T;
+  };
   /** input from element inOffset on, viewed as [A, B, C, D], written to out viewed as [A, C, B, D] from element outOffset on (kernel 'transpose12'). */
   transpose12: {
     /** in: any, [...In]. */
@@ -379,4 +386,4 @@ export interface NativeOpArgs<T> {
 
 export type NativeOpName = keyof NativeOpArgs<unknown>;
 
-export const NATIVE_OP_NAMES: readonly NativeOpName[] = ['attention', 'evictCompact', 'selection', 'gemm', 'layerNorm', 'rmsNorm', 'gatedActivation', 'segmentAttention', 'gatedResidual', 'activation', 'qkNormRope', 'crossAttention', 'cfgTau', 'topkTopPMask', 'sampleBits', 'bitsToCodes', 'resizeBilinear', 'conv2d', 'groupNorm', 'upsampleNearest2x', 'pixelShuffle2x', 'pixelUnshuffle2x', 'add', 'transpose12', 'imageToU8'];
+export const NATIVE_OP_NAMES: readonly NativeOpName[] = ['attention', 'evictCompact', 'selection', 'gemm', 'layerNorm', 'rmsNorm', 'gatedActivation', 'segmentAttention', 'gatedResidual', 'activation', 'qkNormRope', 'crossAttention', 'cfgTau', 'topkTopPMask', 'sampleBits', 'bitsToCodes', 'resizeBilinear', 'conv2d', 'groupNorm', 'upsampleNearest2x', 'pixelShuffle2x', 'pixelUnshuffle2x', 'add', 'cast', 'transpose12', 'imageToU8'];

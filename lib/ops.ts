@@ -165,6 +165,13 @@ export interface GroupNormArgs {
   swish?: boolean;
 }
 
+export interface CastArgs {
+  /** f32 or bf16, any shape. */
+  input: Tensor;
+  /** f32 or bf16, input's shape: each element converted (to bf16: round to nearest even, as every bf16 output). */
+  out: Tensor;
+}
+
 export interface ImageToU8Args {
   /** NCHW [B, 3, H, W] image in [-1, 1] (values outside are clamped), f32 or bf16. */
   image: Tensor;
@@ -705,6 +712,11 @@ export class Ops {
       },
       [],
     );
+  }
+
+  /** out = input converted between f32 and bf16 (e.g. the summed codes, f32, into a bf16 VAE decoder). */
+  cast(a: CastArgs): void {
+    this.#run('cast', { input: this.#own(a?.input, 'input'), out: this.#own(a?.out, 'out') }, []);
   }
 
   /** The decoded image as 8-bit pixels, exactly as the official clamp -> (x+1)/2*255 -> truncate. */

@@ -80,6 +80,7 @@ class CpuBackend final : public Backend {
   void pixel_shuffle2x(const PixelShuffle2xArgs& a) override { cpu::pixel_shuffle2x(pool_, a); }
   void pixel_unshuffle2x(const PixelUnshuffle2xArgs& a) override { cpu::pixel_unshuffle2x(pool_, a); }
   void add(const AddArgs& a) override { cpu::add(pool_, a); }
+  void cast(const CastArgs& a) override { cpu::cast(pool_, a); }
   void transpose12(const Transpose12Args& a) override { cpu::transpose12(pool_, a); }
   void image_to_u8(const ImageToU8Args& a) override { cpu::image_to_u8(pool_, a); }
   void synchronize() override {}

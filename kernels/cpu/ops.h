@@ -22,6 +22,7 @@ void upsample_nearest2x(ThreadPool& pool, const UpsampleNearest2xArgs& a);
 void pixel_shuffle2x(ThreadPool& pool, const PixelShuffle2xArgs& a);
 void pixel_unshuffle2x(ThreadPool& pool, const PixelUnshuffle2xArgs& a);
 void add(ThreadPool& pool, const AddArgs& a);
+void cast(ThreadPool& pool, const CastArgs& a);
 void transpose12(ThreadPool& pool, const Transpose12Args& a);
 void image_to_u8(ThreadPool& pool, const ImageToU8Args& a);
 

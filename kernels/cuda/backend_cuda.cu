@@ -227,6 +227,7 @@ class CudaBackend final : public Backend {
     run_op([&] { cuda_ops::pixel_unshuffle2x(a, stream_); });
   }
   void add(const AddArgs& a) override { run_op([&] { cuda_ops::add(a, stream_); }); }
+  void cast(const CastArgs& a) override { run_op([&] { cuda_ops::cast(a, stream_); }); }
   void transpose12(const Transpose12Args& a) override { run_op([&] { cuda_ops::transpose12(a, stream_); }); }
   void image_to_u8(const ImageToU8Args& a) override { run_op([&] { cuda_ops::image_to_u8(a, stream_); }); }
 

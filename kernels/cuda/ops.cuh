@@ -61,6 +61,7 @@ void upsample_nearest2x(const UpsampleNearest2xArgs& a, cudaStream_t stream);
 void pixel_shuffle2x(const PixelShuffle2xArgs& a, cudaStream_t stream);
 void pixel_unshuffle2x(const PixelUnshuffle2xArgs& a, cudaStream_t stream);
 void add(const AddArgs& a, cudaStream_t stream);
+void cast(const CastArgs& a, cudaStream_t stream);
 void transpose12(const Transpose12Args& a, cudaStream_t stream);
 void image_to_u8(const ImageToU8Args& a, cudaStream_t stream);
 

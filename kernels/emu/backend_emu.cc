@@ -124,6 +124,7 @@ class EmuBackend final : public Backend {
   SKV_EMU_FORWARD_NO_STATUS(pixel_shuffle2x, PixelShuffle2xArgs, "pixelShuffle2x")
   SKV_EMU_FORWARD_NO_STATUS(pixel_unshuffle2x, PixelUnshuffle2xArgs, "pixelUnshuffle2x")
   SKV_EMU_FORWARD_NO_STATUS(add, AddArgs, "add")
+  SKV_EMU_FORWARD_NO_STATUS(cast, CastArgs, "cast")
   SKV_EMU_FORWARD_NO_STATUS(transpose12, Transpose12Args, "transpose12")
   SKV_EMU_FORWARD_NO_STATUS(image_to_u8, ImageToU8Args, "imageToU8")
 
