@@ -8,7 +8,7 @@ import {
   SnapKvPolicy, StreamingLlmPolicy, builtinPlan, gridWindow, pyramidBudgets,
 } from '../lib/kv/index.js';
 import { policyHistoryLengths, type AfterAttentionContext, type KvStep } from '../lib/kv/policy.js';
-import { kvBoundaryPages, type KvTarget } from '../lib/kv/cache.js';
+import { kvBoundaryPages, kvPageTokensFor, type KvTarget } from '../lib/kv/cache.js';
 import type { SelectionPolicy } from '../lib/kv/selection.js';
 import { generate, GenerateOptions } from '../lib/model/generate.js';
 import { InfinityModel } from '../lib/model/infinity.js';
@@ -25,11 +25,11 @@ const tiny = createTinyModel(11);
 const depth = tiny.config.depth;
 const plan = officialRulePlan({ depth, tokensPerLayer: 80, drafters: [0, 3], scaleTokens: tokens, refinerFloor: 20 });
 
-async function run(e: Engine, policy?: KvPolicy, sched: [number, number][] = schedule, dtype: 'f32' | 'bf16' = 'f32') {
+async function run(e: Engine, policy?: KvPolicy, sched: [number, number][] = schedule, dtype: 'f32' | 'bf16' = 'f32', kvPageTokens?: number) {
   const m = await InfinityModel.load(e, tiny.weights, tiny.config, { dtype });
   try {
     const r = await generate(m, {
-      textFeatures: syntheticText(), schedule: sched, cfg: 3, tau: 1, seed: 5, kvPolicy: policy, capture: { logits: true },
+      textFeatures: syntheticText(), schedule: sched, cfg: 3, tau: 1, seed: 5, kvPolicy: policy, capture: { logits: true }, kvPageTokens,
     });
     r.summedCodes.dispose();
     return r;
@@ -473,3 +473,23 @@ for (const [label, make] of [
     });
   });
 }
+
+for (const backend of testBackends())
+  test(`${backend}: the arena's page size moves bytes, never values: ScaleKV's logits and bits are the same with pages of 1, 3 or 16 tokens (emu: 1 and 16)`, async (t) => {
+    await withEngine(backend, async (e) => {
+      // The backend's default first, then the other sizes (the emulator, slow, runs one).
+      const sizes = [undefined, ...(backend === 'emu' ? [16] : [1, 3])];
+      const runs = [];
+      for (const P of sizes) {
+        const r = await run(e, kvPolicyFromSpec('scalekv:30%', { depth: tiny.config.depth }), schedule, 'bf16', P);
+        t.is(r.kvArena.pageTokens, P ?? kvPageTokensFor(backend));
+        runs.push(r);
+      }
+      for (const r of runs.slice(1)) {
+        t.deepEqual(r.bits, runs[0].bits);
+        for (const [k, v] of runs[0].captured) t.deepEqual(r.captured.get(k), v, k);
+      }
+      for (const bad of [0, -1, 1.5, NaN])
+        await t.throwsAsync(() => run(e, undefined, schedule, 'f32', bad), { code: 'ERR_INVALID_ARG', message: /kvPageTokens/ });
+    });
+  });

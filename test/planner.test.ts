@@ -263,6 +263,9 @@ test('scalekv plan CLI: table and JSON', (t) => {
   t.is(plan.bytes.kv, 32 * 16 * 6425 * 8192 + 32 * 16 * 6425 * 4);
   t.is(plan.kvArena.boundaryBytes, plan.bytes.kv, 'the full cache holds everything at the last boundary');
   t.regex(cli('plan', '--preset', 'infinity-2b', '--batch', '8', '--policy', 'scalekv:10%').stdout, /kv held between scales \(what the policy keeps\), at most: 2601\.8 MiB = 20800 tokens a row/);
+  // For a CPU engine: its 16-token pages, up to 15 tokens more a (layer, row).
+  t.regex(cli('plan', '--preset', 'infinity-2b', '--batch', '8', '--policy', 'scalekv:10%', '--for', 'cpu').stdout, /pages of 16 tokens[^]*at most: 2660\.1 MiB = 21280 tokens a row/);
+  t.regex(cli('plan', '--for', 'tpu').stderr, /--for must be cuda or cpu.*\[ERR_INVALID_ARG\]/);
   t.is(plan.paperAccounting.mib, 38550);
   t.true(plan.bytes.total <= plan.bytes.weights + plan.bytes.kv + plan.bytes.scratch + plan.bytes.activations);
   const bad = cli('plan', '--policy', 'nonsense:1');

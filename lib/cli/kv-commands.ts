@@ -8,6 +8,7 @@ import { fail } from '../errors.js';
 import { fidelity, Fidelity } from '../eval/metrics.js';
 import { calibrate } from '../scalekv/asi.js';
 import { largestBatch, MemoryPlan, parseBytes, planMemory } from '../kv/planner.js';
+import { kvPageTokensFor } from '../kv/cache.js';
 import { paperTokensForSpec, resolvePolicy } from '../kv/resolve.js';
 import { PixelBudget, scaleSchedule } from '../model/schedule.js';
 import { parseAspect, presetConfig, splitTextFeatures } from '../pipeline.js';
@@ -19,7 +20,7 @@ import type { KvDtype } from '../model/generate.js';
 export const KV_USAGE: Record<string, string> = {
   plan: `  plan [--preset infinity-2b|infinity-8b|...|tiny] [--batch N] [--policy SPEC] [--pn 1M] [--aspect H/W]
        [--dtype bf16|f32] [--kv-dtype int8|fp8] [--k-dtype f32|bf16] [--text-tokens T] [--no-cfg] [--no-decode] [--vae-batch N]
-       [--no-text-encoder] [--keep-text-encoder] [--negative-prompts] [--device-memory 80GiB] [--json]
+       [--no-text-encoder] [--keep-text-encoder] [--negative-prompts] [--device-memory 80GiB] [--for cuda|cpu] [--json]
       Exact peak device memory of a generation and its VAE decode, by category (weights, KV history in its paged
       arena, the shared current-scale scratch, activations), from a dry run of the loop on the 'count' backend; the
       reserved peak with the static memory plan the Pipeline runs from, and with the caching allocator alone; the
@@ -31,6 +32,7 @@ export const KV_USAGE: Record<string, string> = {
       length (512). The T5 encoder (flan-t5-xl; the tiny model's own) is counted as generate runs it: loaded after
       the model, run on the prompts and freed before sampling (--keep-text-encoder: kept loaded, as a server does;
       --no-text-encoder: precomputed features; --negative-prompts: one per prompt, encoded and attended to).
+      --for: the backend the plan is for (default cuda): its KV arena's page size, one token on cuda, 16 on cpu.
       examples:
         scalekv plan --preset infinity-2b --policy scalekv:10% --device-memory 80GiB
         scalekv plan --preset infinity-8b --batch 4 --policy full --json
@@ -118,9 +120,11 @@ export async function planCommand(argv: string[]): Promise<number> {
       'no-text-encoder': { type: 'boolean', default: false },
       'keep-text-encoder': { type: 'boolean', default: false },
       'negative-prompts': { type: 'boolean', default: false },
+      for: { type: 'string', default: 'cuda' },
       json: { type: 'boolean', default: false },
     },
   });
+  if (values.for !== 'cuda' && values.for !== 'cpu') fail('ERR_INVALID_ARG', `--for must be cuda or cpu, got '${values.for}'`);
   const { config } = presetConfig(values.preset);
   const sched = scaleSchedule({ aspect: parseAspect(values.aspect), pn: values.pn as PixelBudget, patchify: config.patchify });
   const batch = parseNumber(values.batch, '--batch', 1);
@@ -142,6 +146,7 @@ export async function planCommand(argv: string[]): Promise<number> {
     textEncoder: values['no-text-encoder'] ? (false as const) : values.preset === 'tiny' ? createTinyModel(0).t5.config : undefined,
     keepTextEncoder: values['keep-text-encoder'],
     negativePrompts: values['negative-prompts'],
+    kvPageTokens: kvPageTokensFor(values.for),
   };
   const p = await planMemory({ ...base, batch });
   const device = values['device-memory'] !== undefined ? parseBytes(values['device-memory']) : undefined;
