@@ -49,10 +49,13 @@ for (const backend of testBackends()) {
         const widened = new Uint32Array(((await wide.readRaw()) as Float32Array).buffer);
         const wantWide = Uint32Array.from(got, (b) => (isNan(b) ? NaN : new Uint32Array(new Float32Array([bf16BitsToF32(b)]).buffer)[0]));
         t.true(widened.every((w, i) => (isNan(got[i]) ? (w & 0x7fffffff) > 0x7f800000 : w === wantWide[i])), `seed ${seed}, [${shape}]: bf16 -> f32`);
+        // bf16 -> bf16 copies every bit, NaN payloads and signs included (raw bits, not the rounding's NaNs).
+        const raw = Uint16Array.from({ length: n }, (_, i) => (i % 3 === 0 ? [0xffc1, 0x7f81, 0xff80, 0x8000][i % 4] : rng.int(0, 0xffff)));
+        const rawT = e.tensor(raw, shape, 'bf16');
         const copy = e.empty(shape, 'bf16', { fillByte: 0xff });
-        e.ops.cast({ input: narrow, out: copy });
-        const copied = (await copy.readRaw()) as Uint16Array;
-        t.true(copied.every((b, i) => (isNan(got[i]) ? isNan(b) : b === got[i])), `seed ${seed}, [${shape}]: bf16 -> bf16`);
+        e.ops.cast({ input: rawT, out: copy });
+        t.true(sameBits((await copy.readRaw()) as Uint16Array, raw), `seed ${seed}, [${shape}]: bf16 -> bf16`);
+        rawT.dispose();
         const same = e.empty(shape, 'f32', { fillByte: 0xff });
         e.ops.cast({ input, out: same });
         const kept = new Uint32Array(((await same.readRaw()) as Float32Array).buffer);

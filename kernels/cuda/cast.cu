@@ -1,5 +1,7 @@
 // cast: out[i] = in[i] between f32 and bf16 (element.cuh's from_f32: round to nearest even), one element per
-// thread-iteration; equal dtypes go through f32 too, which is exact for both. Bytes: count * (in dsize + out dsize).
+// thread-iteration; equal dtypes copy. Bytes: count * (in dsize + out dsize).
+#include <type_traits>
+
 #include "element.cuh"
 #include "ops.cuh"
 
@@ -8,7 +10,10 @@ namespace {
 
 template <typename In, typename Out>
 __global__ void cast_kernel(const In* in, Out* out, int64_t count) {
-  for (int64_t i = elem::global_thread(); i < count; i += elem::global_stride()) out[i] = from_f32<Out>(to_f32(in[i]));
+  for (int64_t i = elem::global_thread(); i < count; i += elem::global_stride()) {
+    if constexpr (std::is_same_v<In, Out>) out[i] = in[i];  // a copy: NaN payloads kept, as on the CPU
+    else out[i] = from_f32<Out>(to_f32(in[i]));
+  }
 }
 
 }  // namespace
