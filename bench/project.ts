@@ -35,7 +35,7 @@ export async function projectOp(e: Engine, device: DeviceModel, resources: Map<s
   };
 }
 
-/** The block Linears, attention and VAE convolutions of one Infinity-2B image at 1024² (CFG: 2 rows). */
+/** The block Linears (and the fused residual of the branch-ending ones), attention and VAE convolutions of one Infinity-2B image at 1024² (CFG: 2 rows). */
 export async function projectKernels(e: Engine, deviceName: string, opts: { sampleBlocks: number; buildDir: string }): Promise<ProjectedRow[]> {
   const device = DEVICES[deviceName];
   if (!device) throw new Error(`bench --project: unknown device '${deviceName}' (known: ${Object.keys(DEVICES).join(', ')})`);
@@ -55,6 +55,22 @@ export async function projectKernels(e: Engine, deviceName: string, opts: { samp
       rows.push(await projectOp(e, device, resources, 'gemm', `${tokens} x ${n} x ${k} (2B ${what}), ${dtype}`, () => e.ops.gemm({ x, w, y }), opts.sampleBlocks));
       for (const t of [x, w, y]) t.dispose();
     }
+  }
+  // The Linears that end a branch: gemm into an f32 tensor then gatedResidual (as the model ran them), against
+  // gemmResidual, which adds into the residual stream in the GEMM's epilogue.
+  for (const [k, xDtype, what] of [[2048, 'f32', 'proj'], [8192, 'bf16', 'ffn.fc2']] as const) {
+    const n = 2048;
+    const x = e.tensor(rand(tokens * k, 5), [1, tokens, k], xDtype);
+    const w = e.tensor(rand(n * k, 6), [n, k], 'bf16');
+    const residual = e.tensor(rand(tokens * n, 7), [1, tokens, n], 'f32');
+    const gate = e.tensor(rand(6 * n, 8), [1, 6, n], 'f32');
+    const product = e.empty([1, tokens, n], 'f32');
+    const shape = `${tokens} x ${n} x ${k} (2B ${what}), ${xDtype === 'bf16' ? 'bf16' : 'f32 x bf16'}, + gated residual`;
+    const gemm = await projectOp(e, device, resources, 'gemm', shape, () => e.ops.gemm({ x, w, y: product }), opts.sampleBlocks);
+    const add = await projectOp(e, device, resources, 'gated_residual', shape, () => e.ops.gatedResidual({ x: residual, y: product, gate: { table: gate, slot: 1 } }), opts.sampleBlocks);
+    rows.push({ ...gemm, op: 'gemm + gatedResidual', launches: [...gemm.launches, ...add.launches], seconds: gemm.seconds + add.seconds, flops: gemm.flops + add.flops });
+    rows.push(await projectOp(e, device, resources, 'gemm_residual', shape, () => e.ops.gemmResidual({ x, w, y: residual, gate: { table: gate, slot: 1 } }), opts.sampleBlocks));
+    for (const t of [x, w, residual, gate, product]) t.dispose();
   }
   const heads = 16;
   const d = 128;

@@ -556,19 +556,18 @@ KvPages bind_kv_pages(const OpCall& c, const char* pool, int rows) {
   return p;
 }
 
-// The storage of the K/V operands `rows` (pairs of K, V, K scale, V scale): `plain`, in `plain_dtype` without scales,
-// or an 8-bit format (kv_quant.h), u8 with one f32 scale per row in the scale operands, which go with them.
-KvFormat bind_kv_format(const OpCall& c, std::initializer_list<std::array<const char*, 4>> rows, DType plain_dtype) {
+// The storage of the K/V operands `rows` (triples of K, V and their tokens' scale bytes): `plain`, in
+// `plain_dtype` without scales, or an 8-bit format (kv_quant.h), u8 with one scale byte per token row.
+KvFormat bind_kv_format(const OpCall& c, std::initializer_list<std::array<const char*, 3>> rows, DType plain_dtype) {
   const KvFormat f = KvFormat(c.choice("kvFormat"));
-  for (const auto& [k, v, k_scale, v_scale] : rows) {
+  for (const auto& [k, v, scales] : rows) {
     (void)v;
-    together(c, k_scale, v_scale);
     if (!c.has(k)) {
-      if (c.has(k_scale)) c.fail("ERR_INVALID_ARG", std::string(k_scale) + " needs " + k);
+      if (c.has(scales)) c.fail("ERR_INVALID_ARG", std::string(scales) + " needs " + k);
       continue;
     }
     if (f == KvFormat::plain) {
-      if (c.has(k_scale)) c.fail("ERR_INVALID_ARG", std::string(k_scale) + " and " + v_scale + " need an 8-bit kvFormat");
+      if (c.has(scales)) c.fail("ERR_INVALID_ARG", std::string(scales) + " needs an 8-bit kvFormat");
       if (c.dtype(k) != plain_dtype)
         c.fail("ERR_DTYPE", std::string(k) + " must be " + dtype_name(plain_dtype) + (c.dtype(k) == DType::u8 ? " (u8 needs kvFormat 'int8' or 'fp8')" : "") +
                                 ", got " + dtype_name(c.dtype(k)));
@@ -577,7 +576,7 @@ KvFormat bind_kv_format(const OpCall& c, std::initializer_list<std::array<const 
     if (c.dtype(k) != DType::u8)
       c.fail("ERR_DTYPE", std::string(k) + " must be u8 with kvFormat '" + (f == KvFormat::int8 ? "int8" : "fp8") + "', got " +
                               dtype_name(c.dtype(k)));
-    if (!c.has(k_scale)) c.fail("ERR_INVALID_ARG", std::string("an 8-bit kvFormat needs ") + k_scale + " and " + v_scale);
+    if (!c.has(scales)) c.fail("ERR_INVALID_ARG", std::string("an 8-bit kvFormat needs ") + scales);
   }
   return f;
 }
@@ -601,15 +600,15 @@ Launch bind_attention(const OpCall& c) {
     a.hist_len = c.given("histLen") ? c.integer("histLen") : a.hist_cap;
     if (a.hist_len > a.hist_cap)
       c.fail("ERR_SHAPE", "histLen " + std::to_string(a.hist_len) + " is outside [0, capacity " + std::to_string(a.hist_cap) + "]");
-  } else if (c.given("histLen") || c.has("pageTable") || c.has("histKScale") || c.has("histVScale")) {
-    c.fail("ERR_INVALID_ARG", "histLen, pageTable and the scales need histK and histV");
+  } else if (c.given("histLen") || c.has("pageTable") || c.has("histScales")) {
+    c.fail("ERR_INVALID_ARG", "histLen, pageTable and histScales need histK and histV");
   }
   if (c.has("gather")) {
     if (!c.has("histK")) c.fail("ERR_INVALID_ARG", "gather needs a history");
     a.n_gather = narrow(c, c.dim("nGather"), "nGather");
   }
   if (c.has("curK")) a.lc = narrow(c, c.dim("Lc"), "Lc");
-  a.kv_format = bind_kv_format(c, {{"histK", "histV", "histKScale", "histVScale"}, {"curK", "curV", "curKScale", "curVScale"}}, a.dtype);
+  a.kv_format = bind_kv_format(c, {{"histK", "histV", "histScales"}, {"curK", "curV", "curScales"}}, a.dtype);
   const int64_t n_keys = int64_t(c.has("gather") ? a.n_gather : a.hist_len) + a.lc;
   if (n_keys <= 0) c.fail("ERR_SHAPE", "attention needs at least one key (history or current)");
   if (c.has("windowRows")) {
@@ -625,13 +624,11 @@ Launch bind_attention(const OpCall& c) {
   a.q = c.data("q");
   a.hist_k = c.data("histK");
   a.hist_v = c.data("histV");
-  a.hist_k_scale = c.data_as<const float>("histKScale");
-  a.hist_v_scale = c.data_as<const float>("histVScale");
+  a.hist_scales = c.data_as<const uint8_t>("histScales");
   a.gather = c.data_as<const int32_t>("gather");
   a.cur_k = c.data("curK");
   a.cur_v = c.data("curV");
-  a.cur_k_scale = c.data_as<const float>("curKScale");
-  a.cur_v_scale = c.data_as<const float>("curVScale");
+  a.cur_scales = c.data_as<const uint8_t>("curScales");
   a.out = c.data("out");
   a.window_rows = c.data_as<const int32_t>("windowRows");
   a.window_logits = c.data_as<float>("windowLogits");
@@ -645,7 +642,7 @@ Launch bind_evict_compact(const OpCall& c) {
   a.heads = narrow(c, c.dim("heads"), "heads");
   a.head_dim = narrow(c, c.dim("headDim"), "headDim");
   a.dtype = c.dtype("histK");
-  a.kv_format = bind_kv_format(c, {{"histK", "histV", "histKScale", "histVScale"}, {"curK", "curV", "curKScale", "curVScale"}},
+  a.kv_format = bind_kv_format(c, {{"histK", "histV", "histScales"}, {"curK", "curV", "curScales"}},
                                a.dtype == DType::u8 && c.choice("kvFormat") == 0 ? DType::f32 : a.dtype);
   a.hist_pages = bind_kv_pages(c, "histK", a.rows);
   a.hist_cap = a.hist_pages.capacity();
@@ -661,12 +658,10 @@ Launch bind_evict_compact(const OpCall& c) {
   a.repeats = c.flag("repeats");
   a.hist_k = c.data("histK");
   a.hist_v = c.data("histV");
-  a.hist_k_scale = c.data_as<float>("histKScale");
-  a.hist_v_scale = c.data_as<float>("histVScale");
+  a.hist_scales = c.data_as<uint8_t>("histScales");
   a.cur_k = c.data("curK");
   a.cur_v = c.data("curV");
-  a.cur_k_scale = c.data_as<const float>("curKScale");
-  a.cur_v_scale = c.data_as<const float>("curVScale");
+  a.cur_scales = c.data_as<const uint8_t>("curScales");
   a.keep = c.data_as<const int32_t>("keep");
   return [a](Backend& b) { b.evict_compact(a); };
 }
@@ -694,7 +689,8 @@ Launch bind_selection(const OpCall& c) {
   return [a](Backend& b) { b.selection(a); };
 }
 
-Launch bind_gemm(const OpCall& c) {
+// The operands of gemm and gemmResidual: M = the product of x's leading axes.
+GemmArgs bind_gemm_operands(const OpCall& c) {
   if (c.dtype("x") == DType::bf16 && c.dtype("w") != DType::bf16)
     c.fail("ERR_DTYPE", "x/w must be f32/f32, bf16/bf16 or f32/bf16, not bf16 x with f32 w");
   GemmArgs a;
@@ -713,6 +709,20 @@ Launch bind_gemm(const OpCall& c) {
   a.w = c.data("w");
   a.bias = c.data("bias");
   a.y = c.data("y");
+  return a;
+}
+
+Launch bind_gemm(const OpCall& c) {
+  const GemmArgs a = bind_gemm_operands(c);
+  return [a](Backend& b) { b.gemm(a); };
+}
+
+Launch bind_gemm_residual(const OpCall& c) {
+  GemmArgs a = bind_gemm_operands(c);
+  a.residual = true;
+  a.tokens = narrow(c, c.dim("tokens"), "tokens");
+  row_vectors(c, "gate", "gateSlot", "gateSlots", a.n, &a.gate, &a.gate_stride);
+  if (a.m == 0 || a.n == 0) return [](Backend&) {};
   return [a](Backend& b) { b.gemm(a); };
 }
 
@@ -798,11 +808,13 @@ Launch bind_qk_norm_rope(const OpCall& c) {
   } else if (c.has("pageTable")) {
     c.fail("ERR_INVALID_ARG", "pageTable needs k and v");
   }
-  a.kv_format = bind_kv_format(c, {{"k", "v", "kScale", "vScale"}}, c.has("k") && c.dtype("k") != DType::u8 ? c.dtype("k") : DType::f32);
+  a.kv_format = bind_kv_format(c, {{"k", "v", "scales"}}, c.has("k") && c.dtype("k") != DType::u8 ? c.dtype("k") : DType::f32);
   if (c.has("positions") && a.head_dim % 4 != 0)
     c.fail("ERR_SHAPE", "2-D RoPE needs headDim a multiple of 4, got " + std::to_string(a.head_dim));
   a.normalize = c.flag("normalize");
   if (!a.normalize && c.has("scaleMul")) c.fail("ERR_INVALID_ARG", "scaleMul applies only with normalize");
+  if (!a.normalize && a.kv_format != KvFormat::plain)
+    c.fail("ERR_INVALID_ARG", "an 8-bit kvFormat needs normalize: the scale byte holds a key scale for unit keys");
   a.qkv_dtype = c.dtype("qkv");
   a.q_dtype = c.dtype("q");
   a.kv_dtype = c.has("k") ? c.dtype("k") : a.q_dtype;
@@ -814,8 +826,7 @@ Launch bind_qk_norm_rope(const OpCall& c) {
   a.q = c.data("q");
   a.k = c.data("k");
   a.v = c.data("v");
-  a.k_scale = c.data_as<float>("kScale");
-  a.v_scale = c.data_as<float>("vScale");
+  a.scales = c.data_as<uint8_t>("scales");
   return [a](Backend& b) { b.qk_norm_rope(a); };
 }
 
@@ -1102,13 +1113,13 @@ std::vector<OpDecl> declarations() {
       {"attention", "attention",
        "softmax(scale * q . key) . value over [history (or its gathered rows) ‖ current], optionally with the "
        "observation window's logits and log-sum-exp; the history is paged through pageTable, or contiguous, in q's "
-       "dtype or 8-bit (kvFormat, history and current alike) with a scale per row",
+       "dtype or 8-bit (kvFormat, history and current alike) with a scale byte per token",
        {in("q", F, "[rows, heads, Lq, headDim]"), in_opt("histK", "f32|bf16|u8", "[pages, heads, pageTokens, headDim]"),
         in_opt("histV", "=histK", "[pages, heads, pageTokens, headDim]"), in_opt("pageTable", "i32", "[rows, tablePages]"),
-        in_opt("histKScale", "f32", "[pages, heads, pageTokens]"), in_opt("histVScale", "f32", "[pages, heads, pageTokens]"),
+        in_opt("histScales", "u8", "[pages, heads, pageTokens]"),
         in_opt("gather", "i32", "[rows, heads, nGather]"),
         in_opt("curK", "=histK", "[rows, heads, Lc, headDim]"), in_opt("curV", "=curK", "[rows, heads, Lc, headDim]"),
-        in_opt("curKScale", "f32", "[rows, heads, Lc]"), in_opt("curVScale", "f32", "[rows, heads, Lc]"),
+        in_opt("curScales", "u8", "[rows, heads, Lc]"),
         out_opt("out", "=q", "=q"), in_opt("windowRows", "i32", "[nWindow]"),
         out_opt("windowLogits", "f32", "[rows, heads, nWindow, nKeys]"), out_opt("windowLse", "f32", "[rows, heads, nWindow]")},
        {int_opt("histLen", 0, kI32Max), num_req("scale"), choice_def("kvFormat", "plain|int8|fp8", 0)},
@@ -1118,23 +1129,23 @@ std::vector<OpDecl> declarations() {
        "q histK histV pageTable curK curV out | rows=2 heads=2 Lq=2 headDim=16 pages=5 pageTokens=2 tablePages=3 Lc=2 | "
        "histLen=5 scale=0.25\n"
        "q histK histV out | rows=1 heads=2 Lq=2 headDim=16 pages=1 pageTokens=5 | scale=0.25\n"
-       "q histK:u8 histV:u8 pageTable histKScale histVScale curK:u8 curV:u8 curKScale curVScale out | rows=2 heads=2 Lq=2 headDim=16 pages=5 "
+       "q histK:u8 histV:u8 pageTable histScales curK:u8 curV:u8 curScales out | rows=2 heads=2 Lq=2 headDim=16 pages=5 "
        "pageTokens=2 tablePages=3 Lc=2 | histLen=5 scale=0.25 kvFormat=int8"},
       {"evictCompact", "evict_compact",
        "moves the kept rows of [history ‖ current] to the front of the history, in place, per (row, head); the "
-       "history is paged through pageTable, or contiguous; 8-bit rows (kvFormat) move with their scales",
+       "history is paged through pageTable, or contiguous; 8-bit rows (kvFormat) move with their scale bytes",
        {inout("histK", "f32|bf16|u8", "[pages, heads, pageTokens, headDim]"), inout("histV", "=histK", "[pages, heads, pageTokens, headDim]"),
         in_opt("pageTable", "i32", "[rows, tablePages]"),
-        inout_opt("histKScale", "f32", "[pages, heads, pageTokens]"), inout_opt("histVScale", "f32", "[pages, heads, pageTokens]"),
+        inout_opt("histScales", "u8", "[pages, heads, pageTokens]"),
         in_opt("curK", "=histK", "[rows, heads, Lc, headDim]"), in_opt("curV", "=curK", "[rows, heads, Lc, headDim]"),
-        in_opt("curKScale", "f32", "[rows, heads, Lc]"), in_opt("curVScale", "f32", "[rows, heads, Lc]"),
+        in_opt("curScales", "u8", "[rows, heads, Lc]"),
         in("keep", "i32", "[rows, heads, nKeep]")},
        {int_req("histLen", 0, kI32Max), flag_def("repeats", false), choice_def("kvFormat", "plain|int8|fp8", 0)},
        bind_evict_compact,
        "histK histV curK curV keep | rows=2 heads=2 pages=2 pageTokens=6 headDim=4 Lc=3 nKeep=5 | histLen=4\n"
        "histK histV pageTable curK curV keep | rows=2 heads=2 pages=6 pageTokens=2 tablePages=3 headDim=4 Lc=3 nKeep=5 | "
        "histLen=4\n"
-       "histK:u8 histV:u8 pageTable histKScale histVScale curK:u8 curV:u8 curKScale curVScale keep | rows=2 heads=2 pages=6 pageTokens=2 tablePages=3 "
+       "histK:u8 histV:u8 pageTable histScales curK:u8 curV:u8 curScales keep | rows=2 heads=2 pages=6 pageTokens=2 tablePages=3 "
        "headDim=4 Lc=3 nKeep=5 | histLen=4 kvFormat=fp8"},
       {"selection", "selection",
        "window scoring, pooling, top-k (ties to the lowest index) and union with the window, sorted",
@@ -1150,6 +1161,15 @@ std::vector<OpDecl> declarations() {
        {choice_def("epilogue", "none|gelu_tanh|silu", 0)},
        bind_gemm,
        "x w bias y | M=3 K=5 N=4 | epilogue=silu"},
+      {"gemmResidual", "gemm_residual",
+       "y += gate * epilogue(x . w^T + bias), in place: a Linear that ends in the residual stream, gemm and "
+       "gatedResidual in one kernel (the product is never stored)",
+       {in("x", F, "[batch, tokens, K]"), in("w", F, "[N, K]"), in_opt("bias", F, "[N]"), inout("y", "f32", "[batch, tokens, N]"),
+        in_opt("gate", "f32", "[batch, N] | [batch, gateSlots, N]")},
+       {choice_def("epilogue", "none|gelu_tanh|silu", 0), int_opt("gateSlot", 0, kI32Max)},
+       bind_gemm_residual,
+       "x w bias y gate | batch=2 tokens=3 K=8 N=4 gateSlots=6 | gateSlot=1\n"
+       "x w y | batch=1 tokens=5 K=16 N=8 | epilogue=gelu_tanh"},
       {"layerNorm", "layer_norm", "LayerNorm over the last axis: plain, AdaLN-modulated (scale/shift) or affine",
        {in("x", F, "[batch, tokens, channels] | [batch, channels]"), out("y", F, "=x", "x"),
         in_opt("scale", "f32", "[batch, channels] | [batch, scaleSlots, channels]"),
@@ -1190,17 +1210,17 @@ std::vector<OpDecl> declarations() {
        "x out | S=2,3 | fn=gelu_tanh"},
       {"qkNormRope", "qk_norm_rope",
        "q/k/v from the fused projection: bias, L2-normalise and scale, 2-D RoPE; k and v written at kvOffset of a "
-       "paged (pageTable) or contiguous history, in their dtype or quantised to 8 bits (kvFormat) with a scale per row",
+       "paged (pageTable) or contiguous history, in their dtype or quantised to 8 bits (kvFormat, with normalize) with a scale byte per token",
        {in("qkv", F, "[batch, tokens, 3*heads*headDim]"), in_opt("qBias", "f32", "[heads*headDim]"),
         in_opt("vBias", "f32", "[heads*headDim]"), in_opt("scaleMul", "f32", "[heads]"), in_opt("positions", "i32", "[tokens, 2]"),
         out("q", F, "[batch, heads, tokens, headDim]"), out_opt("k", "f32|bf16|u8", "[pages, heads, pageTokens, headDim]"),
         out_opt("v", "=k", "=k"), in_opt("pageTable", "i32", "[batch, tablePages]"),
-        out_opt("kScale", "f32", "[pages, heads, pageTokens]"), out_opt("vScale", "f32", "[pages, heads, pageTokens]")},
+        out_opt("scales", "u8", "[pages, heads, pageTokens]")},
        {flag_def("normalize", true), int_def("kvOffset", 0, 0, kI32Max), choice_def("kvFormat", "plain|int8|fp8", 0)},
        bind_qk_norm_rope,
        "qkv qBias vBias scaleMul positions q k v | batch=2 tokens=3 heads=2 headDim=8 pages=2 pageTokens=5 | kvOffset=2\n"
        "qkv q k v pageTable | batch=2 tokens=3 heads=2 headDim=8 pages=7 pageTokens=2 tablePages=3 | kvOffset=2\n"
-       "qkv q k:u8 v:u8 pageTable kScale vScale | batch=2 tokens=3 heads=2 headDim=8 pages=7 pageTokens=2 tablePages=3 | "
+       "qkv q k:u8 v:u8 pageTable scales | batch=2 tokens=3 heads=2 headDim=8 pages=7 pageTokens=2 tablePages=3 | "
        "kvOffset=2 kvFormat=int8"},
       {"crossAttention", "cross_attention", "varlen cross-attention of each image's tokens over its own text segment (a shared one through kvStarts)",
        {in("q", F, "[batch, tokens, heads, headDim]"), in_opt("kv", "=q", "[nText, 2, heads, headDim]"),

@@ -96,10 +96,11 @@ inline int64_t kv_page_row(const KvPages& p, int heads, int r, int h, int t) {
   return (int64_t(page) * heads + h) * p.page_tokens + t % p.page_tokens;
 }
 
-// 8-bit K/V (KvFormat int8 or fp8_e4m3, kv_quant.h): u8 rows of the same layouts plus one f32 scale per row
-// ([pages, heads, page_tokens] for a pool, [rows, heads, lc] for current rows): element d of row i reads
-// kv_decode(format, k[i * head_dim + d]) * k_scale[i]. qkNormRope quantises each row as it writes it (with
-// kv_row_scale / kv_encode); attention dequantises as it reads; evictCompact moves bytes and scales.
+// 8-bit K/V (KvFormat int8 or fp8_e4m3, kv_quant.h): u8 rows of the same layouts plus one scale byte per token
+// row ([pages, heads, page_tokens] for a pool, [rows, heads, lc] for current rows) shared by its K and V rows:
+// element d of key row i reads kv_decode(format, k[i * head_dim + d]) * kv_key_scale(format, scales[i]), of value
+// row i the same with kv_value_scale. qkNormRope quantises each token as it writes it (kv_scale_byte, kv_encode);
+// attention dequantises as it reads; evictCompact moves the codes and the scale bytes.
 
 // ---------------------------------------------------------------------------------------------------------
 // attention: out[r,h,i,:] = softmax_j(scale * q[r,h,i,:] . key_j) . value_j over the keys
@@ -124,13 +125,11 @@ struct AttentionArgs {
   const void* q = nullptr;     // [rows, heads, lq, head_dim]
   const void* hist_k = nullptr;
   const void* hist_v = nullptr;   // [pages, heads, page_tokens, head_dim]
-  const float* hist_k_scale = nullptr;
-  const float* hist_v_scale = nullptr;  // [pages, heads, page_tokens], 8-bit formats only
+  const uint8_t* hist_scales = nullptr;  // [pages, heads, page_tokens], 8-bit formats only
   const int32_t* gather = nullptr;  // [rows, heads, n_gather], values in [0, hist_len)
   const void* cur_k = nullptr;
   const void* cur_v = nullptr;    // [rows, heads, lc, head_dim]
-  const float* cur_k_scale = nullptr;
-  const float* cur_v_scale = nullptr;  // [rows, heads, lc], 8-bit formats only
+  const uint8_t* cur_scales = nullptr;  // [rows, heads, lc], 8-bit formats only
   void* out = nullptr;            // [rows, heads, lq, head_dim]
   int n_window = 0;
   const int32_t* window_rows = nullptr;  // [n_window], values in [0, lq)
@@ -155,12 +154,10 @@ struct EvictCompactArgs {
   KvFormat kv_format = KvFormat::plain;  // 8-bit: history and current rows are u8 with the scales below
   void* hist_k = nullptr;
   void* hist_v = nullptr;      // [pages, heads, page_tokens, head_dim]
-  float* hist_k_scale = nullptr;
-  float* hist_v_scale = nullptr;  // [pages, heads, page_tokens], 8-bit formats only
+  uint8_t* hist_scales = nullptr;  // [pages, heads, page_tokens], 8-bit formats only
   const void* cur_k = nullptr;
   const void* cur_v = nullptr; // [rows, heads, lc, head_dim]; may be null when lc == 0
-  const float* cur_k_scale = nullptr;
-  const float* cur_v_scale = nullptr;  // [rows, heads, lc], 8-bit formats only
+  const uint8_t* cur_scales = nullptr;  // [rows, heads, lc], 8-bit formats only
   const int32_t* keep = nullptr;  // [rows, heads, n_keep]
 };
 
@@ -326,6 +323,9 @@ enum class Epilogue : int32_t { none = 0, gelu_tanh = 1, silu = 2 };
 // as PyTorch's bf16 autocast casts a Linear's input, so every product's operands are bf16 values (whichever unit
 // multiplies them: oneDNN's bf16 kernels on the CPU take this case; CUDA's SIMT kernel rounds on load);
 // bias (optional) f32 or bf16; y f32 or bf16. y must not alias x, w or bias.
+// residual (gemmResidual): y[m, n] += gate[m / tokens][n] * epilogue(...) in place (gate null: 1), y f32: the value
+// gemm would store in an f32 y, then gated_residual's x += gate * y, fused into the GEMM's epilogue so the product
+// is never written out and read back.
 struct GemmArgs {
   int m = 0, n = 0, k = 0;
   DType x_dtype = DType::f32, w_dtype = DType::f32, bias_dtype = DType::f32, y_dtype = DType::f32;
@@ -334,6 +334,10 @@ struct GemmArgs {
   const void* w = nullptr;     // [n, k]
   const void* bias = nullptr;  // [n] (optional)
   void* y = nullptr;           // [m, n]
+  bool residual = false;
+  int tokens = 1;                 // residual: rows per gate row (m = batch * tokens)
+  const float* gate = nullptr;    // residual: row b at gate + b * gate_stride (optional)
+  int64_t gate_stride = 0;
 };
 
 // layer_norm over the last dim C of x [rows = B * L, C], statistics in f32 (two passes: mean, then variance):
@@ -397,9 +401,8 @@ struct QkNormRopeArgs {
   void* q = nullptr;                // [B, H, L, c]
   void* k = nullptr;                // [pages, H, page_tokens, c] through kv_pages; k and v both null: q only
   void* v = nullptr;                // token l of batch row b at kv_page_row(kv_pages, H, b, h, kv_offset + l)
-  KvFormat kv_format = KvFormat::plain;  // 8-bit: k and v are u8, each row quantised with its scale written below
-  float* k_scale = nullptr;
-  float* v_scale = nullptr;         // [pages, H, page_tokens], 8-bit formats only
+  KvFormat kv_format = KvFormat::plain;  // 8-bit (needs normalize): k and v are u8, each token quantised with its
+  uint8_t* scales = nullptr;             // scale byte written here, [pages, H, page_tokens]
   KvPages kv_pages;
   int kv_cap = 0, kv_offset = 0;    // kv_cap = kv_pages.capacity(); kv_offset + L <= kv_cap
 };

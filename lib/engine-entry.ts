@@ -18,7 +18,7 @@ export type { BackendChoice, BackendInfo, BackendName, EngineOptions, HostArray,
 export { bsqCodeValue } from './ops.js';
 export type {
   ActivationArgs, AttentionArgs, BitsToCodesArgs, CfgTauArgs, Conv2dArgs, CrossAttentionArgs, Epilogue, EvictCompactArgs, GatedResidualArgs,
-  GemmArgs, GroupNormArgs, ImageToU8Args, IndexInput, KVPair, KvFormat, LayerNormArgs, Ops, PoolingMode, QkNormRopeArgs, ResizeBilinearArgs, RowVectors,
+  GemmArgs, GemmResidualArgs, GroupNormArgs, ImageToU8Args, IndexInput, KVPair, KvFormat, LayerNormArgs, Ops, PoolingMode, QkNormRopeArgs, ResizeBilinearArgs, RowVectors,
   SampleBitsArgs, ScoreMode, SelectionArgs, TopkTopPMaskArgs,
 } from './ops.js';
 export { DTYPES, dtypeSize, f32ToBf16Bits, bf16BitsToF32, f16BitsToF32, roundToBf16, bf16ToF32Array, f16ToF32Array } from './dtype.js';

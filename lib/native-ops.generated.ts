@@ -6,13 +6,14 @@ export type EvictCompactKvFormat = 'plain' | 'int8' | 'fp8';
 export type SelectionMode = 'logits' | 'probs';
 export type SelectionPooling = 'none' | 'max' | 'avg';
 export type GemmEpilogue = 'none' | 'gelu_tanh' | 'silu';
+export type GemmResidualEpilogue = 'none' | 'gelu_tanh' | 'silu';
 export type GatedActivationFn = 'silu' | 'gelu_tanh';
 export type ActivationFn = 'silu' | 'gelu_tanh';
 export type QkNormRopeKvFormat = 'plain' | 'int8' | 'fp8';
 
 /** The arguments object of every native op, `T` being the native tensor type. */
 export interface NativeOpArgs<T> {
-  /** softmax(scale * q . key) . value over [history (or its gathered rows) ‖ current], optionally with the observation window's logits and log-sum-exp; the history is paged through pageTable, or contiguous, in q's dtype or 8-bit (kvFormat, history and current alike) with a scale per row (kernel 'attention'). */
+  /** softmax(scale * q . key) . value over [history (or its gathered rows) ‖ current], optionally with the observation window's logits and log-sum-exp; the history is paged through pageTable, or contiguous, in q's dtype or 8-bit (kvFormat, history and current alike) with a scale byte per token (kernel 'attention'). */
   attention: {
     /** in: f32|bf16, [rows, heads, Lq, headDim]. */
     q: T;
@@ -22,20 +23,16 @@ export interface NativeOpArgs<T> {
     histV?: T;
     /** in: i32, [rows, tablePages]. */
     pageTable?: T;
-    /** in: f32, [pages, heads, pageTokens]. */
-    histKScale?: T;
-    /** in: f32, [pages, heads, pageTokens]. */
-    histVScale?: T;
+    /** in: u8, [pages, heads, pageTokens]. */
+    histScales?: T;
     /** in: i32, [rows, heads, nGather]. */
     gather?: T;
     /** in: histK's dtype, [rows, heads, Lc, headDim]. */
     curK?: T;
     /** in: curK's dtype, [rows, heads, Lc, headDim]. */
     curV?: T;
-    /** in: f32, [rows, heads, Lc]. */
-    curKScale?: T;
-    /** in: f32, [rows, heads, Lc]. */
-    curVScale?: T;
+    /** in: u8, [rows, heads, Lc]. */
+    curScales?: T;
     /** out: q's dtype, q's shape. */
     out?: T;
     /** in: i32, [nWindow]. */
@@ -51,7 +48,7 @@ export interface NativeOpArgs<T> {
     /** 'plain' | 'int8' | 'fp8', default 'plain'. */
     kvFormat?: AttentionKvFormat;
   };
-  /** moves the kept rows of [history ‖ current] to the front of the history, in place, per (row, head); the history is paged through pageTable, or contiguous; 8-bit rows (kvFormat) move with their scales (kernel 'evict_compact'). */
+  /** moves the kept rows of [history ‖ current] to the front of the history, in place, per (row, head); the history is paged through pageTable, or contiguous; 8-bit rows (kvFormat) move with their scale bytes (kernel 'evict_compact'). */
   evictCompact: {
     /** inout: f32|bf16|u8, [pages, heads, pageTokens, headDim]. */
     histK: T;
@@ -59,18 +56,14 @@ export interface NativeOpArgs<T> {
     histV: T;
     /** in: i32, [rows, tablePages]. */
     pageTable?: T;
-    /** inout: f32, [pages, heads, pageTokens]. */
-    histKScale?: T;
-    /** inout: f32, [pages, heads, pageTokens]. */
-    histVScale?: T;
+    /** inout: u8, [pages, heads, pageTokens]. */
+    histScales?: T;
     /** in: histK's dtype, [rows, heads, Lc, headDim]. */
     curK?: T;
     /** in: curK's dtype, [rows, heads, Lc, headDim]. */
     curV?: T;
-    /** in: f32, [rows, heads, Lc]. */
-    curKScale?: T;
-    /** in: f32, [rows, heads, Lc]. */
-    curVScale?: T;
+    /** in: u8, [rows, heads, Lc]. */
+    curScales?: T;
     /** in: i32, [rows, heads, nKeep]. */
     keep: T;
     /** integer, in [0, 2147483647], required. */
@@ -113,6 +106,23 @@ export interface NativeOpArgs<T> {
     y: T;
     /** 'none' | 'gelu_tanh' | 'silu', default 'none'. */
     epilogue?: GemmEpilogue;
+  };
+  /** y += gate * epilogue(x . w^T + bias), in place: a Linear that ends in the residual stream, gemm and gatedResidual in one kernel (the product is never stored) (kernel 'gemm_residual'). */
+  gemmResidual: {
+    /** in: f32|bf16, [batch, tokens, K]. */
+    x: T;
+    /** in: f32|bf16, [N, K]. */
+    w: T;
+    /** in: f32|bf16, [N]. */
+    bias?: T;
+    /** inout: f32, [batch, tokens, N]. */
+    y: T;
+    /** in: f32, [batch, N] | [batch, gateSlots, N]. */
+    gate?: T;
+    /** 'none' | 'gelu_tanh' | 'silu', default 'none'. */
+    epilogue?: GemmResidualEpilogue;
+    /** integer, in [0, 2147483647]. */
+    gateSlot?: number;
   };
   /** LayerNorm over the last axis: plain, AdaLN-modulated (scale/shift) or affine (kernel 'layer_norm'). */
   layerNorm: {
@@ -190,7 +200,7 @@ export interface NativeOpArgs<T> {
     /** 'silu' | 'gelu_tanh', required. */
     fn: ActivationFn;
   };
-  /** q/k/v from the fused projection: bias, L2-normalise and scale, 2-D RoPE; k and v written at kvOffset of a paged (pageTable) or contiguous history, in their dtype or quantised to 8 bits (kvFormat) with a scale per row (kernel 'qk_norm_rope'). */
+  /** q/k/v from the fused projection: bias, L2-normalise and scale, 2-D RoPE; k and v written at kvOffset of a paged (pageTable) or contiguous history, in their dtype or quantised to 8 bits (kvFormat, with normalize) with a scale byte per token (kernel 'qk_norm_rope'). */
   qkNormRope: {
     /** in: f32|bf16, [batch, tokens, 3*heads*headDim]. */
     qkv: T;
@@ -210,10 +220,8 @@ export interface NativeOpArgs<T> {
     v?: T;
     /** in: i32, [batch, tablePages]. */
     pageTable?: T;
-    /** out: f32, [pages, heads, pageTokens]. */
-    kScale?: T;
-    /** out: f32, [pages, heads, pageTokens]. */
-    vScale?: T;
+    /** out: u8, [pages, heads, pageTokens]. */
+    scales?: T;
     /** boolean, default true. */
     normalize?: boolean;
     /** integer, in [0, 2147483647], default 0. */
@@ -386,4 +394,4 @@ export interface NativeOpArgs<T> {
 
 export type NativeOpName = keyof NativeOpArgs<unknown>;
 
-export const NATIVE_OP_NAMES: readonly NativeOpName[] = ['attention', 'evictCompact', 'selection', 'gemm', 'layerNorm', 'rmsNorm', 'gatedActivation', 'segmentAttention', 'gatedResidual', 'activation', 'qkNormRope', 'crossAttention', 'cfgTau', 'topkTopPMask', 'sampleBits', 'bitsToCodes', 'resizeBilinear', 'conv2d', 'groupNorm', 'upsampleNearest2x', 'pixelShuffle2x', 'pixelUnshuffle2x', 'add', 'cast', 'transpose12', 'imageToU8'];
+export const NATIVE_OP_NAMES: readonly NativeOpName[] = ['attention', 'evictCompact', 'selection', 'gemm', 'gemmResidual', 'layerNorm', 'rmsNorm', 'gatedActivation', 'segmentAttention', 'gatedResidual', 'activation', 'qkNormRope', 'crossAttention', 'cfgTau', 'topkTopPMask', 'sampleBits', 'bitsToCodes', 'resizeBilinear', 'conv2d', 'groupNorm', 'upsampleNearest2x', 'pixelShuffle2x', 'pixelUnshuffle2x', 'add', 'cast', 'transpose12', 'imageToU8'];

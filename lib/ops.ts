@@ -22,15 +22,15 @@ export type IndexInput = Int32Array | Tensor;
 export interface KVPair {
   k: Tensor;
   v: Tensor;
-  /** 8-bit K/V only: one f32 scale per row of k and v (the tensors' shape without headDim). */
-  kScale?: Tensor;
-  vScale?: Tensor;
+  /** 8-bit K/V only: u8, one scale byte per token row, shared by its k and v rows (the tensors' shape without headDim). */
+  scales?: Tensor;
 }
 
 /**
  * How K/V rows are stored: 'plain' in the op's float dtype, or 8-bit — 'int8' (code x scale, codes in [-127, 127])
- * or 'fp8' (OCP e4m3 x scale) — as u8 tensors with a scale per (token, head) row, the row's largest magnitude over
- * the largest code. Every K/V operand of one op shares the format.
+ * or 'fp8' (OCP e4m3 x scale) — as u8 tensors with one scale byte per (token, head) that holds the power-of-two
+ * scales of its K row and its V row (kernels/kv_quant.h, lib/kv/quant.ts). Every K/V operand of one op shares the
+ * format.
  */
 export type KvFormat = 'plain' | 'int8' | 'fp8';
 
@@ -205,6 +205,21 @@ export interface GemmArgs {
   epilogue?: Epilogue;
 }
 
+export interface GemmResidualArgs {
+  /** [B, L, K], f32 or bf16. */
+  x: Tensor;
+  /** [N, K], as gemm's. */
+  w: Tensor;
+  /** [N], f32 or bf16, added before the epilogue. */
+  bias?: Tensor;
+  /** [B, L, N] f32, updated in place: y += gate[b] ⊙ epilogue(x · wᵀ + bias). Must not overlap an input. */
+  y: Tensor;
+  /** Per-image gate; absent: 1 (a plain residual add). */
+  gate?: RowVectors;
+  /** Applied after the bias, before the gate. Default 'none'. */
+  epilogue?: Epilogue;
+}
+
 export interface LayerNormArgs {
   /** [B, L, C], or [rows, C] (each row its own image). */
   x: Tensor;
@@ -299,11 +314,10 @@ export interface QkNormRopeArgs {
   pageTable?: IndexInput;
   /** Default 0. */
   kvOffset?: number;
-  /** 'int8' or 'fp8': k and v are u8 and each row is quantised, its scale written to kScale / vScale. Default 'plain'. */
+  /** 'int8' or 'fp8' (needs normalize): k and v are u8, each token quantised, its scale byte written to scales. Default 'plain'. */
   kvFormat?: KvFormat;
-  /** [pages, H, pageTokens] (or [B, H, capacity]) f32 row scales of k and v, with an 8-bit kvFormat. */
-  kScale?: Tensor;
-  vScale?: Tensor;
+  /** [pages, H, pageTokens] (or [B, H, capacity]) u8 scale bytes of the tokens of k and v, with an 8-bit kvFormat. */
+  scales?: Tensor;
 }
 
 export interface CrossAttentionArgs {
@@ -427,10 +441,8 @@ export class Ops {
         gather: gather.tensor?.native,
         curK: this.#own(a.current?.k, 'current.k'),
         curV: this.#own(a.current?.v, 'current.v'),
-        histKScale: this.#own(a.history?.kScale, 'history.kScale'),
-        histVScale: this.#own(a.history?.vScale, 'history.vScale'),
-        curKScale: this.#own(a.current?.kScale, 'current.kScale'),
-        curVScale: this.#own(a.current?.vScale, 'current.vScale'),
+        histScales: this.#own(a.history?.scales, 'history.scales'),
+        curScales: this.#own(a.current?.scales, 'current.scales'),
         kvFormat: a.kvFormat,
         out: this.#own(a.out, 'out'),
         scale: a.scale,
@@ -464,10 +476,8 @@ export class Ops {
         pageTable: pageTable.tensor?.native,
         curK: this.#own(a.current?.k, 'current.k'),
         curV: this.#own(a.current?.v, 'current.v'),
-        histKScale: this.#own(a.history.kScale, 'history.kScale'),
-        histVScale: this.#own(a.history.vScale, 'history.vScale'),
-        curKScale: this.#own(a.current?.kScale, 'current.kScale'),
-        curVScale: this.#own(a.current?.vScale, 'current.vScale'),
+        histScales: this.#own(a.history.scales, 'history.scales'),
+        curScales: this.#own(a.current?.scales, 'current.scales'),
         kvFormat: a.kvFormat,
         keep: keep.tensor?.native,
         repeats: a.repeats ?? false,
@@ -508,6 +518,22 @@ export class Ops {
     this.#run(
       'gemm',
       { x: this.#own(a?.x, 'x'), w: this.#own(a?.w, 'w'), bias: this.#own(a?.bias, 'bias'), y: this.#own(a?.y, 'y'), epilogue: a?.epilogue ?? 'none' },
+      [],
+    );
+  }
+
+  /**
+   * y += gate ⊙ epilogue(x · wᵀ + bias) in place: gemm into an f32 tensor followed by gatedResidual, as one op
+   * (on CUDA the GEMM's epilogue adds into y, so the product never reaches memory).
+   */
+  gemmResidual(a: GemmResidualArgs): void {
+    const gate = this.#rowVectors(a?.gate, 'gate');
+    this.#run(
+      'gemmResidual',
+      {
+        x: this.#own(a?.x, 'x'), w: this.#own(a?.w, 'w'), bias: this.#own(a?.bias, 'bias'), y: this.#own(a?.y, 'y'),
+        gate: gate.tensor, gateSlot: gate.slot, epilogue: a?.epilogue ?? 'none',
+      },
       [],
     );
   }
@@ -585,7 +611,7 @@ export class Ops {
         qkv: this.#own(a?.qkv, 'qkv'), qBias: this.#own(a?.qBias, 'qBias'), vBias: this.#own(a?.vBias, 'vBias'),
         scaleMul: this.#own(a?.scaleMul, 'scaleMul'), normalize: a?.normalize ?? true, positions: positions.tensor?.native,
         q: this.#own(a?.q, 'q'), k: this.#own(a?.k, 'k'), v: this.#own(a?.v, 'v'), kvOffset: a?.kvOffset ?? 0,
-        pageTable: pageTable.tensor?.native, kScale: this.#own(a?.kScale, 'kScale'), vScale: this.#own(a?.vScale, 'vScale'),
+        pageTable: pageTable.tensor?.native, scales: this.#own(a?.scales, 'scales'),
         kvFormat: a?.kvFormat,
       },
       [positions, pageTable],

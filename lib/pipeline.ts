@@ -120,7 +120,7 @@ export interface PipelineGenerateOptions {
   pn?: PixelBudget;
   /** KV policy: a policy object (one may serve many generations: each gets its own session), or a spec such as 'full', 'scalekv:10%', 'window:650'. Default 'full'. */
   kv?: KvPolicy | string;
-  /** K/V storage: the model's dtype (default), or 'int8' / 'fp8' with a scale per (token, head): about half the bytes. */
+  /** K/V storage: the model's dtype (default), or 'int8' / 'fp8' with a scale byte per (token, head): about half the bytes. */
   kvDtype?: KvDtype;
   /** Also encode every image as PNG (`PipelineImage.png`). Default false. */
   png?: boolean;

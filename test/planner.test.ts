@@ -101,11 +101,11 @@ test('the dry run agrees with closed forms at the real presets (weights, full-ca
       t.true(plan.reservedPeak >= plan.bytes.total);
     }
   }
-  // 8-bit K/V: a byte per element and an f32 scale per (token, head), the same pages and tables.
+  // 8-bit K/V: a byte per element and a scale byte per (token, head) for K and V, the same pages and tables.
   for (const kvDtype of ['int8', 'fp8'] as const) {
     const c = preset('infinity-2b');
     const plan = await planMemory({ preset: 'infinity-2b', batch: 8, kvDtype });
-    const perToken = 16 * c.numHeads * (c.headDim + 4) * 2;
+    const perToken = 16 * c.numHeads * (2 * c.headDim + 1);
     t.is(plan.kvDtype, kvDtype);
     const pages = Math.ceil(6425 / kvPageTokensFor('cuda'));
     t.is(plan.bytes.kv, c.depth * pages * kvPageTokensFor('cuda') * perToken + c.depth * 16 * pages * 4, `${kvDtype} kv`);
@@ -188,7 +188,7 @@ test('tiny model: the planner equals the CPU engine counters, every category, th
         t.true(boundaryPages > 0 && boundaryPages <= poolPages, what);
         const { headDim } = tiny.config;
         if (!kvDtype) fullPool.set(`${spec} ${dtype}`, r.kvBytes);
-        else t.is(r.kvBytes, (fullPool.get(`${spec} ${dtype}`) as number) * (headDim + 4) / (headDim * (dtype === 'bf16' ? 2 : 4)), `${what}: a byte an element and a scale a row`);
+        else t.is(r.kvBytes, (fullPool.get(`${spec} ${dtype}`) as number) * (2 * headDim + 1) / (2 * headDim * (dtype === 'bf16' ? 2 : 4)), `${what}: a byte an element and a scale byte a token`);
         // (The official-mode 20 % plan keeps every token of this 7-scale schedule at its largest history.)
         if (spec === 'full' && !kvDtype) fullKv.set(dtype, plan.bytes.kv);
         else if (!spec.startsWith('scalekv:') && !kvDtype) t.true(plan.bytes.kv < (fullKv.get(dtype) as number), `${what}: the policy shrinks the cache`);
@@ -271,13 +271,13 @@ test('scalekv plan CLI: table and JSON', (t) => {
   const bad = cli('plan', '--policy', 'nonsense:1');
   t.is(bad.status, 1);
   t.regex(bad.stderr, /ERR_INVALID_ARG/);
-  // 8-bit K/V: a byte per element and an f32 scale per (token, head) row: 128 + 4 bytes a row instead of 256.
+  // 8-bit K/V: a byte per element and a scale byte per (token, head): 2 x 128 + 1 bytes a token and head instead of 512.
   const q = cli('plan', '--preset', 'infinity-2b', '--batch', '8', '--kv-dtype', 'int8', '--json');
   t.is(q.status, 0, q.stderr);
   const plan8 = JSON.parse(q.stdout);
   t.is(plan8.kvDtype, 'int8');
-  t.is(plan8.bytes.kv, 32 * 16 * 6425 * 16 * 132 * 2 + 32 * 16 * 6425 * 4);
-  t.regex(cli('plan', '--preset', 'tiny', '--kv-dtype', 'fp8').stdout, /K and V fp8 \+ an f32 scale per \(token, head\)/);
+  t.is(plan8.bytes.kv, 32 * 16 * 6425 * 16 * (2 * 128 + 1) + 32 * 16 * 6425 * 4);
+  t.regex(cli('plan', '--preset', 'tiny', '--kv-dtype', 'fp8').stdout, /K and V fp8 \+ a scale byte per \(token, head\)/);
   const wrong = cli('plan', '--kv-dtype', 'int4');
   t.is(wrong.status, 1);
   t.regex(wrong.stderr, /kvDtype must be .*\[ERR_INVALID_ARG\]/);

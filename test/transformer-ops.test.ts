@@ -96,6 +96,71 @@ for (const backend of testBackends()) {
     });
   });
 
+  test(`gemmResidual ${backend}: y += gate * epilogue(x w^T + bias) in place matches a float64 reference, gate from a table slot, a vector or none`, async (t) => {
+    const rng = new Rng(seedFor(t));
+    await withEngine(backend, async (e) => {
+      // The tensor-core path (bf16 w, K % 8 == 0) with 16-byte residual stores (N % 4 == 0) and per-element ones (N odd),
+      // the SIMT path (f32 w; odd K), tails in M and N, every epilogue.
+      const cases: (Omit<GemmCase, 'y' | 'cpuOnly'> & { batch: number; gate: 'slot' | 'vector' | 'none' })[] = [
+        { batch: 2, m: 3, n: 16, k: 40, x: 'f32', w: 'bf16', bias: true, epilogue: 'none', gate: 'slot' },
+        { batch: 1, m: 130, n: 136, k: 264, x: 'f32', w: 'bf16', bias: true, epilogue: 'gelu_tanh', gate: 'slot' },
+        { batch: 3, m: 43, n: 27, k: 64, x: 'bf16', w: 'bf16', bias: false, epilogue: 'none', gate: 'vector' },
+        { batch: 2, m: 65, n: 264, k: 72, x: 'bf16', w: 'bf16', bias: true, epilogue: 'silu', gate: 'none' },
+        { batch: 2, m: 9, n: 20, k: 13, x: 'f32', w: 'bf16', bias: true, epilogue: 'none', gate: 'slot' },
+        { batch: 2, m: 7, n: 33, k: 30, x: 'f32', w: 'f32', bias: true, epilogue: 'gelu_tanh', gate: 'slot' },
+        { batch: 1, m: 1, n: 1, k: 1, x: 'f32', w: 'f32', bias: false, epilogue: 'none', gate: 'vector' },
+      ];
+      for (const c of cases) {
+        const label = JSON.stringify(c);
+        const tokens = c.m;
+        const M = c.batch * tokens;
+        const x = roundTo(c.x)(rng.normals(M * c.k));
+        const w = roundTo(c.w)(rng.normals(c.n * c.k, 1 / Math.sqrt(c.k)));
+        const bias = c.bias ? rng.normals(c.n) : undefined;
+        const y0 = rng.normals(M * c.n);
+        // A [batch, 6, N] table whose other slots are NaN: a gate read from the wrong slot poisons the output.
+        const slot = 4;
+        const table = new Float32Array(c.batch * 6 * c.n).fill(NaN);
+        const gateRows = rng.normals(c.batch * c.n).map((v) => 0.5 + v);
+        for (let b = 0; b < c.batch; b++) table.set(gateRows.subarray(b * c.n, (b + 1) * c.n), (b * 6 + slot) * c.n);
+        const tx = e.tensor(x, [c.batch, tokens, c.k], c.x);
+        const tw = e.tensor(w, [c.n, c.k], c.w);
+        const tb = bias ? e.tensor(bias, [c.n], 'f32') : undefined;
+        const ty = e.tensor(y0, [c.batch, tokens, c.n], 'f32');
+        const tg = c.gate === 'slot' ? e.tensor(table, [c.batch, 6, c.n], 'f32') : c.gate === 'vector' ? e.tensor(gateRows, [c.batch, c.n], 'f32') : undefined;
+        e.ops.gemmResidual({ x: tx, w: tw, bias: tb, y: ty, gate: c.gate === 'slot' ? { table: tg as Tensor, slot } : tg, epilogue: c.epilogue });
+        const got = await f32(ty);
+        const ref = gemmRef(c.w === 'bf16' ? roundTo('bf16')(x) : x, w, bias, M, c.n, c.k, c.epilogue);
+        let worst = 0;
+        for (let i = 0; i < got.length; i++) {
+          const g = c.gate === 'none' ? 1 : gateRows[Math.floor(i / (tokens * c.n)) * c.n + (i % c.n)];
+          const want = y0[i] + g * ref.y[i];
+          worst = Math.max(worst, Math.abs(got[i] - want) / (1e-5 * (Math.abs(y0[i]) + Math.abs(g) * ref.mag[i]) + 1e-6));
+        }
+        t.true(worst <= 1, `${label}: error ${worst} x tolerance`);
+        // It is gemm into an f32 tensor followed by gatedResidual: the same values (on the CPU, the same bits).
+        const product = e.empty([c.batch, tokens, c.n], 'f32', { fillByte: 0xff });
+        const y1 = e.tensor(y0, [c.batch, tokens, c.n], 'f32');
+        e.ops.gemm({ x: tx, w: tw, bias: tb, y: product, epilogue: c.epilogue });
+        e.ops.gatedResidual({ x: y1, y: product, gate: c.gate === 'slot' ? { table: tg as Tensor, slot } : tg });
+        const unfused = await f32(y1);
+        if (backend === 'cpu') t.deepEqual(got, unfused, `${label}: the CPU runs the two ops`);
+        else t.true(maxAbsDiff(got, unfused) <= 1e-6 * Math.max(1, maxAbs(unfused)), `${label}: fused against gemm + gatedResidual`);
+        for (const tt of [tx, tw, tb, ty, tg, product, y1]) tt?.dispose();
+      }
+      const x = e.empty([2, 4, 8], 'f32');
+      const w = e.empty([6, 8], 'bf16');
+      const y = e.empty([2, 4, 6], 'f32');
+      t.throws(() => e.ops.gemmResidual({ x, w, y: e.empty([2, 4, 6], 'bf16') }), { code: 'ERR_DTYPE', message: /y/ });
+      t.throws(() => e.ops.gemmResidual({ x: e.empty([8, 8], 'f32'), w, y: e.empty([8, 6], 'f32') }), { code: 'ERR_SHAPE' });
+      t.throws(() => e.ops.gemmResidual({ x, w, y, gate: e.empty([2, 8], 'f32') }), { code: 'ERR_SHAPE' });
+      t.throws(() => e.ops.gemmResidual({ x, w, y, gate: e.empty([3, 6], 'f32') }), { code: 'ERR_SHAPE' });
+      t.throws(() => e.ops.gemmResidual({ x, w, y, gate: { table: e.empty([2, 6, 6], 'f32'), slot: 6 } }), { code: 'ERR_SHAPE', message: /gateSlot/ });
+      t.throws(() => e.ops.gemmResidual({ x: y, w: e.empty([6, 6], 'f32'), y }), { code: 'ERR_INVALID_ARG' });
+      await t.notThrowsAsync(e.sync());
+    });
+  });
+
   // ------------------------------------------------------------------------------------------ layerNorm
 
   test(`layerNorm ${backend}: AdaLN (vectors and table slots), affine and plain modes match the reference`, async (t) => {

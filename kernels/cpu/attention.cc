@@ -30,9 +30,9 @@ struct KeySource {
   KvRows hist_k, hist_v, cur_k, cur_v;
 
   KeySource(const AttentionArgs& args, int64_t pair, int hist)
-      : a(args), rh(pair), n_hist(hist), hist_k{a.hist_k, a.hist_k_scale, a.dtype, a.kv_format},
-        hist_v{a.hist_v, a.hist_v_scale, a.dtype, a.kv_format}, cur_k{a.cur_k, a.cur_k_scale, a.dtype, a.kv_format},
-        cur_v{a.cur_v, a.cur_v_scale, a.dtype, a.kv_format} {
+      : a(args), rh(pair), n_hist(hist), hist_k{a.hist_k, a.hist_scales, a.dtype, a.kv_format, false},
+        hist_v{a.hist_v, a.hist_scales, a.dtype, a.kv_format, true}, cur_k{a.cur_k, a.cur_scales, a.dtype, a.kv_format, false},
+        cur_v{a.cur_v, a.cur_scales, a.dtype, a.kv_format, true} {
     const KvPages& p = a.hist_pages;
     const int r = int(rh / a.heads);
     table_row = p.table ? p.table + int64_t(r) * p.table_pages : nullptr;

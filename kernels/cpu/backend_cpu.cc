@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
 #include <thread>
 
@@ -55,8 +56,31 @@ class CpuBackend final : public Backend {
   void evict_compact(const EvictCompactArgs& a) override { cpu::evict_compact(pool_, a); }
   void selection(const SelectionArgs& a) override { cpu::selection(pool_, a); }
   void gemm(const GemmArgs& a) override {
+    if (a.residual) return gemm_residual(a);
     if (cpu::onednn::gemm(a, pool_.size())) label_ = "gemm:onednn";
     else cpu::gemm(pool_, a);
+  }
+  // The product into an f32 buffer, then the gated residual: the two ops the fusion stands for, so the CPU (the
+  // reference the fused CUDA epilogue is checked against) gives their bits. The buffer lives for the call only.
+  void gemm_residual(const GemmArgs& a) {
+    std::unique_ptr<float[]> product(new (std::nothrow) float[size_t(a.m) * a.n]);
+    if (!product) throw BackendError(StatusCode::out_of_memory, "gemmResidual: cannot allocate the product");
+    GemmArgs g = a;
+    g.residual = false;
+    g.y = product.get();
+    g.y_dtype = DType::f32;
+    gemm(g);
+    GatedResidualArgs r;
+    r.batch = a.m / a.tokens;
+    r.tokens = a.tokens;
+    r.channels = a.n;
+    r.x_dtype = a.y_dtype;
+    r.y_dtype = DType::f32;
+    r.x = a.y;
+    r.y = product.get();
+    r.gate = a.gate;
+    r.gate_stride = a.gate_stride;
+    cpu::gated_residual(pool_, r);
   }
   void layer_norm(const LayerNormArgs& a) override { cpu::layer_norm(pool_, a); }
   void rms_norm(const RmsNormArgs& a) override { cpu::rms_norm(pool_, a); }

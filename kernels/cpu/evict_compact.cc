@@ -40,25 +40,28 @@ void evict_compact(ThreadPool& pool, const EvictCompactArgs& a) {
   const size_t row_bytes = size_t(a.head_dim) * dtype_size(a.dtype);
   pool.parallel_for(pairs, 1, [&](int64_t begin, int64_t end) {
     std::vector<char> gathered;
-    std::vector<float> gathered_scales;
+    std::vector<uint8_t> gathered_scales;
     for (int64_t rh = begin; rh < end; ++rh) {
       const int32_t* keep = a.keep + rh * a.n_keep;
       const int r = int(rh / a.heads);
       const int h = int(rh % a.heads);
       const int64_t cur_row0 = rh * a.lc;
       auto history_row = [&](int t) { return kv_page_row(a.hist_pages, a.heads, r, h, t); };
-      // Kept entry src of [history ‖ current] into the row at dst, and its scale into *dst_scale when 8-bit.
-      auto put = [&](char* dst, float* dst_scale, const void* hist, const float* hist_scales, const void* cur,
-                     const float* cur_scales, int src) {
-        const int64_t from = src < a.hist_len ? history_row(src) : cur_row0 + src - a.hist_len;
-        std::memmove(dst, static_cast<const char*>(src < a.hist_len ? hist : cur) + from * int64_t(row_bytes), row_bytes);
-        if (quantised) *dst_scale = (src < a.hist_len ? hist_scales : cur_scales)[from];
+      // Kept entry src of [history ‖ current] into the K and V rows at dk and dv, and its scale byte into
+      // *dst_scale when 8-bit.
+      auto put = [&](char* dk, char* dv, uint8_t* dst_scale, int src) {
+        const bool hist = src < a.hist_len;
+        const int64_t from = hist ? history_row(src) : cur_row0 + src - a.hist_len;
+        const int64_t at = from * int64_t(row_bytes);
+        std::memmove(dk, static_cast<const char*>(hist ? a.hist_k : a.cur_k) + at, row_bytes);
+        std::memmove(dv, static_cast<const char*>(hist ? a.hist_v : a.cur_v) + at, row_bytes);
+        if (quantised) *dst_scale = (hist ? a.hist_scales : a.cur_scales)[from];
       };
       bool repeated = false;
       for (int i = 1; a.repeats && i < a.n_keep && !repeated; ++i) repeated = keep[i] == keep[i - 1];
       if (repeated) {
         gathered.resize(2 * size_t(a.n_keep) * row_bytes);
-        gathered_scales.resize(2 * size_t(a.n_keep));
+        gathered_scales.resize(size_t(a.n_keep));
       }
       char* hk = static_cast<char*>(a.hist_k);
       char* hv = static_cast<char*>(a.hist_v);
@@ -68,19 +71,14 @@ void evict_compact(ThreadPool& pool, const EvictCompactArgs& a) {
         const int64_t at = repeated ? i : history_row(i);
         char* dk = repeated ? gathered.data() : hk;
         char* dv = repeated ? gathered.data() + size_t(a.n_keep) * row_bytes : hv;
-        float* sk = repeated ? gathered_scales.data() : a.hist_k_scale;
-        float* sv = repeated ? gathered_scales.data() + a.n_keep : a.hist_v_scale;
-        put(dk + at * int64_t(row_bytes), quantised ? sk + at : nullptr, hk, a.hist_k_scale, a.cur_k, a.cur_k_scale, src);
-        put(dv + at * int64_t(row_bytes), quantised ? sv + at : nullptr, hv, a.hist_v_scale, a.cur_v, a.cur_v_scale, src);
+        uint8_t* scales = repeated ? gathered_scales.data() : a.hist_scales;
+        put(dk + at * int64_t(row_bytes), dv + at * int64_t(row_bytes), quantised ? scales + at : nullptr, src);
       }
       for (int i = 0; repeated && i < a.n_keep; ++i) {
         const int64_t to = history_row(i);
         std::memcpy(hk + to * int64_t(row_bytes), gathered.data() + i * row_bytes, row_bytes);
         std::memcpy(hv + to * int64_t(row_bytes), gathered.data() + (a.n_keep + i) * row_bytes, row_bytes);
-        if (quantised) {
-          a.hist_k_scale[to] = gathered_scales[i];
-          a.hist_v_scale[to] = gathered_scales[a.n_keep + i];
-        }
+        if (quantised) a.hist_scales[to] = gathered_scales[i];
       }
     }
   });

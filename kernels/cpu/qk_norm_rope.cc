@@ -104,8 +104,7 @@ void qk_norm_rope(ThreadPool& pool, const QkNormRopeArgs& a) {
           store_row_f32(a.k, a.kv_dtype, kv_row, c, k.data());
           store_row_f32(a.v, a.kv_dtype, kv_row, c, v.data());
         } else {
-          store_quant_row(a.k, a.k_scale, a.kv_format, kv_row, c, k.data());
-          store_quant_row(a.v, a.v_scale, a.kv_format, kv_row, c, v.data());
+          store_quant_token(a.k, a.v, a.scales, a.kv_format, kv_row, c, k.data(), v.data());
         }
       }
     }

@@ -52,12 +52,14 @@ inline const float* kv_code_table(KvFormat f) {
   return f == KvFormat::int8 ? tables.int8 : tables.fp8;
 }
 
-// A K or V history as the CPU kernels read it: rows of `dtype`, or 8-bit rows with one scale each (kv_quant.h).
+// A K or V history as the CPU kernels read it: rows of `dtype`, or 8-bit rows whose token scale bytes (kv_quant.h)
+// hold their K and V scales; `values` says which one this is.
 struct KvRows {
   const void* data;
-  const float* scales;
+  const uint8_t* scales;
   DType dtype;
   KvFormat format;
+  bool values;
 
   size_t row_bytes(int dim) const { return size_t(dim) * (format == KvFormat::plain ? dtype_size(dtype) : 1); }
 
@@ -65,20 +67,31 @@ struct KvRows {
     if (format == KvFormat::plain) return load_row_f32(data, dtype, row, dim, dst);
     const uint8_t* src = static_cast<const uint8_t*>(data) + row * dim;
     const float* table = kv_code_table(format);
-    const float scale = scales[row];
+    const float scale = values ? kv_value_scale(format, scales[row]) : kv_key_scale(format, scales[row]);
     for (int d = 0; d < dim; ++d) dst[d] = table[src[d]] * scale;
   }
 };
 
-// Quantises an f32 row into row `row` of an 8-bit pool and its scale.
-inline void store_quant_row(void* base, float* scales, KvFormat format, int64_t row, int dim, const float* src) {
+// The largest magnitude of an f32 row, a NaN counted as infinite.
+inline float row_amax(const float* src, int dim) {
   float amax = 0.0f;
-  for (int d = 0; d < dim; ++d)  // a NaN makes the row non-finite (kv_row_scale)
+  for (int d = 0; d < dim; ++d)
     if (!(std::fabs(src[d]) <= amax)) amax = std::isnan(src[d]) ? INFINITY : std::fabs(src[d]);
-  const KvRowScale s = kv_row_scale(format, amax);
-  uint8_t* dst = static_cast<uint8_t*>(base) + row * dim;
-  for (int d = 0; d < dim; ++d) dst[d] = kv_encode(format, src[d], s.inv_scale);
-  scales[row] = s.scale;
+  return amax;
+}
+
+// Quantises a token's f32 K and V rows into row `row` of 8-bit K and V pools and its scale byte.
+inline void store_quant_token(void* k_base, void* v_base, uint8_t* scales, KvFormat format, int64_t row, int dim,
+                              const float* k, const float* v) {
+  const uint8_t s = kv_scale_byte(row_amax(k, dim), row_amax(v, dim));
+  const float k_inv = kv_key_inv_scale(format, s), v_inv = kv_value_inv_scale(format, s);
+  uint8_t* dk = static_cast<uint8_t*>(k_base) + row * dim;
+  uint8_t* dv = static_cast<uint8_t*>(v_base) + row * dim;
+  for (int d = 0; d < dim; ++d) {
+    dk[d] = kv_encode(format, k[d], k_inv);
+    dv[d] = kv_encode(format, v[d], v_inv);
+  }
+  scales[row] = s;
 }
 
 }  // namespace scalekv::cpu

@@ -45,11 +45,11 @@
 //                              writes its unnormalised O and (max, sum) per row to the workspace, f32:
 //                              O [splits][R*H*Lq][D], (m, l) [splits][R*H*Lq][2].
 //                              8-bit K/V (kv_format int8/fp8, <D, NW, true>): history and current rows are u8
-//                              with one f32 scale per row. A tile's rows arrive by cp.async 16 B into a u8 staging
-//                              tile, double buffered ([2][BK][D] for K and for V); each thread then decodes
-//                              exactly the 16-byte units it copied (its own copies need no barrier to be
-//                              read) times the row's scale, loaded from global memory before the wait, into a
-//                              single bf16 K and V tile, which the barrier that follows publishes to the
+//                              with one scale byte per token for its K and V rows. A tile's rows arrive by
+//                              cp.async 16 B into a u8 staging tile, double buffered ([2][BK][D] for K and for
+//                              V); each thread then decodes exactly the 16-byte units it copied (its own copies
+//                              need no barrier to be read) times the row's scale (from the token's byte, loaded
+//                              from global memory before the wait) into a single bf16 K and V tile, which the barrier that follows publishes to the
 //                              ldmatrix reads as before. Smem as the bf16 kernel's (one bf16 tile instead of two,
 //                              plus the u8 staging): D=64: 40.5 / 48.5 KiB, D=128: 48.25 / 64.25 KiB. No spills
 //                              but D=128 with 2 warps on sm_80 (44 bytes; sm_90 none), whether the 2 x 4 scales a
@@ -106,13 +106,11 @@ struct AttnParams {
   float* window_logits;
   float* window_lse;
   const int32_t* status;
-  // 8-bit K/V only: the scale of every row, indexed as the rows (history rows from hist_stride * (r*H + h), or pool
-  // rows; current rows from lc * (r*H + h)).
+  // 8-bit K/V only: the scale byte of every token row, indexed as the rows (history rows from hist_stride * (r*H + h),
+  // or pool rows; current rows from lc * (r*H + h)).
   KvFormat kv_format;
-  const float* hist_k_scale;
-  const float* hist_v_scale;
-  const float* cur_k_scale;
-  const float* cur_v_scale;
+  const uint8_t* hist_scales;
+  const uint8_t* cur_scales;
   int heads, lq, head_dim, hist_stride, n_hist, lc, n_keys, n_window;
   float scale;
   // Tensor-core path only.
@@ -130,16 +128,23 @@ struct KvRowRef {
   const KV* row;
   float scale;
 };
+// The K (values = false) or V dequantisation factor of a token's scale byte.
+__device__ __forceinline__ float kv_row_scale(KvFormat f, uint8_t s, bool values) {
+  return values ? kv_value_scale(f, s) : kv_key_scale(f, s);
+}
 template <typename KV>
 __device__ __forceinline__ KvRowRef<KV> kv_row(const AttnParams& p, const int32_t* rows_bh, const KV* hist,
-                                               const float* hist_scale, const KV* cur, const float* cur_scale, int j) {
+                                               const KV* cur, const uint8_t* hist_scales, const uint8_t* cur_scales,
+                                               bool values, int j) {
   if (j < p.n_hist) {
     const int hr = rows_bh ? __ldg(rows_bh + j) : j;
-    return {hist + static_cast<size_t>(hr) * p.head_dim, hist_scale ? __ldg(hist_scale + hr) : 1.0f};
+    return {hist + static_cast<size_t>(hr) * p.head_dim,
+            hist_scales ? kv_row_scale(p.kv_format, __ldg(hist_scales + hr), values) : 1.0f};
   }
   if (j < p.n_keys) {
     const int c = j - p.n_hist;
-    return {cur + static_cast<size_t>(c) * p.head_dim, cur_scale ? __ldg(cur_scale + c) : 1.0f};
+    return {cur + static_cast<size_t>(c) * p.head_dim,
+            cur_scales ? kv_row_scale(p.kv_format, __ldg(cur_scales + c), values) : 1.0f};
   }
   return {nullptr, 0.0f};
 }
@@ -283,16 +288,22 @@ __device__ __forceinline__ void load_kv_tile_u8(const int32_t* codes, const uint
   }
 }
 
-// The scales of this thread's units of a tile (read before the copies are waited for, so their latency overlaps).
+// The K and V scales of this thread's units of a tile, from their tokens' scale bytes (read before the copies are
+// waited for, so their latency overlaps).
 template <int D, int NW>
-__device__ __forceinline__ void kv_tile_scales(const int32_t* codes, const float* hks, const float* hvs,
-                                               const float* cks, const float* cvs, float* ks, float* vs) {
+__device__ __forceinline__ void kv_tile_scales(const int32_t* codes, const uint8_t* hist_scales,
+                                               const uint8_t* cur_scales, KvFormat f, float* ks, float* vs) {
   using C = MmaTile<D, NW, true>;
 #pragma unroll
   for (int i = 0; i < C::UPT; ++i) {
     const int code = codes[(threadIdx.x + i * C::NT) / C::U8];
-    ks[i] = code >= 0 ? __ldg(hks + code) : code != kNoRow ? __ldg(cks + (-1 - code)) : 0.0f;
-    vs[i] = code >= 0 ? __ldg(hvs + code) : code != kNoRow ? __ldg(cvs + (-1 - code)) : 0.0f;
+    if (code == kNoRow) {
+      ks[i] = vs[i] = 0.0f;
+      continue;
+    }
+    const uint8_t s = code >= 0 ? __ldg(hist_scales + code) : __ldg(cur_scales + (-1 - code));
+    ks[i] = kv_key_scale(f, s);
+    vs[i] = kv_value_scale(f, s);
   }
 }
 
@@ -419,8 +430,8 @@ __global__ void __launch_bounds__(32 * NW, MmaTile<D, NW, Q8>::kMinBlocks) atten
     const int next_code = fetch ? key_code(p, rows_bh, (kt + 2) * BK + tid) : 0;
     float k_scales[Q8 ? C::UPT : 1], v_scales[Q8 ? C::UPT : 1];
     if constexpr (Q8)
-      kv_tile_scales<D, NW>(sRow + buf * BK, p.hist_k_scale + bh * p.hist_stride, p.hist_v_scale + bh * p.hist_stride,
-                            p.cur_k_scale + bh * p.lc, p.cur_v_scale + bh * p.lc, k_scales, v_scales);
+      kv_tile_scales<D, NW>(sRow + buf * BK, p.hist_scales + bh * p.hist_stride, p.cur_scales + bh * p.lc,
+                            p.kv_format, k_scales, v_scales);
     if (kt + 1 < t_end) skv::cp_async_wait<1>();  // everything but the newest group (tile kt+1) has landed
     else skv::cp_async_wait<0>();
     // 8-bit: the single bf16 tile was last read in the previous iteration, which ended with __syncthreads.
@@ -635,7 +646,7 @@ constexpr int kSimtWarps = 4, kSimtRowsPerWarp = 4, kSimtQT = kSimtWarps * kSimt
 template <typename KV>
 struct KvSlices {
   const KV *hk, *hv, *ck, *cv;
-  const float *hks, *hvs, *cks, *cvs;  // null for plain rows
+  const uint8_t *hs, *cs;  // scale bytes; null for plain rows
   __device__ KvSlices(const AttnParams& p, size_t bh) {
     const int D = p.head_dim;
     hk = static_cast<const KV*>(p.hist_k) + bh * p.hist_stride * D;
@@ -643,10 +654,8 @@ struct KvSlices {
     ck = static_cast<const KV*>(p.cur_k) + bh * p.lc * D;
     cv = static_cast<const KV*>(p.cur_v) + bh * p.lc * D;
     const bool q8 = p.kv_format != KvFormat::plain;
-    hks = q8 ? p.hist_k_scale + bh * p.hist_stride : nullptr;
-    hvs = q8 ? p.hist_v_scale + bh * p.hist_stride : nullptr;
-    cks = q8 ? p.cur_k_scale + bh * p.lc : nullptr;
-    cvs = q8 ? p.cur_v_scale + bh * p.lc : nullptr;
+    hs = q8 ? p.hist_scales + bh * p.hist_stride : nullptr;
+    cs = q8 ? p.cur_scales + bh * p.lc : nullptr;
   }
 };
 
@@ -658,10 +667,10 @@ __device__ __forceinline__ void load_kv_f32(const AttnParams& p, const int32_t* 
   const int D = p.head_dim;
   for (int e = threadIdx.x; e < kSimtKT * D; e += nt) {
     const int row = e / D, d = e % D, j = tile * kSimtKT + row;
-    const KvRowRef<KV> kr = kv_row(p, rows_bh, kv.hk, kv.hks, kv.ck, kv.cks, j);
+    const KvRowRef<KV> kr = kv_row(p, rows_bh, kv.hk, kv.ck, kv.hs, kv.cs, false, j);
     sK[row * (D + 1) + d] = kr.row ? kv_value(kr, d, p.kv_format) : 0.0f;
     if (sV) {
-      const KvRowRef<KV> vr = kv_row(p, rows_bh, kv.hv, kv.hvs, kv.cv, kv.cvs, j);
+      const KvRowRef<KV> vr = kv_row(p, rows_bh, kv.hv, kv.cv, kv.hs, kv.cs, true, j);
       sV[e] = vr.row ? kv_value(vr, d, p.kv_format) : 0.0f;
     }
   }
@@ -970,7 +979,7 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
   const int64_t pairs = static_cast<int64_t>(a.rows) * a.heads;
   if (pairs == 0) return;
   const bool q8 = a.kv_format != KvFormat::plain;
-  if (q8 && ((a.hist_k && (!a.hist_k_scale || !a.hist_v_scale)) || (a.lc > 0 && (!a.cur_k_scale || !a.cur_v_scale))))
+  if (q8 && ((a.hist_k && !a.hist_scales) || (a.lc > 0 && !a.cur_scales)))
     throw BackendError(StatusCode::internal, "attention: 8-bit K/V needs their scales");
 
   AttnParams p{};
@@ -981,10 +990,8 @@ void attention(const AttentionArgs& a, cudaStream_t stream, int32_t* status, voi
   p.cur_k = a.cur_k;
   p.cur_v = a.cur_v;
   p.kv_format = a.kv_format;
-  p.hist_k_scale = a.hist_k_scale;
-  p.hist_v_scale = a.hist_v_scale;
-  p.cur_k_scale = a.cur_k_scale;
-  p.cur_v_scale = a.cur_v_scale;
+  p.hist_scales = a.hist_scales;
+  p.cur_scales = a.cur_scales;
   p.out = a.out;
   p.window_rows = a.window_rows;
   p.window_logits = a.window_logits;

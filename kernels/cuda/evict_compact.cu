@@ -26,9 +26,9 @@
 // the history are no-op moves and are skipped. All of this is about logical history positions: the pages only
 // relocate them, and distinct positions of one (r, h) are distinct pool rows (a row's table names distinct pages).
 //
-// 8-bit K/V (kv_format int8/fp8): the rows are u8 and move as any other bytes; their scales ([pages, H, T] and
-// [R, H, Lc], one f32 per row) move by a second launch of the same kernel with rows of one 4-byte vector (the
-// pool row index is the scale's index), after the rows in stream order.
+// 8-bit K/V (kv_format int8/fp8): the rows are u8 and move as any other bytes; their tokens' scale bytes
+// ([pages, H, T] and [R, H, Lc], one per token for K and V together) move by a second launch of the same kernel
+// with rows of one byte and no V (the pool row index is the scale's index), after the rows in stream order.
 //
 // Repeats (a non-decreasing list: the official gather of the duplicates average pooling can select) break
 // keep[i] >= i, so the same block works in three steps. (1) rank[i] = distinct values among keep[0..i] - 1,
@@ -72,7 +72,7 @@ __global__ void evict_validate_kernel(const int32_t* keep, int n_keep, int n_tot
 
 struct CompactParams {
   void* hist_k;
-  void* hist_v;
+  void* hist_v;  // null: K only (the scale bytes)
   const void* cur_k;
   const void* cur_v;
   const int32_t* keep;
@@ -112,10 +112,10 @@ __device__ __forceinline__ void move_forward(const CompactParams& p, int r, int 
           if (src == dst) continue;  // already in place
           const int64_t from = hist_vec(p, r, h, src, c);
           k_reg[i] = hk[from];
-          v_reg[i] = hv[from];
+          if (hv) v_reg[i] = hv[from];
         } else {
           k_reg[i] = ck[static_cast<int64_t>(src - p.hist_len) * rv + c];
-          v_reg[i] = cv[static_cast<int64_t>(src - p.hist_len) * rv + c];
+          if (hv) v_reg[i] = cv[static_cast<int64_t>(src - p.hist_len) * rv + c];
         }
         to[i] = hist_vec(p, r, h, dst, c);
       }
@@ -125,7 +125,7 @@ __device__ __forceinline__ void move_forward(const CompactParams& p, int r, int 
     for (int i = 0; i < kPieces; ++i) {
       if (to[i] >= 0) {
         hk[to[i]] = k_reg[i];
-        hv[to[i]] = v_reg[i];
+        if (hv) hv[to[i]] = v_reg[i];
       }
     }
     __syncthreads();
@@ -140,8 +140,8 @@ __global__ void evict_compact_kernel(const CompactParams p) {
   const int rv = p.row_vecs;
   V* hk = static_cast<V*>(p.hist_k);
   V* hv = static_cast<V*>(p.hist_v);
-  const V* ck = static_cast<const V*>(p.cur_k) + bh * p.lc * rv;
-  const V* cv = static_cast<const V*>(p.cur_v) + bh * p.lc * rv;
+  const V* ck = p.cur_k ? static_cast<const V*>(p.cur_k) + bh * p.lc * rv : nullptr;
+  const V* cv = p.cur_v ? static_cast<const V*>(p.cur_v) + bh * p.lc * rv : nullptr;
   const int32_t* keep = p.keep + bh * p.n_keep;
   if (!p.rank) {
     move_forward(p, r, h, hk, hv, ck, cv, p.n_keep, [&](int row) { return __ldg(keep + row); },
@@ -180,7 +180,7 @@ __global__ void evict_compact_kernel(const CompactParams p) {
         if (from != row) {
           const int64_t src = hist_vec(p, r, h, from, c);
           k_reg[i] = hk[src];
-          v_reg[i] = hv[src];
+          if (hv) v_reg[i] = hv[src];
           to[i] = hist_vec(p, r, h, row, c);
         }
       }
@@ -190,7 +190,7 @@ __global__ void evict_compact_kernel(const CompactParams p) {
     for (int i = 0; i < kPieces; ++i) {
       if (to[i] >= 0) {
         hk[to[i]] = k_reg[i];
-        hv[to[i]] = v_reg[i];
+        if (hv) hv[to[i]] = v_reg[i];
       }
     }
     __syncthreads();
@@ -238,7 +238,7 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
            aligned(a.cur_v, n);
   };
   const size_t vec = fits(16) ? 16 : fits(4) ? 4 : fits(2) ? 2 : 1;
-  if (quantised && (!a.hist_k_scale || !a.hist_v_scale || (a.lc > 0 && (!a.cur_k_scale || !a.cur_v_scale))))
+  if (quantised && (!a.hist_scales || (a.lc > 0 && !a.cur_scales)))
     throw BackendError(StatusCode::internal, "evictCompact: 8-bit K/V needs their scales");
 
   CompactParams p{};
@@ -261,12 +261,12 @@ void evict_compact(const EvictCompactArgs& a, cudaStream_t stream, int32_t* stat
   else if (vec == 2) launch_compact<uint16_t>(p, blocks, stream);
   else launch_compact<uint8_t>(p, blocks, stream);
   if (quantised) {
-    p.hist_k = a.hist_k_scale;
-    p.hist_v = a.hist_v_scale;
-    p.cur_k = a.cur_k_scale;
-    p.cur_v = a.cur_v_scale;
+    p.hist_k = a.hist_scales;
+    p.hist_v = nullptr;
+    p.cur_k = a.cur_scales;
+    p.cur_v = nullptr;
     p.row_vecs = 1;
-    launch_compact<uint32_t>(p, blocks, stream);
+    launch_compact<uint8_t>(p, blocks, stream);
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)

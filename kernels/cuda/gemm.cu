@@ -1,4 +1,5 @@
-// gemm: y[m, n] = epilogue(sum_k x[m, k] * w[n, k] + bias[n]), x [M, K], w [N, K] (Linear layout), f32 accumulation.
+// gemm: y[m, n] = epilogue(sum_k x[m, k] * w[n, k] + bias[n]), x [M, K], w [N, K] (Linear layout), f32 accumulation;
+// gemmResidual: y[m, n] += gate[m / tokens, n] * (the same), y f32, in the same kernels' epilogues.
 // Cost: 2*M*N*K FLOP; bytes ~ (M*K*ceil(N/BN) * xsize + N*K*ceil(M/BM) * wsize) + M*N*ysize.
 //
 // Kernels:
@@ -34,6 +35,10 @@
 //                      2 (row & 3) for f32 (see staged(): each phase of the bf16x2 / 8-byte f32-pair fragment
 //                      stores hits all 32 banks once; (row & 7) gave f32 2-way conflicts) and written out
 //                      row-contiguously in 16-byte stores (per element where y is unaligned or N * ysize % 16 != 0).
+//                      Residual (gemmResidual, f32 y): the write-out reads y and the gate 16 bytes at a time and
+//                      stores y + gate * value, so the block's Linears end in the residual stream without their
+//                      output ever reaching memory (gemm + gatedResidual wrote it as f32 and read it back, 8 more
+//                      bytes an element, in a second launch).
 //   gemm_simt_kernel   every other case: f32 x and w (the exact conformance mode), and, reported as a slow path
 //                      (note_slow_path), bf16 operands with K % 8 != 0 or a base not 16-byte aligned: 64 x 64 tile,
 //                      K step 16, 256 threads with 4 x 4 outputs each (rows ty + 16i, cols tx + 16j: B reads are
@@ -63,10 +68,20 @@ struct GemmParams {
   int m, n, k;
   DType bias_dtype, y_dtype;
   Epilogue epilogue;
+  // gemmResidual (f32 y): y += gate[row / tokens] * value instead of y = value.
+  bool residual;
+  int tokens;
+  const float* gate;
+  int64_t gate_stride;
 };
 
 __device__ __forceinline__ float bias_at(const GemmParams& p, int col) {
   return p.bias && col < p.n ? tx::load_f32(p.bias, p.bias_dtype, col) : 0.0f;
+}
+
+// The gate of output (row, col) of a residual GEMM (1 without a gate).
+__device__ __forceinline__ float gate_at(const GemmParams& p, int row, int col) {
+  return p.gate ? p.gate[(row / p.tokens) * p.gate_stride + col] : 1.0f;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -254,12 +269,39 @@ __global__ void __launch_bounds__(Tile<BM, BN>::kThreads) gemm_mma_kernel(const 
   __syncthreads();
   constexpr int kPer = 16 / sizeof(TY), kRowChunks = BN / kPer;
   TY* const y = static_cast<TY*>(p.y);
-  const bool vec = reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && p.n % kPer == 0;
+  const bool vec = reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && p.n % kPer == 0 &&
+                   (!p.gate || (reinterpret_cast<uintptr_t>(p.gate) % 16 == 0 && p.gate_stride % 4 == 0));
+  // Residual: a thread's columns repeat from row to row (kThreads is a multiple of kRowChunks) and a tile's rows
+  // rarely span two images, so its gate quad is loaded again only when either changes.
+  float4 gate4 = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+  int64_t gate4_at = -1;
   for (int e = threadIdx.x; e < BM * kRowChunks; e += kThreads) {
     const int row = e / kRowChunks, col = (e % kRowChunks) * kPer, gr = m0 + row, gc = n0 + col;
     if (gr >= p.m || gc >= p.n) continue;
     const TY* src = out_s + staged<TY, BN>(row, col);
     TY* dst = y + static_cast<size_t>(gr) * p.n + gc;
+    if constexpr (std::is_same_v<TY, float>) {
+      if (p.residual) {  // y += gate * value, read and written 16 bytes at a time like the plain store
+        if (vec) {
+          const float4 v = *reinterpret_cast<const float4*>(src);
+          const int64_t gate_at = (gr / p.tokens) * p.gate_stride + gc;
+          if (p.gate && gate_at != gate4_at) {
+            gate4 = *reinterpret_cast<const float4*>(p.gate + gate_at);
+            gate4_at = gate_at;
+          }
+          // y moves as uint4, as the plain store does: one 16-byte access each way (g++, in the emulator, splits
+          // a float4 copy into pieces it no longer counts as one request).
+          const uint4 old = *reinterpret_cast<const uint4*>(dst);
+          *reinterpret_cast<uint4*>(dst) = make_uint4(__float_as_uint(__uint_as_float(old.x) + gate4.x * v.x),
+                                                      __float_as_uint(__uint_as_float(old.y) + gate4.y * v.y),
+                                                      __float_as_uint(__uint_as_float(old.z) + gate4.z * v.z),
+                                                      __float_as_uint(__uint_as_float(old.w) + gate4.w * v.w));
+        } else {
+          for (int j = 0; j < kPer && gc + j < p.n; ++j) dst[j] += gate_at(p, gr, gc + j) * src[j];
+        }
+        continue;
+      }
+    }
     if (vec) {
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
     } else {
@@ -305,7 +347,10 @@ __device__ __forceinline__ float x_operand(bf16 v) { return to_f32(v); }
 
 __device__ __forceinline__ void store_output(const GemmParams& p, int row, int col, float acc) {
   if (row >= p.m || col >= p.n) return;
-  tx::store_f32(p.y, p.y_dtype, static_cast<int64_t>(row) * p.n + col, tx::apply_epilogue(p.epilogue, acc + bias_at(p, col)));
+  const int64_t at = static_cast<int64_t>(row) * p.n + col;
+  const float v = tx::apply_epilogue(p.epilogue, acc + bias_at(p, col));
+  if (p.residual) static_cast<float*>(p.y)[at] += gate_at(p, row, col) * v;
+  else tx::store_f32(p.y, p.y_dtype, at, v);
 }
 
 template <typename TX, typename TW>
@@ -373,7 +418,10 @@ void gemm(const GemmArgs& a, cudaStream_t stream, int32_t* /*status*/) {
   if (a.m <= 0 || a.n <= 0) return;
   if ((a.m + kSM - 1) / kSM > 65535)
     throw BackendError(StatusCode::internal, "gemm: M = " + std::to_string(a.m) + " exceeds the grid limit");
-  const GemmParams p{a.x, a.w, a.bias, a.y, a.m, a.n, a.k, a.bias_dtype, a.y_dtype, a.epilogue};
+  if (a.residual && (a.y_dtype != DType::f32 || a.tokens <= 0))
+    throw BackendError(StatusCode::internal, "gemmResidual: needs an f32 y and tokens > 0");
+  const GemmParams p{a.x, a.w, a.bias, a.y, a.m, a.n, a.k, a.bias_dtype, a.y_dtype, a.epilogue,
+                     a.residual, a.tokens, a.gate, a.gate_stride};
   const bool x_bf16 = a.x_dtype == DType::bf16, y_bf16 = a.y_dtype == DType::bf16;
   if (a.w_dtype != DType::bf16 || a.k == 0) {
     // f32 x and w: the exact path, not a slow one; K = 0: nothing to multiply (y = epilogue(bias)).
@@ -381,7 +429,7 @@ void gemm(const GemmArgs& a, cudaStream_t stream, int32_t* /*status*/) {
     else if (x_bf16) launch_simt<bf16, bf16>(p, stream);
     else launch_simt<float, bf16>(p, stream);
   } else if (const char* blocker = mma_blocker(a)) {
-    note_slow_path("gemm", blocker);
+    note_slow_path(a.residual ? "gemmResidual" : "gemm", blocker);
     if (x_bf16) launch_simt<bf16, bf16>(p, stream);
     else launch_simt<float, bf16>(p, stream);
   } else if (x_bf16) {
@@ -391,7 +439,7 @@ void gemm(const GemmArgs& a, cudaStream_t stream, int32_t* /*status*/) {
     if (y_bf16) launch_mma<float, bf16>(p, stream);
     else launch_mma<float, float>(p, stream);
   }
-  tx::check_launch("gemm");
+  tx::check_launch(a.residual ? "gemmResidual" : "gemm");
 }
 
 }  // namespace scalekv::cuda_ops

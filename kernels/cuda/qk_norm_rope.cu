@@ -4,8 +4,8 @@
 // (pos = y for the first c/4 pairs, x after; inv_freq in f32 as torch builds it, accurate sinf/cosf), and
 // stores q [B,H,L,c] and k/v at token kv_offset + l of the pool [P,H,T,c], row kv_page_row(kv_pages, H, b, h,
 // kv_offset + l) (backend.h; without a page table P = B and T = cap). Lane j owns pairs j, j+32, .. (c <= 256).
-// An 8-bit pool (kv_format int8/fp8, kv_quant.h) gets each k and v row quantised by its warp: the row's largest
-// magnitude by a warp max, the codes by each lane for its own elements, the row's scale by lane 0.
+// An 8-bit pool (kv_format int8/fp8, kv_quant.h) gets each token quantised by its warp: the K and V rows' largest
+// magnitudes by warp maxes, the codes by each lane for its own elements, the token's scale byte by lane 0.
 // Cost: ~12*B*L*H*c FLOP + B*L*H*c/2 sin/cos pairs; reads 3 and writes 3 c-vectors per (b, l, h).
 // With a page table, kv_pages_validate_kernel first checks the entries covering [kv_offset, kv_offset + L) of
 // every batch row against [0, P); a bad one is reported as index_out_of_range (detail: its flat index in the
@@ -19,21 +19,12 @@ namespace {
 
 constexpr int kWarps = 4, kMaxPairsPerLane = 4;  // c / 2 <= 128 pairs
 
-// The warp's scale factors for a row whose elements its lanes hold, this lane's largest magnitude being `amax`
-// (a NaN counts as infinite, so the row reads back as NaN); lane 0 stores the scale at `scale`.
-__device__ __forceinline__ float warp_row_scale(KvFormat f, float amax, float* scale) {
-  const KvRowScale s = kv_row_scale(f, warp_max(amax));
-  if (threadIdx.x % 32 == 0) *scale = s.scale;
-  return s.inv_scale;
-}
 __device__ __forceinline__ float magnitude(float x) { return x != x ? INFINITY : fabsf(x); }  // NaN: infinite
 
-// Loads, transforms and stores q or k (at `src` of qkv) of the warp's (b, l, h) to `dst` of `out` (row dst / c of
-// an 8-bit pool when `scales` is given).
-__device__ void norm_rope_one(const QkNormRopeArgs& a, int64_t src, int64_t dst, DType out_dtype,
-                              void* out, float* scales, const float* bias, float mul, float pos_y, float pos_x) {
+// Loads and transforms q or k (at `src` of qkv) of the warp's (b, l, h): this lane's pairs in x0 / x1.
+__device__ void norm_rope(const QkNormRopeArgs& a, int64_t src, const float* bias, float mul, float pos_y,
+                          float pos_x, float (&x0)[kMaxPairsPerLane], float (&x1)[kMaxPairsPerLane]) {
   const int lane = threadIdx.x % 32, pairs = a.head_dim / 2, quarter = a.head_dim / 4;
-  float x0[kMaxPairsPerLane], x1[kMaxPairsPerLane];
   float sq = 0.0f;
 #pragma unroll
   for (int j = 0; j < kMaxPairsPerLane; ++j) {
@@ -57,7 +48,6 @@ __device__ void norm_rope_one(const QkNormRopeArgs& a, int64_t src, int64_t dst,
       x1[j] = x1[j] / denom * mul;
     }
   }
-  float amax = 0.0f;
 #pragma unroll
   for (int j = 0; j < kMaxPairsPerLane; ++j) {
     const int p = lane + 32 * j;
@@ -70,26 +60,17 @@ __device__ void norm_rope_one(const QkNormRopeArgs& a, int64_t src, int64_t dst,
     x1[j] = x1[j] * cs + x0[j] * sn;
     x0[j] = y0;
   }
-  if (scales) {
-#pragma unroll
-    for (int j = 0; j < kMaxPairsPerLane; ++j) amax = fmaxf(amax, fmaxf(magnitude(x0[j]), magnitude(x1[j])));
-    const float inv_scale = warp_row_scale(a.kv_format, amax, scales + dst / a.head_dim);
-    uint8_t* codes = static_cast<uint8_t*>(out);
-#pragma unroll
-    for (int j = 0; j < kMaxPairsPerLane; ++j) {
-      const int p = lane + 32 * j;
-      if (p >= pairs) continue;
-      codes[dst + 2 * p] = kv_encode(a.kv_format, x0[j], inv_scale);
-      codes[dst + 2 * p + 1] = kv_encode(a.kv_format, x1[j], inv_scale);
-    }
-    return;
-  }
+}
+
+__device__ void store_pairs(void* out, DType dtype, int64_t dst, int pairs, const float (&x0)[kMaxPairsPerLane],
+                            const float (&x1)[kMaxPairsPerLane]) {
+  const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int j = 0; j < kMaxPairsPerLane; ++j) {
     const int p = lane + 32 * j;
     if (p >= pairs) continue;
-    tx::store_f32(out, out_dtype, dst + 2 * p, x0[j]);
-    tx::store_f32(out, out_dtype, dst + 2 * p + 1, x1[j]);
+    tx::store_f32(out, dtype, dst + 2 * p, x0[j]);
+    tx::store_f32(out, dtype, dst + 2 * p + 1, x1[j]);
   }
 }
 
@@ -121,14 +102,14 @@ __global__ void __launch_bounds__(32 * kWarps) qk_norm_rope_kernel(const QkNormR
   const int64_t q_dst = ((b * H + h) * L + l) * c;
   const int64_t kv_dst = a.k ? kv_page_row(a.kv_pages, H, static_cast<int>(b), h, a.kv_offset + l) * c : 0;
   const float mul = a.scale_mul ? expf(fminf(a.scale_mul[h], ln100)) : 1.0f;
-  norm_rope_one(a, src, q_dst, a.q_dtype, a.q, nullptr, a.q_bias ? a.q_bias + h * c : nullptr, mul, pos_y, pos_x);
+  const int pairs = c / 2;
+  float x0[kMaxPairsPerLane], x1[kMaxPairsPerLane];
+  norm_rope(a, src, a.q_bias ? a.q_bias + h * c : nullptr, mul, pos_y, pos_x, x0, x1);
+  store_pairs(a.q, a.q_dtype, q_dst, pairs, x0, x1);
   if (!a.k) return;  // q only (uniform over the launch, so the warp stays whole)
-  const bool quantised = a.kv_format != KvFormat::plain;
-  norm_rope_one(a, src + static_cast<int64_t>(H) * c, kv_dst, a.kv_dtype, a.k, quantised ? a.k_scale : nullptr,
-                nullptr, 1.0f, pos_y, pos_x);
+  norm_rope(a, src + static_cast<int64_t>(H) * c, nullptr, 1.0f, pos_y, pos_x, x0, x1);
   constexpr int kMaxPerLane = 2 * kMaxPairsPerLane;
   float v[kMaxPerLane];
-  float amax = 0.0f;
 #pragma unroll
   for (int j = 0; j < kMaxPerLane; ++j) {
     const int d = lane + 32 * j;
@@ -136,16 +117,35 @@ __global__ void __launch_bounds__(32 * kWarps) qk_norm_rope_kernel(const QkNormR
     if (d >= c) continue;
     v[j] = tx::load_f32(a.qkv, a.qkv_dtype, src + 2 * static_cast<int64_t>(H) * c + d);
     if (a.v_bias) v[j] += a.v_bias[h * c + d];
-    amax = fmaxf(amax, magnitude(v[j]));
   }
-  const float inv_scale = quantised ? warp_row_scale(a.kv_format, amax, a.v_scale + kv_dst / c) : 0.0f;
+  if (a.kv_format == KvFormat::plain) {
+    store_pairs(a.k, a.kv_dtype, kv_dst, pairs, x0, x1);
 #pragma unroll
-  for (int j = 0; j < kMaxPerLane; ++j) {
-    const int d = lane + 32 * j;
-    if (d >= c) continue;
-    if (quantised) static_cast<uint8_t*>(a.v)[kv_dst + d] = kv_encode(a.kv_format, v[j], inv_scale);
-    else tx::store_f32(a.v, a.kv_dtype, kv_dst + d, v[j]);
+    for (int j = 0; j < kMaxPerLane; ++j)
+      if (lane + 32 * j < c) tx::store_f32(a.v, a.kv_dtype, kv_dst + lane + 32 * j, v[j]);
+    return;
   }
+  // 8-bit: the token's scale byte from the warp's largest K and V magnitudes (padding lanes hold zeros).
+  float k_amax = 0.0f, v_amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxPairsPerLane; ++j) k_amax = fmaxf(k_amax, fmaxf(magnitude(x0[j]), magnitude(x1[j])));
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) v_amax = fmaxf(v_amax, magnitude(v[j]));
+  const uint8_t scale = kv_scale_byte(warp_max(k_amax), warp_max(v_amax));
+  if (lane == 0) a.scales[kv_dst / c] = scale;
+  const float k_inv = kv_key_inv_scale(a.kv_format, scale), v_inv = kv_value_inv_scale(a.kv_format, scale);
+  uint8_t* k_codes = static_cast<uint8_t*>(a.k);
+  uint8_t* v_codes = static_cast<uint8_t*>(a.v);
+#pragma unroll
+  for (int j = 0; j < kMaxPairsPerLane; ++j) {
+    const int p = lane + 32 * j;
+    if (p >= pairs) continue;
+    k_codes[kv_dst + 2 * p] = kv_encode(a.kv_format, x0[j], k_inv);
+    k_codes[kv_dst + 2 * p + 1] = kv_encode(a.kv_format, x1[j], k_inv);
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j)
+    if (lane + 32 * j < c) v_codes[kv_dst + lane + 32 * j] = kv_encode(a.kv_format, v[j], v_inv);
 }
 
 }  // namespace

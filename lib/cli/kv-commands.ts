@@ -27,8 +27,8 @@ export const KV_USAGE: Record<string, string> = {
       VAE decodes --vae-batch images at once (default: the most that leave the peak where sampling put it); the
       paper's KV accounting (history read by the last scale; --k-dtype f32 is the
       reference's fp32 K) and, with --device-memory, the largest batch whose peak fits. --dtype is the model's
-      (block Linears and K/V, and the T5 encoder's Linears); --kv-dtype stores K/V as 8-bit codes with an f32
-      scale per (token, head) instead; --text-tokens defaults to the model's maximum prompt
+      (block Linears and K/V, and the T5 encoder's Linears); --kv-dtype stores K/V as 8-bit codes with a scale
+      byte per (token, head) instead; --text-tokens defaults to the model's maximum prompt
       length (512). The T5 encoder (flan-t5-xl; the tiny model's own) is counted as generate runs it: loaded after
       the model, run on the prompts and freed before sampling (--keep-text-encoder: kept loaded, as a server does;
       --no-text-encoder: precomputed features; --negative-prompts: one per prompt, encoded and attended to).
@@ -76,7 +76,7 @@ function planTable(p: MemoryPlan, deviceBytes?: number, fit?: number): string {
   const caps = p.capacities;
   const rows: [string, number, string][] = [
     ['weights', p.bytes.weights, `transformer ${MiB(p.weightDetail.transformer)} MiB (block Linears ${p.dtype}, rest f32)${p.decode ? ` + VAE decoder ${MiB(p.weightDetail.vae)} MiB` : ''}${p.textEncoder ? ` + T5 encoder ${MiB(p.weightDetail.textEncoder)} MiB (${p.textEncoder.layers} layers, d ${p.textEncoder.dModel}, ${p.textEncoder.kept ? 'kept loaded' : 'freed before sampling'})` : ''}`],
-    ['kv (history)', p.bytes.kv, `paged arena: ${p.kvArena.poolPages} pages of ${p.kvArena.pageTokens} token${p.kvArena.pageTokens === 1 ? "" : "s"} x all heads per K/V pool = the most the ${caps.length} layers hold at once (${(p.kvArena.poolPages / p.rows) * p.kvArena.pageTokens} tokens a row; a layer at most ${Math.max(...caps)}, at least ${Math.min(...caps)}), K and V ${p.kvDtype === 'int8' || p.kvDtype === 'fp8' ? `${p.kvDtype} + an f32 scale per (token, head)` : p.kvDtype}, ${p.rows} rows; page tables ${p.kvArena.tableBytes} bytes`],
+    ['kv (history)', p.bytes.kv, `paged arena: ${p.kvArena.poolPages} pages of ${p.kvArena.pageTokens} token${p.kvArena.pageTokens === 1 ? "" : "s"} x all heads per K/V pool = the most the ${caps.length} layers hold at once (${(p.kvArena.poolPages / p.rows) * p.kvArena.pageTokens} tokens a row; a layer at most ${Math.max(...caps)}, at least ${Math.min(...caps)}), K and V ${p.kvDtype === 'int8' || p.kvDtype === 'fp8' ? `${p.kvDtype} + a scale byte per (token, head)` : p.kvDtype}, ${p.rows} rows; page tables ${p.kvArena.tableBytes} bytes`],
     ['scratch', p.bytes.scratch, `current-scale K/V (${Math.max(...p.scaleTokens)} tokens, shared by all layers), RoPE positions, selection indices`],
     ['activations', p.bytes.activations, `${p.textEncoder ? 'T5 encoder passes, ' : ''}text context, block intermediates, logits and bits${p.decode ? `, VAE decode (${p.vaeBatch} image${p.vaeBatch === 1 ? '' : 's'} at once)` : ''} (${p.textTokens} text tokens a prompt)`],
     ['total', p.bytes.total, 'peak of the sum (the categories peak at different times)'],

@@ -23,9 +23,10 @@
  * the only ways the cache changes, and each checks lengths against capacities and the pool.
  * RoPE stays correct under compaction because K is stored rotated and positions come from the schedule.
  *
- * **8-bit K/V** (`kvFormat` 'int8' or 'fp8', lib/kv/quant.ts): the pools and the scratch are u8, and each has a pair
- * of f32 scale tensors of the same layout without headDim ([pages, heads, pageTokens], [rows, heads, n_si]) in its
- * category; qkNormRope quantises as it writes, attention dequantises as it reads, evictCompact moves codes and scales.
+ * **8-bit K/V** (`kvFormat` 'int8' or 'fp8', lib/kv/quant.ts): the pools and the scratch are u8, and each has a u8
+ * tensor of the same layout without headDim ([pages, heads, pageTokens], [rows, heads, n_si]) in its category, one
+ * scale byte per token for its K and V rows; qkNormRope quantises as it writes, attention dequantises as it reads,
+ * evictCompact moves codes and scale bytes.
  */
 import type { DType } from '../dtype.js';
 import type { Engine, Tensor } from '../engine.js';
@@ -55,7 +56,7 @@ export interface KvCacheOptions {
   capacity: number | readonly number[];
   /** 'f32' or 'bf16': the model's activations (and the K/V with kvFormat 'plain'). */
   dtype: DType;
-  /** How K/V are stored: 'plain' (default, in `dtype`), or 8-bit 'int8' / 'fp8' with a scale per (token, head). */
+  /** How K/V are stored: 'plain' (default, in `dtype`), or 8-bit 'int8' / 'fp8' with a scale byte per (token, head). */
   kvFormat?: KvFormat;
   /** Tokens per page; default `kvPageTokensFor(engine.backend)`. A (layer, row) holds under one page more than it keeps. */
   pageTokens?: number;
@@ -70,9 +71,8 @@ export interface KvCacheOptions {
 export interface KvTarget {
   k: Tensor;
   v: Tensor;
-  /** 8-bit K/V: where the row scales go. */
-  kScale?: Tensor;
-  vScale?: Tensor;
+  /** 8-bit K/V: where the tokens' scale bytes go. */
+  scales?: Tensor;
   offset: number;
   /** [rows, tablePages] int32 page table of k and v (absent for the contiguous scratch). */
   pageTable?: Tensor;
@@ -130,8 +130,7 @@ export class KvCache {
   readonly poolPages: number;
   readonly #poolK: Tensor | undefined;
   readonly #poolV: Tensor | undefined;
-  readonly #scaleK: Tensor | undefined;
-  readonly #scaleV: Tensor | undefined;
+  readonly #scales: Tensor | undefined;
   /** Free pages, taken from the end (the most recently freed first: their lines may still be in cache). */
   readonly #free: number[];
   readonly #tables: Int32Array[];
@@ -175,8 +174,7 @@ export class KvCache {
       this.#poolK = pools ? engine.empty(shape, this.#kvDtype, { category: 'kv' }) : undefined;
       this.#poolV = pools ? engine.empty(shape, this.#kvDtype, { category: 'kv' }) : undefined;
       const quantised = pools && this.kvFormat !== 'plain';
-      this.#scaleK = quantised ? engine.empty(shape.slice(0, 3), 'f32', { category: 'kv' }) : undefined;
-      this.#scaleV = quantised ? engine.empty(shape.slice(0, 3), 'f32', { category: 'kv' }) : undefined;
+      this.#scales = quantised ? engine.empty(shape.slice(0, 3), 'u8', { category: 'kv' }) : undefined;
       for (let l = 0; l < o.layers; l++)
         this.#deviceTables.push(tablePages[l] > 0 ? engine.tensor(this.#tables[l], [o.rows, tablePages[l]], 'i32', { category: 'kv' }) : undefined);
     } catch (e) {
@@ -228,13 +226,14 @@ export class KvCache {
     const l = this.#layer(layer);
     const len = this.#len[l];
     const table = this.#tables[l];
-    const read = async (pool: Tensor | undefined, scales: Tensor | undefined) => {
+    const scales = this.kvFormat === 'plain' || !this.#scales ? undefined : ((await this.#scales.read()) as Uint8Array);
+    const read = async (pool: Tensor | undefined, values: boolean) => {
       if (!pool) return new Float32Array(0);
       const data = await pool.read();
       if (this.kvFormat === 'plain' || !scales) return data;
-      return dequantiseKvRows(this.kvFormat, data as Uint8Array, (await scales.read()) as Float32Array, this.headDim);
+      return dequantiseKvRows(this.kvFormat, data as Uint8Array, scales, this.headDim, values);
     };
-    const [poolK, poolV] = await Promise.all([read(this.#poolK, this.#scaleK), read(this.#poolV, this.#scaleV)]);
+    const [poolK, poolV] = await Promise.all([read(this.#poolK, false), read(this.#poolV, true)]);
     const { rows, heads, headDim: d, pageTokens: P } = this;
     const gather = (pool: Float32Array | Int32Array | Uint8Array) => {
       const out = pool instanceof Float32Array ? new Float32Array(rows * heads * len * d) : new Uint16Array(rows * heads * len * d);
@@ -324,22 +323,22 @@ export class KvCache {
   /** Releases the scale's scratch. */
   endScale(): void {
     if (this.#tokens > 0) this.#boundaryPages = Math.max(this.#boundaryPages, this.poolPages - this.#free.length);
-    for (const t of [this.#scratch?.k, this.#scratch?.v, this.#scratch?.kScale, this.#scratch?.vScale]) t?.dispose();
+    for (const t of [this.#scratch?.k, this.#scratch?.v, this.#scratch?.scales]) t?.dispose();
     this.#scratch = undefined;
     this.#tokens = 0;
     this.#state.fill('idle');
   }
 
-  /** Bytes of the K and V pools and their scales (the page tables are not counted). */
+  /** Bytes of the K and V pools and their scale bytes (the page tables are not counted). */
   get bytes(): number {
-    return [this.#poolK, this.#poolV, this.#scaleK, this.#scaleV].reduce((a, t) => a + (t?.bytes ?? 0), 0);
+    return [this.#poolK, this.#poolV, this.#scales].reduce((a, t) => a + (t?.bytes ?? 0), 0);
   }
 
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
     this.endScale();
-    for (const t of [this.#poolK, this.#poolV, this.#scaleK, this.#scaleV, ...this.#deviceTables]) t?.dispose();
+    for (const t of [this.#poolK, this.#poolV, this.#scales, ...this.#deviceTables]) t?.dispose();
   }
 
   #layer(layer: number): number {
@@ -384,7 +383,7 @@ export class KvCache {
   }
 
   #pools(): KVPair {
-    return { k: this.#poolK as Tensor, v: this.#poolV as Tensor, kScale: this.#scaleK, vScale: this.#scaleV };
+    return { k: this.#poolK as Tensor, v: this.#poolV as Tensor, scales: this.#scales };
   }
 
   #scratchPair(): KVPair {
@@ -397,10 +396,7 @@ export class KvCache {
       };
       try {
         const pair: KVPair = { k: make(shape, this.#kvDtype), v: make(shape, this.#kvDtype) };
-        if (this.kvFormat !== 'plain') {
-          pair.kScale = make(shape.slice(0, 3), 'f32');
-          pair.vScale = make(shape.slice(0, 3), 'f32');
-        }
+        if (this.kvFormat !== 'plain') pair.scales = make(shape.slice(0, 3), 'u8');
         this.#scratch = pair;
       } catch (e) {
         for (const t of made) t.dispose();

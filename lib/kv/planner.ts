@@ -38,7 +38,7 @@ export interface PlanMemoryOptions {
   policy?: KvPolicy;
   /** The model dtype: block Linear weights and the K/V cache (the rest is f32, as the loader uploads it). Default 'bf16'. */
   dtype?: PlanDtype;
-  /** K/V storage (GenerateOptions.kvDtype): the model dtype, or 'int8' / 'fp8' with a scale per (token, head). */
+  /** K/V storage (GenerateOptions.kvDtype): the model dtype, or 'int8' / 'fp8' with a scale byte per (token, head). */
   kvDtype?: KvDtype;
   /** Tokens per page of the KV arena (GenerateOptions.kvPageTokens); default the GPU's, 1. */
   kvPageTokens?: number;
@@ -76,7 +76,7 @@ export interface MemoryPlan {
   rows: number;
   scaleTokens: number[];
   dtype: PlanDtype;
-  /** K/V storage: the model dtype, or 'int8' / 'fp8' (with a f32 scale per (token, head), counted in bytes.kv). */
+  /** K/V storage: the model dtype, or 'int8' / 'fp8' (with a scale byte per (token, head), counted in bytes.kv). */
   kvDtype: KvDtype;
   textTokens: number;
   decode: boolean;

@@ -1,8 +1,10 @@
 /**
- * 8-bit K/V rows (kernels/kv_quant.h, the format every backend stores): one byte per element and one f32 scale per
- * (token, head) row, the row's largest magnitude over the largest code (127 for int8, 448 for fp8 e4m3). These are
- * the same functions in TypeScript: the cache reads 8-bit histories back with them, and the tests use them as the
- * reference the kernels' bytes must equal.
+ * 8-bit K/V rows (kernels/kv_quant.h, the format every backend stores): one byte per element, and one scale byte per
+ * (token, head) holding the power-of-two scales of its K row and its V row: bits 7..5 = -e_K (e_K in [-6, 0]; keys
+ * are unit vectors), bits 4..0 = e_V + 16 (e_V in [-16, 15]), 0xFF = a token whose K or V row is not finite (both
+ * read back as NaN). A row reads back as code x 2^e / code_max (127 for int8, 448 for fp8 e4m3), e the smallest
+ * exponent with the row's largest magnitude <= 2^e. These are the same functions in TypeScript: the cache reads 8-bit
+ * histories back with them, and the tests use them as the reference the kernels' bytes must equal.
  */
 import type { KvFormat } from '../ops.js';
 
@@ -44,28 +46,64 @@ export function decodeKvCode(format: QuantisedKvFormat, byte: number): number {
   return format === 'int8' ? (byte << 24) >> 24 : fp8E4m3ToNumber(byte);
 }
 
-/** The codes and scale of one f32 row, as every backend stores it. */
-export function quantiseKvRow(format: QuantisedKvFormat, row: ArrayLike<number>): { codes: Uint8Array; scale: number } {
+export const KV_SCALE_NON_FINITE = 0xff;
+const KEY_EXP_MIN = -6, KEY_EXP_MAX = 0, VALUE_EXP_MIN = -16, VALUE_EXP_MAX = 15;
+
+/** The largest magnitude of a row (a NaN counts as infinite), as f32 compares it. */
+function rowAmax(row: ArrayLike<number>): number {
   let amax = 0;
   for (let i = 0; i < row.length; i++) {
-    const m = Math.abs(row[i]);
+    const m = Math.abs(f32(row[i]));
     if (!(m <= amax)) amax = Number.isNaN(m) ? Infinity : m;
   }
-  const codes = new Uint8Array(row.length);
-  if (amax === 0) return { codes, scale: 0 };
-  if (!Number.isFinite(amax)) return { codes, scale: NaN };
-  const max = kvCodeMax(format);
-  const inv = f32(max / amax);
-  for (let i = 0; i < row.length; i++) {
-    const y = f32(row[i] * inv);
-    codes[i] = format === 'int8' ? Math.min(Math.max(roundHalfEven(y), -127), 127) & 0xff : numberToFp8E4m3(y);
-  }
-  return { codes, scale: f32(amax / max) };
+  return amax;
 }
 
-/** Rows of `dim` codes times their scales, as f32. */
-export function dequantiseKvRows(format: QuantisedKvFormat, codes: Uint8Array, scales: Float32Array, dim: number): Float32Array {
+/** The smallest e in [lo, hi] with amax <= 2^e (lo for a zero or subnormal amax). */
+function scaleExponent(amax: number, lo: number, hi: number): number {
+  if (!(amax >= 2 ** -126)) return lo;
+  let e = Math.floor(Math.log2(amax));
+  if (2 ** e > amax) e--;           // log2's rounding
+  else if (2 ** (e + 1) <= amax) e++;
+  if (2 ** e < amax) e++;           // not a power of two: the next one up
+  return Math.min(Math.max(e, lo), hi);
+}
+
+/** The scale byte of a token whose K and V rows have these largest magnitudes. */
+export function kvScaleByte(kAmax: number, vAmax: number): number {
+  if (!Number.isFinite(kAmax) || !Number.isFinite(vAmax)) return KV_SCALE_NON_FINITE;
+  const ek = scaleExponent(kAmax, KEY_EXP_MIN, KEY_EXP_MAX);
+  const ev = scaleExponent(vAmax, VALUE_EXP_MIN, VALUE_EXP_MAX);
+  return (-ek << 5) | (ev - VALUE_EXP_MIN);
+}
+
+/** The dequantisation factor of the K (values false) or V row of a scale byte: f32(1 / code_max) x 2^e. */
+export function kvRowScale(format: QuantisedKvFormat, byte: number, values: boolean): number {
+  if (byte === KV_SCALE_NON_FINITE) return NaN;
+  const e = values ? (byte & 31) + VALUE_EXP_MIN : -(byte >> 5);
+  return f32(f32(1 / kvCodeMax(format)) * 2 ** e);
+}
+
+function encodeRow(format: QuantisedKvFormat, row: ArrayLike<number>, inv: number): Uint8Array {
+  const codes = new Uint8Array(row.length);
+  for (let i = 0; i < row.length; i++) {
+    const y = f32(f32(row[i]) * inv);
+    codes[i] = format === 'int8' ? Math.min(Math.max(roundHalfEven(y), -127), 127) & 0xff : numberToFp8E4m3(y);
+  }
+  return codes;
+}
+
+/** The K and V codes and the scale byte of one token's f32 rows, as every backend stores them. */
+export function quantiseKvToken(format: QuantisedKvFormat, k: ArrayLike<number>, v: ArrayLike<number>): { k: Uint8Array; v: Uint8Array; scale: number } {
+  const scale = kvScaleByte(rowAmax(k), rowAmax(v));
+  if (scale === KV_SCALE_NON_FINITE) return { k: new Uint8Array(k.length), v: new Uint8Array(v.length), scale };
+  const max = kvCodeMax(format);
+  return { k: encodeRow(format, k, max * 2 ** (scale >> 5)), v: encodeRow(format, v, max * 2 ** (-VALUE_EXP_MIN - (scale & 31))), scale };
+}
+
+/** Rows of `dim` codes times their tokens' K (values false) or V scales, as f32. */
+export function dequantiseKvRows(format: QuantisedKvFormat, codes: Uint8Array, scales: Uint8Array, dim: number, values: boolean): Float32Array {
   const out = new Float32Array(codes.length);
-  for (let i = 0; i < codes.length; i++) out[i] = decodeKvCode(format, codes[i]) * scales[Math.floor(i / dim)];
+  for (let i = 0; i < codes.length; i++) out[i] = decodeKvCode(format, codes[i]) * kvRowScale(format, scales[Math.floor(i / dim)], values);
   return out;
 }

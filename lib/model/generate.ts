@@ -65,7 +65,7 @@ export interface GenerateOptions {
   kvPolicy?: KvPolicy;
   /**
    * How the KV cache stores K and V: the model's dtype (default; 'bf16' or 'f32' must be that dtype), or 8-bit —
-   * 'int8' or 'fp8' (e4m3) — with one f32 scale per (token, head), about half the bytes of bf16 (lib/kv/quant.ts).
+   * 'int8' or 'fp8' (e4m3) — with one scale byte per (token, head), about half the bytes of bf16 (lib/kv/quant.ts).
    */
   kvDtype?: KvDtype;
   /** Tokens per page of the KV arena; default `kvPageTokensFor(engine.backend)` (1 on cuda, 16 on cpu). */

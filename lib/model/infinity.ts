@@ -559,7 +559,9 @@ export class InfinityModel {
       // against bf16 weights (autocast's Linear): in bf16 mode they are stored as bf16 outright — the same bits
       // (both round to nearest even), half the bytes written and read, and the GEMM takes its bf16 x path.
       // Each intermediate is released right after the op that reads it last is queued (the queue runs in order, so
-      // the next allocation may reuse it at once): at the FFN only x, h2, f1 and f2 are live, not the whole block.
+      // the next allocation may reuse it at once): at the FFN only x, h2 and f1 are live, not the whole block. The
+      // Linears that end a branch (proj, caProj, fc2) add into x in their epilogue (gemmResidual): their f32 output
+      // is never a tensor.
       const drop = (...xs: Tensor[]) => xs.forEach((v) => v.dispose());
       // Self-attention branch.
       const h = t(e.empty([bs, n, C], dt));
@@ -575,7 +577,7 @@ export class InfinityModel {
       const dst = cache.place(layer, placement);
       ops.qkNormRope({
         qkv, qBias: blk.qBias, vBias: blk.vBias, scaleMul: blk.scaleMul, normalize: true, positions: scale.positions,
-        q, k: dst.k, v: dst.v, kvOffset: dst.offset, pageTable: dst.pageTable, kvFormat: cache.kvFormat, kScale: dst.kScale, vScale: dst.vScale,
+        q, k: dst.k, v: dst.v, kvOffset: dst.offset, pageTable: dst.pageTable, kvFormat: cache.kvFormat, scales: dst.scales,
       });
       const o = t(e.empty([bs, H, n, hd], dt));
       ops.attention({ q, ...cache.attentionOperands(layer), out: o, scale: 1 });
@@ -594,11 +596,8 @@ export class InfinityModel {
         ops.transpose12({ input: o, out: oTok, dims: [bs, H, n, hd] });
       }
       drop(o);
-      const sa = t(e.empty([bs, n, C], 'f32'));
-      ops.gemm({ x: oTok, w: blk.projW, bias: blk.projB, y: sa });
+      ops.gemmResidual({ x: oTok, w: blk.projW, bias: blk.projB, y: x, gate: { table: ada, slot: 0 } });
       drop(oTok);
-      ops.gatedResidual({ x, y: sa, gate: { table: ada, slot: 0 } });
-      drop(sa);
       // Cross-attention branch (no gate).
       const hn = t(e.empty([bs, n, C], dt));
       ops.layerNorm({ x, y: hn, eps: c.normEps, weight: blk.caNormW, bias: blk.caNormB });
@@ -609,22 +608,17 @@ export class InfinityModel {
       const co = t(e.empty([bs, n, H, hd], 'f32'));
       ops.crossAttention({ q: cq, kv: ctx.textKv[layer], cuSeqlens: ctx.cuTensor, kvStarts: ctx.kvStarts, out: co, scale: 1 / Math.sqrt(hd) });
       drop(cq);
-      const ca = t(e.empty([bs, n, C], 'f32'));
       const coTok = t(co.view([bs, n, C]));
-      ops.gemm({ x: coTok, w: blk.caProjW, bias: blk.caProjB, y: ca });
+      ops.gemmResidual({ x: coTok, w: blk.caProjW, bias: blk.caProjB, y: x });
       drop(co, coTok);
-      ops.gatedResidual({ x, y: ca });
-      drop(ca);
       // FFN branch.
       const h2 = t(e.empty([bs, n, C], dt));
       ops.layerNorm({ x, y: h2, eps: c.normEps, scale: { table: ada, slot: 3 }, shift: { table: ada, slot: 5 } });
       const f1 = t(e.empty([bs, n, c.ffnHidden], dt));
       ops.gemm({ x: h2, w: blk.fc1W, bias: blk.fc1B, y: f1, epilogue: 'gelu_tanh' });
       drop(h2);
-      const f2 = t(e.empty([bs, n, C], 'f32'));
-      ops.gemm({ x: f1, w: blk.fc2W, bias: blk.fc2B, y: f2 });
+      ops.gemmResidual({ x: f1, w: blk.fc2W, bias: blk.fc2B, y: x, gate: { table: ada, slot: 1 } });
       drop(f1);
-      ops.gatedResidual({ x, y: f2, gate: { table: ada, slot: 1 } });
     } finally {
       scope.dispose();
     }
