@@ -1,5 +1,6 @@
 // The CPU backend: host memory and the C++ kernels. Ops run on the caller (the engine's queue thread) and
 // spread over the intra-op pool; they complete before returning, so synchronize has nothing to wait for.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -61,26 +62,40 @@ class CpuBackend final : public Backend {
     else cpu::gemm(pool_, a);
   }
   // The product into an f32 buffer, then the gated residual: the two ops the fusion stands for, so the CPU (the
-  // reference the fused CUDA epilogue is checked against) gives their bits. The buffer lives for the call only.
+  // reference the fused CUDA epilogue is checked against) gives their bits. Rows go through in blocks whose
+  // product fits kResidualChunkBytes (at least 4096 rows, where oneDNN packs the weights, when that fits), so the
+  // transient buffer, which no tensor accounts for, stays small whatever the batch.
+  static constexpr size_t kResidualChunkBytes = size_t(32) << 20;
   void gemm_residual(const GemmArgs& a) {
-    std::unique_ptr<float[]> product(new (std::nothrow) float[size_t(a.m) * a.n]);
+    const int rows = int(std::max<int64_t>(1, std::min<int64_t>(a.m, int64_t(kResidualChunkBytes / sizeof(float)) / a.n)));
+    std::unique_ptr<float[]> product(new (std::nothrow) float[size_t(rows) * a.n]);
     if (!product) throw BackendError(StatusCode::out_of_memory, "gemmResidual: cannot allocate the product");
-    GemmArgs g = a;
-    g.residual = false;
-    g.y = product.get();
-    g.y_dtype = DType::f32;
-    gemm(g);
-    GatedResidualArgs r;
-    r.batch = a.m / a.tokens;
-    r.tokens = a.tokens;
-    r.channels = a.n;
-    r.x_dtype = a.y_dtype;
-    r.y_dtype = DType::f32;
-    r.x = a.y;
-    r.y = product.get();
-    r.gate = a.gate;
-    r.gate_stride = a.gate_stride;
-    cpu::gated_residual(pool_, r);
+    const size_t x_row_bytes = size_t(a.k) * dtype_size(a.x_dtype);
+    for (int r0 = 0; r0 < a.m; r0 += rows) {
+      const int chunk = std::min(rows, a.m - r0);
+      GemmArgs g = a;
+      g.residual = false;
+      g.m = chunk;
+      g.x = static_cast<const char*>(a.x) + size_t(r0) * x_row_bytes;
+      g.y = product.get();
+      g.y_dtype = DType::f32;
+      gemm(g);
+      // gated_residual over each image's rows of the block (the gate is per image).
+      for (int r = r0; r < r0 + chunk;) {
+        const int image = r / a.tokens, end = std::min(r0 + chunk, (image + 1) * a.tokens);
+        GatedResidualArgs res;
+        res.batch = 1;
+        res.tokens = end - r;
+        res.channels = a.n;
+        res.x_dtype = DType::f32;
+        res.y_dtype = DType::f32;
+        res.x = static_cast<float*>(a.y) + int64_t(r) * a.n;
+        res.y = product.get() + int64_t(r - r0) * a.n;
+        res.gate = a.gate ? a.gate + image * a.gate_stride : nullptr;
+        cpu::gated_residual(pool_, res);
+        r = end;
+      }
+    }
   }
   void layer_norm(const LayerNormArgs& a) override { cpu::layer_norm(pool_, a); }
   void rms_norm(const RmsNormArgs& a) override { cpu::rms_norm(pool_, a); }
